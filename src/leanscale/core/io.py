@@ -1,0 +1,165 @@
+"""Atomic result writing and resumable job state.
+
+Nothing is lost: every result file is written to a temporary file in the same folder, flushed,
+fsynced and renamed over the target (``os.replace`` is atomic on POSIX), so a reader sees the old
+file or the new one, never half of one. A long job keeps one small file per finished task in a
+:class:`JobState` folder; a restarted job asks ``state.is_done(key)`` and skips what is there.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_write_json",
+    "atomic_write_csv",
+    "atomic_torch_save",
+    "read_json",
+    "read_csv",
+    "to_jsonable",
+    "JobState",
+]
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temp file + fsync + rename); return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Convert numpy scalars/arrays, dataclasses, paths and non-finite floats for JSON."""
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return to_jsonable(asdict(obj))
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating, float)):
+        v = float(obj)
+        return v if math.isfinite(v) else str(v)  # "nan", "inf": JSON has no literal for them
+    if isinstance(obj, (np.bool_,)):
+        return bool(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> Path:
+    return atomic_write_text(path, json.dumps(to_jsonable(obj), indent=indent, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def atomic_write_csv(
+    path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], columns: Sequence[str] | None = None
+) -> Path:
+    """Write dict rows as CSV atomically; ``columns`` fixes the order (default: first row's keys)."""
+    rows = list(rows)
+    if columns is None:
+        columns = list(rows[0].keys()) if rows else []
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: to_jsonable(v) for k, v in row.items()})
+    return atomic_write_text(path, buf.getvalue())
+
+
+def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temp file, then rename: a checkpoint is whole or absent."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+class JobState:
+    """A folder of finished tasks of a long job, one JSON file per task, written atomically.
+
+    Example:
+        >>> import tempfile
+        >>> state = JobState(tempfile.mkdtemp())
+        >>> state.is_done("n=1e6")
+        False
+        >>> _ = state.save("n=1e6", {"loss": 3.1})
+        >>> state.is_done("n=1e6"), state.load("n=1e6")["loss"]
+        (True, 3.1)
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.tasks = self.root / "tasks"
+        self.tasks.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def _safe(key: str) -> str:
+        return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in key)
+
+    def path(self, key: str) -> Path:
+        return self.tasks / f"{self._safe(key)}.json"
+
+    def is_done(self, key: str) -> bool:
+        return self.path(key).exists()
+
+    def save(self, key: str, result: Any) -> Path:
+        return atomic_write_json(self.path(key), {"key": key, "result": result})
+
+    def load(self, key: str) -> Any:
+        return read_json(self.path(key))["result"]
+
+    def keys(self) -> list[str]:
+        return sorted(read_json(p)["key"] for p in self.tasks.glob("*.json"))
+
+    def results(self) -> dict[str, Any]:
+        out = {}
+        for p in sorted(self.tasks.glob("*.json")):
+            blob = read_json(p)
+            out[blob["key"]] = blob["result"]
+        return out
+
+    def write_config(self, config: Any) -> Path:
+        """Save the resolved configuration next to the results, for reproduction."""
+        return atomic_write_json(self.root / "config.json", config)
