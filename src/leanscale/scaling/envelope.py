@@ -98,6 +98,17 @@ def fit_envelope(
         lmat[inside, j] = np.interp(grid[inside], logc, ls)
     sizes = np.array([c[0] for c in curves])
     best = np.argmin(lmat, axis=1)
+    # Where the best run is the smallest or largest size available, the true optimum may lie
+    # beyond the sizes trained: such points are dropped from the fit (not from the envelope).
+    interior = (sizes[best] > sizes.min()) & (sizes[best] < sizes.max())
+    if np.unique(sizes[best][interior]).size < 2:
+        raise InvalidParameterError(
+            f"{owner}: the envelope's best run is an interior size at fewer than 2 sizes, so the optimum "
+            f"is not bracketed by the sizes trained ({np.unique(sizes).size} sizes from {sizes.min():.3g} "
+            f"to {sizes.max():.3g}). Train smaller and larger models."
+        )
+    best, grid, lmat = best[interior], grid[interior], lmat[interior]
+    n_points = int(interior.sum())
     n_star = sizes[best]
     flops = np.exp(grid)
     d_star = flops / (6.0 * n_star)
@@ -110,19 +121,22 @@ def fit_envelope(
         k = len(curves)
         a_s, b_s = [], []
         for _ in range(n_resamples):
-            keep = np.zeros(k, dtype=bool)
-            keep[rng.integers(0, k, k)] = True
-            if np.unique(sizes[keep]).size < 2:
+            drawn = np.zeros(k, dtype=bool)  # runs in this resample
+            drawn[rng.integers(0, k, k)] = True
+            if np.unique(sizes[drawn]).size < 2:
                 continue
-            sub = np.where(keep[None], lmat, np.inf)
+            sub = np.where(drawn[None], lmat, np.inf)
             covered = np.isfinite(sub).any(axis=1)
             if covered.sum() < 2:
                 continue
             ns = sizes[np.argmin(sub[covered], axis=1)]
-            if np.unique(ns).size < 2:
+            sz = sizes[drawn]
+            inner = (ns > sz.min()) & (ns < sz.max())
+            if np.unique(ns[inner]).size < 2:
                 continue
-            aa, _ = _line(grid[covered][None], np.log(ns)[None])
-            bb, _ = _line(grid[covered][None], (grid[covered] - np.log(6.0 * ns))[None])
+            gc = grid[covered][inner]
+            aa, _ = _line(gc[None], np.log(ns[inner])[None])
+            bb, _ = _line(gc[None], (gc - np.log(6.0 * ns[inner]))[None])
             a_s.append(aa[0])
             b_s.append(bb[0])
         q = [(1 - level) / 2, (1 + level) / 2]

@@ -1,0 +1,60 @@
+"""``leanscale plan``: compute-optimal N and D for a budget, from a published or fitted law."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from leanscale.core.io import to_jsonable
+from leanscale.report.table import format_table
+from leanscale.scaling.flops import GPU_PEAK_FLOPS
+from leanscale.scaling.planning import plan
+
+EPILOG = """\
+examples:
+  leanscale plan --flops 5.76e23                      Chinchilla's budget, Epoch's refit law
+  leanscale plan --flops 5.76e23 --law chinchilla     the published Approach-3 law
+  leanscale plan --params 7e9 --law epoch             tokens for a compute-optimal 7B model
+  leanscale plan --flops 1e22 --gpu h100 --mfu 0.4    with GPU-hours
+  leanscale plan --flops 3e12 --law runs/fit/law.json --extrapolate --json
+"""
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "plan", help="compute-optimal model size and tokens for a budget",
+        description="Plan N (parameters), D (tokens) and C = 6ND (FLOPs) from a scaling law L(N, D) = "
+        "E + A/N^alpha + B/D^beta. Give one of --flops/--params/--tokens for the compute-optimal "
+        "choice, or two of them for the third.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--flops", type=float, help="training budget C in FLOPs")
+    p.add_argument("--params", type=float, dest="n_params", help="model parameters N")
+    p.add_argument("--tokens", type=float, dest="n_tokens", help="training tokens D")
+    p.add_argument("--law", default="epoch",
+                   help="'chinchilla' (Hoffmann 2022), 'epoch' (Besiroglu 2024, default) or a law.json from `leanscale fit`")
+    p.add_argument("--gpu", help=f"accelerator for GPU-hours: {', '.join(GPU_PEAK_FLOPS)}")
+    p.add_argument("--mfu", type=float, default=0.4, help="model-FLOPs utilisation (default 0.4)")
+    p.add_argument("--extrapolate", action="store_true",
+                   help="allow models smaller than the smallest one behind the law")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    result = plan(args.law, flops=args.flops, n_params=args.n_params, n_tokens=args.n_tokens,
+                  gpu=args.gpu, mfu=args.mfu, extrapolate=args.extrapolate)
+    blob = result.to_dict()
+    if args.json:
+        json.dump(to_jsonable(blob), sys.stdout, indent=2)
+        print()
+        return 0
+    labels = {"law": "law", "flops": "FLOPs C", "n_params": "parameters N", "n_tokens": "tokens D",
+              "tokens_per_param": "tokens per parameter", "predicted_loss": "predicted loss",
+              "optimal": "compute-optimal", "compute_optimal_loss": "loss of the optimal split",
+              "gpu": "GPU", "mfu": "MFU", "gpu_hours": "GPU-hours"}
+    rows = [{"quantity": labels[k], "value": v} for k, v in blob.items() if v is not None]
+    print(format_table(rows, ["quantity", "value"]))
+    return 0
