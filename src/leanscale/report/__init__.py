@@ -1,1 +1,19 @@
+"""Reports: terminal tables, self-contained HTML pages and figures.
 
+``format_number`` decides how every number is shown, in the terminal and in HTML alike.
+matplotlib is imported only when a figure is made (``pip install 'leanscale[plots]'``).
+"""
+
+from leanscale.report.figures import figure_to_png_bytes, new_figure, plot_style
+from leanscale.report.html import HTMLReport, RawHTML
+from leanscale.report.table import format_number, format_table
+
+__all__ = [
+    "HTMLReport",
+    "RawHTML",
+    "format_number",
+    "format_table",
+    "new_figure",
+    "figure_to_png_bytes",
+    "plot_style",
+]

@@ -1,0 +1,32 @@
+"""Run every benchmark; each writes JSON/CSV under benchmarks/results/<technique>/.
+
+Usage: python benchmarks/run_all.py [--only scaling]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BENCHMARKS = {
+    "scaling": ["scaling/fit_exactness.py", "scaling/own_law.py"],
+}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", choices=sorted(BENCHMARKS), action="append")
+    args = ap.parse_args()
+    status = 0
+    for name in args.only or sorted(BENCHMARKS):
+        for script in BENCHMARKS[name]:
+            print(f"== {name}: {script}", flush=True)
+            status |= subprocess.call([sys.executable, str(HERE / script)])
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,367 @@
+"""The leanscale tour: every technique's chapter, run in registry order, in one HTML report.
+
+``make tour`` runs ``leanscale tour``, which calls :func:`run_tour`. For each registered technique
+with a ``tour_chapter`` (``"module:function"``), the tour calls ``chapter(ctx)`` with a
+:class:`TourContext`; the chapter adds its text, tables and figures to ``ctx.report`` and returns
+a :class:`ChapterResult` whose ``summary_rows`` (``metric`` / ``value`` / ``paper``: our measured
+number next to the paper's) end up in the terminal summary and in ``summary.json``. Planned
+techniques appear as "planned (issue #N)". A chapter that raises is reported as failed, with its
+message, and the tour goes on; :attr:`TourResult.failed` lists it and the CLI exits with 1.
+
+Output, written atomically under ``out_dir``: ``index.html`` (self-contained, figures embedded),
+``summary.json`` and, when chapters recorded costs in ``ctx.ledger``, ``ledger.json``; a chapter
+may keep files in ``ctx.chapter_dir`` (``out_dir/<name>/``).
+
+A chapter looks like::
+
+    def chapter(ctx: TourContext) -> ChapterResult:
+        ctx.report.add_paragraph("What this chapter shows and why.")
+        for n in ctx.progress(sizes, desc="scaling: fits"):
+            ...
+        ctx.report.add_figure(fig, caption="Loss against compute")
+        return ChapterResult(
+            title="Compute-optimal scaling",
+            summary_rows=[{"metric": "tokens per parameter", "value": 19.6, "paper": 20.0}],
+        )
+
+The tour already writes the technique's ``<h2>`` heading, its papers, the summary table and the
+time taken; use ``ctx.report.add_section(..., level=3)`` for subsections.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from leanscale import __version__
+from leanscale.core.errors import InvalidParameterError
+from leanscale.core.io import atomic_write_json
+from leanscale.core.progress import progress as _progress
+from leanscale.core.registry import TechniqueInfo, list_techniques, load_object
+from leanscale.core.validation import Interval, check_param, unknown_name_error
+from leanscale.report.html import HTMLReport
+from leanscale.report.table import format_table
+
+__all__ = ["TourContext", "ChapterResult", "ChapterOutcome", "TourResult", "run_tour", "status_label"]
+
+
+@dataclass
+class TourContext:
+    """What a chapter gets: where to write, how long to run, the shared report and ledger."""
+
+    out_dir: Path  # the tour's output folder
+    quick: bool  # True: a short version (CI, `--quick`): fewer sizes, fewer steps
+    seed: int  # seed every random generator of the chapter from this
+    report: HTMLReport  # add the chapter's text, tables and figures here
+    ledger: Any = None  # leanscale.core.ledger.CostLedger shared by all chapters (None if absent)
+    progress: Callable[..., Any] = _progress  # progress(iterable, total=, desc=) -> bar
+    technique: TechniqueInfo | None = None  # the technique whose chapter is running
+    echo: bool = True  # False: chapters stay quiet (ctx.log prints nothing)
+
+    @property
+    def chapter_dir(self) -> Path:
+        """``out_dir/<technique name>/``, created on first use, for the chapter's own files."""
+        name = self.technique.name if self.technique is not None else "chapter"
+        path = self.out_dir / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def log(self, message: str) -> None:
+        """One line on stderr, prefixed with the technique's name."""
+        if self.echo:
+            name = self.technique.name if self.technique is not None else "tour"
+            print(f"  [{name}] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class ChapterResult:
+    """What a chapter returns. Its HTML is already in ``ctx.report``."""
+
+    title: str  # the chapter's title, for the summary
+    summary_rows: list[dict[str, Any]] = field(default_factory=list)  # metric / value / paper
+    seconds: float | None = None  # filled in by the tour: wall time of the chapter
+
+
+@dataclass
+class ChapterOutcome:
+    """One technique in the tour summary."""
+
+    name: str  # technique name
+    title: str  # chapter title (the technique's title when the chapter did not run)
+    status: str  # "ok", "failed", "planned", "skipped" (no chapter) or "interrupted"
+    label: str  # shown to people: "ok", "failed", "planned (issue #3)", ...
+    seconds: float | None = None
+    summary_rows: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None  # "ValueError: ..." when the chapter failed
+    traceback: str | None = None
+    papers: tuple[str, ...] = ()
+    issues: tuple[int, ...] = ()
+
+
+@dataclass
+class TourResult:
+    """What :func:`run_tour` returns."""
+
+    out_dir: Path
+    index_html: Path
+    summary_json: Path
+    chapters: list[ChapterOutcome]
+    seconds: float  # wall time of the whole tour
+    quick: bool
+    seed: int
+    ledger: Any = None  # the CostLedger every chapter recorded into (None without core.ledger)
+    ledger_json: Path | None = None  # out_dir/ledger.json, written when the ledger has entries
+
+    @property
+    def failed(self) -> list[ChapterOutcome]:
+        return [c for c in self.chapters if c.status in ("failed", "interrupted")]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "leanscale_version": __version__,
+            "quick": self.quick,
+            "seed": self.seed,
+            "seconds": self.seconds,
+            "failed": [c.name for c in self.failed],
+            "ledger": self.ledger_json.name if self.ledger_json is not None else None,
+            "chapters": [
+                {
+                    "name": c.name,
+                    "title": c.title,
+                    "status": c.status,
+                    "label": c.label,
+                    "seconds": c.seconds,
+                    "summary_rows": c.summary_rows,
+                    "error": c.error,
+                    "traceback": c.traceback,
+                    "papers": list(c.papers),
+                    "issues": list(c.issues),
+                }
+                for c in self.chapters
+            ],
+        }
+
+
+def status_label(technique: TechniqueInfo) -> str:
+    """``available``, or ``planned (issue #3)`` / ``planned (issue #5, #6)``."""
+    if technique.status == "planned" and technique.issues:
+        return f"planned (issue {', '.join(f'#{i}' for i in technique.issues)})"
+    return technique.status
+
+
+def _new_ledger() -> Any:
+    """A fresh ``CostLedger`` when :mod:`leanscale.core.ledger` exists, else None."""
+    try:
+        from leanscale.core import ledger
+    except ModuleNotFoundError as exc:
+        if exc.name == "leanscale.core.ledger":
+            return None
+        raise
+    return ledger.CostLedger()
+
+
+def _select(techniques: Sequence[TechniqueInfo], chapters: Sequence[str] | str | None) -> list[TechniqueInfo]:
+    if chapters is None:
+        return list(techniques)
+    if isinstance(chapters, str):
+        chapters = [chapters]
+    valid = [t.name for t in techniques]
+    for name in chapters:
+        if name not in valid:
+            raise unknown_name_error("chapters", name, valid, owner="run_tour")
+    wanted = set(chapters)
+    return [t for t in techniques if t.name in wanted]
+
+
+def _round(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 2)
+
+
+def _say(echo: bool, message: str) -> None:
+    if echo:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _run_chapter(technique: TechniqueInfo, ctx: TourContext) -> ChapterOutcome:
+    base = dict(name=technique.name, papers=tuple(technique.papers), issues=tuple(technique.issues))
+    start = time.perf_counter()
+    try:
+        chapter = load_object(technique.tour_chapter)  # type: ignore[arg-type]
+        result = chapter(ctx)
+        if not isinstance(result, ChapterResult):
+            raise TypeError(
+                f"tour chapter {technique.tour_chapter} must return a ChapterResult, "
+                f"got {type(result).__name__}"
+            )
+    except Exception as exc:  # noqa: BLE001 - a failed chapter must not stop the tour
+        seconds = time.perf_counter() - start
+        error = f"{type(exc).__name__}: {exc}"
+        return ChapterOutcome(title=technique.title, status="failed", label="failed", seconds=seconds,
+                              error=error, traceback=traceback.format_exc(), **base)
+    seconds = time.perf_counter() - start
+    result.seconds = seconds
+    rows = [dict(r) for r in result.summary_rows]
+    return ChapterOutcome(title=result.title, status="ok", label="ok", seconds=seconds,
+                          summary_rows=rows, **base)
+
+
+def _terminal_summary(result: TourResult) -> str:
+    overview = [
+        {"technique": c.name, "status": c.label, "seconds": _round(c.seconds), "note": c.error or c.title}
+        for c in result.chapters
+    ]
+    parts = [format_table(overview, ["technique", "status", "seconds", "note"],
+                          title=f"leanscale tour ({'quick' if result.quick else 'full'}, seed {result.seed})",
+                          max_width=90)]
+    metrics = [{"technique": c.name, **row} for c in result.chapters for row in c.summary_rows]
+    if metrics:
+        parts.append(format_table(metrics, title="Results: ours next to the paper", max_width=60))
+    if result.ledger_json is not None:
+        parts.append("Cost ledger (every chapter, one bill)\n" + result.ledger.summary_table())
+    parts.append(f"Report: {result.index_html}  ({result.seconds:.1f} s in all)")
+    if result.failed:
+        parts.append(f"FAILED: {', '.join(c.name for c in result.failed)} (see the report for the traceback)")
+    return "\n\n".join(parts)
+
+
+def _build_report(result: TourResult, body: HTMLReport) -> HTMLReport:
+    mode = "quick" if result.quick else "full"
+    report = HTMLReport(
+        "leanscale tour",
+        subtitle=f"leanscale {__version__} · {mode} run · seed {result.seed} · {result.seconds:.1f} s",
+    )
+    report.add_paragraph(
+        "Each chapter runs one technique on built-in data and puts our measured numbers next to "
+        "the paper's. Planned techniques are listed with the issue that tracks them."
+    )
+    report.add_section("Overview")
+    report.add_table(
+        [{"technique": c.name, "title": c.title, "status": c.label, "seconds": _round(c.seconds),
+          "note": c.error or ""} for c in result.chapters],
+        columns=["technique", "title", "status", "seconds", "note"],
+    )
+    metrics = [{"technique": c.name, **row} for c in result.chapters for row in c.summary_rows]
+    if metrics:
+        report.add_table(metrics, caption="Results: ours next to the paper")
+    report.extend(body)
+    if result.ledger_json is not None:
+        report.add_section("Cost ledger")
+        report.add_paragraph(
+            "What every chapter spent, on one bill: FLOPs, wall seconds, peak memory and examples "
+            f"(entries in {result.ledger_json.name})."
+        )
+        report.add_preformatted(result.ledger.summary_table())
+    return report
+
+
+def run_tour(
+    out_dir: str | Path = "tour-report",
+    quick: bool = False,
+    chapters: Sequence[str] | str | None = None,
+    seed: int = 0,
+    *,
+    techniques: Sequence[TechniqueInfo] | None = None,
+    ledger: Any = None,
+    echo: bool = True,
+) -> TourResult:
+    """Run the tour and write ``out_dir/index.html`` and ``out_dir/summary.json``.
+
+    Args:
+        out_dir: output folder (created).
+        quick: run each chapter's short version.
+        chapters: technique names to run (default: all, in registry order).
+        seed: passed to every chapter as ``ctx.seed``.
+        techniques: the techniques to tour (default: :func:`~leanscale.core.registry.list_techniques`);
+            tests pass their own.
+        ledger: the cost ledger chapters record into (default: a new
+            :class:`~leanscale.core.ledger.CostLedger`). When it has entries after the tour it is
+            saved as ``out_dir/ledger.json`` and summarised in the report.
+        echo: print progress to stderr and the summary tables to stdout.
+
+    Returns:
+        A :class:`TourResult`; ``result.failed`` lists chapters that raised.
+
+    Raises:
+        InvalidParameterError: an unknown chapter name (the valid ones are listed), a bad seed,
+            or ``out_dir`` is an existing file.
+    """
+    check_param("quick", quick, [bool], owner="run_tour")
+    check_param("seed", seed, [Interval(int, 0, None)], owner="run_tour")
+    techniques = list(list_techniques() if techniques is None else techniques)
+    selected = _select(techniques, chapters)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InvalidParameterError(
+            f"The 'out_dir' parameter of run_tour must be a folder. {str(out)!r} is an existing file."
+        )
+    out.mkdir(parents=True, exist_ok=True)
+
+    body = HTMLReport("chapters")
+    if ledger is None:
+        ledger = _new_ledger()
+    ctx = TourContext(out_dir=out, quick=quick, seed=seed, report=body, ledger=ledger,
+                      progress=_progress if echo else functools.partial(_progress, disable=True),
+                      echo=echo)
+    outcomes: list[ChapterOutcome] = []
+    start = time.perf_counter()
+    interrupted: KeyboardInterrupt | None = None
+    for i, t in enumerate(selected, 1):
+        body.add_section(t.title)
+        if t.papers:
+            body.add_paragraph("Papers: " + "; ".join(t.papers))
+        base = dict(name=t.name, title=t.title, papers=tuple(t.papers), issues=tuple(t.issues))
+        if interrupted is not None:
+            outcomes.append(ChapterOutcome(status="interrupted", label="interrupted", **base))
+            body.add_note("Not run: the tour was interrupted.", kind="failed")
+            continue
+        if t.status != "available":
+            label = status_label(t)
+            outcomes.append(ChapterOutcome(status="planned", label=label, **base))
+            body.add_note(f"{label}: not implemented yet.", kind="planned")
+            continue
+        if not t.tour_chapter:
+            outcomes.append(ChapterOutcome(status="skipped", label="no tour chapter", **base))
+            body.add_note("This technique has no tour chapter yet.", kind="planned")
+            continue
+        _say(echo, f"[tour {i}/{len(selected)}] {t.name}: running{' (quick)' if quick else ''}...")
+        try:
+            outcome = _run_chapter(t, replace(ctx, technique=t))
+        except KeyboardInterrupt as exc:  # keep what ran; write the report, then stop
+            interrupted = exc
+            outcomes.append(ChapterOutcome(status="interrupted", label="interrupted", **base))
+            body.add_note("Interrupted while running.", kind="failed")
+            continue
+        outcomes.append(outcome)
+        if outcome.status == "ok":
+            _say(echo, f"[tour {i}/{len(selected)}] {t.name}: ok in {outcome.seconds:.1f} s")
+            if outcome.summary_rows:
+                body.add_table(outcome.summary_rows, caption="Summary: ours next to the paper")
+            body.add_note(f"Chapter ran in {outcome.seconds:.1f} s.", kind="ok")
+        else:
+            _say(echo, f"[tour {i}/{len(selected)}] {t.name}: FAILED after {outcome.seconds:.1f} s: {outcome.error}")
+            body.add_note(f"This chapter failed: {outcome.error}", kind="failed")
+            body.add_details("Traceback", outcome.traceback or "")
+
+    result = TourResult(
+        out_dir=out, index_html=out / "index.html", summary_json=out / "summary.json",
+        chapters=outcomes, seconds=time.perf_counter() - start, quick=quick, seed=seed, ledger=ledger,
+    )
+    if ledger is not None and len(ledger):
+        result.ledger_json = ledger.save(out / "ledger.json")
+    _build_report(result, body).write(result.index_html)
+    atomic_write_json(result.summary_json, result.to_dict())
+    if interrupted is not None:
+        raise interrupted
+    if echo:
+        print(_terminal_summary(result), flush=True)
+    return result

@@ -1,0 +1,61 @@
+"""`leanscale ls` (leanscale.cli.ls)."""
+
+import json
+
+from leanscale.cli.main import main
+from leanscale.core import registry
+
+
+def test_json_parses_and_matches_the_registry(capsys):
+    assert main(["ls", "--json"]) == 0
+    blob = json.loads(capsys.readouterr().out)
+    assert [t["name"] for t in blob] == [t.name for t in registry.list_techniques()]
+    first = blob[0]
+    assert {"name", "title", "status", "papers", "cli", "issues", "tour_chapter"} <= set(first)
+    assert isinstance(first["papers"], list)
+
+
+def test_json_filtered_by_status(capsys):
+    assert main(["ls", "--json", "--status", "planned"]) == 0
+    blob = json.loads(capsys.readouterr().out)
+    assert blob and all(t["status"] == "planned" for t in blob)
+
+
+def test_table_lists_every_technique(capsys):
+    assert main(["ls"]) == 0
+    out = capsys.readouterr().out
+    header = out.splitlines()[0].split()
+    assert header == ["name", "status", "title", "cli", "papers"]
+    for t in registry.list_techniques():
+        assert t.name in out
+        if t.status == "planned" and t.issues:
+            assert f"planned (issue #{t.issues[0]}" in out
+
+
+def test_table_status_filter(capsys):
+    assert main(["ls", "--status", "available"]) == 0
+    out = capsys.readouterr().out
+    for t in registry.list_techniques():
+        assert (t.name in out) == (t.status == "available")
+
+
+def test_markdown_prints_the_registry_table(monkeypatch, capsys):
+    monkeypatch.setattr(registry, "markdown_table", lambda results_root=None: "| technique |\n|---|")
+    assert main(["ls", "--markdown"]) == 0
+    assert capsys.readouterr().out == "| technique |\n|---|\n"
+
+
+def test_markdown_with_status_is_an_error(capsys):
+    assert main(["ls", "--markdown", "--status", "planned"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("leanscale ls: error: --markdown") and "Traceback" not in err
+
+
+def test_json_and_markdown_are_exclusive(capsys):
+    assert main(["ls", "--json", "--markdown"]) == 2
+    assert "not allowed with" in capsys.readouterr().err
+
+
+def test_bad_status_choice(capsys):
+    assert main(["ls", "--status", "done"]) == 2
+    assert "invalid choice" in capsys.readouterr().err

@@ -1,0 +1,155 @@
+"""The `leanscale` entry point: subcommand discovery, errors, exit codes (leanscale.cli.main)."""
+
+import argparse
+import importlib
+import sys
+import textwrap
+
+import pytest
+
+import leanscale
+import leanscale.cli
+from leanscale.cli import main as cli_main
+from leanscale.cli.main import SUBCOMMANDS, main
+
+FAKE_COMMANDS = '''
+import argparse
+
+from leanscale.core.errors import InvalidParameterError
+
+
+def add_parser(subparsers):
+    parser = subparsers.add_parser("{name}", description="a test command", epilog="leanscale {name}")
+    parser.add_argument("--what", default="leanscale")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args):
+    if args.what == "leanscale":
+        raise InvalidParameterError("The 'what' parameter must be good. Got 'leanscale' instead.")
+    if args.what == "interrupt":
+        raise KeyboardInterrupt
+    if args.what == "bug":
+        raise RuntimeError("a real bug")
+    if args.what == "none":
+        return None
+    return 0
+'''
+
+
+@pytest.fixture
+def extra_commands(tmp_path, monkeypatch):
+    """Put modules leanscale.cli.<name> from tmp_path on the package path; list them in SUBCOMMANDS."""
+
+    def install(**sources):
+        for name, source in sources.items():
+            (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+        monkeypatch.setattr(leanscale.cli, "__path__", [*leanscale.cli.__path__, str(tmp_path)])
+        monkeypatch.setattr(cli_main, "SUBCOMMANDS", (*SUBCOMMANDS, *sources))
+        importlib.invalidate_caches()
+
+    yield install
+    for name in list(sys.modules):
+        if name.startswith("leanscale.cli.") and name.rsplit(".", 1)[1] in {
+            p.stem for p in tmp_path.glob("*.py")
+        }:
+            del sys.modules[name]
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"leanscale {leanscale.__version__}"
+
+
+def test_no_command_prints_help_and_returns_0(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: leanscale")
+    assert "ls" in out and "tour" in out
+
+
+def test_unknown_command_is_a_usage_error(capsys):
+    assert main(["nonsense"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_leanscale_error_gives_exit_2_and_no_traceback(extra_commands, capsys):
+    extra_commands(boom=FAKE_COMMANDS.format(name="boom"))
+    assert main(["boom"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == (
+        "leanscale boom: error: The 'what' parameter must be good. Got 'leanscale' instead."
+    )
+    assert "Traceback" not in captured.err + captured.out
+
+
+def test_leanscale_error_traceback_with_debug_env(extra_commands, monkeypatch):
+    extra_commands(boom=FAKE_COMMANDS.format(name="boom"))
+    monkeypatch.setenv("LEANSCALE_DEBUG", "1")
+    with pytest.raises(leanscale.core.errors.InvalidParameterError):
+        main(["boom"])
+
+
+def test_other_exceptions_are_not_hidden(extra_commands):
+    extra_commands(boom=FAKE_COMMANDS.format(name="boom"))
+    with pytest.raises(RuntimeError, match="a real bug"):
+        main(["boom", "--what", "bug"])
+
+
+def test_keyboard_interrupt_exits_130_and_says_jobs_resume(extra_commands, capsys):
+    extra_commands(boom=FAKE_COMMANDS.format(name="boom"))
+    assert main(["boom", "--what", "interrupt"]) == 130
+    err = capsys.readouterr().err
+    assert "leanscale boom: interrupted" in err and "resume" in err
+    assert "Traceback" not in err
+
+
+def test_run_returning_none_is_success(extra_commands):
+    extra_commands(boom=FAKE_COMMANDS.format(name="boom"))
+    assert main(["boom", "--what", "none"]) == 0
+    assert main(["boom", "--what", "ok"]) == 0
+
+
+def test_missing_subcommand_module_is_skipped(monkeypatch, capsys):
+    monkeypatch.setattr(cli_main, "SUBCOMMANDS", (*SUBCOMMANDS, "not_written_yet"))
+    parser = cli_main.build_parser()
+    assert "not_written_yet" not in parser.format_help()
+    assert main(["ls", "--json"]) == 0
+
+
+def test_missing_dependency_inside_a_subcommand_is_not_skipped(extra_commands):
+    extra_commands(broken="import leanscale_no_such_dependency\n")
+    with pytest.raises(ModuleNotFoundError, match="leanscale_no_such_dependency"):
+        cli_main.build_parser()
+
+
+def _existing_subcommands():
+    return [name for name in SUBCOMMANDS if cli_main._load_subcommand(name) is not None]
+
+
+@pytest.mark.parametrize("name", _existing_subcommands())
+def test_every_subcommand_follows_the_contract(name, capsys):
+    """Each module: add_parser returns a parser with a description, a usage epilog and func=run."""
+    module = cli_main._load_subcommand(name)
+    subparsers = argparse.ArgumentParser(prog="leanscale").add_subparsers(dest="command")
+    parser = module.add_parser(subparsers)
+    assert isinstance(parser, argparse.ArgumentParser)
+    assert parser.description, f"leanscale {name} needs a description"
+    assert parser.epilog and f"leanscale {name}" in parser.epilog, f"leanscale {name} needs an epilog of real usage"
+    assert parser.get_default("func") is module.run
+    assert main([name, "--help"]) == 0
+    assert capsys.readouterr().out.startswith(f"usage: leanscale {name}")
+
+
+def test_ls_and_tour_are_registered():
+    assert {"ls", "tour"} <= set(_existing_subcommands())
+    assert SUBCOMMANDS[:2] == ("ls", "tour")
+
+
+def test_module_entry_point_runs():
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-m", "leanscale.cli.main", "--version"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == f"leanscale {leanscale.__version__}"
