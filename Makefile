@@ -13,7 +13,7 @@ DATA_PACKAGES := dataset-fashion-mnist wordnet-base dict-gcide
 DATA_MARKERS  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz \
                  /usr/share/wordnet/data.noun /usr/share/dictd/gcide.dict.dz
 
-.PHONY: tour test bench data install install-dev clean help
+.PHONY: tour test bench data install install-dev clean help readme
 
 help:
 	@echo "make tour   - install everything and run the leanscale tour on built-in data"
@@ -57,6 +57,13 @@ test: install-dev data
 
 bench: install-dev data
 	$(PY) benchmarks/run_all.py
+
+# Refresh the technique table of README.md from the registry and the committed benchmark results.
+readme: install
+	$(PY) -c "import re, pathlib; from leanscale.core.registry import markdown_table; \
+	p = pathlib.Path('README.md'); s = p.read_text(); \
+	p.write_text(re.sub(r'(<!-- techniques:start -->\n).*?(\n?<!-- techniques:end -->)', \
+	lambda m: m.group(1) + markdown_table() + '\n' + m.group(2).lstrip('\n'), s, flags=re.S))"
 
 clean:
 	rm -rf $(VENV) tour-report .pytest_cache

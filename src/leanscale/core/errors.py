@@ -12,6 +12,7 @@ __all__ = [
     "InvalidParameterError",
     "NotFittedError",
     "DataNotFoundError",
+    "DataFormatError",
     "MissingDependencyError",
 ]
 
@@ -30,6 +31,10 @@ class NotFittedError(LeanscaleError, AttributeError):
 
 class DataNotFoundError(LeanscaleError, FileNotFoundError):
     """A data set is not where it was looked for. The message says how to install it."""
+
+
+class DataFormatError(LeanscaleError, ValueError):
+    """A data file exists but is corrupt, truncated or not in the expected format."""
 
 
 class MissingDependencyError(LeanscaleError, ImportError):

@@ -1,0 +1,97 @@
+"""The scaling CLI end to end: sweep -> fit -> plan, and its errors (no tracebacks)."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from leanscale.cli.main import main
+from leanscale.scaling import EPOCH_2024
+
+
+def _json_out(capsys):
+    return json.loads(capsys.readouterr().out)
+
+
+def test_round_trip_sweep_fit_plan(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    rc = main(["sweep", "--out", str(out), "--preset", "quick", "--set", "max_bytes=600000",
+               "--set", "n_curve_points=4", "--json"])
+    assert rc == 0
+    capsys.readouterr()
+    rows = list(csv.DictReader(open(out / "runs.csv")))
+    assert len(rows) == 6 and all(float(r["loss"]) > 0 for r in rows)
+
+    rc = main(["fit", str(out / "runs.csv"), "--resamples", "50", "--json"])
+    assert rc == 0
+    fit = _json_out(capsys)
+    assert (out / "fit" / "law.json").is_file() and (out / "fit" / "contours.png").is_file()
+    assert fit["n_runs"] == 6
+    approaches = [r["approach"] for r in fit["exponents"]]
+    assert approaches[0].startswith("3")
+
+    law = out / "fit" / "law.json"
+    rc = main(["plan", "--flops", "1e12", "--law", str(law), "--extrapolate", "--json"])
+    assert rc == 0
+    plan = _json_out(capsys)
+    assert plan["flops"] == pytest.approx(1e12)
+    assert plan["n_params"] * plan["n_tokens"] * 6 == pytest.approx(1e12)
+    # Without --extrapolate a budget below the smallest swept model is refused.
+    rc = main(["plan", "--flops", "1e6", "--law", str(law)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "below the smallest model" in err and "Traceback" not in err
+
+
+def test_fit_on_user_runs_recovers_the_law(tmp_path, capsys):
+    n = np.repeat(np.geomspace(1e8, 1e10, 6), 3)
+    d = n * np.tile([5.0, 20.0, 80.0], 6)
+    path = tmp_path / "runs.csv"
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["n_params", "n_tokens", "loss"])
+        w.writerows(zip(n, d, EPOCH_2024.predict(n, d)))
+    assert main(["fit", str(path), "--resamples", "0", "--no-figures", "--json"]) == 0
+    fit = _json_out(capsys)
+    assert fit["law"]["alpha"] == pytest.approx(0.3478, rel=1e-3)
+    assert fit["law"]["beta"] == pytest.approx(0.3658, rel=1e-3)
+
+
+def test_plan_prints_a_table(capsys):
+    assert main(["plan", "--flops", "5.76e23", "--law", "chinchilla", "--gpu", "h100"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens per parameter" in out and "GPU-hours" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["plan", "--flops", "1e21", "--law", "kaplan"], "'law'.*'chinchilla', 'epoch'"),
+        (["plan", "--flops", "-3"], "'flops'.*range \\(0, inf\\)"),
+        (["plan", "--flops", "nan"], "'flops'.*Got nan"),
+        (["plan"], "one or two of 'flops', 'n_params', 'n_tokens'"),
+    ],
+)
+def test_plan_errors(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert __import__("re").search(message, err), err
+
+
+def test_fit_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("params,tokens,loss\n1e8,1e9,3.0\n")
+    assert main(["fit", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "'n_params', 'n_tokens'" in err and "Found the columns: 'params', 'tokens', 'loss'" in err
+    assert main(["fit", str(tmp_path / "missing.csv")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    few = tmp_path / "few.csv"
+    few.write_text("n_params,n_tokens,loss\n1e8,1e9,3.0\n2e8,1e9,2.9\n")
+    assert main(["fit", str(few)]) == 2
+    assert "at least 6 runs" in capsys.readouterr().err
+    neg = tmp_path / "neg.csv"
+    neg.write_text("n_params,n_tokens,loss\n" + "\n".join(f"{1e8*(i+1)},1e9,{3.0 if i else -1}" for i in range(6)))
+    assert main(["fit", str(neg)]) == 2
+    assert "positive" in capsys.readouterr().err
