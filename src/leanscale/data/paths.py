@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from leanscale.core.errors import DataFormatError, DataNotFoundError, LeanscaleError
+from leanscale.core.errors import DataFormatError, DataNotFoundError
 from leanscale.core.validation import unknown_name_error
 
 __all__ = [

@@ -236,7 +236,7 @@ def train_run(
         torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        window_loss += float(loss)
+        window_loss += loss.item()
         window_steps += 1
         steps_done = step + 1
         if limit_s is not None and steps_done < n_steps:
