@@ -1,0 +1,66 @@
+"""Tests of the BatchNorm classifiers."""
+
+from __future__ import annotations
+
+import doctest
+
+import pytest
+import torch
+import torch.nn as nn
+
+import leanscale.models.cnn as cnn_module
+from leanscale.core.errors import InvalidParameterError
+from leanscale.models import BNCNN, MLPClassifier
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models train faster on one thread, and do not stall when other jobs share the CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_doctests():
+    result = doctest.testmod(cnn_module)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_bncnn_shapes_and_batchnorm_layers():
+    model = BNCNN()
+    assert model(torch.randn(5, 1, 28, 28)).shape == (5, 10)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 4
+    assert sum(isinstance(m, nn.BatchNorm1d) for m in model.modules()) == 1
+    assert 50_000 < sum(p.numel() for p in model.parameters()) < 80_000  # "about 66k"
+    rgb = BNCNN(num_classes=3, in_channels=3, width=8)
+    assert rgb(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_bncnn_rejects_bad_width():
+    with pytest.raises(InvalidParameterError, match="'width' parameter of BNCNN"):
+        BNCNN(width=0)
+
+
+def test_bncnn_fits_a_small_batch(one_thread):
+    torch.manual_seed(0)
+    model = BNCNN(width=8)
+    x, y = torch.randn(16, 1, 12, 12), torch.randint(0, 10, (16,))  # small images: a fast test
+    opt = torch.optim.Adam(model.parameters(), lr=2e-2)
+    for _ in range(20):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        assert (model(x).argmax(1) == y).float().mean() > 0.8
+
+
+@pytest.mark.parametrize("batchnorm", [True, False])
+def test_mlp_classifier(batchnorm):
+    model = MLPClassifier(in_features=784, hidden=64, num_classes=10, batchnorm=batchnorm)
+    assert model(torch.randn(4, 1, 28, 28)).shape == (4, 10)  # images are flattened
+    assert any(isinstance(m, nn.BatchNorm1d) for m in model.modules()) is batchnorm
+    with pytest.raises(InvalidParameterError, match="'hidden' parameter of MLPClassifier"):
+        MLPClassifier(784, 0, 10)
