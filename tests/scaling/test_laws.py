@@ -163,3 +163,18 @@ def test_unfitted_and_unknown_law():
         get_law("chinchila")
     with pytest.raises(InvalidParameterError, match="preset"):
         EPOCH_2024.bootstrap(100)
+
+
+def test_law_without_frontier_gives_a_clear_error_and_intervals_skip_degenerate_resamples(noisy_runs):
+    bad = ParametricScalingLaw.from_params(E=1.0, A=10.0, B=10.0, alpha=0.3, beta=0.3)
+    bad.beta_ = -0.1  # what an unconstrained fit can return on runs that do not determine the law
+    with pytest.raises(InvalidParameterError, match="alpha=0.3, beta=-0.1.*both > 0"):
+        bad.compute_optimal(1e20)
+    n, d, loss, _ = noisy_runs
+    law = fit_parametric(n, d, loss)
+    boot = law.bootstrap(50, seed=0)
+    boot.samples[:5, 3] = -0.2  # five degenerate resamples
+    assert boot.valid_fraction == pytest.approx(0.9)
+    lo, hi = boot.compute_optimal_interval(1e21)["n_params"]  # no RuntimeWarning (warnings are errors)
+    assert np.isfinite(lo) and np.isfinite(hi) and lo < hi
+    assert np.isfinite(boot.interval("a")).all()

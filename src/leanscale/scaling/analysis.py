@@ -62,7 +62,13 @@ class ScalingAnalysis:
                         (self.law.E_, self.law.A_, self.law.B_, self.law.alpha_, self.law.beta_))]
         return self.bootstrap.summary()
 
+    @property
+    def has_frontier(self) -> bool:
+        return self.law.alpha_ > 0 and self.law.beta_ > 0
+
     def optimum_rows(self) -> list[dict]:
+        if not self.has_frontier:
+            return []
         c = self.budget_flops
         n, d = self.law.compute_optimal(c)
         row = {"flops": c, "n_opt": n, "d_opt": d, "tokens_per_param": d / n}
@@ -102,6 +108,8 @@ class ScalingAnalysis:
             if self.isoflop is not None:
                 fig = isoflop_figure(self.isoflop, r.n_params, r.loss, self._budgets())
                 paths["isoflop"] = atomic_write_bytes(out / "isoflop.png", figure_to_png_bytes(fig))
+            if not self.has_frontier:
+                return paths
             fig = contour_figure(self.law, (r.flops.min() / 3, r.flops.max() * 10),
                                  (r.n_params.min() / 3, r.n_params.max() * 3), r.n_params, r.flops)
             paths["contours"] = atomic_write_bytes(out / "contours.png", figure_to_png_bytes(fig))
@@ -141,6 +149,13 @@ def analyze_runs(
                                n_resamples=min(n_resamples, 1000), seed=seed)
         except InvalidParameterError as exc:
             notes.append(f"Approach 1 not fitted: {exc}")
+    if not (law.alpha_ > 0 and law.beta_ > 0):
+        notes.append(f"Approach 3 found alpha={law.alpha_:.3g}, beta={law.beta_:.3g}: no compute-optimal "
+                     "frontier; the runs do not determine the parametric law.")
+    if boot is not None and boot.valid_fraction < 1:
+        notes.append(f"{100 * (1 - boot.valid_fraction):.1f}% of bootstrap refits had alpha or beta <= 0 (no "
+                     "frontier) and are left out of the intervals of a, b, N_opt and D_opt: the law is weakly "
+                     "determined by these runs.")
     c = float(budget_flops) if budget_flops is not None else float(runs.flops.max())
     return ScalingAnalysis(runs=runs, law=law, bootstrap=boot, isoflop=iso, envelope=env,
                            budget_flops=c, notes=notes)

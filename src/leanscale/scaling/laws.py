@@ -180,6 +180,7 @@ class ParametricScalingLaw:
         b = alpha / (alpha + beta).
         """
         check_is_fitted(self, _FITTED)
+        _check_frontier(self)
         c = check_array("flops", flops, ndim=None, positive=True, owner="compute_optimal")
         n_opt, d_opt = _frontier(c, self.A_, self.B_, self.alpha_, self.beta_)
         if n_opt.ndim == 0:
@@ -189,6 +190,7 @@ class ParametricScalingLaw:
     def optimal_tokens(self, n_params):
         """Tokens D for which a model of ``n_params`` is compute-optimal (inverse of the frontier)."""
         check_is_fitted(self, _FITTED)
+        _check_frontier(self)
         n = check_array("n_params", n_params, ndim=None, positive=True, owner="optimal_tokens")
         g = _g(self.A_, self.B_, self.alpha_, self.beta_)
         a, b = self.exponents_
@@ -199,6 +201,7 @@ class ParametricScalingLaw:
     def optimal_params(self, n_tokens):
         """Parameters N for which ``n_tokens`` is the compute-optimal data size."""
         check_is_fitted(self, _FITTED)
+        _check_frontier(self)
         d = check_array("n_tokens", n_tokens, ndim=None, positive=True, owner="optimal_params")
         g = _g(self.A_, self.B_, self.alpha_, self.beta_)
         a, b = self.exponents_
@@ -313,7 +316,15 @@ class BootstrapResult:
 
     names = ("E", "A", "B", "alpha", "beta")
 
+    @property
+    def valid(self) -> np.ndarray:
+        """(R,) resamples with alpha > 0 and beta > 0, i.e. with a compute-optimal frontier."""
+        return (self.samples[:, 3] > 0) & (self.samples[:, 4] > 0)
+
     def _q(self, values: np.ndarray) -> tuple[float, float]:
+        values = values[np.isfinite(values)]
+        if values.size == 0:
+            return float("nan"), float("nan")
         lo, hi = np.quantile(values, [(1 - self.level) / 2, (1 + self.level) / 2])
         return float(lo), float(hi)
 
@@ -324,7 +335,8 @@ class BootstrapResult:
     def _values(self, name: str) -> np.ndarray:
         if name in self.names:
             return self.samples[:, self.names.index(name)]
-        alpha, beta = self.samples[:, 3], self.samples[:, 4]
+        # a and b only where the resample has a frontier (alpha, beta > 0).
+        alpha, beta = self.samples[self.valid, 3], self.samples[self.valid, 4]
         if name == "a":
             return beta / (alpha + beta)
         if name == "b":
@@ -332,9 +344,9 @@ class BootstrapResult:
         raise unknown_name_error("name", name, [*self.names, "a", "b"], owner="BootstrapResult.interval")
 
     def compute_optimal_interval(self, flops: float) -> dict[str, tuple[float, float]]:
-        """Intervals of N_opt and D_opt at a budget, from the resampled laws."""
+        """Intervals of N_opt and D_opt at a budget, from the resampled laws that have a frontier."""
         c = float(check_array("flops", [flops], positive=True, owner="compute_optimal_interval")[0])
-        e, a_, b_, alpha, beta = self.samples.T
+        e, a_, b_, alpha, beta = self.samples[self.valid].T
         n_opt, d_opt = _frontier(np.full(len(e), c), a_, b_, alpha, beta)
         return {"n_params": self._q(n_opt), "n_tokens": self._q(d_opt)}
 
@@ -347,17 +359,38 @@ class BootstrapResult:
             rows.append({"parameter": name, "estimate": est, "low": lo, "high": hi})
         return rows
 
+    @property
+    def valid_fraction(self) -> float:
+        """Share of resamples with alpha, beta > 0 (used for a, b and the N_opt, D_opt intervals)."""
+        return float(self.valid.mean())
+
 
 # --- helpers ---------------------------------------------------------------------------------
 def _g(A, B, alpha, beta):
-    return (alpha * A / (beta * B)) ** (1.0 / (alpha + beta))
+    # NaN where alpha or beta <= 0 (no compute-optimal frontier: one term never decreases).
+    alpha, beta = np.asarray(alpha, np.float64), np.asarray(beta, np.float64)
+    ok = (alpha > 0) & (beta > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        g = (alpha * A / (beta * B)) ** (1.0 / (alpha + beta))
+    return np.where(ok, g, np.nan)
 
 
 def _frontier(c, A, B, alpha, beta):
-    s = alpha + beta
+    alpha, beta = np.asarray(alpha, np.float64), np.asarray(beta, np.float64)
     g = _g(A, B, alpha, beta)
     c6 = np.asarray(c, dtype=np.float64) / 6.0
-    return g * c6 ** (beta / s), c6 ** (alpha / s) / g
+    with np.errstate(invalid="ignore", divide="ignore"):
+        s = alpha + beta
+        return g * c6 ** (beta / s), c6 ** (alpha / s) / g
+
+
+def _check_frontier(law) -> None:
+    if not (law.alpha_ > 0 and law.beta_ > 0):
+        raise InvalidParameterError(
+            f"The law has alpha={law.alpha_:.4g}, beta={law.beta_:.4g}: a compute-optimal frontier needs "
+            "both > 0 (otherwise more parameters or more tokens never help). The runs do not determine "
+            "the law; add runs over a wider range of sizes and budgets."
+        )
 
 
 def _distinct_optima(theta: np.ndarray, f: np.ndarray, k: int = 3, rtol: float = 1e-3) -> np.ndarray:
