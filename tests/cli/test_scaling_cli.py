@@ -16,11 +16,13 @@ def _json_out(capsys):
 
 def test_round_trip_sweep_fit_plan(tmp_path, capsys):
     out = tmp_path / "sweep"
-    rc = main(["sweep", "--out", str(out), "--preset", "quick", "--set", "max_bytes=600000",
-               "--set", "n_curve_points=4", "--json"])
+    # The tour's quick sweep: 2 budgets x 3 sizes, enough for a law with a frontier (~1 minute).
+    rc = main(["sweep", "--out", str(out), "--preset", "benchmark", "--budgets", "9e10,1.8e11",
+               "--sizes", "3", "--no-progress", "--json"])
     assert rc == 0
     capsys.readouterr()
-    rows = list(csv.DictReader(open(out / "runs.csv")))
+    with open(out / "runs.csv") as fh:
+        rows = list(csv.DictReader(fh))
     assert len(rows) == 6 and all(float(r["loss"]) > 0 for r in rows)
 
     rc = main(["fit", str(out / "runs.csv"), "--resamples", "50", "--json"])

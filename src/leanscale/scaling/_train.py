@@ -9,6 +9,7 @@ returns the same result.
 
 from __future__ import annotations
 
+import gc
 import math
 import sys
 import time
@@ -208,8 +209,9 @@ def train_run(
     batches = stream.train_batches(local_batch, spec.seq_len, spec.n_tokens, seed=spec.seed,
                                    rank=rank, world_size=world_size)
 
-    torch.manual_seed(spec.seed)
-    model = GPT(model_config(spec))
+    with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's RNG
+        torch.manual_seed(spec.seed)
+        model = GPT(model_config(spec))
     n_params = model.n_params()
     train_model = model
     if world_size > 1:
@@ -259,12 +261,18 @@ def train_run(
               file=sys.stderr, flush=True)
 
     n_tokens = steps_done * tokens_per_step
+    n_params_non_embedding = model.n_params(non_embedding=True)
+    if world_size > 1:
+        # Free the DDP wrapper (and its gloo buckets) now, so that the caller can barrier and
+        # destroy the process group cleanly (HELPERS.md: the torchrun exit rule).
+        del train_model, optimizer, model
+        gc.collect()
     cfg = model_config(spec)
     return {
         "run_id": spec.run_id,
         "budget_flops": spec.budget_flops,
         "n_params": n_params,
-        "n_params_non_embedding": model.n_params(non_embedding=True),
+        "n_params_non_embedding": n_params_non_embedding,
         "n_tokens": n_tokens,
         "flops": 6.0 * n_params * n_tokens,
         "flops_appendix_f": flops_per_token(cfg, spec.seq_len) * n_tokens,

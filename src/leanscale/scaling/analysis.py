@@ -134,9 +134,14 @@ def analyze_runs(
     boot = law.bootstrap(n_resamples, seed=seed) if n_resamples else None
     notes = []
     iso = env = None
+    iso_budgets = runs.budget_flops if runs.budget_flops is not None else group_budgets(runs.flops)
     try:
         iso = fit_isoflop(runs.n_params, runs.n_tokens, runs.loss, flops=runs.flops,
                           budget_flops=runs.budget_flops, n_resamples=min(n_resamples, 2000), seed=seed)
+        sizes = [np.unique(runs.n_params[np.isclose(iso_budgets, c, rtol=1e-6)]).size for c in iso.budgets]
+        if min(sizes) < 5:
+            notes.append(f"Approach 2 has budgets with only {min(sizes)} model sizes: resampling so few runs "
+                         "cannot show the parabola's uncertainty, so its interval understates it. Use >= 5 sizes.")
         if iso.interior is not None and not iso.interior.all():
             outside = iso.budgets[~iso.interior]
             notes.append("IsoFLOP minimum outside the sampled sizes (extrapolated) for budgets "

@@ -245,7 +245,8 @@ class ParametricScalingLaw:
         best = np.argmin(f, axis=0)  # (R,) which start won for each resample
         pick = best * n_resamples + np.arange(n_resamples)
         theta = res.theta[pick]
-        samples = np.column_stack([np.exp(theta[:, :3]), theta[:, 3:]])  # (R, 5): E A B alpha beta
+        with np.errstate(over="ignore"):  # a resample that diverged gets inf, left out of intervals
+            samples = np.column_stack([np.exp(theta[:, :3]), theta[:, 3:]])  # (R, 5): E A B alpha beta
         return BootstrapResult(law=self, samples=samples, level=level, converged=res.converged[pick])
 
     # --- persistence -------------------------------------------------------------------------

@@ -17,17 +17,18 @@ _RESULTS = Path(__file__).resolve().parents[3] / "benchmarks" / "results" / "sca
 
 
 def tour_sweep_config(quick: bool, seed: int = 0):
-    """The tour's own IsoFLOP sweep: 3 budgets on the first MBs of Webster 1913 (gcide).
+    """The tour's own IsoFLOP sweep on Webster 1913 (gcide), from the ``benchmark`` preset's settings.
 
-    quick: 3 budgets x 3 sizes (~40 s on 2 cores); full: 3 budgets x 5 sizes, 2 processes (~3 min).
+    quick: 2 budgets x 3 sizes (8e11 FLOPs in all, ~30 s); full: 3 budgets over 8x x 5 sizes
+    (5e12 FLOPs, ~2-3 minutes). Both train in 2 worker processes. The smallest budgets are set by
+    the smallest model of the shape family (~6k parameters at 80 tokens per parameter).
     """
     from leanscale.scaling.sweep import preset_config
 
-    base = preset_config("quick")
+    base = preset_config("benchmark", [f"seed={seed}"])
     if quick:
-        return dataclasses.replace(base, budgets_flops=(2e10, 5e10, 1.2e11), n_sizes=3, seed=seed)
-    return dataclasses.replace(base, budgets_flops=(3e10, 1e11, 3e11), n_sizes=5, size_span=8.0,
-                               executor="process", n_workers=2, seed=seed)
+        return dataclasses.replace(base, budgets_flops=(9e10, 1.8e11), n_sizes=3)
+    return dataclasses.replace(base, budgets_flops=(9e10, 2.5e11, 7e11))
 
 
 def chapter(ctx):
@@ -104,7 +105,7 @@ def chapter(ctx):
     if exact.is_file():
         s = read_json(exact)["summary"]
         summary.append({"metric": "fit vs reference L-BFGS (benchmark)",
-                        "value": f"max rel. diff {s['fast_max_rel_diff']:.0e}, {s['fast_median_speedup']:.0f}x faster",
+                        "value": f"max rel. diff {s['fast_max_rel_diff']:.0e}, >= {s['fast_min_speedup']:.0f}x faster",
                         "paper": "goal: <= 1e-3, >= 100x"})
     return ChapterResult(title="Compute-optimal scaling", summary_rows=summary)
 
@@ -117,7 +118,7 @@ def headline(results_root=None) -> str:
     if exact.is_file():
         s = read_json(exact)["summary"]
         parts.append(f"Approach-3 fit = reference optimum (max rel. diff {s['fast_max_rel_diff']:.0e}) "
-                     f"{s['fast_median_speedup']:.0f}x faster; 4,000 bootstrap refits in {s['bootstrap_4000_seconds']:.0f} s")
+                     f"at >= {s['fast_min_speedup']:.0f}x less wall time; 4,000 bootstrap refits in {s['bootstrap_4000_seconds']:.0f} s")
     own = root / "own_law.json"
     if own.is_file():
         o = read_json(own)["summary"]
