@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import os
 import sys
 
 from leanscale.core.config import config_to_dict
+from leanscale.core.distributed import init_from_env, shutdown
 from leanscale.core.errors import InvalidParameterError
 from leanscale.core.io import to_jsonable
 from leanscale.report.table import format_table
 from leanscale.scaling.sweep import EXECUTORS, PRESETS, preset_config, run_sweep
 
-__all__ = ["add_parser", "run", "config_from_args"]
+__all__ = ["add_parser", "config_from_args", "run"]
 
 EPILOG = """\
 examples:
@@ -78,36 +77,17 @@ def config_from_args(args: argparse.Namespace):
     return preset_config(args.preset, overrides + list(args.overrides))
 
 
-def _init_distributed() -> bool:
-    """Under ``torchrun`` (WORLD_SIZE > 1), start the gloo process group; True if started here."""
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
-        return True
-    return False
-
-
-def _end_distributed() -> None:
-    """The torchrun exit rule: nothing of DDP left alive, a barrier, then destroy the group."""
-    import torch.distributed as dist
-
-    gc.collect()
-    dist.barrier()
-    dist.destroy_process_group()
-
-
 def run(args: argparse.Namespace) -> int:
     from leanscale.scaling._train import dist_info
 
     config = config_from_args(args)
-    started = _init_distributed()
+    started = init_from_env()
     rank = dist_info()[0]
     try:
         result = run_sweep(config, args.out, progress=not args.no_progress)
     finally:
         if started:
-            _end_distributed()
+            shutdown()
     if rank != 0:
         return 0  # under torchrun only rank 0 reports
     if args.json:
