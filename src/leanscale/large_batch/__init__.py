@@ -1,0 +1,34 @@
+"""Large batches without the generalization gap.
+
+Hoffer, Hubara & Soudry 2017, "Train longer, generalize better", arXiv 1705.08741 (Ghost BatchNorm,
+square-root LR scaling, regime adaptation); Goyal et al. 2017, arXiv 1706.02677 (linear scaling,
+warmup); Keskar et al. 2017, arXiv 1609.04836 (sharpness); You et al. 2017/2019 (LARS, LAMB);
+McCandlish et al. 2018, arXiv 1812.06162 (gradient noise scale). Method card: README.md here.
+"""
+
+from leanscale.large_batch.ghost_bn import (
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+    GhostBatchNorm3d,
+    accumulate_running_stats,
+    apply_ghost_batchnorm,
+    ghost_batch_sizes,
+)
+from leanscale.large_batch.recipe import LargeBatchPlan, LargeBatchRecipe
+from leanscale.large_batch.schedules import (
+    Regime,
+    adapt_regime,
+    clip_gradients,
+    scale_lr,
+    warmup_factor,
+    warmup_schedule,
+)
+from leanscale.large_batch.sharpness import SharpnessResult, sharpness
+from leanscale.large_batch.train import TrainConfig, TrainResult, train_classifier
+
+__all__ = [
+    "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d", "LargeBatchPlan", "LargeBatchRecipe", "Regime",
+    "SharpnessResult", "TrainConfig", "TrainResult", "accumulate_running_stats", "adapt_regime",
+    "apply_ghost_batchnorm", "clip_gradients", "ghost_batch_sizes", "scale_lr", "sharpness", "train_classifier",
+    "warmup_factor", "warmup_schedule",
+]

@@ -197,9 +197,10 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, config: TrainConfig) -> float:
     """Multiplier of the peak LR at optimizer step ``step`` (0-based): linear warmup, then decay."""
+    from leanscale.large_batch.schedules import warmup_factor
+
     if warmup_steps > 0 and step < warmup_steps:
-        s = config.warmup_start_factor
-        return s + (1.0 - s) * (step + 1) / warmup_steps
+        return warmup_factor(step, warmup_steps, config.warmup_start_factor)
     if config.decay == "step":
         return config.gamma ** sum(step >= round(m * total_steps) for m in config.milestones)
     if config.decay == "cosine":
@@ -386,6 +387,12 @@ def train_classifier(
         if steps_done in eval_steps:
             t_train += time.perf_counter() - t0
             acc, test_loss = evaluate(model, x_test, y_test)
+            if world > 1:  # the train loss of the global batches: mean of the ranks' local means
+                import torch.distributed as dist
+
+                t = torch.tensor([train_loss_sum], dtype=torch.float64)
+                dist.all_reduce(t)
+                train_loss_sum = t.item() / world
             history.append({
                 "step": steps_done, "epoch": examples / n, "examples": examples, "lr": config.lr * factor,
                 "train_loss": train_loss_sum / train_loss_n, "test_loss": test_loss, "test_accuracy": acc,

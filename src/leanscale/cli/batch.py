@@ -1,0 +1,186 @@
+"""``leanscale batch``: large batches without the generalization gap.
+
+Three actions: ``plan`` turns a small-batch configuration into a large-batch one (LR scaling,
+Ghost BatchNorm, regime adaptation, warmup); ``noise`` measures the gradient noise scale of a
+model on a data set and advises a batch size and LR; ``train`` trains the reference CNN on
+Fashion-MNIST with a recipe (single process or under ``torchrun``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EPILOG = """\
+examples:
+  leanscale batch plan --batch 2048 --base-batch 128 --base-lr 0.1 --epochs 10 --milestones 5,8
+  leanscale batch plan --batch 8192 --rule linear --warmup-epochs 5 --optimizer lars --json
+  leanscale batch noise --n-batches 40                     B_simple of the CNN on Fashion-MNIST
+  leanscale batch train --batch 1024 --set epochs=2 --set n_train=10000
+  torchrun --nproc_per_node=2 -m leanscale.cli.main batch train --batch 512 --out run.json
+"""
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(t) for t in text.split(",") if t.strip()) if text else ()
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "batch", help="large-batch recipe, noise scale and training",
+        description="Large batches without the generalization gap: plan a large-batch run from a "
+        "small-batch one (Hoffer et al. 2017, Goyal et al. 2017), measure the gradient noise scale "
+        "(McCandlish et al. 2018), train with the recipe.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="action", title="actions", metavar="<action>")
+
+    def recipe_args(q):
+        q.add_argument("--batch", type=int, required=True, help="the large (global) batch")
+        q.add_argument("--base-batch", type=int, default=128, help="small batch the base settings are for (128)")
+        q.add_argument("--base-lr", type=float, default=0.1, help="small-batch learning rate (0.1)")
+        q.add_argument("--epochs", type=float, default=1.0, help="small-batch epochs (1)")
+        q.add_argument("--milestones", type=_floats, default=(), help="small-batch LR-drop epochs, e.g. 5,8")
+        q.add_argument("--rule", default="sqrt", help="LR scaling: sqrt (Hoffer, default), linear (Goyal), none")
+        q.add_argument("--ghost-batch", type=int, default=None, help="ghost batch (default: the base batch; 0: off)")
+        q.add_argument("--regime", type=float, default=1.0,
+                       help="regime adaptation: 1 = as many updates as the small batch, 0 = as many epochs")
+        q.add_argument("--warmup-epochs", type=float, default=0.0, help="gradual warmup epochs (0)")
+        q.add_argument("--optimizer", default="sgd", help="sgd, lars or lamb")
+        q.add_argument("--clip", type=float, default=None, help="clip the gradient norm to this")
+        q.add_argument("--max-lr", type=float, default=None, help="cap on the scaled LR")
+
+    q = sub.add_parser("plan", help="large-batch settings from small-batch ones, with the reasoning")
+    recipe_args(q)
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q.set_defaults(action_func=run_plan)
+
+    q = sub.add_parser("noise", help="gradient noise scale B_simple and batch-size advice")
+    q.add_argument("--width", type=int, default=8, help="CNN width (8)")
+    q.add_argument("--batch-size", type=int, default=128, help="small batch of the estimator (128)")
+    q.add_argument("--n-batches", type=int, default=40, help="small batches to average (40)")
+    q.add_argument("--warm-steps", type=int, default=50,
+                   help="SGD steps at batch 128 before measuring (B_simple at initialisation is not typical)")
+    q.add_argument("--base-lr", type=float, default=0.1, help="LR at --base-batch for the LR advice")
+    q.add_argument("--base-batch", type=int, default=128)
+    q.add_argument("--data-root", default=None, help="folder with Fashion-MNIST IDX files")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q.set_defaults(action_func=run_noise)
+
+    q = sub.add_parser("train", help="train the reference CNN on Fashion-MNIST with a large-batch recipe")
+    recipe_args(q)
+    q.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                   help="change a field of the small-batch TrainConfig (repeatable), e.g. n_train=10000")
+    q.add_argument("--out", default=None, help="write the result JSON here")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q.set_defaults(action_func=run_train)
+    p.set_defaults(func=run, print_help=p.print_help)
+    return p
+
+
+def run(args) -> int:
+    """Dispatch to the action; without one, print the help."""
+    action = getattr(args, "action_func", None)
+    if action is None:
+        args.print_help()
+        return 0
+    return action(args)
+
+
+def _recipe(args):
+    from leanscale.large_batch.recipe import LargeBatchRecipe
+
+    return LargeBatchRecipe(
+        batch_size=args.batch, base_batch_size=args.base_batch, base_lr=args.base_lr, base_epochs=args.epochs,
+        base_milestones=args.milestones, lr_rule=args.rule, ghost_batch_size=args.ghost_batch,
+        regime_adaptation=args.regime, warmup_epochs=args.warmup_epochs, optimizer=args.optimizer,
+        clip_grad_norm=args.clip, max_lr=args.max_lr,
+    )
+
+
+def run_plan(args) -> int:
+    from leanscale.core.io import to_jsonable
+
+    recipe = _recipe(args)
+    if args.json:
+        json.dump(to_jsonable(recipe.plan().to_dict()), sys.stdout, indent=2)
+        print()
+    else:
+        print(recipe.describe())
+    return 0
+
+
+def run_noise(args) -> int:
+    import torch.nn.functional as F
+
+    from leanscale.core.io import to_jsonable
+    from leanscale.large_batch.noise_scale import (
+        GradientNoiseScale,
+        measure_noise_scale,
+    )
+    from leanscale.large_batch.train import (
+        TrainConfig,
+        load_image_data,
+        train_classifier,
+    )
+
+    cfg = TrainConfig(width=args.width, data_root=args.data_root, seed=args.seed, batch_size=128, lr=args.base_lr,
+                      decay="none", milestones=(), n_test=1000)
+    data = load_image_data(cfg)
+    steps = args.warm_steps
+    if steps > 0:
+        cfg = TrainConfig(**{**cfg.__dict__, "epochs": steps * 128 / len(data[1]),
+                             "eval_every_epochs": steps * 128 / len(data[1])})
+    result = train_classifier(cfg, data=data, keep_model=True)
+    measured = measure_noise_scale(result.model, F.cross_entropy, (data[0], data[1]),
+                                   batch_size=args.batch_size, n_batches=args.n_batches)
+    gns = measured if isinstance(measured, GradientNoiseScale) else getattr(measured, "estimator", None)
+    advice = (gns.advise(base_lr=args.base_lr, base_batch=args.base_batch) if gns is not None
+              else None)
+    if args.json:
+        blob = {"b_simple": float(measured.b_simple), "warm_steps": steps,
+                "advice": None if advice is None else to_jsonable(advice.__dict__)}
+        json.dump(to_jsonable(blob), sys.stdout, indent=2)
+        print()
+    else:
+        print(f"B_simple = {measured.b_simple:.0f} (after {steps} warm-up steps, {args.n_batches} batches of {args.batch_size})")
+        if advice is not None:
+            print(advice)
+    return 0
+
+
+def run_train(args) -> int:
+    from leanscale.core.config import apply_overrides
+    from leanscale.core.distributed import init_from_env, rank_and_world, shutdown
+    from leanscale.core.io import atomic_write_json, to_jsonable
+    from leanscale.large_batch.train import TrainConfig, train_classifier
+
+    recipe = _recipe(args)
+    base = TrainConfig(batch_size=args.base_batch, lr=args.base_lr, epochs=args.epochs)
+    base = apply_overrides(base, args.overrides)
+    if args.milestones:
+        base = TrainConfig(**{**base.__dict__, "milestones": tuple(m / args.epochs for m in args.milestones)})
+    config = recipe.train_config(base)
+    started = init_from_env()
+    rank = rank_and_world()[0]
+    try:
+        result = train_classifier(config, progress_bar=not args.json)
+    finally:
+        if started:
+            shutdown()
+    if rank != 0:
+        return 0  # under torchrun only rank 0 reports
+    blob = result.to_dict()
+    blob["recipe"] = recipe.plan().to_dict()
+    if args.out:
+        atomic_write_json(args.out, blob)
+    if args.json:
+        json.dump(to_jsonable(blob), sys.stdout, indent=2)
+        print()
+    else:
+        print(recipe.describe())
+        print(f"test accuracy {result.test_accuracy:.4f} after {result.steps} steps of {config.batch_size} "
+              f"({result.seconds:.0f} s, {result.world_size} process(es))")
+    return 0

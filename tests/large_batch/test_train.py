@@ -1,0 +1,116 @@
+import math
+
+import pytest
+import torch
+
+from leanscale.core.errors import InvalidParameterError
+from leanscale.large_batch.train import (
+    TrainConfig,
+    _interpolate_target,
+    evaluate,
+    lr_factor,
+    train_classifier,
+    with_overrides,
+)
+
+
+def synthetic(n=256, n_test=128, seed=0):
+    """A learnable 10-class problem on 1x12x12 'images': the class sets the mean of one patch."""
+    g = torch.Generator().manual_seed(seed)
+
+    def make(m):
+        y = torch.randint(0, 10, (m,), generator=g)
+        x = torch.randn(m, 1, 12, 12, generator=g) * 0.5
+        for c in range(10):
+            x[y == c, 0, c, :] += 2.0
+        return x, y
+
+    return (*make(n), *make(n_test))
+
+
+def test_lr_factor_warmup_then_step_decay():
+    cfg = TrainConfig(milestones=(0.5, 0.75), gamma=0.1, warmup_epochs=1.0, warmup_start_factor=0.25)
+    total, warm = 100, 10
+    assert lr_factor(0, total, warm, cfg) == pytest.approx(0.25)  # the first step at the start factor
+    assert lr_factor(5, total, warm, cfg) == pytest.approx(0.25 + 0.75 * 5 / 10)
+    assert lr_factor(10, total, warm, cfg) == pytest.approx(1.0)  # the peak after warmup_steps
+    assert lr_factor(49, total, warm, cfg) == 1.0
+    assert lr_factor(50, total, warm, cfg) == pytest.approx(0.1)
+    assert lr_factor(75, total, warm, cfg) == pytest.approx(0.01)
+    cos = TrainConfig(decay="cosine", milestones=())
+    assert lr_factor(50, 100, 0, cos) == pytest.approx(0.5)
+    assert lr_factor(100, 100, 0, cos) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_interpolated_steps_to_target():
+    history = [{"step": 10, "test_accuracy": 0.5}, {"step": 40, "test_accuracy": 0.9}]
+    # halfway in accuracy -> geometric mean of the steps
+    assert _interpolate_target(history, 0.7) == pytest.approx(math.sqrt(10 * 40))
+    assert _interpolate_target(history, 0.95) is None
+    assert _interpolate_target(history, 0.4) == 10.0
+
+
+def test_training_learns_counts_steps_and_bills_the_ledger():
+    data = synthetic()
+    cfg = TrainConfig(width=4, batch_size=32, lr=0.1, epochs=3.0, eval_every_epochs=1.0, milestones=())
+    result = train_classifier(cfg, data=data)
+    assert result.steps == 3 * (256 // 32) and result.examples == result.steps * 32
+    assert [h["step"] for h in result.history] == [8, 16, 24]
+    assert result.test_accuracy > 0.3  # chance is 0.1
+    entry = result.ledger.total("train")
+    assert entry.n_examples == result.examples
+    assert entry.flops == pytest.approx(result.flops_per_example * result.examples)
+    assert result.flops_per_example > 0
+
+
+def test_micro_batches_with_ghost_batchnorm_give_the_same_training():
+    data = synthetic()
+    base = TrainConfig(width=4, batch_size=64, lr=0.1, epochs=1.0, ghost_batch_size=16, milestones=())
+    whole = train_classifier(base, data=data, keep_model=True)
+    micro = train_classifier(with_overrides(base, micro_batch_size=32), data=data, keep_model=True)
+    for (name, a), b in zip(whole.model.state_dict().items(), micro.model.state_dict().values()):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_target_accuracy_stops_early_and_reports_steps():
+    data = synthetic()
+    cfg = TrainConfig(width=4, batch_size=16, lr=0.1, epochs=5.0, milestones=(), decay="none",
+                      target_accuracy=0.5, eval_growth=1.5)
+    result = train_classifier(cfg, data=data)
+    assert result.reached_target and result.steps < 5 * 256 // 16
+    assert result.history[-1]["test_accuracy"] >= 0.5 > result.history[0]["test_accuracy"] or len(result.history) == 1
+    assert 1 <= result.steps_to_target <= result.steps
+
+
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        ({"micro_batch_size": 24}, "'micro_batch_size'.*must divide"),
+        ({"micro_batch_size": 16}, "'micro_batch_size'.*multiple of 'ghost_batch_size'"),
+        ({"ghost_batch_size": 64}, "'ghost_batch_size'.*at most the per-process batch"),
+        ({"batch_size": 512}, "'batch_size'.*at most the number of training examples"),
+    ],
+)
+def test_bad_training_settings(changes, match):
+    cfg = TrainConfig(width=4, batch_size=32, epochs=1.0, milestones=())
+    cfg = TrainConfig(**{**cfg.__dict__, **changes})
+    with pytest.raises(InvalidParameterError, match=match):
+        train_classifier(cfg, data=synthetic())
+
+
+@pytest.mark.parametrize(
+    "changes,name",
+    [({"optimizer": "adam"}, "optimizer"), ({"milestones": (0.8, 0.5)}, "milestones"),
+     ({"lr": 0.0}, "lr"), ({"epochs": -1.0}, "epochs"), ({"momentum": 1.0}, "momentum")],
+)
+def test_config_validation_names_the_field(changes, name):
+    with pytest.raises(InvalidParameterError, match=f"'{name}' parameter of TrainConfig"):
+        with_overrides(TrainConfig(), **changes)
+
+
+def test_evaluate_restores_training_mode():
+    data = synthetic()
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(144, 10))
+    model.train()
+    acc, loss = evaluate(model, data[2], data[3])
+    assert model.training and 0 <= acc <= 1 and loss > 0
