@@ -229,20 +229,20 @@ def check_array(
     if finite and arr.size and not np.all(np.isfinite(arr)):
         bad = int(np.flatnonzero(~np.isfinite(arr.ravel()))[0])
         raise InvalidParameterError(
-            f"The {name!r} parameter{where} must contain only finite values. Got {arr.ravel()[bad]!r} "
+            f"The {name!r} parameter{where} must contain only finite values. Got {arr.ravel()[bad].item()!r} "
             f"at flat index {bad}."
         )
     if positive and arr.size and not np.all(arr > 0):
         bad = int(np.flatnonzero(~(arr.ravel() > 0))[0])
         raise InvalidParameterError(
-            f"The {name!r} parameter{where} must contain only positive values. Got {arr.ravel()[bad]!r} "
+            f"The {name!r} parameter{where} must contain only positive values. Got {arr.ravel()[bad].item()!r} "
             f"at flat index {bad}."
         )
     if nonnegative and arr.size and not np.all(arr >= 0):
         bad = int(np.flatnonzero(~(arr.ravel() >= 0))[0])
         raise InvalidParameterError(
             f"The {name!r} parameter{where} must contain only non-negative values. Got "
-            f"{arr.ravel()[bad]!r} at flat index {bad}."
+            f"{arr.ravel()[bad].item()!r} at flat index {bad}."
         )
     return arr
 

@@ -84,6 +84,7 @@ class TrainConfig:
     target_accuracy: float | None = None  # stop at the first evaluation reaching it (steps-to-target)
     eval_growth: float | None = None  # with a target: evaluate at steps growing by this factor instead
     max_examples: int | None = None  # with a target: give up after this many training examples
+    target_smoothing: int = 1  # with a target: compare the mean of the last k evaluations (noise at constant LR)
     threads: int | None = None  # torch threads (None: leave as is)
 
 
@@ -139,6 +140,7 @@ def _check_config(c: TrainConfig) -> None:
     check_param("seed", c.seed, [Interval(int, 0, None)], owner=owner)
     check_param("eval_every_epochs", c.eval_every_epochs, [Interval(float, 0, None, closed="neither")], owner=owner)
     check_param("target_accuracy", c.target_accuracy, [None, Interval(float, 0, 1, closed="right")], owner=owner)
+    check_param("target_smoothing", c.target_smoothing, [Interval(int, 1, None)], owner=owner)
     check_param("eval_growth", c.eval_growth, [None, Interval(float, 1, None, closed="neither")], owner=owner)
     ms = tuple(c.milestones)
     if any(not (0 < m < 1) for m in ms) or list(ms) != sorted(set(ms)):
@@ -233,15 +235,15 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
-def _interpolate_target(history: list[dict[str, Any]], target: float) -> float | None:
-    """Steps at which test accuracy first reaches ``target``, linear in log(steps) between the
-    last evaluation below and the first at or above it."""
+def _interpolate_target(history: list[dict[str, Any]], target: float, key: str = "test_accuracy") -> float | None:
+    """Steps at which ``key`` (test accuracy) first reaches ``target``, linear in log(steps)
+    between the last evaluation below and the first at or above it."""
     prev = None
     for row in history:
-        if row["test_accuracy"] >= target:
+        if row[key] >= target:
             if prev is None or prev["step"] <= 0:
                 return float(row["step"])
-            a0, a1 = prev["test_accuracy"], row["test_accuracy"]
+            a0, a1 = prev[key], row[key]
             t = (target - a0) / (a1 - a0) if a1 > a0 else 1.0
             return float(math.exp(math.log(prev["step"]) + t * (math.log(row["step"]) - math.log(prev["step"]))))
         prev = row
@@ -401,8 +403,11 @@ def train_classifier(
             train_loss_sum, train_loss_n = 0.0, 0
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(acc=f"{acc:.3f}")
+            k = config.target_smoothing
+            smoothed = sum(h["test_accuracy"] for h in history[-k:]) / len(history[-k:])
+            history[-1]["smoothed_accuracy"] = smoothed
             t0 = time.perf_counter()
-            if config.target_accuracy is not None and acc >= config.target_accuracy:
+            if config.target_accuracy is not None and smoothed >= config.target_accuracy:
                 reached = True
                 break
             if config.max_examples is not None and examples >= config.max_examples:
@@ -421,7 +426,7 @@ def train_classifier(
     result = TrainResult(
         config=config, history=history, test_accuracy=last["test_accuracy"], test_loss=last["test_loss"],
         train_loss=last["train_loss"], steps=steps_done, examples=examples, seconds=t_train,
-        steps_to_target=(_interpolate_target(history, config.target_accuracy)
+        steps_to_target=(_interpolate_target(history, config.target_accuracy, "smoothed_accuracy")
                          if config.target_accuracy is not None else None),
         reached_target=reached, flops_per_example=flops_per_example, world_size=world, ledger=ledger,
         model=model if keep_model else None,

@@ -1,0 +1,82 @@
+import math
+
+import numpy as np
+import pytest
+
+from leanscale.core.errors import InvalidParameterError, NotFittedError
+from leanscale.core.validation import (
+    Interval,
+    Options,
+    check_array,
+    check_consistent_length,
+    check_is_fitted,
+    check_param,
+    unknown_name_error,
+    validate_params,
+)
+
+
+@pytest.mark.parametrize(
+    "interval,good,bad",
+    [
+        (Interval(int, 1, None), [1, 10**9, np.int64(3)], [0, 1.5, True, "2"]),
+        (Interval(float, 0, 1, closed="neither"), [0.5, 1e-9], [0, 1.0, math.nan, False]),
+        (Interval(float, 0, 1, closed="left"), [0.0, 0.99], [1.0, -0.1]),
+        (Interval("real", None, 0), [-5, 0.0], [0.1, math.inf]),
+    ],
+)
+def test_interval_membership(interval, good, bad):
+    assert all(interval.is_satisfied_by(v) for v in good)
+    assert not any(interval.is_satisfied_by(v) for v in bad)
+
+
+def test_message_names_parameter_owner_expectation_and_value():
+    with pytest.raises(InvalidParameterError) as exc:
+        check_param("lr", -1.0, [Interval(float, 0, None, closed="neither")], owner="LARS")
+    assert str(exc.value) == "The 'lr' parameter of LARS must be a float in the range (0, inf). Got -1.0 instead."
+    with pytest.raises(InvalidParameterError, match=r"must be None or one of 'a', 'b'\. Got 'c'"):
+        check_param("mode", "c", [None, Options({"a", "b"})])
+    assert check_param("mode", None, [None, Options({"a"})]) is None
+
+
+def test_invalid_parameter_error_is_a_value_error():
+    assert issubclass(InvalidParameterError, ValueError)
+
+
+def test_unknown_name_lists_valid_names_and_the_closest():
+    err = unknown_name_error("law", "epok", ["chinchilla", "epoch"], owner="plan")
+    assert "must be one of 'chinchilla', 'epoch'" in str(err) and "Did you mean 'epoch'?" in str(err)
+
+
+def test_validate_params_decorator_checks_every_call():
+    @validate_params({"n": [Interval(int, 1, None)]})
+    def f(n, other=None):
+        return n * 2
+
+    assert f(3) == 6
+    with pytest.raises(InvalidParameterError, match="'n' parameter of f"):
+        f(0)
+
+
+def test_check_array_reports_the_first_bad_value():
+    assert check_array("x", [1, 2], positive=True).dtype == np.float64
+    with pytest.raises(InvalidParameterError, match=r"'x'.*finite values\. Got nan at flat index 1"):
+        check_array("x", [1.0, float("nan")])
+    with pytest.raises(InvalidParameterError, match=r"positive values\. Got -2\.0 at flat index 1"):
+        check_array("x", [1.0, -2.0], positive=True)
+    with pytest.raises(InvalidParameterError, match=r"1-d array\. Got an array of shape \(2, 2\)"):
+        check_array("x", [[1, 2], [3, 4]])
+    with pytest.raises(InvalidParameterError, match="at least 3 values"):
+        check_array("x", [1, 2], min_len=3)
+
+
+def test_consistent_length_and_fitted():
+    assert check_consistent_length(a=[1, 2], b=[3, 4]) == 2
+    with pytest.raises(InvalidParameterError, match="a=2, b=3"):
+        check_consistent_length(a=[1, 2], b=[1, 2, 3])
+
+    class Est:
+        pass
+
+    with pytest.raises(NotFittedError, match="Est instance is not fitted yet"):
+        check_is_fitted(Est(), ["coef_"])
