@@ -14,6 +14,8 @@ from leanscale.large_batch.ghost_bn import (
     apply_ghost_batchnorm,
     ghost_batch_sizes,
 )
+from leanscale.large_batch.lamb import LAMB
+from leanscale.large_batch.lars import LARS, lars_param_groups
 from leanscale.large_batch.recipe import LargeBatchPlan, LargeBatchRecipe
 from leanscale.large_batch.schedules import (
     Regime,
@@ -27,8 +29,8 @@ from leanscale.large_batch.sharpness import SharpnessResult, sharpness
 from leanscale.large_batch.train import TrainConfig, TrainResult, train_classifier
 
 __all__ = [
-    "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d", "LargeBatchPlan", "LargeBatchRecipe", "Regime",
+    "LAMB", "LARS", "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d", "LargeBatchPlan", "LargeBatchRecipe", "Regime",
     "SharpnessResult", "TrainConfig", "TrainResult", "accumulate_running_stats", "adapt_regime",
-    "apply_ghost_batchnorm", "clip_gradients", "ghost_batch_sizes", "scale_lr", "sharpness", "train_classifier",
+    "apply_ghost_batchnorm", "clip_gradients", "ghost_batch_sizes", "lars_param_groups", "scale_lr", "sharpness", "train_classifier",
     "warmup_factor", "warmup_schedule",
 ]

@@ -63,7 +63,7 @@ class TrainConfig:
     # --- optimisation ---
     batch_size: int = 128  # global batch (split over ranks under DDP)
     lr: float = 0.1  # peak learning rate
-    optimizer: str = "sgd"  # "sgd" (momentum), "lars" or "lamb"
+    optimizer: str = "sgd"  # "sgd" (momentum), "lars" (needs ~10-100x SGD's lr: trust coefficient 1e-3) or "lamb"
     momentum: float = 0.9  # SGD/LARS momentum (LAMB: beta1)
     nesterov: bool = False  # Nesterov momentum for SGD
     weight_decay: float = 5e-4  # L2 on conv/linear weights; none on BatchNorm and biases
@@ -169,24 +169,16 @@ def build_model(config: TrainConfig, in_shape: tuple[int, ...], num_classes: int
     return MLPClassifier(math.prod(in_shape), 8 * config.width, num_classes)
 
 
-def _param_groups(model: nn.Module, weight_decay: float, optimizer: str) -> list[dict[str, Any]]:
-    """Weight decay (and LARS/LAMB trust ratios) on weights of rank >= 2 only (biases and norm
-    weights excluded), the usual practice for large-batch training (Goyal et al. 2017; You et al.)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    adapt_key = {"lars": "lars_adaptation", "lamb": "lamb_adaptation"}.get(optimizer)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if adapt_key:
-        groups[1][adapt_key] = False
-    return [g for g in groups if g["params"]]
-
-
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """SGD with momentum, LARS or LAMB on ``model`` with ``config``'s settings."""
-    groups = _param_groups(model, config.weight_decay, config.optimizer)
+    from leanscale.large_batch.lars import lars_param_groups
+
+    # Weight decay (and LARS/LAMB trust ratios) on weights of rank >= 2 only; biases and norm
+    # weights excluded, the usual practice for large-batch training (Goyal et al. 2017; You et al.).
+    groups = lars_param_groups(model, config.weight_decay, optimizer="lamb" if config.optimizer == "lamb" else "lars")
     if config.optimizer == "sgd":
+        for group in groups:
+            group.pop("lars_adaptation", None)
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
     if config.optimizer == "lars":
         from leanscale.large_batch.lars import LARS
