@@ -5,7 +5,8 @@ For batch sizes 32 ... 4096 (powers of two) train to a target test accuracy (the
 3 evaluations, taken at steps growing by 8%, so that the fluctuations of constant-LR SGD do not
 decide the crossing) and record the steps S
 and examples E = B S it took, with the learning rate tuned per batch size (the best of a small
-grid around the square-root rule). Fit the paper's trade-off (S/S_min - 1)(E/E_min - 1) = 1, i.e.
+grid: the previous batch's best LR x sqrt(2), twice and half that, extended while the best is at
+an edge; at most 5 LRs per batch). Fit the paper's trade-off (S/S_min - 1)(E/E_min - 1) = 1, i.e.
 S(B) = S_min + E_min / B, by least squares on log S; B_crit = E_min / S_min. Compare with
 B_simple = tr(Sigma) / |G|^2 measured by GradientNoiseScale on the batch-128 run early in training
 (10% of the steps it needed) and near the target.
@@ -75,31 +76,32 @@ def main() -> None:
     t_all = time.perf_counter()
 
     best: dict[int, dict] = {}
+    guess = 0.025  # LR to try first at the smallest batch; then the previous batch's best x sqrt(2)
     for batch in BATCHES:
-        lr_sqrt = 0.1 * math.sqrt(batch / 128)  # Hoffer's square-root rule from 0.1 at 128
-        candidates = [lr_sqrt, lr_sqrt * 2, lr_sqrt / 2]  # the likely best first: it caps the others
+        # Runs already done for this batch (also from an earlier grid) count as tried.
         tried: dict[float, dict] = {}
+        for key in state:
+            if key.startswith(f"B{batch}-lr"):
+                row = state.load(key)
+                tried[row["config"]["lr"]] = row
+        candidates = [lr for lr in (guess, guess * 2, guess / 2) if not any(math.isclose(lr, t) for t in tried)]
         while candidates:
             lr = candidates.pop(0)
             key = f"B{batch}-lr{lr:.4g}"
-            if state.is_done(key):
-                row = state.load(key)
-            else:
-                cap = int(args.max_epochs * len(data[1]))
-                done = [r["examples"] for r in tried.values() if r["reached_target"]]
-                if done:
-                    cap = min(cap, 2 * min(done))  # a worse LR need not run longer than 2x the best
-                result = train_classifier(run_config(batch, lr, args, cap), data=data)
-                row = result.to_dict()
-                state.save(key, row)
-                print(f"{key}: steps to {args.target:.0%} = {result.steps_to_target} "
-                      f"({result.seconds:.0f} s)", flush=True)
+            cap = int(args.max_epochs * len(data[1]))
+            done = [r["examples"] for r in tried.values() if r["reached_target"]]
+            if done:
+                cap = min(cap, 2 * min(done))  # a worse LR need not run longer than 2x the best
+            result = train_classifier(run_config(batch, lr, args, cap), data=data)
+            row = result.to_dict()
+            state.save(key, row)
+            print(f"{key}: steps to {args.target:.0%} = {result.steps_to_target} ({result.seconds:.0f} s)", flush=True)
             tried[lr] = row
             ok = {k: v for k, v in tried.items() if v["steps_to_target"] is not None}
             if ok and not candidates:
                 best_lr = min(ok, key=lambda k: ok[k]["steps_to_target"])
                 lrs = sorted(tried)
-                # extend the grid while the best LR is at its edge (at most 2 extra points)
+                # extend the grid while the best LR is at its edge (at most 5 LRs per batch)
                 if best_lr == lrs[0] and len(tried) < 5:
                     candidates.append(best_lr / 2)
                 elif best_lr == lrs[-1] and len(tried) < 5 and best_lr < 3.2:
@@ -109,6 +111,7 @@ def main() -> None:
             print(f"B={batch}: no learning rate reached the target", flush=True)
             continue
         best_lr = min(ok, key=lambda k: ok[k]["steps_to_target"])
+        guess = best_lr * math.sqrt(2)
         best[batch] = {"batch_size": batch, "lr": best_lr, "steps": ok[best_lr]["steps_to_target"],
                        "examples": ok[best_lr]["steps_to_target"] * batch, "seconds": ok[best_lr]["seconds"],
                        "lrs_tried": sorted(tried)}

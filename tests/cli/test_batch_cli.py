@@ -45,3 +45,11 @@ def test_batch_train_single_process_and_torchrun_agree(tmp_path):
     assert a["steps"] == b["steps"] == 8
     assert b["test_accuracy"] == pytest.approx(a["test_accuracy"], abs=0.01)
     assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
+
+
+def test_batch_noise_measures_and_advises(capsys):
+    assert main(["batch", "noise", "--width", "4", "--warm-steps", "5", "--n-batches", "4", "--batch-size", "32",
+                 "--json"]) == 0
+    blob = json.loads(capsys.readouterr().out)
+    assert blob["b_simple"] > 0 and blob["advice"]["batch_size"] >= 1
+    assert blob["measurement"]["n_batches"] == 4 and blob["measurement"]["batch_small"] == 32

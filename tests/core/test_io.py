@@ -64,4 +64,5 @@ def test_job_state_resumes_finished_tasks(tmp_path):
     again = JobState(tmp_path)  # a new process after an interruption
     assert again.is_done("run/1") and again.load("run/1") == {"loss": 3.0}
     assert again.keys() == ["run/1"] and again.results() == {"run/1": {"loss": 3.0}}
+    assert list(again) == ["run/1"] and "run/1" in again and "run/2" not in again
     assert again.path("run/1").parent == tmp_path / "tasks"  # the key is made safe for a file name

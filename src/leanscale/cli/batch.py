@@ -136,18 +136,15 @@ def run_noise(args) -> int:
     result = train_classifier(cfg, data=data, keep_model=True)
     measured = measure_noise_scale(result.model, F.cross_entropy, (data[0], data[1]),
                                    batch_size=args.batch_size, n_batches=args.n_batches)
-    gns = measured if isinstance(measured, GradientNoiseScale) else getattr(measured, "estimator", None)
-    advice = (gns.advise(base_lr=args.base_lr, base_batch=args.base_batch) if gns is not None
-              else None)
+    advice = measured.advise(base_lr=args.base_lr, base_batch=args.base_batch)
     if args.json:
-        blob = {"b_simple": float(measured.b_simple), "warm_steps": steps,
-                "advice": None if advice is None else to_jsonable(advice.__dict__)}
+        blob = {"b_simple": float(measured.b_simple), "warm_steps": steps, "measurement": measured.to_dict(),
+                "advice": advice}
         json.dump(to_jsonable(blob), sys.stdout, indent=2)
         print()
     else:
         print(f"B_simple = {measured.b_simple:.0f} (after {steps} warm-up steps, {args.n_batches} batches of {args.batch_size})")
-        if advice is not None:
-            print(advice)
+        print(advice)
     return 0
 
 

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -163,6 +163,13 @@ class JobState:
 
     def keys(self) -> list[str]:
         return sorted(read_json(p)["key"] for p in self.tasks.glob("*.json"))
+
+    def __iter__(self) -> Iterator[str]:
+        """The keys of the finished tasks, sorted."""
+        return iter(self.keys())
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self.is_done(key)
 
     def results(self) -> dict[str, Any]:
         out = {}

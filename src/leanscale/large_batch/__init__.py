@@ -16,6 +16,15 @@ from leanscale.large_batch.ghost_bn import (
 )
 from leanscale.large_batch.lamb import LAMB
 from leanscale.large_batch.lars import LARS, lars_param_groups
+from leanscale.large_batch.noise_scale import (
+    BatchAdvice,
+    GradientNoiseScale,
+    NoiseEstimates,
+    NoiseScaleResult,
+    advise,
+    measure_noise_scale,
+    two_batch_estimates,
+)
 from leanscale.large_batch.recipe import LargeBatchPlan, LargeBatchRecipe
 from leanscale.large_batch.schedules import (
     Regime,
@@ -29,6 +38,8 @@ from leanscale.large_batch.sharpness import SharpnessResult, sharpness
 from leanscale.large_batch.train import TrainConfig, TrainResult, train_classifier
 
 __all__ = [
+    "BatchAdvice", "GradientNoiseScale", "NoiseEstimates", "NoiseScaleResult", "advise", "measure_noise_scale",
+    "two_batch_estimates",
     "LAMB", "LARS", "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d", "LargeBatchPlan", "LargeBatchRecipe", "Regime",
     "SharpnessResult", "TrainConfig", "TrainResult", "accumulate_running_stats", "adapt_regime",
     "apply_ghost_batchnorm", "clip_gradients", "ghost_batch_sizes", "lars_param_groups", "scale_lr", "sharpness", "train_classifier",
