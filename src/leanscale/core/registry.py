@@ -46,7 +46,11 @@ _TECHNIQUES: tuple[TechniqueInfo, ...] = (
         module="leanscale.large_batch",
         papers=("Hoffer et al. 2017, arXiv 1705.08741", "McCandlish et al. 2018, arXiv 1812.06162",
                 "Keskar et al. 2017, arXiv 1609.04836"),
-        status="planned",
+        status="available",
+        cli=("batch",),
+        tour_chapter="leanscale.large_batch.tour:chapter",
+        headline="leanscale.large_batch.tour:headline",
+        benchmarks="large_batch",
         issues=(3,),
     ),
     TechniqueInfo(
