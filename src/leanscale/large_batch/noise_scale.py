@@ -76,7 +76,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
@@ -86,6 +86,7 @@ from torch import nn
 
 from leanscale.core.errors import InvalidParameterError, NotFittedError
 from leanscale.core.validation import Interval, check_param
+from leanscale.large_batch._data import check_xy_pair, is_xy_pair, iter_xy_batches
 
 __all__ = [
     "BatchAdvice",
@@ -798,20 +799,10 @@ class NoiseScaleResult:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def _is_pair(data) -> bool:
-    return (isinstance(data, (tuple, list)) and len(data) == 2
-            and isinstance(data[0], torch.Tensor) and isinstance(data[1], torch.Tensor))
-
-
 def _batches(data, batch_size: int, n_batches: int, seed: int | None, owner: str) -> list[tuple[Any, Any, int]]:
-    if _is_pair(data):
+    if is_xy_pair(data):
         x, y = data
-        if x.ndim == 0 or y.ndim == 0 or x.shape[0] != y.shape[0]:
-            raise InvalidParameterError(
-                f"The 'data' parameter of {owner} must be a pair (x, y) with the same first dimension. "
-                f"Got shapes {tuple(x.shape)} and {tuple(y.shape)} instead."
-            )
-        n = int(x.shape[0])
+        n = check_xy_pair(x, y, owner)
         if n < batch_size * n_batches:
             raise InvalidParameterError(
                 f"The 'data' parameter of {owner} must hold at least batch_size * n_batches = "
@@ -820,22 +811,10 @@ def _batches(data, batch_size: int, n_batches: int, seed: int | None, owner: str
         gen = None if seed is None else torch.Generator().manual_seed(seed)
         idx = torch.randperm(n, generator=gen)[: batch_size * n_batches]  # without replacement
         return [(x[i.to(x.device)], y[i.to(y.device)], batch_size) for i in idx.split(batch_size)]
-    if isinstance(data, (torch.Tensor, str, bytes, dict)) or not isinstance(data, Iterable):
-        raise InvalidParameterError(
-            f"The 'data' parameter of {owner} must be a pair (x, y) of tensors or an iterable of (x, y) "
-            f"batches. Got {type(data).__name__} instead."
-        )
     batches = []
-    for batch in data:
+    for x, y, size in iter_xy_batches(data, owner):
         if len(batches) == n_batches:
             break
-        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-            raise InvalidParameterError(
-                f"The 'data' parameter of {owner} must yield (x, y) batches. Got a batch of type "
-                f"{type(batch).__name__} instead."
-            )
-        x, y = batch[0], batch[1]
-        size = int(x.shape[0]) if isinstance(x, torch.Tensor) and x.ndim > 0 else len(y)
         if size > 0:
             batches.append((x, y, size))
     if len(batches) < 2:

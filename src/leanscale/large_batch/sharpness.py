@@ -69,7 +69,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +78,7 @@ from torch import nn
 
 from leanscale.core.errors import InvalidParameterError
 from leanscale.core.validation import Interval, check_param, unknown_name_error
+from leanscale.large_batch._data import check_xy_pair, is_xy_pair, iter_xy_batches
 
 __all__ = ["SharpnessResult", "sharpness"]
 
@@ -106,52 +107,21 @@ class SharpnessResult:
 
 
 # ----------------------------------------------------------------------------------------- data
-def _is_pair(data) -> bool:
-    return (
-        isinstance(data, (tuple, list))
-        and len(data) == 2
-        and isinstance(data[0], torch.Tensor)
-        and isinstance(data[1], torch.Tensor)
-    )
-
-
-def _length(x, y) -> int:
-    return int(x.shape[0]) if isinstance(x, torch.Tensor) and x.ndim > 0 else len(y)
-
-
 def _prepare_batches(data, max_samples: int | None, batch_size: int) -> list[tuple[Any, Any, int]]:
     """``(x, y, n)`` batches holding at most ``max_samples`` examples, read once and kept."""
-    bad = InvalidParameterError(
-        f"The 'data' parameter of {_OWNER} must be a pair (x, y) of tensors with the same first "
-        f"dimension or an iterable of (x, y) batches. Got {type(data).__name__} instead."
-    )
     limit = math.inf if max_samples is None else max_samples
     batches: list[tuple[Any, Any, int]] = []
-    if _is_pair(data):
+    if is_xy_pair(data):
         x, y = data
-        if x.ndim == 0 or y.ndim == 0 or x.shape[0] != y.shape[0]:
-            raise InvalidParameterError(
-                f"The 'data' parameter of {_OWNER} must be a pair (x, y) with the same first dimension. "
-                f"Got shapes {tuple(x.shape)} and {tuple(y.shape)} instead."
-            )
-        n = int(min(x.shape[0], limit))
+        n = int(min(check_xy_pair(x, y, _OWNER), limit))
         for start in range(0, n, batch_size):
             stop = min(n, start + batch_size)
             batches.append((x[start:stop], y[start:stop], stop - start))
     else:
-        if isinstance(data, (torch.Tensor, str, bytes, dict)) or not isinstance(data, Iterable):
-            raise bad
         total = 0
-        for batch in data:
+        for x, y, n in iter_xy_batches(data, _OWNER):
             if total >= limit:
                 break
-            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-                raise InvalidParameterError(
-                    f"The 'data' parameter of {_OWNER} must yield (x, y) batches. Got a batch of type "
-                    f"{type(batch).__name__} instead."
-                )
-            x, y = batch[0], batch[1]
-            n = _length(x, y)
             if total + n > limit:
                 keep = int(limit - total)
                 x, y, n = x[:keep], y[:keep], keep
