@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-import leanscale.cli.sweep as sweep_cli
+import leanscale.scaling.sweep as sweep_module  # `leanscale sweep` imports run_sweep from here when it runs
 from leanscale.cli.main import main
 from leanscale.core.io import atomic_write_json
 from leanscale.data.text import TokenStream
@@ -26,7 +26,7 @@ def run() -> int:
     rank = int(os.environ["RANK"])
     seen: list[str] = []
     original_batches = TokenStream.train_batches
-    original_run_sweep = sweep_cli.run_sweep
+    original_run_sweep = sweep_module.run_sweep
 
     def recording_train_batches(self, *args, **kwargs):
         for x, y in original_batches(self, *args, **kwargs):  # x: (B_local, T)
@@ -42,7 +42,7 @@ def run() -> int:
         return result
 
     TokenStream.train_batches = recording_train_batches
-    sweep_cli.run_sweep = recording_run_sweep
+    sweep_module.run_sweep = recording_run_sweep
     return main(argv)
 
 

@@ -117,7 +117,6 @@ def run_noise(args) -> int:
 
     from leanscale.core.io import to_jsonable
     from leanscale.large_batch.noise_scale import (
-        GradientNoiseScale,
         measure_noise_scale,
     )
     from leanscale.large_batch.train import (

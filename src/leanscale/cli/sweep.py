@@ -11,7 +11,7 @@ from leanscale.core.distributed import init_from_env, shutdown
 from leanscale.core.errors import InvalidParameterError
 from leanscale.core.io import to_jsonable
 from leanscale.report.table import format_table
-from leanscale.scaling.sweep import EXECUTORS, PRESETS, preset_config, run_sweep
+from leanscale.scaling._presets import EXECUTORS, PRESETS
 
 __all__ = ["add_parser", "config_from_args", "run"]
 
@@ -61,6 +61,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace):
     """The :class:`SweepConfig` of the command line: preset, then the options, then ``--set``."""
+    from leanscale.scaling.sweep import preset_config
+
     overrides = []
     for key in ("corpus", "data_root", "executor", "n_workers", "n_sizes"):
         value = getattr(args, key, None)
@@ -79,6 +81,7 @@ def config_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from leanscale.scaling._train import dist_info
+    from leanscale.scaling.sweep import run_sweep
 
     config = config_from_args(args)
     started = init_from_env()

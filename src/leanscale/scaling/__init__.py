@@ -5,7 +5,12 @@ Besiroglu et al. 2024, "Chinchilla Scaling: A replication attempt", arXiv 2404.1
 """
 
 from leanscale.scaling.envelope import EnvelopeFit, fit_envelope
-from leanscale.scaling.flops import GPU_PEAK_FLOPS, chinchilla_flops, gpu_hours, training_flops
+from leanscale.scaling.flops import (
+    GPU_PEAK_FLOPS,
+    chinchilla_flops,
+    gpu_hours,
+    training_flops,
+)
 from leanscale.scaling.isoflop import IsoFLOPFit, fit_isoflop
 from leanscale.scaling.laws import (
     CHINCHILLA_2022,
@@ -22,8 +27,27 @@ from leanscale.scaling.planning import Plan, plan
 from leanscale.scaling.runs import Curves, Runs, read_curves, read_runs
 
 __all__ = [
-    "BootstrapResult", "CHINCHILLA_2022", "ComputeOptimal", "Curves", "EPOCH_2024", "EnvelopeFit",
-    "GPU_PEAK_FLOPS", "IsoFLOPFit", "LAWS", "ParametricScalingLaw", "Plan", "Runs", "chinchilla_flops",
-    "chinchilla_grid", "fit_envelope", "fit_isoflop", "fit_parametric", "get_law", "gpu_hours", "plan",
-    "read_curves", "read_runs", "training_flops",
+    "CHINCHILLA_2022",
+    "EPOCH_2024",
+    "GPU_PEAK_FLOPS",
+    "LAWS",
+    "BootstrapResult",
+    "ComputeOptimal",
+    "Curves",
+    "EnvelopeFit",
+    "IsoFLOPFit",
+    "ParametricScalingLaw",
+    "Plan",
+    "Runs",
+    "chinchilla_flops",
+    "chinchilla_grid",
+    "fit_envelope",
+    "fit_isoflop",
+    "fit_parametric",
+    "get_law",
+    "gpu_hours",
+    "plan",
+    "read_curves",
+    "read_runs",
+    "training_flops",
 ]

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["huber_objective", "solve_batched", "SolveResult", "PARAM_NAMES"]
+__all__ = ["PARAM_NAMES", "SolveResult", "huber_objective", "solve_batched"]
 
 PARAM_NAMES = ("e", "a", "b", "alpha", "beta")
 

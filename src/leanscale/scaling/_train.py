@@ -22,7 +22,7 @@ from leanscale.core.errors import InvalidParameterError
 from leanscale.data.text import TokenStream
 from leanscale.models.transformer import GPT, GPTConfig, flops_per_token
 
-__all__ = ["RunSpec", "train_run", "lr_at", "dist_info", "model_config"]
+__all__ = ["RunSpec", "dist_info", "lr_at", "model_config", "train_run"]
 
 # AdamW moments as in GPT-3 / Chinchilla training (beta2 = 0.95 is steadier than 0.999 for LMs).
 ADAM_BETAS = (0.9, 0.95)

@@ -16,7 +16,7 @@ from leanscale.scaling.isoflop import IsoFLOPFit, fit_isoflop, group_budgets
 from leanscale.scaling.laws import BootstrapResult, ParametricScalingLaw, fit_parametric
 from leanscale.scaling.runs import Curves, Runs
 
-__all__ = ["ScalingAnalysis", "analyze_runs", "REFERENCE_EXPONENTS"]
+__all__ = ["REFERENCE_EXPONENTS", "ScalingAnalysis", "analyze_runs"]
 
 # Published exponent a of N_opt ~ C^a, for comparison.
 REFERENCE_EXPONENTS = {

@@ -15,7 +15,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from leanscale.core.errors import InvalidParameterError
-from leanscale.core.validation import Interval, check_array, check_consistent_length, check_param
+from leanscale.core.validation import (
+    Interval,
+    check_array,
+    check_consistent_length,
+    check_param,
+)
 from leanscale.scaling.isoflop import _line
 from leanscale.scaling.laws import ComputeOptimal
 

@@ -8,7 +8,7 @@ from leanscale.report.figures import COLORS, new_figure
 from leanscale.scaling.isoflop import IsoFLOPFit
 from leanscale.scaling.laws import ParametricScalingLaw
 
-__all__ = ["isoflop_figure", "contour_figure", "frontier_figure"]
+__all__ = ["contour_figure", "frontier_figure", "isoflop_figure"]
 
 
 def isoflop_figure(fit: IsoFLOPFit, n_params, loss, budget_of_run):

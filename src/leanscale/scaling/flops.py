@@ -11,9 +11,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from leanscale.core.validation import Interval, check_array, check_param, unknown_name_error
+from leanscale.core.validation import (
+    Interval,
+    check_array,
+    check_param,
+    unknown_name_error,
+)
 
-__all__ = ["training_flops", "GPU_PEAK_FLOPS", "gpu_hours", "chinchilla_flops"]
+__all__ = ["GPU_PEAK_FLOPS", "chinchilla_flops", "gpu_hours", "training_flops"]
 
 
 def training_flops(n_params, n_tokens):

@@ -16,7 +16,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from leanscale.core.errors import InvalidParameterError
-from leanscale.core.validation import Interval, check_array, check_consistent_length, check_param
+from leanscale.core.validation import (
+    Interval,
+    check_array,
+    check_consistent_length,
+    check_param,
+)
 from leanscale.scaling.laws import ComputeOptimal
 
 __all__ = ["IsoFLOPFit", "fit_isoflop", "group_budgets"]

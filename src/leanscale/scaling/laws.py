@@ -49,14 +49,14 @@ from leanscale.core.validation import (
 from leanscale.scaling._huber import huber_objective, solve_batched
 
 __all__ = [
-    "ParametricScalingLaw",
-    "fit_parametric",
-    "chinchilla_grid",
-    "BootstrapResult",
-    "ComputeOptimal",
     "CHINCHILLA_2022",
     "EPOCH_2024",
     "LAWS",
+    "BootstrapResult",
+    "ComputeOptimal",
+    "ParametricScalingLaw",
+    "chinchilla_grid",
+    "fit_parametric",
     "get_law",
 ]
 

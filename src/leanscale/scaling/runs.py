@@ -11,7 +11,7 @@ import numpy as np
 from leanscale.core.errors import InvalidParameterError
 from leanscale.core.validation import check_array
 
-__all__ = ["Runs", "read_runs", "read_curves", "Curves"]
+__all__ = ["Curves", "Runs", "read_curves", "read_runs"]
 
 REQUIRED = ("n_params", "n_tokens", "loss")
 
