@@ -20,6 +20,10 @@ def test_quick_tour_runs_every_available_chapter(tmp_path, capsys):
     html = (out / "index.html").read_text()
     assert html.count("data:image/png;base64,") >= 2  # the sweep's figures are embedded
     assert (out / "scaling" / "sweep" / "runs.csv").is_file()
+    assert chapters["large_batch"]["status"] == "ok"
+    rows = {row["metric"]: row["value"] for row in chapters["large_batch"]["summary_rows"]}
+    assert any(m.startswith("accuracy gap") and "with the recipe" in m for m in rows)
+    assert any(m.startswith("B_simple") for m in rows)
     assert (out / "ledger.json").is_file()
     # Planned techniques are listed, not silently missing.
     assert chapters["cascade"]["status"] == "planned"

@@ -63,7 +63,7 @@ def examples_per_second(batch: int, ghost: int | None, micro: int | None, second
 
 def torchrun_comparison(tmp: Path) -> dict:
     common = ["batch", "train", "--batch", "1024", "--base-batch", "128", "--regime", "0",
-              "--set", "n_train=8192", "--set", "n_test=1000", "--set", "width=8", "--set", "epochs=2",
+              "--epochs", "2", "--set", "n_train=8192", "--set", "n_test=1000", "--set", "width=8",
               "--json"]
     out = {}
     env = {**os.environ, "LEANSCALE_NO_PROGRESS": "1"}
