@@ -83,8 +83,16 @@ def chapter(ctx):
         f"64, at the end of its training: {b_simple:.0f}. McCandlish et al.: below it, doubling the batch "
         f"nearly halves the steps; above it, extra examples buy few steps. It grows as training proceeds "
         f"(the gradient shrinks faster than its noise), so a measurement after the LR drops is larger than "
-        f"one early in training: the benchmark measured 130 early and ~300 near 80% accuracy."
+        f"one early in training."
     )
+    critical = _RESULTS / "critical_batch.json"
+    if critical.is_file():
+        d = read_json(critical)
+        measured = ", ".join(f"{r['b_simple']:.0f} {r['label']}" for r in d.get("b_simple", []))
+        report.add_paragraph(
+            f"The benchmark (critical_batch.json): B_crit = {d['fit']['b_crit']:.0f} from steps and examples "
+            f"to {d['target_accuracy']:.0%} test accuracy at batch sizes 32-4096; B_simple {measured}."
+        )
     gap_naive = rows[0]["test accuracy"] - rows[1]["test accuracy"]
     gap_fixed = rows[0]["test accuracy"] - rows[2]["test accuracy"]
     summary = [
