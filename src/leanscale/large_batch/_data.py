@@ -41,3 +41,15 @@ def iter_xy_batches(data: Any, owner: str) -> Iterator[tuple[Any, Any, int]]:
             )
         x, y = batch[0], batch[1]
         yield x, y, int(x.shape[0]) if isinstance(x, torch.Tensor) and x.ndim > 0 else len(y)
+
+
+def check_scalar_loss(loss: Any, owner: str) -> torch.Tensor:
+    """``loss`` as a 0-d tensor; an error naming ``loss_fn`` unless it is a one-element tensor."""
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise InvalidParameterError(
+            f"The 'loss_fn' parameter of {owner} must return a scalar tensor (the mean loss of the batch). "
+            f"Got {type(loss).__name__}"
+            + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else "")
+            + " instead."
+        )
+    return loss.reshape(())

@@ -86,7 +86,12 @@ from torch import nn
 
 from leanscale.core.errors import InvalidParameterError, NotFittedError
 from leanscale.core.validation import Interval, check_param
-from leanscale.large_batch._data import check_xy_pair, is_xy_pair, iter_xy_batches
+from leanscale.large_batch._data import (
+    check_scalar_loss,
+    check_xy_pair,
+    is_xy_pair,
+    iter_xy_batches,
+)
 
 __all__ = [
     "BatchAdvice",
@@ -897,15 +902,8 @@ def measure_noise_scale(
             x = x.to(device) if isinstance(x, torch.Tensor) else x
             y = y.to(device) if isinstance(y, torch.Tensor) else y
             with torch.enable_grad():
-                loss = loss_fn(model(x), y)
-                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                    raise InvalidParameterError(
-                        f"The 'loss_fn' parameter of {owner} must return a scalar tensor (the mean loss "
-                        f"of the batch). Got {type(loss).__name__}"
-                        + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else "")
-                        + " instead."
-                    )
-                grads = torch.autograd.grad(loss.reshape(()), params, allow_unused=True)
+                loss = check_scalar_loss(loss_fn(model(x), y), owner)
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
             sq = torch.zeros((), dtype=torch.float64, device=device)  # |G_small,i|^2
             for a, g in zip(acc, grads):
                 if g is not None:

@@ -78,7 +78,12 @@ from torch import nn
 
 from leanscale.core.errors import InvalidParameterError
 from leanscale.core.validation import Interval, check_param, unknown_name_error
-from leanscale.large_batch._data import check_xy_pair, is_xy_pair, iter_xy_batches
+from leanscale.large_batch._data import (
+    check_scalar_loss,
+    check_xy_pair,
+    is_xy_pair,
+    iter_xy_batches,
+)
 
 __all__ = ["SharpnessResult", "sharpness"]
 
@@ -261,17 +266,10 @@ def sharpness(
             with context:
                 for xb, yb, n in batches:
                     device = params[0].device
-                    loss = loss_fn(model(_to(xb, device)), _to(yb, device))
-                    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                        raise InvalidParameterError(
-                            f"The 'loss_fn' parameter of {_OWNER} must return a scalar tensor (the mean "
-                            f"loss of the batch). Got {type(loss).__name__}"
-                            + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else "")
-                            + " instead."
-                        )
+                    loss = check_scalar_loss(loss_fn(model(_to(xb, device)), _to(yb, device)), _OWNER)
                     weight = n / n_samples
                     if with_grad:
-                        gs = torch.autograd.grad(loss.reshape(()) * weight, params, allow_unused=True)
+                        gs = torch.autograd.grad(loss * weight, params, allow_unused=True)
                         for acc, g in zip(grads, gs):
                             if g is not None:
                                 acc.add_(g)
