@@ -13,6 +13,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = {
     "scaling": ["scaling/fit_exactness.py", "scaling/own_law.py"],
+    "large_batch": ["large_batch/hoffer_table1.py", "large_batch/critical_batch.py", "large_batch/throughput.py"],
 }
 
 

@@ -1,0 +1,43 @@
+"""Data pruning and active learning.
+
+Sorscher et al. 2022, "Beyond neural scaling laws", arXiv 2206.14486 (self-supervised prototypes,
+keep easy vs hard); Paul et al. 2021, arXiv 2107.07075 (EL2N, GraNd); Toneva et al. 2019,
+arXiv 1812.05159 (forgetting events); Qin et al. 2024, arXiv 2303.04947 (InfoBatch). Method card:
+README.md here.
+
+Every score is one float per example, higher = harder. The pieces compose: a score function ->
+:func:`select` -> kept indices; :class:`DataPruner` does both and writes a manifest.
+"""
+
+from leanscale.pruning.active import ActiveLearner
+from leanscale.pruning.datasets import PruningData, load_pruning_data
+from leanscale.pruning.embed import embed_images, embed_texts, embed_with, train_ssl_encoder
+from leanscale.pruning.forgetting import ForgettingTracker
+from leanscale.pruning.grand import grand_scores
+from leanscale.pruning.infobatch import InfoBatch
+from leanscale.pruning.kmeans import KMeans
+from leanscale.pruning.prototypes import prototype_scores
+from leanscale.pruning.pruner import DataPruner
+from leanscale.pruning.scores import collect_probs, el2n_scores, uncertainty_scores
+from leanscale.pruning.select import resolve_strategy, select
+
+__all__ = [
+    "ActiveLearner",
+    "DataPruner",
+    "ForgettingTracker",
+    "InfoBatch",
+    "KMeans",
+    "PruningData",
+    "collect_probs",
+    "el2n_scores",
+    "embed_images",
+    "embed_texts",
+    "embed_with",
+    "grand_scores",
+    "load_pruning_data",
+    "prototype_scores",
+    "resolve_strategy",
+    "select",
+    "train_ssl_encoder",
+    "uncertainty_scores",
+]

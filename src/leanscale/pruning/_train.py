@@ -1,0 +1,206 @@
+"""Training of the scoring models of the pruning metrics (EL2N, GraNd, forgetting, uncertainty).
+
+Paul et al. (2021, arXiv 2107.07075) score examples with a network trained for only a few epochs;
+Toneva et al. (2019, arXiv 1812.05159) count forgetting events over a whole training run. Both
+need one plain, reproducible loop: SGD with momentum and a cosine learning rate, one seeded
+permutation of the data per epoch, in-memory tensors indexed directly (no DataLoader).
+
+Each epoch's permutation is cut into ``n // batch_size`` nearly equal global batches (the last
+few examples are spread over the batches, never dropped), so every example is seen exactly once
+per epoch -- a forgetting tracker needs that -- and no batch is smaller than ``batch_size``.
+
+Under ``torchrun`` (an initialised process group) the model is wrapped in DDP and rank ``r``
+trains on the ``r``-th contiguous slice of every global batch. The local loss is the *sum* over
+the slice times ``world / global batch``, so DDP's gradient average equals the mean-loss
+gradient of the whole global batch even when the slices differ in size: N processes take the
+steps one process takes on the same batches (up to the order of float additions; BatchNorm
+statistics are per rank, as always with DDP). After training, BatchNorm running statistics are
+averaged over the ranks so every rank holds the same model for scoring.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leanscale.core.distributed import rank_and_world
+from leanscale.core.errors import InvalidParameterError
+from leanscale.core.validation import Interval, check_param
+
+__all__ = ["as_float_tensor", "as_label_tensor", "epoch_batches", "train_scoring_model"]
+
+_OWNER = "train_scoring_model"
+
+
+def as_float_tensor(x: Any, name: str = "x", owner: str = _OWNER) -> torch.Tensor:
+    """``x`` as a float tensor: arrays become float32; a floating tensor keeps its dtype."""
+    if isinstance(x, torch.Tensor):
+        t = x.detach()
+    else:
+        try:
+            t = torch.as_tensor(np.asarray(x, dtype=np.float32))
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise InvalidParameterError(
+                f"The {name!r} parameter of {owner} must be a numeric array or tensor. Got "
+                f"{type(x).__name__} that could not be converted ({exc})."
+            ) from None
+    if t.ndim < 2:
+        raise InvalidParameterError(
+            f"The {name!r} parameter of {owner} must have shape (n, ...) with at least 2 dimensions. "
+            f"Got shape {tuple(t.shape)} instead."
+        )
+    if not t.is_floating_point():
+        t = t.float()
+    return t
+
+
+def as_label_tensor(y: Any, n: int, name: str = "y", owner: str = _OWNER) -> torch.Tensor:
+    """``y`` as an int64 tensor of ``n`` class indices in ``[0, k)``."""
+    arr = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
+    if arr.ndim != 1 or len(arr) != n:
+        raise InvalidParameterError(
+            f"The {name!r} parameter of {owner} must be a 1-d array of {n} class indices. Got shape "
+            f"{arr.shape} instead."
+        )
+    if not np.issubdtype(arr.dtype, np.integer) or (n and arr.min() < 0):
+        raise InvalidParameterError(
+            f"The {name!r} parameter of {owner} must hold non-negative integer class indices. Got dtype "
+            f"{arr.dtype}" + (f" with minimum {arr.min()!r}" if n and arr.dtype.kind in "iuf" else "") + "."
+        )
+    return torch.as_tensor(arr.astype(np.int64))
+
+
+def epoch_batches(n: int, batch_size: int, epoch: int, seed: int) -> list[torch.Tensor]:
+    """The global batches of one epoch: a seeded permutation cut into ``max(1, n // batch_size)``
+    nearly equal parts (int64 index tensors). The same ``(n, batch_size, epoch, seed)`` always
+    gives the same batches, on every rank."""
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)  # 100_003: a prime, seeds never collide for epoch < 1e5
+    perm = torch.randperm(n, generator=gen)  # (n,)
+    return list(torch.tensor_split(perm, max(1, n // batch_size)))
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    # Weight decay on weights of rank >= 2 (conv, linear); none on biases and norm scales.
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    other = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0})
+            if g["params"]]
+
+
+def _sync_buffers(model: nn.Module) -> None:
+    """Average floating buffers (BatchNorm running mean/var) over the ranks; broadcast the rest."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    for buf in model.buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf)
+            buf.div_(world)
+        else:
+            dist.broadcast(buf, 0)
+
+
+def train_scoring_model(
+    model_fn: Callable[[], nn.Module],
+    x: Any,
+    y: Any,
+    *,
+    epochs: float,
+    batch_size: int = 128,
+    lr: float = 0.1,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    seed: int = 0,
+    on_batch: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+) -> nn.Module:
+    """Train ``model_fn()`` on ``(x, y)`` with SGD + momentum and a cosine learning rate.
+
+    Args:
+        model_fn: Returns a fresh ``nn.Module`` mapping ``x[i:j]`` to logits ``(b, k)``; called
+            after seeding torch with ``seed`` (so the initialisation is reproducible).
+        x: Inputs ``(n, ...)`` (array or tensor); training runs on ``x``'s device.
+        y: Class indices ``(n,)`` in ``[0, k)``.
+        epochs: Passes over the data (fractional allowed): ``round(epochs * n_batches)`` steps,
+            at least one.
+        batch_size: Global batch size, split over the ranks under ``torchrun`` (a data set
+            smaller than one batch is trained as one batch of all ``n`` examples).
+        lr: Peak learning rate; it follows ``lr * (1 + cos(pi * step / steps)) / 2``.
+        momentum: SGD momentum.
+        weight_decay: L2 penalty on weights of rank >= 2 (not on biases or norm scales).
+        seed: Initialisation and batch order. The global torch RNG is left as it was.
+        on_batch: Called after every step with ``(indices, logits, y)`` of this rank's slice:
+            the GLOBAL example indices ``(b,)`` int64, the training forward's logits ``(b, k)``
+            (detached) and the labels ``(b,)`` -- e.g. to feed a
+            :class:`~leanscale.pruning.forgetting.ForgettingTracker`.
+
+    Returns:
+        The trained module (never the DDP wrapper), in train mode; identical on every rank.
+    """
+    check_param("model_fn", model_fn, [callable], owner=_OWNER)
+    check_param("epochs", epochs, [Interval(float, 0, None, closed="neither")], owner=_OWNER)
+    check_param("batch_size", batch_size, [Interval(int, 1, None)], owner=_OWNER)
+    check_param("lr", lr, [Interval(float, 0, None, closed="neither")], owner=_OWNER)
+    check_param("momentum", momentum, [Interval(float, 0, 1, closed="left")], owner=_OWNER)
+    check_param("weight_decay", weight_decay, [Interval(float, 0, None)], owner=_OWNER)
+    check_param("seed", seed, [Interval(int, 0, None)], owner=_OWNER)
+    check_param("on_batch", on_batch, [None, callable], owner=_OWNER)
+    xt = as_float_tensor(x)
+    n = int(xt.shape[0])
+    yt = as_label_tensor(y, n).to(xt.device)
+    rank, world = rank_and_world()
+    if min(batch_size, n) < world:
+        raise InvalidParameterError(
+            f"The 'batch_size' parameter of {_OWNER} must give every one of the {world} processes at "
+            f"least one example (batch_size and the number of examples >= {world}). Got batch_size="
+            f"{batch_size} with {n} examples."
+        )
+    n_batches = max(1, n // batch_size)
+    total_steps = max(1, round(epochs * n_batches))
+    device = xt.device
+    fork_devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(seed)
+        model = model_fn()
+        if not isinstance(model, nn.Module):
+            raise InvalidParameterError(
+                f"The 'model_fn' parameter of {_OWNER} must return an nn.Module. Got "
+                f"{type(model).__name__} instead."
+            )
+        model.to(device).train()
+        optimizer = torch.optim.SGD(_param_groups(model, weight_decay), lr=lr, momentum=momentum)
+        net: nn.Module = model
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            net = DistributedDataParallel(model)
+        step, epoch = 0, 0
+        while step < total_steps:
+            for batch in epoch_batches(n, batch_size, epoch, seed):
+                if step == total_steps:
+                    break
+                start, stop = rank * len(batch) // world, (rank + 1) * len(batch) // world
+                idx = batch[start:stop].to(device)  # (b,) this rank's slice of the global batch
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
+                optimizer.zero_grad(set_to_none=True)
+                logits = net(xt[idx])  # (b, k)
+                # sum * world / B: DDP divides by world -> the mean over the global batch of B
+                loss = F.cross_entropy(logits, yt[idx], reduction="sum") * (world / len(batch))
+                loss.backward()
+                optimizer.step()
+                if on_batch is not None:
+                    on_batch(idx, logits.detach(), yt[idx])
+                step += 1
+            epoch += 1
+        if world > 1:
+            del net, optimizer
+            gc.collect()
+            _sync_buffers(model)
+    return model

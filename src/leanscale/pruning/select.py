@@ -1,0 +1,223 @@
+"""Choose which examples to keep from per-example scores (hard, easy, random or Sorscher's rule).
+
+Sorscher, Geirhos, Shekhar, Ganguli & Morcos 2022, "Beyond neural scaling laws: beating power law
+scaling via data pruning", arXiv 2206.14486.
+
+Scores follow the package convention: one number per example, higher = harder. ``"hard"`` keeps
+the highest scores, ``"easy"`` the lowest, ``"random"`` a seeded uniform sample (scores ignored).
+
+**Which end to keep** (their Fig. 1, the perceptron theory, confirmed on CIFAR-10 and ImageNet):
+the best pruning strategy depends on how much data is *kept*. With scarce data, keeping the
+easiest (most typical) examples is best: a small training set must first capture the coarse
+structure, and hard examples are then mostly noise to it. With abundant data, keeping the hardest
+examples is best: the easy ones are redundant and the hard ones carry the information near the
+decision boundary. ``strategy="auto"`` applies this rule with a threshold on the number of kept
+examples per class (:data:`AUTO_MIN_PER_CLASS`); :func:`resolve_strategy` returns the decision
+with a human-readable reason, which :class:`~leanscale.pruning.pruner.DataPruner` writes into its
+manifest.
+
+**Class balance.** With labels and ``class_balance=True`` every class keeps the same fraction of
+its examples (the quotas of :func:`leanscale.data._sampling.proportional_quotas`: largest
+remainders, summing exactly to the kept count) and is ranked within itself, so a metric that
+finds one class harder than the others cannot wipe it out -- Sorscher et al. observe that
+unbalanced pruning with hard-example metrics can strongly over-prune easy classes.
+``class_balance=True`` with ``labels=None`` simply means no balancing.
+
+**Ties** (equal scores, e.g. forgetting counts of 0) are broken by a random permutation drawn
+from ``numpy.random.default_rng(seed)``: the same inputs and seed always give the same indices,
+and no position in the data set is favoured.
+
+Example:
+    >>> import numpy as np
+    >>> scores = np.array([0.9, 0.1, 0.5, 0.7, 0.3, 0.2])
+    >>> select(scores, 2).tolist()                     # the two hardest
+    [0, 3]
+    >>> select(scores, 0.5, strategy="easy").tolist()  # the easiest half
+    [1, 4, 5]
+    >>> select(scores, 2, labels=[0, 0, 0, 1, 1, 1]).tolist()  # the hardest of each class
+    [0, 3]
+    >>> resolve_strategy("auto", 60, 10, 100)[0]       # 6 kept per class: scarce -> easy
+    'easy'
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import numpy as np
+import torch
+
+from leanscale.core.errors import InvalidParameterError
+from leanscale.core.validation import (
+    Interval,
+    check_array,
+    check_consistent_length,
+    check_param,
+    unknown_name_error,
+)
+from leanscale.data._sampling import proportional_quotas
+
+__all__ = ["AUTO_MIN_PER_CLASS", "STRATEGIES", "resolve_strategy", "select"]
+
+STRATEGIES = ("hard", "easy", "random", "auto")
+
+# strategy="auto" keeps EASY examples when fewer than this many examples per class are kept and
+# HARD ones otherwise (Sorscher et al. 2022, Fig. 1: scarce data -> keep easy, abundant -> keep
+# hard). The crossover depends on the task and the metric; 100 per class is a placeholder that the
+# lead will replace with the value measured by benchmarks/pruning (where easy and hard cross).
+AUTO_MIN_PER_CLASS = 100
+
+_KEEP_CONSTRAINTS = [Interval(int, 1, None), Interval(float, 0, 1, closed="right")]
+_REASONS = {
+    "hard": "strategy 'hard' was requested: keep the highest scores (the hardest examples)",
+    "easy": "strategy 'easy' was requested: keep the lowest scores (the easiest examples)",
+    "random": "strategy 'random' was requested: keep a seeded uniform sample (scores ignored)",
+}
+
+
+def resolve_strategy(strategy: str, n_keep: int, n_classes: int,
+                     auto_min_per_class: int = AUTO_MIN_PER_CLASS) -> tuple[str, str]:
+    """The concrete strategy (``"hard"``, ``"easy"`` or ``"random"``) and why it was chosen.
+
+    An explicit strategy is returned as it is. ``"auto"`` applies Sorscher et al.'s rule: easy
+    when ``n_keep / n_classes < auto_min_per_class`` (scarce data), hard otherwise.
+
+    Args:
+        strategy: One of ``"hard"``, ``"easy"``, ``"random"``, ``"auto"``.
+        n_keep: The number of kept examples.
+        n_classes: The number of classes (1 without labels).
+        auto_min_per_class: The threshold of kept examples per class.
+
+    Returns:
+        ``(strategy, reason)``: the reason is one sentence for a manifest or a log.
+
+    Example:
+        >>> strategy, reason = resolve_strategy("auto", 5000, 10, 100)
+        >>> strategy
+        'hard'
+        >>> print(reason)  # doctest: +NORMALIZE_WHITESPACE
+        auto: 500 kept examples per class (5000 kept / 10 classes) is at least auto_min_per_class=100:
+        with abundant data keep the hardest examples (Sorscher et al. 2022, Fig. 1)
+    """
+    owner = "resolve_strategy"
+    if not (isinstance(strategy, str) and strategy in STRATEGIES):
+        raise unknown_name_error("strategy", strategy, STRATEGIES, owner=owner)
+    check_param("n_keep", n_keep, [Interval(int, 1, None)], owner=owner)
+    check_param("n_classes", n_classes, [Interval(int, 1, None)], owner=owner)
+    check_param("auto_min_per_class", auto_min_per_class, [Interval(int, 1, None)], owner=owner)
+    if strategy != "auto":
+        return strategy, _REASONS[strategy]
+    per_class = n_keep / n_classes
+    per = f"{per_class:.2f}".rstrip("0").rstrip(".")  # 9.9, 10, 33.33
+    counts = f"({n_keep} kept / {n_classes} {'class' if n_classes == 1 else 'classes'})"
+    if per_class < auto_min_per_class:
+        return "easy", (
+            f"auto: {per} kept examples per class {counts} is below "
+            f"auto_min_per_class={auto_min_per_class}: with scarce data keep the easiest examples "
+            f"(Sorscher et al. 2022, Fig. 1)"
+        )
+    return "hard", (
+        f"auto: {per} kept examples per class {counts} is at least "
+        f"auto_min_per_class={auto_min_per_class}: with abundant data keep the hardest examples "
+        f"(Sorscher et al. 2022, Fig. 1)"
+    )
+
+
+def _n_keep(keep: float, n: int) -> int:
+    """The number of examples ``keep`` means for ``n`` examples (see :func:`select`)."""
+    if isinstance(keep, numbers.Integral):
+        return int(keep)
+    # round half up (1e-9 absorbs float error such as 0.7 * 10 = 7.000000000000001); keep >= 1
+    return max(1, min(n, math.floor(float(keep) * n + 0.5 + 1e-9)))
+
+
+def select(
+    scores: Any,
+    keep: float,
+    strategy: str = "hard",
+    labels: Any = None,
+    class_balance: bool = True,
+    *,
+    seed: int = 0,
+    auto_min_per_class: int = AUTO_MIN_PER_CLASS,
+) -> np.ndarray:
+    """The indices of the examples to keep, sorted ascending (int64).
+
+    Args:
+        scores: ``(n,)`` per-example scores, higher = harder (``inf`` allowed, NaN not).
+        keep: A fraction in (0, 1] of the examples (rounded to the nearest count, at least 1) or
+            an int count in [1, n]. Booleans are rejected.
+        strategy: ``"hard"`` (highest scores), ``"easy"`` (lowest), ``"random"`` (seeded,
+            scores ignored) or ``"auto"`` (:func:`resolve_strategy`: easy when fewer than
+            ``auto_min_per_class`` examples per class are kept, hard otherwise; one class without
+            labels).
+        labels: ``(n,)`` class labels (any values), or None.
+        class_balance: With labels, each class keeps the same fraction of its examples (exact
+            counts from :func:`~leanscale.data._sampling.proportional_quotas`), ranked within the
+            class. Without labels it has no effect.
+        seed: Seed of the random order that breaks ties (and of the sample for ``"random"``).
+        auto_min_per_class: The threshold of ``"auto"``.
+
+    Returns:
+        ``(n_keep,)`` int64 indices into ``scores``, sorted ascending.
+
+    Raises:
+        InvalidParameterError: ``scores`` not 1-d or containing NaN, ``keep`` outside (0, 1] or
+            larger than ``n``, an unknown ``strategy``, ``labels`` of another length.
+    """
+    owner = "select"
+    if isinstance(scores, torch.Tensor):
+        scores = scores.detach().cpu().numpy()
+    scores = check_array("scores", scores, ndim=1, finite=False, min_len=1, owner=owner)
+    if np.isnan(scores).any():
+        bad = int(np.flatnonzero(np.isnan(scores))[0])
+        raise InvalidParameterError(
+            f"The 'scores' parameter of {owner} must not contain NaN. Got NaN at index {bad}."
+        )
+    n = scores.shape[0]
+    check_param("keep", keep, _KEEP_CONSTRAINTS, owner=owner)
+    if isinstance(keep, numbers.Integral) and keep > n:
+        raise InvalidParameterError(
+            f"The 'keep' parameter of {owner} must be at most the number of examples ({n}) when it is "
+            f"a count. Got {keep} instead."
+        )
+    if not (isinstance(strategy, str) and strategy in STRATEGIES):
+        raise unknown_name_error("strategy", strategy, STRATEGIES, owner=owner)
+    check_param("class_balance", class_balance, [bool], owner=owner)
+    check_param("seed", seed, [Interval(int, 0, None)], owner=owner)
+    check_param("auto_min_per_class", auto_min_per_class, [Interval(int, 1, None)], owner=owner)
+    inverse, n_classes = None, 1
+    if labels is not None:
+        if isinstance(labels, torch.Tensor):
+            labels = labels.detach().cpu().numpy()
+        labels = np.asarray(labels)
+        if labels.ndim != 1:
+            raise InvalidParameterError(
+                f"The 'labels' parameter of {owner} must be a 1-d array. Got an array of shape {labels.shape}."
+            )
+        check_consistent_length(owner, scores=scores, labels=labels)
+        classes, inverse = np.unique(labels, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        n_classes = len(classes)
+
+    n_keep = _n_keep(keep, n)
+    resolved, _ = resolve_strategy(strategy, n_keep, n_classes, auto_min_per_class)
+    # Ranking: the best candidates first. Sorting a seeded permutation stably puts equal scores
+    # in that permutation's order, so ties are broken randomly but reproducibly.
+    perm = np.random.default_rng(seed).permutation(n)
+    if resolved == "random":
+        order = perm
+    elif resolved == "hard":
+        order = perm[np.argsort(-scores[perm], kind="stable")]
+    else:
+        order = perm[np.argsort(scores[perm], kind="stable")]
+
+    if inverse is None or not class_balance:
+        kept = order[:n_keep]
+    else:
+        quotas = proportional_quotas(np.bincount(inverse, minlength=n_classes), n_keep)
+        by_class = inverse[order]
+        kept = np.concatenate([order[by_class == c][: quotas[c]] for c in range(n_classes)])
+    return np.sort(kept).astype(np.int64)

@@ -1,0 +1,130 @@
+"""The tour's chapter on data pruning, and the README headline from the benchmarks."""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+
+from leanscale.core.io import read_json
+
+__all__ = ["chapter", "headline"]
+
+_RESULTS = Path(__file__).resolve().parents[3] / "benchmarks" / "results" / "pruning"
+_MAIN_BENCHMARK = "fraction_kept_fashion-mnist-mlp.json"
+
+
+def _accuracy(model, x, y) -> float:
+    from leanscale.pruning.scores import collect_probs
+
+    return float((collect_probs(model, x, batch_size=2048).argmax(1) == y.numpy()).mean())
+
+
+def chapter(ctx):
+    from leanscale.core.ledger import count_flops
+    from leanscale.models.cnn import MLPClassifier
+    from leanscale.pruning._train import train_scoring_model
+    from leanscale.pruning.datasets import load_pruning_data
+    from leanscale.pruning.pruner import DataPruner
+    from leanscale.pruning.select import select
+    from leanscale.tour import ChapterResult
+
+    report = ctx.report
+    report.add_paragraph(
+        "Not every example teaches a model the same amount. Paul et al. (2021) score each example by how "
+        "wrong an early model still is (EL2N) and prune the easy ones; Sorscher et al. (2022) showed that "
+        "with a good score, error can fall faster than a power law in data set size, that one should keep "
+        "the hard examples when data is abundant and the easy ones when it is scarce, and that a label-free "
+        "score (distance to a k-means prototype in a self-supervised embedding) does as well as the "
+        "supervised ones."
+    )
+    # quick: 2,000 images, 3 epochs; full: 10,000 images, 6 epochs. An MLP (784-256-10) keeps it fast.
+    n_train, n_test, epochs = (2000, 1000, 3.0) if ctx.quick else (10000, 2000, 6.0)
+    keep = 0.5
+    data = load_pruning_data("fashion-mnist", n_train=n_train, n_test=n_test, seed=ctx.seed)
+    x, y = data.x_train, data.y_train
+    make_model = functools.partial(MLPClassifier, 784, 256, data.n_classes)
+    flops_per_example = count_flops(make_model().eval(), x[:1]).total * 3  # forward + backward ~ 3x forward
+
+    t0 = time.perf_counter()
+    pruner = DataPruner(metric="el2n", keep=keep, strategy="hard", model_fn=make_model, score_epochs=1.0,
+                        n_seeds=2, seed=ctx.seed, lr=0.05).fit(x, y.numpy())
+    score_s = time.perf_counter() - t0
+    score_examples = 2 * 1.0 * n_train
+    if ctx.ledger is not None:
+        ctx.ledger.record("pruning: EL2N scoring (2 seeds x 1 epoch)", flops=flops_per_example * score_examples,
+                          seconds=score_s, n_examples=int(score_examples))
+    subsets = [
+        ("all data", None),
+        (f"random {keep:.0%}", select(pruner.scores_, keep, strategy="random", labels=y.numpy(), seed=ctx.seed)),
+        (f"EL2N, hardest {keep:.0%}", pruner.kept_indices_),
+        (f"EL2N, easiest {keep:.0%}", select(pruner.scores_, keep, strategy="easy", labels=y.numpy())),
+    ]
+    report.add_section(f"Prune half of {n_train:,} Fashion-MNIST images with EL2N", level=3)
+    rows = []
+    for label, idx in ctx.progress(subsets, desc="pruning: training"):
+        xs, ys = (x, y) if idx is None else (x[idx], y[idx])
+        t0 = time.perf_counter()
+        model = train_scoring_model(make_model, xs, ys, epochs=epochs, lr=0.05, seed=ctx.seed)
+        seconds = time.perf_counter() - t0
+        examples = epochs * len(ys)
+        rows.append({"training set": label, "examples": len(ys), "epochs": epochs,
+                     "test accuracy": _accuracy(model, data.x_test, data.y_test),
+                     "training GFLOPs": flops_per_example * examples / 1e9, "seconds": seconds})
+        if ctx.ledger is not None:
+            ctx.ledger.record(f"pruning: train on {label}", flops=flops_per_example * examples, seconds=seconds,
+                              n_examples=int(examples))
+    report.add_table(rows, caption=f"MLP 784-256-10, {epochs:g} epochs on each set; scoring cost "
+                     f"{score_examples / (epochs * n_train):.0%} of one full-data run")
+    report.add_paragraph(
+        f"With only {n_train:,} images ({n_train // 10 // 2:,} kept per class) the data is scarce, and "
+        "Sorscher's rule says to keep the easy examples there; the benchmark below uses all 60,000 images, "
+        "where keeping the hard ones pays. DataPruner(strategy='auto') applies the rule and writes its "
+        "reason into the manifest."
+    )
+
+    summary = [{"metric": f"test accuracy, EL2N-hard {keep:.0%} vs all data ({n_train:,} images)",
+                "value": f"{100 * rows[2]['test accuracy']:.1f}% vs {100 * rows[0]['test accuracy']:.1f}%",
+                "paper": "Paul et al.: half of CIFAR-10 at no loss"}]
+    bench = _RESULTS / _MAIN_BENCHMARK
+    if bench.is_file():
+        from leanscale.pruning.figures import fraction_kept_figure
+
+        d = read_json(bench)
+        report.add_section("The benchmark: all of Fashion-MNIST, six metrics, keep hard and easy", level=3)
+        report.add_figure(fraction_kept_figure(d), caption=(
+            f"{d['model'].upper()} on {d['n_train']:,} images, {d['epochs']:g} epochs per run, {d['seeds']} seeds "
+            f"(benchmarks/results/pruning/{_MAIN_BENCHMARK})"))
+        g = d["goals"]
+        if g.get("pruned_fraction_within_0.3_points") is not None:
+            best = g["most_pruned_within_0.3_points"]
+            summary.append({"metric": "benchmark: most data pruned within 0.3 points of full data",
+                            "value": f"{g['pruned_fraction_within_0.3_points']:.0%} ({best['metric']}, {best['strategy']})",
+                            "paper": "goal >= 30%"})
+        if g.get("ssl_gap_at_70pct_points") is not None:
+            summary.append({"metric": "benchmark: self-supervised prototypes vs best label metric at 70% kept",
+                            "value": f"{g['ssl_gap_at_70pct_points']:+.2f} points behind",
+                            "paper": "Sorscher: matches; goal <= 1"})
+    return ChapterResult(title="Data pruning", summary_rows=summary)
+
+
+def headline(results_root=None) -> str:
+    """One line for the README table, from the committed benchmark results."""
+    root = Path(results_root) / "pruning" if results_root else _RESULTS
+    parts = []
+    bench = root / _MAIN_BENCHMARK
+    if bench.is_file():
+        g = read_json(bench)["goals"]
+        if g.get("pruned_fraction_within_0.3_points") is not None:
+            best = g["most_pruned_within_0.3_points"]
+            parts.append(f"Fashion-MNIST: {g['pruned_fraction_within_0.3_points']:.0%} pruned within 0.3 points "
+                         f"({best['metric']}, {best['strategy']})")
+        if g.get("ssl_gap_at_70pct_points") is not None:
+            parts.append(f"label-free prototypes {g['ssl_gap_at_70pct_points']:+.1f} points vs best at 70% kept")
+    al = root / "active_learning.json"
+    if al.is_file():
+        d = read_json(al)
+        ratio = d.get("headline_ratio")
+        if ratio is not None:
+            parts.append(f"active learning: {ratio:.1f}x fewer labels than random to 95% of full accuracy")
+    return "; ".join(parts) if parts else "benchmarks not run yet"

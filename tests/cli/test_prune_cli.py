@@ -1,0 +1,106 @@
+"""`leanscale prune score|select` and `leanscale active` end to end on small data."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from leanscale.cli.main import main
+from tests.distributed import free_port
+
+
+def _npz(path, n=120, d=6, k=3, seed=0):
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % k
+    centers = rng.normal(scale=3.0, size=(k, d))
+    x = centers[y] + rng.normal(size=(n, d))
+    yt = np.arange(60) % k
+    np.savez(path, x=x, y=y, x_test=centers[yt] + rng.normal(size=(60, d)), y_test=yt)
+    return path
+
+
+def test_prune_score_then_select_writes_scores_kept_and_manifest(tmp_path, capsys):
+    data = _npz(tmp_path / "d.npz")
+    out = tmp_path / "el2n"
+    assert main(["prune", "score", "--data", str(data), "--metric", "el2n", "--epochs", "2", "--out", str(out)]) == 0
+    scores = np.load(out / "scores.npy")
+    assert scores.shape == (120,) and np.all(scores >= 0) and np.all(scores <= np.sqrt(2))
+    assert "kept 120 of 120" in capsys.readouterr().out
+
+    sel = tmp_path / "sel"
+    assert main(["prune", "select", "--scores", str(out), "--data", str(data), "--keep", "0.25",
+                 "--strategy", "hard", "--out", str(sel), "--json"]) == 0
+    manifest = json.loads(capsys.readouterr().out)
+    kept = np.load(sel / "kept.npy")
+    assert manifest["metric"] == "el2n" and manifest["n_kept"] == len(kept) == 30
+    assert manifest["strategy"]["resolved"] == "hard"
+    # Class-balanced: 10 of each class's 40, the hardest within the class.
+    y = np.arange(120) % 3
+    assert np.bincount(y[kept]).tolist() == [10, 10, 10]
+    for c in range(3):
+        in_c = np.flatnonzero(y == c)
+        assert scores[np.intersect1d(kept, in_c)].min() >= np.sort(scores[in_c])[-10]
+    saved = json.loads((sel / "manifest.json").read_text())
+    assert sorted(saved["dropped_indices"] + kept.tolist()) == list(range(120))
+
+
+def test_prune_select_auto_rule_and_bad_keep(tmp_path, capsys):
+    np.save(tmp_path / "s.npy", np.linspace(0, 1, 50))
+    assert main(["prune", "select", "--scores", str(tmp_path / "s.npy"), "--keep", "10", "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["n_kept"] == 10 and m["strategy"]["resolved"] == "easy" and "auto_min_per_class" in m["strategy"]["reason"]
+    assert np.load(tmp_path / "kept.npy").tolist() == list(range(10))  # the easiest = lowest scores
+    assert main(["prune", "select", "--scores", str(tmp_path / "s.npy"), "--keep", "1.5"]) == 2
+    assert "'keep' parameter" in capsys.readouterr().err
+    assert main(["prune", "select", "--scores", str(tmp_path / "nothing"), "--keep", "0.5"]) == 2
+    assert "'--scores' parameter" in capsys.readouterr().err
+
+
+def test_prune_score_label_metric_without_labels_is_a_clean_error(tmp_path, capsys):
+    np.savez(tmp_path / "u.npz", x=np.zeros((20, 3)))
+    assert main(["prune", "score", "--data", str(tmp_path / "u.npz"), "--metric", "el2n",
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "'y'" in err and "Traceback" not in err
+
+
+@pytest.mark.distributed
+def test_prune_score_under_torchrun_equals_one_process(tmp_path):
+    """EL2N of a 2-process DDP scoring run (each rank trains on half of every global batch and
+    scores half of the examples) equals the single-process scores, up to float summation order.
+    The default MLP has BatchNorm, whose batch statistics are per rank under DDP: with 16-example
+    halves they differ from the 32-example batch, so the agreement is approximate, not exact."""
+    data = _npz(tmp_path / "d.npz", n=96)
+    common = ["prune", "score", "--data", str(data), "--metric", "el2n", "--epochs", "2", "--batch-size", "32",
+              "--seed", "4"]
+    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "-m", "leanscale.cli.main", *common, "--out", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, check=False,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "LEANSCALE_NO_PROGRESS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = np.load(tmp_path / "one" / "scores.npy"), np.load(tmp_path / "two" / "scores.npy")
+    assert one.shape == two.shape == (96,)
+    assert np.corrcoef(one, two)[0, 1] > 0.95 and np.abs(one - two).max() < 0.1
+
+
+def test_active_cli_runs_resumes_and_beats_nothing_less_than_random_labels(tmp_path, capsys):
+    data = _npz(tmp_path / "d.npz", n=300)
+    out = tmp_path / "al"
+    args = ["active", "--data", str(data), "--strategy", "margin", "--budget", "60", "--batch-size", "20",
+            "--initial", "20", "--out", str(out), "--json"]
+    assert main(args) == 0
+    blob = json.loads(capsys.readouterr().out)
+    assert [h["n_labels"] for h in blob["history"]] == [20, 40, 60]
+    assert blob["history"][-1]["accuracy"] > 0.9  # well-separated blobs
+    hist = json.loads((out / "history.json").read_text())
+    assert len(set(hist["labeled_indices"])) == 60
+    # Run again: the saved state is complete, so nothing more is labelled and the history is the same.
+    assert main(args) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["history"] == blob["history"]
+    assert main(["active", "--data", str(data), "--strategy", "marginn"]) == 2
+    assert "Did you mean 'margin'" in capsys.readouterr().err
