@@ -13,6 +13,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = {
     "scaling": ["scaling/fit_exactness.py", "scaling/own_law.py"],
+    "pruning": ["pruning/fraction_kept.py", "pruning/fraction_kept.py --data wordnet --n-train 20000",
+                "pruning/active_learning.py", "pruning/infobatch_fmnist.py", "pruning/ssl_encoder.py"],
     "large_batch": ["large_batch/hoffer_table1.py", "large_batch/critical_batch.py", "large_batch/throughput.py"],
 }
 
@@ -25,7 +27,8 @@ def main() -> int:
     for name in args.only or sorted(BENCHMARKS):
         for script in BENCHMARKS[name]:
             print(f"== {name}: {script}", flush=True)
-            status |= subprocess.call([sys.executable, str(HERE / script)])
+            path, *extra = script.split()
+            status |= subprocess.call([sys.executable, str(HERE / path), *extra])
     return status
 
 

