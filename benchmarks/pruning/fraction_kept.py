@@ -163,12 +163,13 @@ def main() -> int:
     ap.add_argument("--metrics", default=",".join(METRICS))
     ap.add_argument("--n-clusters", type=int, default=None, help="k-means clusters (default: number of classes)")
     ap.add_argument("--ssl-budget", type=float, default=120.0, help="seconds of SimCLR training")
-    ap.add_argument("--n-train", type=int, default=None, help="subsample the training set (debug)")
+    ap.add_argument("--n-train", type=int, default=None, help="stratified subset of the training split")
+    ap.add_argument("--n-test", type=int, default=None, help="stratified subset of the test split")
     ap.add_argument("--tag", default=None, help="results sub-folder name (default: the data set)")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    data = load_pruning_data(args.data, n_train=args.n_train)
+    data = load_pruning_data(args.data, n_train=args.n_train, n_test=args.n_test)
     defaults = {"fashion-mnist": ("mlp", 256, 5.0, 0.05), "wordnet": ("mlp", 256, 5.0, 0.05)}
     d_model, d_width, d_epochs, d_lr = defaults.get(args.data, ("mlp", 256, 5.0, 0.05))
     args.model = args.model or d_model

@@ -80,3 +80,15 @@ def test_consistent_length_and_fitted():
 
     with pytest.raises(NotFittedError, match="Est instance is not fitted yet"):
         check_is_fitted(Est(), ["coef_"])
+
+
+def test_check_labels_accepts_lists_arrays_and_tensors_and_names_the_parameter():
+    import torch
+
+    from leanscale.core.validation import check_labels
+
+    assert check_labels("y", [1, 0, 1]).tolist() == [1, 0, 1]
+    assert check_labels("y", torch.tensor([2, 3])).tolist() == [2, 3]
+    assert check_labels("y", np.array(["a", "b"])).tolist() == ["a", "b"]
+    with pytest.raises(InvalidParameterError, match=r"'y' parameter of f must be a 1-d array of labels.*\(2, 2\)"):
+        check_labels("y", [[0, 1], [1, 0]], owner="f")

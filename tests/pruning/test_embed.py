@@ -1,3 +1,4 @@
+import doctest
 import sys
 
 import numpy as np
@@ -17,6 +18,11 @@ from leanscale.pruning.embed import (
     simclr_augment,
     train_ssl_encoder,
 )
+
+
+def test_doctests():
+    assert doctest.testmod(embed, raise_on_error=False).failed == 0
+
 
 # ------------------------------------------------------------------------------------- texts
 

@@ -38,6 +38,7 @@ __all__ = [
     "check_array",
     "check_consistent_length",
     "check_is_fitted",
+    "check_labels",
     "unknown_name_error",
     "closest_name",
 ]
@@ -265,3 +266,16 @@ def check_is_fitted(estimator: Any, attributes: Sequence[str]) -> None:
         raise NotFittedError(
             f"This {type(estimator).__name__} instance is not fitted yet: call fit first."
         )
+
+
+def check_labels(name: str, value: Any, *, owner: str | None = None) -> np.ndarray:
+    """``value`` (array-like or tensor) as a 1-d numpy array of labels; the error names ``name``."""
+    if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor, without importing torch
+        value = value.detach().cpu().numpy()
+    arr = np.asarray(value)
+    if arr.ndim != 1:
+        where = f" of {owner}" if owner else ""
+        raise InvalidParameterError(
+            f"The {name!r} parameter{where} must be a 1-d array of labels. Got an array of shape {arr.shape}."
+        )
+    return arr

@@ -64,6 +64,7 @@ from leanscale.core.errors import InvalidParameterError, NotFittedError
 from leanscale.core.validation import (
     Interval,
     check_consistent_length,
+    check_labels,
     check_param,
     unknown_name_error,
 )
@@ -522,11 +523,4 @@ def _as_index_array(value, name: str, owner: str) -> np.ndarray:
 
 
 def _as_label_array(value, name: str, owner: str) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
-    arr = np.asarray(value)
-    if arr.ndim != 1:
-        raise InvalidParameterError(
-            f"The {name!r} parameter of {owner} must be a 1-d array of labels. Got shape {arr.shape}."
-        )
-    return arr
+    return check_labels(name, value, owner=owner)

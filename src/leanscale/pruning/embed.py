@@ -325,6 +325,7 @@ class SSLHistory:
 
     Attributes:
         losses: NT-Xent loss of every optimizer step, in order.
+        step_seconds: wall-clock time of every step (augmentation, forward, backward, update).
         steps: optimizer steps taken; ``planned_steps`` = epochs x steps per epoch.
         planned_steps: the steps the learning-rate schedule was laid out for.
         seconds: wall-clock training time.
@@ -332,6 +333,7 @@ class SSLHistory:
     """
 
     losses: list[float] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
     steps: int = 0
     planned_steps: int = 0
     seconds: float = 0.0
@@ -499,7 +501,7 @@ _SSL_CONSTRAINTS = {
 def train_ssl_encoder(
     images: Any,
     *,
-    epochs: int = 4,
+    epochs: int = 5,
     batch_size: int = 256,
     dim: int = 64,
     temperature: float = 0.5,
@@ -601,6 +603,7 @@ def train_ssl_encoder(
         for _epoch in range(epochs):
             perm = torch.randperm(n, generator=order_gen).to(dev)
             for i in range(steps_per_epoch):
+                t_step = time.perf_counter()
                 for group in opt.param_groups:
                     group["lr"] = _lr_at(hist.steps, total, lr, warmup)
                 xb = x[perm[i * bs : (i + 1) * bs]]  # (bs, C, H, W)
@@ -614,6 +617,7 @@ def train_ssl_encoder(
                 loss.backward()
                 opt.step()
                 hist.losses.append(loss.detach().item())
+                hist.step_seconds.append(time.perf_counter() - t_step)
                 hist.steps += 1
                 bar.update(1)
                 if time_budget_s is not None and time.perf_counter() - t0 >= time_budget_s:

@@ -42,6 +42,7 @@ from leanscale.core.validation import (
     Interval,
     check_array,
     check_consistent_length,
+    check_labels,
     check_param,
     unknown_name_error,
 )
@@ -140,13 +141,7 @@ def prototype_scores(
     n = x.shape[0]
 
     if labels is not None:
-        if isinstance(labels, torch.Tensor):
-            labels = labels.detach().cpu().numpy()
-        labels = np.asarray(labels)
-        if labels.ndim != 1:
-            raise InvalidParameterError(
-                f"The 'labels' parameter of {_OWNER} must be a 1-d array. Got an array of shape {labels.shape}."
-            )
+        labels = check_labels("labels", labels, owner=_OWNER)
         check_consistent_length(_OWNER, embeddings=x, labels=labels)
         classes, inverse = np.unique(labels, return_inverse=True)
         inverse = inverse.reshape(-1)

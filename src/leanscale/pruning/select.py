@@ -54,6 +54,7 @@ from leanscale.core.validation import (
     Interval,
     check_array,
     check_consistent_length,
+    check_labels,
     check_param,
     unknown_name_error,
 )
@@ -190,13 +191,7 @@ def select(
     check_param("auto_min_per_class", auto_min_per_class, [Interval(int, 1, None)], owner=owner)
     inverse, n_classes = None, 1
     if labels is not None:
-        if isinstance(labels, torch.Tensor):
-            labels = labels.detach().cpu().numpy()
-        labels = np.asarray(labels)
-        if labels.ndim != 1:
-            raise InvalidParameterError(
-                f"The 'labels' parameter of {owner} must be a 1-d array. Got an array of shape {labels.shape}."
-            )
+        labels = check_labels("labels", labels, owner=owner)
         check_consistent_length(owner, scores=scores, labels=labels)
         classes, inverse = np.unique(labels, return_inverse=True)
         inverse = inverse.reshape(-1)
