@@ -172,3 +172,21 @@ def test_resolve_strategy_bad_input():
         resolve_strategy("auto", 5, 0, 10)
     with pytest.raises(InvalidParameterError, match=r"'n_keep'.*Got 0"):
         resolve_strategy("auto", 0, 2, 10)
+
+
+def test_auto_default_threshold_sits_at_the_measured_crossover():
+    """The default comes from the committed Fashion-MNIST benchmark: at every kept fraction, the
+    strategy auto picks must be the one (easy or hard) that won there for most label-free and
+    label-using metrics (EL2N, GraNd, self-supervised prototypes)."""
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks/results/pruning/fraction_kept_fashion-mnist-mlp.json"
+    result = json.loads(path.read_text())
+    acc = {(r["metric"], r["strategy"], r["fraction"]): r["test_accuracy_mean"] for r in result["summary"]}
+    n_train, n_classes = result["n_train"], 10
+    for fraction in (0.9, 0.7, 0.5, 0.3, 0.2, 0.1):
+        wins = [acc[(m, "hard", fraction)] > acc[(m, "easy", fraction)] for m in ("el2n", "grand", "ssl_prototypes")]
+        measured = "hard" if sum(wins) >= 2 else "easy"
+        n_keep = round(fraction * n_train)
+        assert resolve_strategy("auto", n_keep, n_classes)[0] == measured, fraction

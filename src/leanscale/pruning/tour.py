@@ -143,7 +143,9 @@ def headline(results_root=None) -> str:
             parts.append(f"Fashion-MNIST: {g['pruned_fraction_within_0.3_points']:.0%} pruned within 0.3 points "
                          f"({best['metric']}, {best['strategy']})")
         if g.get("ssl_gap_at_70pct_points") is not None:
-            parts.append(f"label-free prototypes {g['ssl_gap_at_70pct_points']:+.1f} points vs best at 70% kept")
+            gap = g["ssl_gap_at_70pct_points"]  # best label-using accuracy minus the label-free one
+            side = "below" if gap >= 0 else "above"
+            parts.append(f"label-free prototypes {abs(gap):.1f} points {side} the best label-using score at 70% kept")
     al = root / "active_learning.json"
     if al.is_file():
         best = _best_active(read_json(al))
