@@ -1,0 +1,37 @@
+"""Sparse activation: SWAT sparse weight activation training (Raihan & Aamodt 2020).
+
+See ``README.md`` in this folder (the method card).
+"""
+
+from leanscale.sparse.memory import SavedTensors, track_saved_tensors
+from leanscale.sparse.swat import (
+    SUPPORTED_LAYERS,
+    SWAT,
+    CompactReLU,
+    SWATConv2d,
+    SWATLinear,
+    apply_swat,
+    erk_densities,
+    export_pruned,
+    set_swat_sparsity,
+    swat_layers,
+    swat_summary,
+    topk_threshold,
+)
+
+__all__ = [
+    "SUPPORTED_LAYERS",
+    "SWAT",
+    "CompactReLU",
+    "SWATConv2d",
+    "SWATLinear",
+    "SavedTensors",
+    "apply_swat",
+    "erk_densities",
+    "export_pruned",
+    "set_swat_sparsity",
+    "swat_layers",
+    "swat_summary",
+    "topk_threshold",
+    "track_saved_tensors",
+]

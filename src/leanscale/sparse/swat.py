@@ -1,0 +1,759 @@
+"""SWAT: sparse weight activation training (Raihan & Aamodt, NeurIPS 2020, arXiv 2001.01969).
+
+A SWAT layer computes, for every training step (``x`` the input, ``W`` the weight, ``y`` the
+output, ``g = dL/dy``):
+
+* forward:  ``y = x * topk(W)``             (only the largest-magnitude weights are used)
+* backward: ``dL/dx = g * topk(W)``         (the same sparse weights)
+            ``dL/dW = g^T * topk(x)``       (DENSE in W: pruned weights keep learning and can
+                                             grow back; only the activation is sparse)
+
+where ``topk(t)`` zeroes all but the ``K = (1 - sparsity) * numel`` entries of largest
+magnitude, and ``*`` is the layer's operation (matrix product or convolution). The input ``x``
+is needed only for ``dL/dW``, so SWAT keeps just ``topk(x)`` for backward, **stored compactly**:
+its non-zero values plus a 1-bit-per-element mask (:func:`pack_topk`). At 80% activation
+sparsity a float32 activation costs ``0.2 * 4 + 1/8 = 0.925`` bytes per element instead of 4
+(-77%); storing int64 indices instead would cost ``0.2 * 12 = 2.4`` (-40%).
+
+The top-K thresholds (one magnitude per layer for the weights, one for the activations) are
+recomputed every ``topk_period`` training steps and reused in between, as in the paper's code
+(Sec. 4.3: the top-K order of the weights changes slowly). Reused activation thresholds make the
+activation sparsity approximate between refreshes; the measured densities are kept on the layer.
+
+What stays dense: biases, normalisation layers, the first layer by default (cheap in a CNN, and
+the raw input is not a learned representation), and every layer in evaluation mode except that
+the forward still uses the top-K weights (the model *is* sparse).
+
+Use :func:`apply_swat` (the functional form; :class:`SWAT` only wraps it)::
+
+    model = apply_swat(model, sparsity=0.8, distribution="erk")   # SWAT-ERK, 80% sparse
+    ... train as usual (DDP works: convert first, then wrap) ...
+    pruned = export_pruned(model)                                  # plain nn layers, zeros in W
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from leanscale.core.errors import InvalidParameterError
+from leanscale.core.ledger import register_flop_rule
+from leanscale.core.surgery import replace_module_classes
+from leanscale.core.validation import Interval, Options, check_param
+
+__all__ = [
+    "SUPPORTED_LAYERS",
+    "SWAT",
+    "CompactReLU",
+    "SWATConv2d",
+    "SWATLinear",
+    "apply_swat",
+    "erk_densities",
+    "export_pruned",
+    "pack_bits",
+    "pack_topk",
+    "set_swat_sparsity",
+    "swat_layers",
+    "swat_summary",
+    "topk_threshold",
+    "unpack_bits",
+    "unpack_topk",
+]
+
+DISTRIBUTIONS = ("uniform", "erk")
+
+# 1 << 0 ... 1 << 7: the bit of each of 8 consecutive mask elements inside one byte.
+_SHIFTS = torch.arange(8, dtype=torch.uint8)
+
+
+# ----------------------------------------------------------------------------- top-K primitives
+
+
+def topk_threshold(t: torch.Tensor, density: float) -> torch.Tensor:
+    """Magnitude of the K-th largest ``|t|``, ``K = max(1, round(density * t.numel()))``.
+
+    ``|t| >= threshold`` keeps the top-K entries (more only on exact ties). Returns a 0-d tensor
+    on ``t``'s device; 0 when ``density >= 1`` (keep everything). ``kthvalue`` is O(n), no sort.
+
+    Example:
+        >>> topk_threshold(torch.tensor([0.1, -3.0, 2.0, 0.5]), 0.5)
+        tensor(2.)
+    """
+    flat = t.detach().abs().reshape(-1)
+    n = flat.numel()
+    k = max(1, min(n, round(density * n)))
+    if k >= n:
+        return flat.new_zeros(())
+    return torch.kthvalue(flat, n - k + 1).values  # the (n-k+1)-th smallest = the k-th largest
+
+
+def _keep(t: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """Boolean mask of the kept entries: at or above the threshold, and non-zero (a zero
+    contributes nothing, so it is never worth storing)."""
+    a = t.abs()
+    return (a >= threshold) & (a > 0)
+
+
+def pack_topk(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` where ``mask`` holds, compactly: ``(values, bits)``.
+
+    ``values`` are the kept entries in row-major order, shape ``(nnz,)``; ``bits`` is the mask
+    with 8 elements per byte, shape ``(ceil(numel / 8),)``, dtype uint8. Together they take
+    ``4 * nnz + numel / 8`` bytes for float32 instead of ``4 * numel``.
+    """
+    return x[mask], pack_bits(mask)  # (nnz,), (ceil(numel / 8),)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean tensor as bits, 8 per byte: shape ``(ceil(numel / 8),)``, dtype uint8."""
+    flat = mask.reshape(-1)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    bits = flat.view(-1, 8).to(torch.uint8)  # (numel / 8, 8) of 0/1
+    return (bits << _SHIFTS.to(bits.device)).sum(dim=1, dtype=torch.uint8)  # (numel / 8,)
+
+
+def unpack_bits(bits: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: the boolean tensor of ``shape``."""
+    n = math.prod(shape)
+    return ((bits.unsqueeze(1) >> _SHIFTS.to(bits.device)) & 1).reshape(-1)[:n].view(shape).bool()
+
+
+def unpack_topk(values: torch.Tensor, bits: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`pack_topk`: the dense tensor of ``shape`` with zeros where dropped.
+
+    Example:
+        >>> x = torch.tensor([[0.0, 2.0, -1.0], [4.0, 0.5, 0.0]])
+        >>> values, bits = pack_topk(x, x.abs() >= 1)
+        >>> unpack_topk(values, bits, x.shape)
+        tensor([[ 0.,  2., -1.],
+                [ 4.,  0.,  0.]])
+    """
+    mask = unpack_bits(bits, shape)
+    out = values.new_zeros(shape)
+    out[mask] = values
+    return out
+
+
+def _channel_norms(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """L2 norm of each slice of ``t`` along ``dim`` (the channel): shape ``(t.shape[dim],)``."""
+    return t.detach().transpose(0, dim).reshape(t.shape[dim], -1).norm(dim=1)
+
+
+# ----------------------------------------------------------------------------- autograd function
+
+
+@dataclass(frozen=True)
+class _Op:
+    """The layer's operation: ``kind`` "linear" or "conv2d", with the convolution's arguments."""
+
+    kind: str
+    stride: tuple[int, ...] = (1, 1)
+    padding: tuple[int, ...] = (0, 0)
+    dilation: tuple[int, ...] = (1, 1)
+    groups: int = 1
+
+    def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        if self.kind == "linear":
+            return F.linear(x, w, b)
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+
+class _SWATFunction(torch.autograd.Function):
+    """Forward with ``W * w_mask``; save ``topk(x)`` compactly; dense weight gradient.
+
+    For backward it saves the weight Parameter itself (no copy: it is resident anyway) and the
+    weight mask as bits, so the sparse weights cost ``numel / 8`` bytes until backward. The
+    activation is packed with the threshold ``a_threshold`` (unstructured) or reduced to the kept
+    channels ``a_channels`` (structured); exactly one of the two is given.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, w_mask, a_threshold, a_channels, op: _Op, channel_dim: int, stats: dict):
+        out = op(x, weight * w_mask, bias)  # the top-K weights only
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ctx.op, ctx.channel_dim, ctx.has_bias = op, channel_dim, bias is not None
+        ctx.x_shape, ctx.w_shape = x.shape, weight.shape
+        ctx.structured = a_channels is not None
+        w_saved = (weight, pack_bits(w_mask)) if need_x else (None, None)
+        if need_w:  # the weight gradient needs topk(x): store it compactly
+            if ctx.structured:
+                x_kept = x.index_select(channel_dim, a_channels)  # (..., k, ...): the kept channels
+                ctx.save_for_backward(*w_saved, x_kept, a_channels)
+                stats["activation_density"] = a_channels.numel() / x.shape[channel_dim]
+            else:
+                values, bits = pack_topk(x, _keep(x, a_threshold))
+                ctx.save_for_backward(*w_saved, values, bits)
+                stats["activation_density"] = values.numel() / max(1, x.numel())
+        else:
+            ctx.save_for_backward(*w_saved, None, None)
+            stats["activation_density"] = None
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        weight, w_bits, a, b = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        w_s = weight * unpack_bits(w_bits, ctx.w_shape) if need_x else None
+        x_s = None
+        if need_w:
+            if ctx.structured:
+                x_s = a.new_zeros(ctx.x_shape)
+                x_s.index_copy_(ctx.channel_dim, b, a)
+            else:
+                x_s = unpack_topk(a, b, ctx.x_shape)
+        grad_x = grad_w = grad_b = None
+        op = ctx.op
+        if op.kind == "linear":
+            out_features = grad_out.shape[-1]
+            if need_x:
+                grad_x = grad_out @ w_s  # (..., out) @ (out, in) -> (..., in)
+            g2 = grad_out.reshape(-1, out_features)  # (N, out)
+            if need_w:
+                grad_w = g2.t() @ x_s.reshape(-1, x_s.shape[-1])  # (out, N) @ (N, in) -> (out, in)
+            if need_b:
+                grad_b = g2.sum(0)
+        elif need_w:
+            # One call: the input gradient through the sparse weights, the weight gradient from
+            # the sparse activation, the bias gradient from grad_out. Without an input gradient the
+            # weight only lends its shape (a zero-stride view, no memory).
+            w_arg = w_s if w_s is not None else grad_out.new_zeros(()).expand(ctx.w_shape)
+            grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                grad_out, x_s, w_arg, [ctx.w_shape[0]] if ctx.has_bias else None,
+                list(op.stride), list(op.padding), list(op.dilation), False, [0, 0], op.groups,
+                [need_x, True, need_b],
+            )
+        else:
+            if need_x:
+                grad_x = torch.nn.grad.conv2d_input(ctx.x_shape, w_s, grad_out, op.stride, op.padding,
+                                                    op.dilation, op.groups)
+            if need_b:
+                grad_b = grad_out.sum((0, 2, 3))
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+
+
+class _CompactReLUFunction(torch.autograd.Function):
+    """ReLU that keeps 1 bit per element for backward instead of its output (32x less)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = x.clamp_min(0)
+        ctx.shape = x.shape
+        ctx.save_for_backward(pack_bits(out > 0))
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        (bits,) = ctx.saved_tensors
+        return grad_out * unpack_bits(bits, ctx.shape)  # the same mask as ReLU's (gradient 0 at 0)
+
+
+class CompactReLU(nn.Module):
+    """``nn.ReLU`` whose backward keeps a bit mask, not the output: exactly the same values and
+    gradients. Why SWAT needs it: ``nn.ReLU`` saves its output for backward, and that output is
+    usually the next layer's input -- the very tensor SWAT stores compactly. As long as the ReLU
+    holds it densely, SWAT's compact copy saves nothing (it even adds its own bytes).
+    ``inplace`` is accepted for compatibility and ignored (the output is a new tensor)."""
+
+    def __init__(self, inplace: bool = False):
+        super().__init__()
+        self.inplace = inplace
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _CompactReLUFunction.apply(x)
+        return F.relu(x)
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+_LAYER_CONSTRAINTS = {
+    "sparsity": [Interval(float, 0, 1, closed="left")],
+    "activation_sparsity": [Interval(float, 0, 1, closed="left"), None],
+    "topk_period": [Interval(int, 1, None)],
+    "structured": [bool],
+    "warmup_steps": [Interval(int, 0, None)],
+}
+
+
+class _SWATMixin:
+    """The state and the forward shared by :class:`SWATLinear` and :class:`SWATConv2d`.
+
+    Attributes (besides the dense layer's):
+        sparsity: Target weight sparsity of this layer (after warm-up).
+        activation_sparsity: Target sparsity of the activation stored for backward.
+        topk_period: Recompute the thresholds every this many training steps.
+        structured: Keep whole channels: output channels (filters / rows) of the weight by L2
+            norm, input channels (feature columns) of the activation by L2 norm over the batch.
+        warmup_steps: Ramp both sparsities linearly from 0 over this many training steps.
+        swat_step: Training forward calls so far (a persistent buffer: checkpoints resume the
+            warm-up; a dense checkpoint loads with ``strict=False``).
+        last_stats: Measured densities of the last training forward (``weight_density``,
+            ``activation_density``): the cost ledger's FLOP rule reads them.
+    """
+
+    _channel_dim: int  # the input's channel dimension: -1 (linear), 1 (conv)
+
+    def _init_swat(self, sparsity, activation_sparsity, topk_period, structured, warmup_steps, owner):
+        check_param("sparsity", sparsity, _LAYER_CONSTRAINTS["sparsity"], owner=owner)
+        check_param("activation_sparsity", activation_sparsity, _LAYER_CONSTRAINTS["activation_sparsity"], owner=owner)
+        check_param("topk_period", topk_period, _LAYER_CONSTRAINTS["topk_period"], owner=owner)
+        check_param("structured", structured, _LAYER_CONSTRAINTS["structured"], owner=owner)
+        check_param("warmup_steps", warmup_steps, _LAYER_CONSTRAINTS["warmup_steps"], owner=owner)
+        self.sparsity = float(sparsity)
+        self.activation_sparsity = float(sparsity if activation_sparsity is None else activation_sparsity)
+        self.topk_period = topk_period
+        self.structured = structured
+        self.warmup_steps = warmup_steps
+        self.register_buffer("swat_step", torch.zeros((), dtype=torch.long, device=self.weight.device))
+        self._w_threshold: torch.Tensor | None = None  # recomputed after a load: not persistent
+        self._a_threshold: torch.Tensor | None = None
+        self._thresholds_for: tuple[float, float] | None = None  # the sparsities they were computed at
+        self.last_stats: dict[str, float | None] = {"weight_density": None, "activation_density": None}
+
+    # --- sparsities and masks
+
+    def current_sparsity(self) -> tuple[float, float]:
+        """``(weight, activation)`` sparsity at the current step (after the warm-up ramp)."""
+        ramp = 1.0 if self.warmup_steps == 0 else min(1.0, (int(self.swat_step) + 1) / self.warmup_steps)
+        return self.sparsity * ramp, self.activation_sparsity * ramp
+
+    def _weight_score(self) -> torch.Tensor:
+        # Unstructured: every weight's magnitude; structured: each output channel's L2 norm.
+        return _channel_norms(self.weight, 0) if self.structured else self.weight.detach()
+
+    def _weight_mask_from(self, threshold: torch.Tensor) -> torch.Tensor:
+        if threshold.item() == 0 and not self.structured:
+            return torch.ones_like(self.weight, dtype=torch.bool)
+        if self.structured:
+            keep = _channel_norms(self.weight, 0) >= threshold  # (out,)
+            return keep.view(-1, *([1] * (self.weight.dim() - 1))).expand_as(self.weight)
+        return self.weight.detach().abs() >= threshold
+
+    def weight_mask(self) -> torch.Tensor:
+        """The exact top-K mask of the current weights at the current sparsity (bool, W's shape)."""
+        w_sparsity = self.current_sparsity()[0]
+        return self._weight_mask_from(topk_threshold(self._weight_score(), 1.0 - w_sparsity))
+
+    def _refresh(self, x: torch.Tensor, sparsities: tuple[float, float]) -> None:
+        w_sparsity, a_sparsity = sparsities
+        self._w_threshold = topk_threshold(self._weight_score(), 1.0 - w_sparsity)
+        if self.structured:
+            self._a_threshold = topk_threshold(_channel_norms(x, self._channel_dim % x.dim()), 1.0 - a_sparsity)
+        else:
+            self._a_threshold = topk_threshold(x, 1.0 - a_sparsity)
+        self._thresholds_for = sparsities
+
+    # --- forward
+
+    def _swat_forward(self, x: torch.Tensor, op: _Op) -> torch.Tensor:
+        training = self.training and torch.is_grad_enabled()
+        sparsities = self.current_sparsity()
+        if not training:
+            if sparsities[0] == 0:
+                return op(x, self.weight, self.bias)
+            return op(x, self.weight * self.weight_mask(), self.bias)
+        if sparsities == (0.0, 0.0):  # exactly the dense layer (also during a warm-up's first step)
+            self.swat_step += 1
+            self.last_stats = {"weight_density": 1.0, "activation_density": 1.0}
+            return op(x, self.weight, self.bias)
+        due = int(self.swat_step) % self.topk_period == 0
+        if due or self._w_threshold is None or self._thresholds_for != sparsities:
+            self._refresh(x, sparsities)
+        w_mask = self._weight_mask_from(self._w_threshold)
+        a_channels = None
+        if self.structured:
+            cdim = self._channel_dim % x.dim()
+            a_channels = torch.nonzero(_channel_norms(x, cdim) >= self._a_threshold).flatten()
+            if a_channels.numel() == 0:  # a stale threshold above every channel: keep the largest
+                a_channels = _channel_norms(x, cdim).argmax().view(1)
+        stats: dict[str, Any] = {}
+        out = _SWATFunction.apply(x, self.weight, self.bias, w_mask, self._a_threshold, a_channels, op,
+                                  self._channel_dim % x.dim(), stats)
+        self.swat_step += 1
+        self.last_stats = {"weight_density": float(w_mask.float().mean()),
+                           "activation_density": stats.get("activation_density")}
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, sparsity={self.sparsity}, activation_sparsity={self.activation_sparsity}, "
+                f"topk_period={self.topk_period}, structured={self.structured}, warmup_steps={self.warmup_steps}")
+
+
+class SWATLinear(_SWATMixin, nn.Linear):
+    """``nn.Linear`` trained with SWAT (see the module docstring). Input ``(..., in_features)``.
+
+    Build it with :meth:`from_dense` to reuse a trained layer's Parameters (an optimizer built
+    before keeps working), or like ``nn.Linear`` plus the SWAT arguments.
+    """
+
+    _channel_dim = -1
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, sparsity: float = 0.8,
+                 activation_sparsity: float | None = None, topk_period: int = 1, structured: bool = False,
+                 warmup_steps: int = 0, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self._init_swat(sparsity, activation_sparsity, topk_period, structured, warmup_steps, "SWATLinear")
+
+    @classmethod
+    def from_dense(cls, module: nn.Linear, **swat_kwargs: Any) -> SWATLinear:
+        """A SWAT layer sharing ``module``'s weight and bias Parameters."""
+        _check_supported(module, "module", "SWATLinear.from_dense", (nn.Linear,))
+        new = cls(module.in_features, module.out_features, module.bias is not None, device="meta", **swat_kwargs)
+        new.weight, new.bias = module.weight, module.bias
+        new.swat_step = torch.zeros((), dtype=torch.long, device=module.weight.device)
+        new.train(module.training)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._swat_forward(x, _Op("linear"))
+
+
+class SWATConv2d(_SWATMixin, nn.Conv2d):
+    """``nn.Conv2d`` trained with SWAT (see the module docstring). Input ``(B, C_in, H, W)``.
+
+    Padding mode ``"zeros"`` only; ``padding="same"`` only where it is symmetric.
+    """
+
+    _channel_dim = 1
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, *, sparsity: float = 0.8, activation_sparsity: float | None = None,
+                 topk_period: int = 1, structured: bool = False, warmup_steps: int = 0, device=None, dtype=None):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         device=device, dtype=dtype)
+        _check_conv(self, "SWATConv2d")
+        self._init_swat(sparsity, activation_sparsity, topk_period, structured, warmup_steps, "SWATConv2d")
+        self._op = _Op("conv2d", tuple(self.stride), _int_padding(self), tuple(self.dilation), self.groups)
+
+    @classmethod
+    def from_dense(cls, module: nn.Conv2d, **swat_kwargs: Any) -> SWATConv2d:
+        """A SWAT layer sharing ``module``'s weight and bias Parameters."""
+        _check_supported(module, "module", "SWATConv2d.from_dense", (nn.Conv2d,))
+        _check_conv(module, "SWATConv2d.from_dense")
+        new = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                  module.dilation, module.groups, module.bias is not None, device="meta", **swat_kwargs)
+        new.weight, new.bias = module.weight, module.bias
+        new.swat_step = torch.zeros((), dtype=torch.long, device=module.weight.device)
+        new.train(module.training)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._swat_forward(x, self._op)
+
+
+SUPPORTED_LAYERS: dict[type, type] = {nn.Linear: SWATLinear, nn.Conv2d: SWATConv2d}
+"""Dense class -> its SWAT class. Exactly these classes are converted (not their subclasses)."""
+
+
+def _supported_names() -> str:
+    return ", ".join(f"torch.nn.{cls.__name__}" for cls in SUPPORTED_LAYERS)
+
+
+def _check_supported(module: Any, name: str, owner: str, classes: tuple[type, ...] | None = None) -> None:
+    classes = tuple(SUPPORTED_LAYERS) if classes is None else classes
+    if type(module) not in classes:
+        raise InvalidParameterError(
+            f"The '{name}' parameter of {owner} must be a layer SWAT can convert "
+            f"({', '.join('torch.nn.' + c.__name__ for c in classes)}; supported by SWAT: {_supported_names()}). "
+            f"Got {type(module).__module__}.{type(module).__name__} instead."
+        )
+
+
+def _check_conv(module: nn.Conv2d, owner: str) -> None:
+    if module.padding_mode != "zeros":
+        raise InvalidParameterError(
+            f"The 'padding_mode' of the convolution given to {owner} must be 'zeros' (SWAT's backward is "
+            f"a zero-padded convolution). Got {module.padding_mode!r} instead."
+        )
+    if isinstance(module.padding, str) and module.padding == "same":
+        total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+        if any(t % 2 for t in total):
+            raise InvalidParameterError(
+                f"The 'padding' of the convolution given to {owner} must be symmetric: padding='same' with "
+                f"kernel_size={module.kernel_size} and dilation={module.dilation} pads unevenly. Pass explicit "
+                f"integer padding instead."
+            )
+
+
+def _int_padding(module: nn.Conv2d) -> tuple[int, int]:
+    if isinstance(module.padding, str):
+        if module.padding == "valid":
+            return (0, 0)
+        return tuple(d * (k - 1) // 2 for d, k in zip(module.dilation, module.kernel_size))  # "same"
+    return tuple(module.padding)
+
+
+# ----------------------------------------------------------------------------- the cost ledger
+
+
+def _swat_flops(module: _SWATMixin, inputs: tuple, output: torch.Tensor) -> tuple[float, float]:
+    """SWAT's training FLOPs as the paper counts them (Sec. 5.1): the forward and the input
+    gradient scale with the weight density, the weight gradient with the activation density.
+    Without a training forward (evaluation, no_grad) the forward still uses the sparse weights."""
+    x = inputs[0]
+    if isinstance(module, nn.Conv2d):
+        macs_per_output = (module.in_channels // module.groups) * math.prod(module.kernel_size)
+    else:
+        macs_per_output = module.in_features
+    dense = 2 * macs_per_output * output.numel()
+    training = module.training and torch.is_grad_enabled()
+    if training:
+        w_density = module.last_stats["weight_density"]
+    else:
+        w_density = 1.0 if module.current_sparsity()[0] == 0 else float(module.weight_mask().float().mean())
+    fwd = dense * w_density
+    bwd = 0.0
+    if torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad:
+        bwd += dense * w_density  # dL/dx through the sparse weights
+    if torch.is_grad_enabled() and module.weight.requires_grad:
+        a_density = module.last_stats["activation_density"] if training else 1.0
+        bwd += dense * (1.0 if a_density is None else a_density)  # dL/dW from the sparse activation
+    return fwd, bwd
+
+
+register_flop_rule(SWATLinear, _swat_flops)
+register_flop_rule(SWATConv2d, _swat_flops)
+
+
+# ----------------------------------------------------------------------------- ERK
+
+
+def erk_densities(shapes: dict[str, tuple[int, ...]], density: float) -> dict[str, float]:
+    """Per-layer densities of the Erdős–Rényi-Kernel distribution (Evci et al. 2020, RigL).
+
+    Layer ``l`` gets density ``eps * sum(shape_l) / prod(shape_l)`` (fan-in + fan-out + kernel
+    dims over the parameter count: small layers stay denser), with ``eps`` chosen so that the
+    layers together keep ``density`` of their weights. A layer whose density would exceed 1 is
+    made dense and ``eps`` solved again for the others (RigL's loop).
+
+    Example:
+        >>> d = erk_densities({"big": (512, 512), "small": (10, 512)}, 0.2)
+        >>> round(d["big"], 3), round(d["small"], 3)
+        (0.184, 1.0)
+    """
+    check_param("density", density, [Interval(float, 0, 1, closed="right")], owner="erk_densities")
+    if not shapes:
+        raise InvalidParameterError("The 'shapes' parameter of erk_densities must not be empty. Got {} instead.")
+    numel = {name: math.prod(s) for name, s in shapes.items()}
+    raw = {name: sum(s) / numel[name] for name, s in shapes.items()}
+    dense: set[str] = set()
+    while True:
+        # kept weights must total density * N: the dense layers keep all of theirs, the others eps * raw * n
+        rhs = density * sum(numel.values()) - sum(numel[n] for n in dense)
+        divisor = sum(raw[n] * numel[n] for n in shapes if n not in dense)
+        if divisor == 0:
+            return {n: 1.0 for n in shapes}
+        eps = rhs / divisor
+        worst = max((n for n in shapes if n not in dense), key=lambda n: raw[n])
+        if eps * raw[worst] <= 1.0:
+            return {n: 1.0 if n in dense else eps * raw[n] for n in shapes}
+        dense.add(worst)
+
+
+# ----------------------------------------------------------------------------- surgery
+
+
+_APPLY_CONSTRAINTS = {
+    "sparsity": [Interval(float, 0, 1, closed="left")],
+    "distribution": [Options(set(DISTRIBUTIONS))],
+    "activation_sparsity": [Interval(float, 0, 1, closed="left"), None],
+    "dense_first_layer": [bool],
+    "topk_period": [Interval(int, 1, None)],
+    "structured": [bool],
+    "warmup_steps": [Interval(int, 0, None)],
+    "compact_relu": [bool],
+}
+
+
+def _convertible(model: nn.Module, layers: Iterable[str] | None, owner: str) -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs to convert: every supported layer, or exactly the named ones."""
+    named = dict(model.named_modules())
+    if layers is None:
+        return [(n, m) for n, m in named.items() if type(m) in SUPPORTED_LAYERS and n != ""]
+    layers = list(layers) if not isinstance(layers, str) else [layers]
+    out = []
+    for name in layers:
+        if name not in named or name == "":
+            raise InvalidParameterError(
+                f"The 'layers' parameter of {owner} must name submodules of the model. Got {name!r}, which is "
+                f"not one (e.g. {', '.join(repr(n) for n in list(named)[1:4])})."
+            )
+        _check_supported(named[name], f"layers ({name!r})", owner)
+        out.append((name, named[name]))
+    return out
+
+
+def apply_swat(
+    model: nn.Module,
+    sparsity: float = 0.8,
+    *,
+    distribution: str = "uniform",
+    activation_sparsity: float | None = None,
+    dense_first_layer: bool = True,
+    topk_period: int = 1,
+    structured: bool = False,
+    warmup_steps: int = 0,
+    compact_relu: bool = True,
+    layers: Iterable[str] | None = None,
+    optimizers: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
+) -> nn.Module:
+    """Convert ``model``'s ``nn.Linear`` and ``nn.Conv2d`` layers to SWAT layers, in place.
+
+    Args:
+        model: The model (not wrapped in DDP: convert first, then wrap).
+        sparsity: Fraction of the converted layers' weights zeroed in the forward pass, in [0, 1).
+        distribution: ``"uniform"`` (SWAT-U: every layer at ``sparsity``) or ``"erk"`` (SWAT-ERK:
+            :func:`erk_densities` over the converted layers, same total weight count as uniform).
+        activation_sparsity: Sparsity of the activations stored for backward (default:
+            ``sparsity``). Uniform over the layers with either distribution (our choice: ERK is
+            defined for parameter tensors).
+        dense_first_layer: Leave the first convertible layer (registration order) dense.
+        topk_period: Recompute the top-K thresholds every this many training steps (1: every
+            step, exact; the paper found hundreds fine for the weights).
+        structured: Keep whole channels (output channels of W, input channels of the activation)
+            instead of single entries; the kept work is dense and smaller.
+        warmup_steps: Ramp the sparsity linearly from 0 to its target over this many steps.
+        compact_relu: Also replace every ``nn.ReLU`` by :class:`CompactReLU` (same values and
+            gradients, 1 bit per element kept for backward), so that the dense ReLU output that
+            feeds a SWAT layer is not held until backward next to SWAT's compact copy.
+        layers: Qualified names of the modules to convert (default: every supported one).
+        optimizers: Not changed (the SWAT layers reuse the Parameters); accepted for symmetry.
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        InvalidParameterError: a bad argument, a named layer SWAT cannot convert (the supported
+            classes are listed), or nothing to convert.
+    """
+    owner = "apply_swat"
+    params = {"sparsity": sparsity, "distribution": distribution, "activation_sparsity": activation_sparsity,
+              "dense_first_layer": dense_first_layer, "topk_period": topk_period, "structured": structured,
+              "warmup_steps": warmup_steps, "compact_relu": compact_relu}
+    for name, value in params.items():
+        check_param(name, value, _APPLY_CONSTRAINTS[name], owner=owner)
+    if not isinstance(model, nn.Module):
+        raise InvalidParameterError(
+            f"The 'model' parameter of {owner} must be an instance of torch.nn.Module. Got {type(model).__name__} instead."
+        )
+    targets = _convertible(model, layers, owner)
+    if layers is None and dense_first_layer and targets:
+        targets = targets[1:]
+    if not targets:
+        already = sum(isinstance(m, _SWATMixin) for m in model.modules())
+        why = (f"its {already} SWAT layer(s) are converted already" if already else
+               f"it has no {_supported_names()} layer" + (" besides the first, kept dense (dense_first_layer=True)"
+                                                           if dense_first_layer and layers is None else ""))
+        raise InvalidParameterError(f"The 'model' parameter of {owner} has nothing to convert: {why}.")
+    if distribution == "erk":
+        densities = erk_densities({n: tuple(m.weight.shape) for n, m in targets}, 1.0 - sparsity)
+        per_layer = {n: max(0.0, 1.0 - d) for n, d in densities.items()}
+    else:
+        per_layer = {n: float(sparsity) for n, _ in targets}
+    wanted = {id(m): n for n, m in targets}
+    kw = {"activation_sparsity": float(sparsity if activation_sparsity is None else activation_sparsity),
+          "topk_period": topk_period, "structured": structured, "warmup_steps": warmup_steps}
+
+    def policy(module: nn.Module, index: int) -> nn.Module | None:
+        name = wanted.get(id(module))
+        if name is None:
+            return None
+        return SUPPORTED_LAYERS[type(module)].from_dense(module, sparsity=per_layer[name], **kw)
+
+    policies: dict[type, Any] = {cls: policy for cls in SUPPORTED_LAYERS}
+    if compact_relu:
+        policies[nn.ReLU] = lambda module, index: CompactReLU(module.inplace)
+    replace_module_classes(model, policies, optimizers=optimizers)
+    return model
+
+
+def swat_layers(model: nn.Module) -> list[tuple[str, _SWATMixin]]:
+    """``(name, layer)`` of every SWAT layer of ``model`` (DDP-wrapped or not)."""
+    root = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return [(n, m) for n, m in root.named_modules() if isinstance(m, _SWATMixin)]
+
+
+def set_swat_sparsity(model: nn.Module, sparsity: float, activation_sparsity: float | None = None) -> nn.Module:
+    """Change the target sparsity of every SWAT layer (uniform), e.g. for your own schedule."""
+    check_param("sparsity", sparsity, _APPLY_CONSTRAINTS["sparsity"], owner="set_swat_sparsity")
+    check_param("activation_sparsity", activation_sparsity, _APPLY_CONSTRAINTS["activation_sparsity"],
+                owner="set_swat_sparsity")
+    found = swat_layers(model)
+    if not found:
+        raise InvalidParameterError("The 'model' parameter of set_swat_sparsity has no SWAT layer: call apply_swat first.")
+    for _, m in found:
+        m.sparsity = float(sparsity)
+        m.activation_sparsity = float(sparsity if activation_sparsity is None else activation_sparsity)
+    return model
+
+
+def swat_summary(model: nn.Module) -> list[dict[str, Any]]:
+    """One row per SWAT layer: name, kind, weight shape, target sparsities, the exact weight
+    sparsity now, and the activation density measured at the last training step."""
+    rows = []
+    for name, m in swat_layers(model):
+        rows.append({
+            "layer": name,
+            "kind": type(m).__name__,
+            "weight_shape": tuple(m.weight.shape),
+            "sparsity": m.sparsity,
+            "activation_sparsity": m.activation_sparsity,
+            "weight_sparsity_now": 1.0 - float(m.weight_mask().float().mean()),
+            "last_activation_density": m.last_stats.get("activation_density"),
+            "structured": m.structured,
+        })
+    return rows
+
+
+def export_pruned(model: nn.Module) -> nn.Module:
+    """Hard-prune a SWAT-trained model for inference, in place: every SWAT layer becomes the
+    plain ``nn.Linear`` / ``nn.Conv2d`` it came from, with the weights outside its top-K set to
+    zero. The result needs no leanscale to load; see :mod:`leanscale.sparse.export` for sparse
+    kernels and compact files."""
+    dense_of = {swat: dense for dense, swat in SUPPORTED_LAYERS.items()}
+
+    def policy(module: nn.Module, index: int) -> nn.Module:
+        mask = module.weight_mask()
+        cls = dense_of[type(module)]
+        if cls is nn.Linear:
+            new = nn.Linear(module.in_features, module.out_features, module.bias is not None, device="meta")
+        else:
+            new = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                            module.padding, module.dilation, module.groups, module.bias is not None, device="meta")
+        new.weight = nn.Parameter(module.weight.detach() * mask, requires_grad=module.weight.requires_grad)
+        new.bias = (None if module.bias is None
+                    else nn.Parameter(module.bias.detach().clone(), requires_grad=module.bias.requires_grad))
+        new.train(module.training)
+        return new
+
+    if not swat_layers(model):
+        raise InvalidParameterError("The 'model' parameter of export_pruned has no SWAT layer to export.")
+    replace_module_classes(model, {**{cls: policy for cls in dense_of},
+                                   CompactReLU: lambda module, index: nn.ReLU(module.inplace)})
+    return model
+
+
+class SWAT:
+    """Class form of :func:`apply_swat` (composer style): holds the settings, ``apply(model)``."""
+
+    def __init__(self, sparsity: float = 0.8, **kwargs: Any):
+        self.sparsity, self.kwargs = sparsity, kwargs
+
+    def apply(self, model: nn.Module, optimizers=None) -> nn.Module:
+        return apply_swat(model, self.sparsity, optimizers=optimizers, **self.kwargs)
+
+    def __repr__(self) -> str:
+        args = ", ".join([f"sparsity={self.sparsity}"] + [f"{k}={v!r}" for k, v in self.kwargs.items()])
+        return f"SWAT({args})"
