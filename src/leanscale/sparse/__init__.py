@@ -3,6 +3,13 @@
 See ``README.md`` in this folder (the method card).
 """
 
+from leanscale.sparse.export import (
+    SparseLinear,
+    load_pruned,
+    save_pruned,
+    to_sparse_kernels,
+    weight_sparsity,
+)
 from leanscale.sparse.memory import SavedTensors, track_saved_tensors
 from leanscale.sparse.swat import (
     SUPPORTED_LAYERS,
@@ -26,12 +33,17 @@ __all__ = [
     "SWATConv2d",
     "SWATLinear",
     "SavedTensors",
+    "SparseLinear",
     "apply_swat",
     "erk_densities",
     "export_pruned",
+    "load_pruned",
+    "save_pruned",
     "set_swat_sparsity",
     "swat_layers",
     "swat_summary",
+    "to_sparse_kernels",
     "topk_threshold",
     "track_saved_tensors",
+    "weight_sparsity",
 ]
