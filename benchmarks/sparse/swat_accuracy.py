@@ -31,9 +31,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.common import RESULTS, machine
-from leanscale.core.io import JobState, atomic_write_json
+from leanscale.core.io import JobState, atomic_write_csv, atomic_write_json
 from leanscale.core.ledger import count_flops
-from leanscale.large_batch.train import TrainConfig, build_model, load_image_data, train_classifier
+from leanscale.large_batch.train import (
+    TrainConfig,
+    build_model,
+    load_image_data,
+    train_classifier,
+)
 from leanscale.sparse import apply_swat, swat_layers, track_saved_tensors
 
 SPARSITIES = (0.0, 0.5, 0.7, 0.8, 0.9)
@@ -175,11 +180,7 @@ def summarize(model: str, name: str, out: Path, state: JobState, epochs: float) 
                  "CIFAR-10 ResNet-18 at 90%: within ~1 point.",
     }
     atomic_write_json(RESULTS / "sparse" / f"{name}.json", blob)
-    with open(RESULTS / "sparse" / f"{name}.csv", "w") as f:
-        cols = list(table[0])
-        f.write(",".join(cols) + "\n")
-        for t in table:
-            f.write(",".join("" if t[c] is None else str(t[c]) for c in cols) + "\n")
+    atomic_write_csv(RESULTS / "sparse" / f"{name}.csv", table, columns=list(table[0]))
     for t in table:
         print(f"{t['distribution']:>7} {t['sparsity']:.1f}: {t['test_accuracy_mean']:.2f} +- {t['test_accuracy_sd']:.2f}"
               f"  FLOPs -{100 * t['training_flops_reduction']:.0f}%  saved -{100 * t['saved_bytes_reduction_whole_model']:.0f}%"

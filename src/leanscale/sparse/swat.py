@@ -76,17 +76,27 @@ _SHIFTS = torch.arange(8, dtype=torch.uint8)
 # ----------------------------------------------------------------------------- top-K primitives
 
 
-def topk_threshold(t: torch.Tensor, density: float) -> torch.Tensor:
+# Activation thresholds of tensors larger than this are estimated from a strided sample of this
+# many entries: kthvalue over a (128, 8, 28, 28) activation takes 13 ms on our CPU, over the sample
+# 1.5 ms, and the realised density stays within ~1% of the target (it is measured and recorded).
+ACTIVATION_SAMPLE = 65536
+
+
+def topk_threshold(t: torch.Tensor, density: float, max_sample: int | None = None) -> torch.Tensor:
     """Magnitude of the K-th largest ``|t|``, ``K = max(1, round(density * t.numel()))``.
 
     ``|t| >= threshold`` keeps the top-K entries (more only on exact ties). Returns a 0-d tensor
     on ``t``'s device; 0 when ``density >= 1`` (keep everything). ``kthvalue`` is O(n), no sort.
+    With ``max_sample``, a tensor with more entries is subsampled with a stride first (an
+    estimate: the kept fraction is close to ``density``, not exact).
 
     Example:
         >>> topk_threshold(torch.tensor([0.1, -3.0, 2.0, 0.5]), 0.5)
         tensor(2.)
     """
     flat = t.detach().abs().reshape(-1)
+    if max_sample is not None and flat.numel() > max_sample:
+        flat = flat[:: flat.numel() // max_sample]
     n = flat.numel()
     k = max(1, min(n, round(density * n)))
     if k >= n:
@@ -108,7 +118,7 @@ def pack_topk(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.
     with 8 elements per byte, shape ``(ceil(numel / 8),)``, dtype uint8. Together they take
     ``4 * nnz + numel / 8`` bytes for float32 instead of ``4 * numel``.
     """
-    return x[mask], pack_bits(mask)  # (nnz,), (ceil(numel / 8),)
+    return torch.masked_select(x, mask), pack_bits(mask)  # (nnz,), (ceil(numel / 8),)
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -139,7 +149,7 @@ def unpack_topk(values: torch.Tensor, bits: torch.Tensor, shape: torch.Size | tu
     """
     mask = unpack_bits(bits, shape)
     out = values.new_zeros(shape)
-    out[mask] = values
+    out.masked_scatter_(mask, values)  # row-major order, as masked_select wrote them
     return out
 
 
@@ -352,7 +362,7 @@ class _SWATMixin:
         if self.structured:
             self._a_threshold = topk_threshold(_channel_norms(x, self._channel_dim % x.dim()), 1.0 - a_sparsity)
         else:
-            self._a_threshold = topk_threshold(x, 1.0 - a_sparsity)
+            self._a_threshold = topk_threshold(x, 1.0 - a_sparsity, ACTIVATION_SAMPLE)
         self._thresholds_for = sparsities
 
     # --- forward

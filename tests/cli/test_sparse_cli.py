@@ -1,0 +1,87 @@
+"""`leanscale sparse report|train|export` end to end on small inputs, also under torchrun."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from leanscale.cli.main import main
+from leanscale.models import BNCNN
+from leanscale.sparse import apply_swat, load_pruned
+from tests.distributed import free_port
+
+
+def test_report_json_counts_the_sparse_work(capsys):
+    assert main(["sparse", "report", "--batch", "8", "--sparsity", "0.8", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    names = [r["layer"] for r in report["layers"]]
+    assert names == ["features.3", "features.7", "features.10", "classifier"]  # the first conv stays dense
+    for r in report["layers"]:
+        assert r["weight_sparsity"] == pytest.approx(0.8, abs=0.01)
+        assert r["train_flops_swat"] / r["train_flops_dense"] == pytest.approx(0.2, abs=0.02)
+        assert r["held_bytes_swat"] < 0.3 * r["held_bytes_dense"]
+    t = report["total"]
+    assert t["train_flops_swat"] < 0.35 * t["train_flops_dense"] and t["saved_bytes_swat"] < t["saved_bytes_dense"]
+
+
+def test_report_text_and_erk(capsys):
+    assert main(["sparse", "report", "--batch", "4", "--distribution", "erk", "--sparsity", "0.9"]) == 0
+    out = capsys.readouterr().out
+    assert "whole model: training FLOPs" in out and "SWATConv2d" in out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "nope"], "'--model' parameter of leanscale sparse must look like 'package.module:callable'"),
+    (["--model", "leanscale.models:Nope"], "must name an importable callable"),
+    (["--model", "leanscale.core.registry:list_techniques"], "must return a torch.nn.Module"),
+    (["--sparsity", "1.5"], "'sparsity' parameter of apply_swat must be a float in the range [0, 1). Got 1.5"),
+    (["--topk-period", "0"], "'topk_period' parameter of apply_swat"),
+    (["--distribution", "erdos"], "'distribution' parameter of apply_swat"),
+])
+def test_report_bad_input(argv, message, capsys):
+    assert main(["sparse", "report", "--batch", "4", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_train_saves_a_pruned_model(tmp_path, capsys):
+    out, saved = tmp_path / "run.json", tmp_path / "pruned.pt"
+    assert main(["sparse", "train", "--epochs", "0.5", "--set", "n_train=1000", "--set", "n_test=200",
+                 "--save", str(saved), "--out", str(out)]) == 0
+    assert "SWAT-U 80%: test accuracy" in capsys.readouterr().out
+    run = json.loads(out.read_text())
+    assert [r["layer"] for r in run["swat_layers"]] == ["features.3", "features.7", "features.10", "classifier"]
+    model = load_pruned(BNCNN(width=8), saved)
+    w = model.features[3].weight
+    assert float((w == 0).float().mean()) == pytest.approx(0.8, abs=0.01)
+    assert float((model.features[0].weight == 0).float().mean()) == 0.0
+
+
+def test_export_a_checkpoint(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = apply_swat(BNCNN(), 0.7)
+    ckpt = tmp_path / "swat.pt"
+    torch.save(model.state_dict(), ckpt)
+    assert main(["sparse", "export", "--checkpoint", str(ckpt), "--sparsity", "0.7", "--out", str(tmp_path / "p.pt")]) == 0
+    pruned = load_pruned(BNCNN(), tmp_path / "p.pt")
+    assert float((pruned.features[3].weight == 0).float().mean()) == pytest.approx(0.7, abs=0.01)
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "wrong.pt")
+    assert main(["sparse", "export", "--checkpoint", str(tmp_path / "wrong.pt"), "--out", str(tmp_path / "q.pt")]) == 2
+    assert "does not fit --model" in capsys.readouterr().err
+    assert main(["sparse", "export", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "q.pt")]) == 2
+    assert "'--checkpoint' parameter" in capsys.readouterr().err
+
+
+@pytest.mark.distributed
+def test_train_under_torchrun(tmp_path):
+    out = tmp_path / "run.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "-m", "leanscale.cli.main", "sparse", "train", "--epochs", "0.5", "--set", "n_train=512",
+           "--set", "n_test=200", "--distribution", "erk", "--out", str(out), "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, check=False,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "LEANSCALE_NO_PROGRESS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = json.loads(out.read_text())
+    assert run["world_size"] == 2 and run["distribution"] == "erk" and 0 <= run["test_accuracy"] <= 1
