@@ -389,3 +389,31 @@ def test_nothing_to_convert():
         apply_swat("model")
     with pytest.raises(InvalidParameterError, match=r"'sparsity' parameter of SWATLinear.*Got 1"):
         SWATLinear(3, 3, sparsity=1)
+
+
+def test_structured_conv_keeps_whole_filters_and_input_channels():
+    torch.manual_seed(7)
+    dense = nn.Conv2d(8, 6, 3, padding=1, bias=False)
+    W = dense.weight.detach().clone()
+    layer = SWATConv2d.from_dense(dense, sparsity=0.5, structured=True)
+    x = torch.randn(4, 8, 7, 7, requires_grad=True)
+    y = layer(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    filters = W.flatten(1).norm(dim=1).argsort(descending=True)[:3]  # 3 of 6 output channels
+    channels = x.detach().transpose(0, 1).flatten(1).norm(dim=1).argsort(descending=True)[:4]  # 4 of 8 inputs
+    w_mask = torch.zeros(6, 1, 1, 1, dtype=torch.bool)
+    w_mask[filters] = True
+    a_mask = torch.zeros(1, 8, 1, 1, dtype=torch.bool)
+    a_mask[:, channels] = True
+    torch.testing.assert_close(y, F.conv2d(x.detach(), W * w_mask, None, 1, 1), rtol=0, atol=1e-5)
+    Wr = W.clone().requires_grad_(True)
+    F.conv2d(x.detach() * a_mask, Wr, None, 1, 1).backward(g)
+    torch.testing.assert_close(dense.weight.grad, Wr.grad, rtol=1e-5, atol=1e-5)
+    xr = x.detach().clone().requires_grad_(True)
+    F.conv2d(xr, W * w_mask, None, 1, 1).backward(g)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-5)
+    with track_saved_tensors(layer) as saved:
+        layer(x)
+    # the 4 kept channels (float32) + their int64 indices + the weight-mask bits
+    assert saved.total_bytes == 4 * 4 * 4 * 7 * 7 + 4 * 8 + math.ceil(W.numel() / 8)
