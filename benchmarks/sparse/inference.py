@@ -12,6 +12,7 @@ Usage: python benchmarks/sparse/inference.py [--repeats 200]
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import tempfile
@@ -33,7 +34,7 @@ MODELS = {"lenet-300-100": (784, 300, 100, 10), "mlp-1024": (1024, 1024, 1024, 1
 def build(widths: tuple[int, ...], sparsity: float) -> nn.Module:
     torch.manual_seed(0)
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(widths)):
         layers.append(nn.Linear(a, b))
         if i < len(widths) - 2:
             layers.append(nn.ReLU())

@@ -62,8 +62,8 @@ def swat_report(dense: nn.Module, swat: nn.Module, x: torch.Tensor) -> dict[str,
         "batch": int(x.shape[0]),
     }
     lines = [f"one training step, batch {x.shape[0]}",
-             f"{'layer':<22}{'kind':<12}{'W sparse':>9}{'A sparse':>9}{'MFLOP dense':>13}{'MFLOP SWAT':>12}"
-             f"{'kB held dense':>15}{'kB held SWAT':>14}"]
+             (f"{'layer':<22}{'kind':<12}{'W sparse':>9}{'A sparse':>9}{'MFLOP dense':>13}{'MFLOP SWAT':>12}"
+              f"{'kB held dense':>15}{'kB held SWAT':>14}")]
     for r in rows:
         a = "-" if r["activation_sparsity"] is None else f"{r['activation_sparsity']:.0%}"
         lines.append(f"{r['layer']:<22}{r['kind']:<12}{r['weight_sparsity']:>9.0%}{a:>9}"

@@ -15,7 +15,12 @@ _MAIN_BENCHMARK = "swat_bncnn.json"
 def chapter(ctx):
     import torch
 
-    from leanscale.large_batch.train import TrainConfig, build_model, load_image_data, train_classifier
+    from leanscale.large_batch.train import (
+        TrainConfig,
+        build_model,
+        load_image_data,
+        train_classifier,
+    )
     from leanscale.sparse import apply_swat
     from leanscale.sparse.report import swat_report
     from leanscale.tour import ChapterResult
