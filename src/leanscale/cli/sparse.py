@@ -148,7 +148,12 @@ def run_train(args) -> int:
     from leanscale.core.config import apply_overrides
     from leanscale.core.distributed import init_from_env, rank_and_world, shutdown
     from leanscale.core.io import atomic_write_json, to_jsonable
-    from leanscale.large_batch.train import TrainConfig, build_model, load_image_data, train_classifier
+    from leanscale.large_batch.train import (
+        TrainConfig,
+        build_model,
+        load_image_data,
+        train_classifier,
+    )
     from leanscale.sparse import export_pruned, save_pruned, swat_summary
 
     config = apply_overrides(TrainConfig(model=args.model, epochs=args.epochs, eval_every_epochs=args.epochs),
