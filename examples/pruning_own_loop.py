@@ -103,7 +103,7 @@ def main() -> None:
     early = train(x, y, args.score_epochs, seed=1, tracker=tracker)
     el2n = el2n_scores(collect_probs(early, x), y.numpy())
 
-    # 2. Select: class-balanced; "auto" keeps easy examples when few per class are kept.
+    # 2. Select: class-balanced; "auto" keeps easy examples when less than 40% of the data is kept.
     kept = select(el2n, args.keep, strategy="auto", labels=y.numpy())
     kept_t = torch.as_tensor(kept)
 

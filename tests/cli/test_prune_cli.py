@@ -51,8 +51,16 @@ def test_prune_select_auto_rule_and_bad_keep(tmp_path, capsys):
     np.save(tmp_path / "s.npy", np.linspace(0, 1, 50))
     assert main(["prune", "select", "--scores", str(tmp_path / "s.npy"), "--keep", "10", "--json"]) == 0
     m = json.loads(capsys.readouterr().out)
-    assert m["n_kept"] == 10 and m["strategy"]["resolved"] == "easy" and "auto_min_per_class" in m["strategy"]["reason"]
+    assert m["n_kept"] == 10 and m["strategy"]["resolved"] == "easy"
+    assert m["strategy"]["reason"] == (
+        "auto: keeping 20% of the examples (10 of 50) is below auto_min_fraction=0.4: with a small kept set keep "
+        "the easiest examples (Sorscher et al. 2022, Fig. 1)")
     assert np.load(tmp_path / "kept.npy").tolist() == list(range(10))  # the easiest = lowest scores
+    # 20 of 50 = 40%: exactly auto_min_fraction, so the hardest
+    assert main(["prune", "select", "--scores", str(tmp_path / "s.npy"), "--keep", "20", "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["strategy"]["resolved"] == "hard" and "(20 of 50) is at least auto_min_fraction=0.4" in m["strategy"]["reason"]
+    assert np.load(tmp_path / "kept.npy").tolist() == list(range(30, 50))
     assert main(["prune", "select", "--scores", str(tmp_path / "s.npy"), "--keep", "1.5"]) == 2
     assert "'keep' parameter" in capsys.readouterr().err
     assert main(["prune", "select", "--scores", str(tmp_path / "nothing"), "--keep", "0.5"]) == 2

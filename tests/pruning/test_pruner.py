@@ -15,7 +15,7 @@ from leanscale.pruning.grand import grand_scores
 from leanscale.pruning.prototypes import prototype_scores
 from leanscale.pruning.pruner import DataPruner, default_model_fn
 from leanscale.pruning.scores import collect_probs, el2n_scores, uncertainty_scores
-from leanscale.pruning.select import AUTO_MIN_PER_CLASS, resolve_strategy, select
+from leanscale.pruning.select import AUTO_MIN_FRACTION, resolve_strategy, select
 
 N, D, K = 60, 4, 3
 FAST = {"batch_size": 16, "lr": 0.1, "score_epochs": 2}
@@ -208,10 +208,10 @@ def test_texts_without_embedding_use_minilm(monkeypatch):
         return np.array([[len(t), t.count("1") + 1.0, 1.0] for t in batch], dtype=np.float32)
 
     monkeypatch.setattr(embed, "embed_texts", fake_embed_texts)
-    pruner = DataPruner(metric="prototypes", n_clusters=2, keep=6).fit(texts)
+    pruner = DataPruner(metric="prototypes", n_clusters=2, keep=4).fit(texts)
     assert seen == [texts]
     np.testing.assert_allclose(pruner.scores_, prototype_scores(fake_embed_texts(texts), 2, metric="cosine"))
-    assert len(pruner.transform()) == 6 and pruner.strategy_ == "easy"  # 6 kept, no labels: scarce
+    assert len(pruner.transform()) == 4 and pruner.strategy_ == "easy"  # 4 of 12 kept: 33% < 40%
 
 
 def test_random_scores_are_seeded_and_precomputed_scores_are_used_as_given():
@@ -229,15 +229,19 @@ def test_random_scores_are_seeded_and_precomputed_scores_are_used_as_given():
     assert np.array_equal(easy, np.arange(30))
 
 
-@pytest.mark.parametrize(("keep", "strategy"), [(0.5, "auto"), (6, "auto"), (0.2, "hard"), (0.7, "random")])
+@pytest.mark.parametrize(("keep", "strategy"), [(0.5, "auto"), (6, "auto"), (24, "auto"), (23, "auto"), (0.2, "hard"),
+                                               (0.7, "random")])
 def test_kept_indices_follow_select_and_the_resolved_strategy(keep, strategy):
     x, y = _data()
     scores = np.random.default_rng(0).normal(size=N)
     pruner = DataPruner(keep=keep, strategy=strategy, seed=1).fit(x, y, scores=scores)
     kept = select(scores, keep, strategy, labels=y, class_balance=True, seed=1)
     assert np.array_equal(pruner.transform(), kept)
-    resolved, reason = resolve_strategy(strategy, len(kept), K, AUTO_MIN_PER_CLASS)
+    resolved, reason = resolve_strategy(strategy, len(kept), N, AUTO_MIN_FRACTION)
     assert (pruner.strategy_, pruner.strategy_reason_) == (resolved, reason)
+    if strategy == "auto":  # the rule is on the fraction of all N scored examples: 24 of 60 = 40% is hard
+        assert pruner.strategy_ == ("hard" if len(kept) >= 24 else "easy")
+        assert f"({len(kept)} of {N})" in reason
     if strategy == "auto":  # the resolved rule gives the same indices
         assert np.array_equal(select(scores, keep, resolved, labels=y, seed=1), kept)
     assert pruner.transform() is not pruner.transform()  # a copy each time
@@ -301,6 +305,7 @@ def test_manifest_scores_and_kept_are_written_atomically_and_data_is_untouched(t
     m = json.loads(path.read_text())
     assert m["metric"] == "el2n"
     assert m["strategy"] == {"requested": "auto", "resolved": pruner.strategy_, "reason": pruner.strategy_reason_}
+    assert pruner.strategy_ == "hard" and "keeping 70% of the examples (42 of 60)" in pruner.strategy_reason_
     assert m["keep"] == 0.7 and m["n_examples"] == N and m["n_kept"] == len(kept) == 42
     assert m["n_dropped"] == N - 42
     assert sorted(m["dropped_indices"] + kept.tolist()) == list(range(N))

@@ -185,8 +185,9 @@ class DataPruner:
         keep: Fraction in ``(0, 1]`` (float) or number ``>= 1`` (int) of examples to keep.
         strategy: ``"hard"`` keeps the highest scores, ``"easy"`` the lowest, ``"random"``
             ignores them, ``"auto"`` applies Sorscher et al.'s rule
-            (:func:`~leanscale.pruning.select.resolve_strategy`: easy when few examples per class
-            are kept, hard otherwise).
+            (:func:`~leanscale.pruning.select.resolve_strategy`: hard when at least the fraction
+            :data:`~leanscale.pruning.select.AUTO_MIN_FRACTION` of the scored examples is kept,
+            easy otherwise).
         class_balance: With labels, every class keeps the same fraction.
         model_fn: Returns a fresh ``nn.Module`` (logits) for the training-based metrics; default
             :func:`default_model_fn` (BNCNN for 4-d images, an MLP otherwise) sized from the data.
@@ -294,7 +295,8 @@ class DataPruner:
             x: The examples ``(n, ...)`` (array or tensor; a list of texts for ``"prototypes"``).
                 May be None when ``scores`` (or an ``embedding`` array) is given.
             y: Labels ``(n,)`` (any hashable values); required by :data:`LABEL_METRICS`, and used
-                for class balance and the ``"auto"`` rule whenever given.
+                for class balance whenever given (the ``"auto"`` rule looks only at the kept
+                fraction).
             scores: Precomputed scores ``(n,)`` (higher = harder): nothing is computed.
 
         Returns:
@@ -305,7 +307,7 @@ class DataPruner:
                 lengths that do not match, ``keep`` larger than the data.
         """
         from leanscale.pruning.select import (
-            AUTO_MIN_PER_CLASS,
+            AUTO_MIN_FRACTION,
             resolve_strategy,
             select,
         )
@@ -350,9 +352,8 @@ class DataPruner:
 
         kept = select(self.scores_, self.keep, self.strategy, labels=self.labels_,
                       class_balance=self.class_balance, seed=self.seed)
-        n_classes = 1 if self.labels_ is None else len(self.classes_)
-        self.strategy_, self.strategy_reason_ = resolve_strategy(self.strategy, len(kept), n_classes,
-                                                                 AUTO_MIN_PER_CLASS)
+        # n_total: every scored example (the rule is on the kept fraction, not per class)
+        self.strategy_, self.strategy_reason_ = resolve_strategy(self.strategy, len(kept), n, AUTO_MIN_FRACTION)
         self.kept_indices_ = np.asarray(kept, dtype=np.int64)
         return self
 
