@@ -13,6 +13,7 @@ import gc
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -165,6 +166,8 @@ def train_run(
     data: np.ndarray | TokenStream,
     *,
     max_minutes: float | None = None,
+    prepare_model: Callable[[GPT], torch.nn.Module] | None = None,
+    aux_loss: Callable[[torch.nn.Module], torch.Tensor] | None = None,
 ) -> dict:
     """Train one model of a sweep for one epoch over ``spec.n_tokens`` tokens and evaluate it.
 
@@ -183,6 +186,12 @@ def train_run(
             with ``spec.val_fraction``.
         max_minutes: stop training after this many minutes of wall time (then evaluate and
             return, with ``truncated=True`` and the tokens actually trained). None: no limit.
+        prepare_model: Called on the freshly initialised :class:`GPT` (before DDP and the
+            optimizer) and returns the model to train, e.g. ``lambda m: apply_moe(m, 8)``.
+            ``n_params`` then counts the prepared model's parameters.
+        aux_loss: Called on the model after each forward; its value is added to the training
+            loss (e.g. MoE load-balancing and z-losses). The reported losses stay the language
+            model's cross-entropy.
 
     Returns:
         A dict with the run's columns of ``runs.csv`` (``run_id``, ``budget_flops``,
@@ -212,6 +221,8 @@ def train_run(
     with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's RNG
         torch.manual_seed(spec.seed)
         model = GPT(model_config(spec))
+        if prepare_model is not None:
+            model = prepare_model(model)
     n_params = model.n_params()
     train_model = model
     if world_size > 1:
@@ -234,7 +245,8 @@ def train_run(
         for group in optimizer.param_groups:
             group["lr"] = lr
         _, loss = train_model(x, y)
-        loss.backward()
+        total = loss if aux_loss is None else loss + aux_loss(model)
+        total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
