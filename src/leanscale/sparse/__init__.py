@@ -1,4 +1,5 @@
-"""Sparse activation: SWAT sparse weight activation training (Raihan & Aamodt 2020).
+"""Sparse activation: SWAT sparse weight activation training (Raihan & Aamodt 2020) and
+mixture-of-experts conditional computation (Switch Transformer, Fedus et al. 2021).
 
 See ``README.md`` in this folder (the method card).
 """
@@ -11,6 +12,15 @@ from leanscale.sparse.export import (
     weight_sparsity,
 )
 from leanscale.sparse.memory import SavedTensors, track_saved_tensors
+from leanscale.sparse.moe import (
+    MoE,
+    MoEMLP,
+    MoEOutput,
+    apply_moe,
+    moe_aux_loss,
+    moe_layers,
+    moe_stats,
+)
 from leanscale.sparse.swat import (
     SUPPORTED_LAYERS,
     SWAT,
@@ -30,14 +40,21 @@ __all__ = [
     "SUPPORTED_LAYERS",
     "SWAT",
     "CompactReLU",
+    "MoE",
+    "MoEMLP",
+    "MoEOutput",
     "SWATConv2d",
     "SWATLinear",
     "SavedTensors",
     "SparseLinear",
+    "apply_moe",
     "apply_swat",
     "erk_densities",
     "export_pruned",
     "load_pruned",
+    "moe_aux_loss",
+    "moe_layers",
+    "moe_stats",
     "save_pruned",
     "set_swat_sparsity",
     "swat_layers",

@@ -1,0 +1,604 @@
+"""Mixture-of-experts feed-forward layer (Switch Transformer, GShard), a drop-in for the GPT MLP.
+
+A mixture-of-experts (MoE) layer holds ``E`` expert MLPs and a router; every token is processed
+by only ``top_k`` of them, so parameters grow ``E``-fold while the FLOPs per token stay those of
+``top_k`` dense MLPs (plus the router). References:
+
+* Shazeer et al. 2017, "Outrageously Large Neural Networks: The Sparsely-Gated Mixture-of-Experts
+  Layer", arXiv 1701.06538 -- the gated MoE layer and its balancing losses;
+* Lepikhin et al. 2020, "GShard", arXiv 2006.16668 -- top-2 routing with renormalised gates,
+  expert capacity, second choices dispatched after all first choices;
+* Fedus et al. 2021, "Switch Transformers", arXiv 2101.03961 -- top-1 routing, the capacity
+  factor, the load-balancing loss (eq. 4), router in float32, multiplicative jitter;
+* Zoph et al. 2022, "ST-MoE", arXiv 2202.08906 -- the router z-loss (eq. 5);
+* Komatsuzaki et al. 2022, "Sparse Upcycling", arXiv 2212.05055 -- experts initialised as copies
+  of a trained dense MLP (``init="copy"``).
+
+For ``N`` tokens of width ``C``, ``E`` experts of hidden width ``H`` and ``k = top_k``:
+
+1. **Router** (float32, also under autocast): ``logits = x W_r^T`` (N, E), ``p = softmax(logits)``.
+   In training, with ``jitter > 0``, the router input is first multiplied by noise drawn
+   uniformly from ``[1 - jitter, 1 + jitter]`` (Switch; the experts see the clean input).
+2. **Top-k**: each token picks its ``k`` most probable experts. Gates: top-1 uses the chosen
+   expert's probability (Switch); top-k with ``k >= 2`` renormalises the ``k`` probabilities to
+   sum to 1 (GShard).
+3. **Capacity**: expert ``i`` processes at most ``ceil(capacity_factor * N * k / E)``
+   assignments. Priority: **all first choices before any second choice** (then all second
+   choices before any third, ...), and within one choice rank **by token position** (the order
+   of the flattened ``(..., C)`` input). Assignments beyond capacity are dropped: they contribute
+   0, and the residual connection around the layer carries the token unchanged.
+   ``capacity_factor=None`` is dropless.
+4. **Experts**: ``y_i = GELU(x W_fc[i] + b_fc[i]) W_proj[i] + b_proj[i]``, output
+   ``sum over kept assignments of gate * y_expert(token)``.
+5. **Auxiliary losses**, to be added to the training loss (:func:`moe_aux_loss`):
+   load balancing (Switch eq. 4, ``N`` there is the number of experts)
+   ``load_balancing_coef * E * sum_i f_i P_i`` with ``f_i`` the fraction of the ``N * k``
+   assignments routed to expert ``i`` **before** capacity dropping and ``P_i`` the mean router
+   probability of expert ``i``; and the z-loss ``z_loss_coef * mean(logsumexp(logits)^2)``.
+   Counting ``f_i`` after dropping (as some implementations do) hides the overload the loss is
+   meant to penalise: an expert that received 90% of the tokens but kept only its capacity looks
+   barely overloaded.
+
+Dispatch is sort-based, with no loop over tokens: the ``N * k`` assignments are listed in
+priority order, stably sorted by expert, numbered within their expert with a cumulative count,
+filtered by capacity, and each expert runs two matmuls on its contiguous slice; the gated outputs
+are scatter-added back with ``index_add_``.
+
+Example:
+    >>> import torch
+    >>> moe = MoE(n_embd=16, hidden=32, n_experts=4, top_k=2)
+    >>> out = moe(torch.randn(2, 10, 16))
+    >>> tuple(out.output.shape), tuple(out.load.shape), round(float(out.load.sum()), 6)
+    ((2, 10, 16), (4,), 1.0)
+
+    Convert every second MLP of a GPT (Switch's layout) and add the auxiliary losses:
+
+    >>> from leanscale.models import GPT, GPTConfig
+    >>> model = apply_moe(GPT(GPTConfig(64, 16, n_layer=2, n_head=2, n_embd=16)), n_experts=4)
+    >>> [type(block.mlp).__name__ for block in model.transformer.h]
+    ['MLP', 'MoEMLP']
+    >>> idx = torch.randint(0, 64, (2, 16))
+    >>> logits, loss = model(idx, targets=idx)
+    >>> (loss + moe_aux_loss(model)).backward()
+    >>> [row["name"] for row in moe_stats(model)]
+    ['transformer.h.1.mlp']
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leanscale.core.errors import InvalidParameterError
+from leanscale.core.ledger import register_flop_rule
+from leanscale.core.surgery import replace_module_classes
+from leanscale.core.validation import Interval, Options, check_param, unknown_name_error
+from leanscale.models.transformer import GPT, INIT_STD, MLP
+
+__all__ = [
+    "MoE",
+    "MoEMLP",
+    "MoEOutput",
+    "apply_moe",
+    "moe_aux_loss",
+    "moe_layers",
+    "moe_stats",
+]
+
+INITS = ("random", "copy")
+
+# capacity_factor * N * k / E is rounded to this many decimals before ceil(), so that a product
+# that is an integer on paper (1.1 * 4000 / 4 = 1100) but not in floating point
+# (1100.0000000000002) does not get one extra slot.
+_CAPACITY_DECIMALS = 6
+
+_MOE_CONSTRAINTS = {
+    "n_embd": [Interval(int, 1, None)],
+    "hidden": [Interval(int, 1, None)],
+    "n_experts": [Interval(int, 1, None)],
+    "top_k": [Interval(int, 1, None)],
+    "capacity_factor": [Interval("real", 0, None, closed="neither"), None],
+    "jitter": [Interval("real", 0, 1, closed="left")],
+    "load_balancing_coef": [Interval("real", 0, None)],
+    "z_loss_coef": [Interval("real", 0, None)],
+    "bias": [bool],
+    "dropout": [Interval("real", 0, 1, closed="left")],
+}
+
+# Dispatch choice, measured on this project's 2-core CPU (OMP_NUM_THREADS=1, torch 2.13, float32)
+# for E=8, N=4096, C=128, H=512, top-1, capacity_factor=1.25 (median of 7 runs):
+#   loop over experts, torch.split by counts, one matmul pair each: forward 15.6 ms, fwd+bwd 46 ms
+#   padded torch.bmm over (E, capacity, C):                          forward 27.6 ms, fwd+bwd 70 ms
+# The loop does no padded work (capacity_factor 1.25 pads 25%), needs no scatter into a padded
+# buffer, and handles dropless routing without padding to the largest expert. We keep the loop.
+
+
+class MoEOutput(NamedTuple):
+    """What :meth:`MoE.forward` returns.
+
+    Attributes:
+        output: The layer's output, same shape as its input.
+        load_balancing_loss: 0-d float32, ``coef * E * sum_i f_i P_i`` (already scaled by its coef).
+        z_loss: 0-d float32, ``coef * mean(logsumexp(logits)^2)`` (already scaled by its coef).
+        load: ``(E,)`` float32, ``f_i``: fraction of the ``N * top_k`` routing assignments sent
+            to expert ``i``, counted before capacity dropping (sums to 1).
+        dropped_fraction: Dropped assignments / all assignments (a Python float; 0 when dropless).
+    """
+
+    output: torch.Tensor
+    load_balancing_loss: torch.Tensor
+    z_loss: torch.Tensor
+    load: torch.Tensor
+    dropped_fraction: float
+
+
+def _check_moe_params(params: dict[str, Any], owner: str) -> None:
+    for name, value in params.items():
+        check_param(name, value, _MOE_CONSTRAINTS[name], owner=owner)
+    if "top_k" in params and "n_experts" in params and params["top_k"] > params["n_experts"]:
+        raise InvalidParameterError(
+            f"The 'top_k' parameter of {owner} must be at most n_experts={params['n_experts']} "
+            f"(each token picks top_k distinct experts). Got {params['top_k']} instead."
+        )
+
+
+class MoE(nn.Module):
+    """Mixture-of-experts feed-forward layer; see the module docstring for the algorithm.
+
+    Args:
+        n_embd: Input and output width ``C``.
+        hidden: Hidden width ``H`` of each expert.
+        n_experts: Number of experts ``E``.
+        top_k: Experts per token (1: Switch, 2: GShard).
+        capacity_factor: Capacity of each expert as a multiple of its even share
+            ``N * top_k / E`` of the assignments; ``None``: dropless (no capacity).
+        jitter: Multiplicative noise on the router input in training, uniform in
+            ``[1 - jitter, 1 + jitter]`` (Switch used 0.01); 0 disables it.
+        load_balancing_coef: Weight of the load-balancing loss (Switch: 0.01).
+        z_loss_coef: Weight of the router z-loss (ST-MoE: 1e-3).
+        bias: Give the experts biases.
+        dropout: Dropout on the output (as :class:`~leanscale.models.transformer.MLP`).
+        device, dtype: Where and in which dtype to create the parameters.
+
+    Parameters: ``router.weight`` (E, C); ``w_fc`` (E, C, H); ``w_proj`` (E, H, C); with
+    ``bias``, ``b_fc`` (E, H) and ``b_proj`` (E, C). Initialisation: normal with std 0.02
+    (GPT-2), biases zero; see :meth:`reset_parameters`.
+    """
+
+    def __init__(
+        self,
+        n_embd: int,
+        hidden: int,
+        n_experts: int,
+        top_k: int = 1,
+        capacity_factor: float | None = 1.25,
+        jitter: float = 0.0,
+        load_balancing_coef: float = 0.01,
+        z_loss_coef: float = 1e-3,
+        bias: bool = False,
+        dropout: float = 0.0,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        _check_moe_params(
+            {
+                "n_embd": n_embd, "hidden": hidden, "n_experts": n_experts, "top_k": top_k,
+                "capacity_factor": capacity_factor, "jitter": jitter, "load_balancing_coef": load_balancing_coef,
+                "z_loss_coef": z_loss_coef, "bias": bias, "dropout": dropout,
+            },
+            owner="MoE",
+        )
+        self.n_embd, self.hidden, self.n_experts, self.top_k = n_embd, hidden, n_experts, top_k
+        self.capacity_factor = None if capacity_factor is None else float(capacity_factor)
+        self.jitter = float(jitter)
+        self.load_balancing_coef = float(load_balancing_coef)
+        self.z_loss_coef = float(z_loss_coef)
+        factory = {"device": device, "dtype": dtype}
+        self.router = nn.Linear(n_embd, n_experts, bias=False, **factory)  # x -> expert logits
+        self.w_fc = nn.Parameter(torch.empty(n_experts, n_embd, hidden, **factory))  # (E, C, H)
+        self.w_proj = nn.Parameter(torch.empty(n_experts, hidden, n_embd, **factory))  # (E, H, C)
+        if bias:
+            self.b_fc = nn.Parameter(torch.empty(n_experts, hidden, **factory))  # (E, H)
+            self.b_proj = nn.Parameter(torch.empty(n_experts, n_embd, **factory))  # (E, C)
+        else:
+            self.register_parameter("b_fc", None)
+            self.register_parameter("b_proj", None)
+        self.dropout = nn.Dropout(dropout)
+        # (n_tokens, n_kept_assignments) of the last forward, read by the FLOP rule.
+        self.last_counts: tuple[int, int] | None = None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float = INIT_STD, proj_std: float | None = None) -> None:
+        """Initialise every expert independently: normal weights (std ``std``; the output
+        projections ``proj_std``, default ``std``), zero biases; the router normal with ``std``.
+
+        GPT scales its residual projections to ``0.02 / sqrt(2 * n_layer)``: pass that as
+        ``proj_std`` to match (:func:`apply_moe` does it for a :class:`~leanscale.models.GPT`).
+        """
+        check_param("std", std, [Interval("real", 0, None)], owner="MoE.reset_parameters")
+        check_param("proj_std", proj_std, [Interval("real", 0, None), None], owner="MoE.reset_parameters")
+        nn.init.normal_(self.router.weight, mean=0.0, std=std)
+        nn.init.normal_(self.w_fc, mean=0.0, std=std)
+        nn.init.normal_(self.w_proj, mean=0.0, std=std if proj_std is None else proj_std)
+        if self.b_fc is not None:
+            nn.init.zeros_(self.b_fc)
+            nn.init.zeros_(self.b_proj)
+
+    @torch.no_grad()
+    def load_dense(self, mlp: MLP) -> MoE:
+        """Copy a dense :class:`~leanscale.models.transformer.MLP` into every expert (sparse
+        upcycling). The router is left as it is. Returns ``self``.
+
+        Raises:
+            InvalidParameterError: ``mlp`` is not an ``MLP``, or its sizes or biases do not
+                match this layer's (the message names the mismatched weight).
+        """
+        _check_mlp(mlp, "mlp", "MoE.load_dense")
+        expected = {
+            "c_fc.weight": (self.hidden, self.n_embd),
+            "c_proj.weight": (self.n_embd, self.hidden),
+        }
+        for name, shape in expected.items():
+            got = tuple(mlp.get_parameter(name).shape)
+            if got != shape:
+                raise InvalidParameterError(
+                    f"The 'mlp' parameter of MoE.load_dense must have {name} of shape {shape} "
+                    f"(n_embd={self.n_embd}, hidden={self.hidden}). Got {got} instead."
+                )
+        has_bias = mlp.c_fc.bias is not None
+        if has_bias != (self.b_fc is not None):
+            raise InvalidParameterError(
+                f"The 'mlp' parameter of MoE.load_dense must have bias={self.b_fc is not None} like the "
+                f"experts. Got an MLP with bias={has_bias} instead."
+            )
+        self.w_fc.copy_(mlp.c_fc.weight.t().unsqueeze(0).expand_as(self.w_fc))  # (H, C) -> (E, C, H)
+        self.w_proj.copy_(mlp.c_proj.weight.t().unsqueeze(0).expand_as(self.w_proj))  # (C, H) -> (E, H, C)
+        if has_bias:
+            self.b_fc.copy_(mlp.c_fc.bias.unsqueeze(0).expand_as(self.b_fc))
+            self.b_proj.copy_(mlp.c_proj.bias.unsqueeze(0).expand_as(self.b_proj))
+        return self
+
+    def capacity(self, n_tokens: int) -> int | None:
+        """Assignments each expert keeps for a batch of ``n_tokens`` tokens (``None``: dropless)."""
+        if self.capacity_factor is None:
+            return None
+        share = self.capacity_factor * n_tokens * self.top_k / self.n_experts
+        return max(1, math.ceil(round(share, _CAPACITY_DECIMALS)))
+
+    def _route(self, xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router logits and probabilities, both float32 (N, E), even under autocast."""
+        with torch.autocast(device_type=xf.device.type, enabled=False):
+            xr = xf.float()
+            if self.training and self.jitter > 0:
+                noise = torch.empty_like(xr).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+                xr = xr * noise
+            logits = F.linear(xr, self.router.weight.float())  # (N, E)
+            return logits, logits.softmax(dim=-1)
+
+    def _expert(self, e: int, xe: torch.Tensor) -> torch.Tensor:
+        h = xe @ self.w_fc[e]  # (n_e, C) @ (C, H) -> (n_e, H)
+        if self.b_fc is not None:
+            h = h + self.b_fc[e]
+        y = F.gelu(h) @ self.w_proj[e]  # (n_e, H) @ (H, C) -> (n_e, C)
+        if self.b_proj is not None:
+            y = y + self.b_proj[e]
+        return y
+
+    def forward(self, x: torch.Tensor) -> MoEOutput:
+        if not isinstance(x, torch.Tensor) or x.ndim < 1 or x.shape[-1] != self.n_embd:
+            got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise InvalidParameterError(
+                f"The 'x' parameter of MoE.forward must be a tensor of shape (..., n_embd={self.n_embd}). "
+                f"Got {got} instead."
+            )
+        E, k, C = self.n_experts, self.top_k, self.n_embd
+        xf = x.reshape(-1, C)  # (N, C)
+        N = xf.shape[0]
+        logits, probs = self._route(xf)  # (N, E) float32 each
+
+        # Top-k choices and their gates.
+        top_p, top_e = probs.topk(k, dim=-1)  # (N, k), (N, k)
+        gates = top_p if k == 1 else top_p / top_p.sum(dim=-1, keepdim=True)  # (N, k)
+
+        # Assignments in priority order: choice-major (all first choices, then all second
+        # choices, ...), token order within a choice. Flat index a = j * N + t.
+        expert = top_e.t().reshape(-1)  # (kN,)
+        token = torch.arange(N, device=x.device).repeat(k)  # (kN,)
+        gate = gates.t().reshape(-1)  # (kN,)
+
+        # Load before dropping, and the auxiliary losses.
+        counts = torch.bincount(expert, minlength=E)  # (E,) assignments per expert
+        load = counts.float() / max(1, k * N)  # (E,) f_i, sums to 1
+        mean_prob = probs.mean(dim=0) if N else probs.new_zeros(E)  # (E,) P_i
+        lb_loss = self.load_balancing_coef * E * (load * mean_prob).sum()
+        z = torch.logsumexp(logits, dim=-1)  # (N,)
+        z_loss = self.z_loss_coef * (z.square().mean() if N else z.new_zeros(()))
+
+        # Sort by expert (stable: keeps the priority order within an expert), number each
+        # assignment within its expert, keep those under capacity.
+        order = torch.argsort(expert, stable=True)  # (kN,)
+        capacity = self.capacity(N)
+        if capacity is None:
+            kept = order
+            kept_counts = counts
+        else:
+            starts = torch.cumsum(counts, dim=0) - counts  # (E,) first sorted slot of each expert
+            position = torch.arange(k * N, device=x.device) - starts[expert[order]]  # (kN,) rank in its expert
+            kept = order[position < capacity]  # still grouped by expert, priority order inside
+            kept_counts = counts.clamp(max=capacity)
+        sizes = kept_counts.tolist()  # one host sync: the slice size of each expert
+        n_kept = sum(sizes)
+        kept_tokens = token[kept]  # (M,)
+
+        # Experts on contiguous slices (see the timing note above _MOE_CONSTRAINTS for why a loop).
+        xin = xf.index_select(0, kept_tokens)  # (M, C)
+        y = torch.cat([self._expert(e, xe) for e, xe in enumerate(torch.split(xin, sizes))])  # (M, C)
+        y = y * gate[kept].to(y.dtype).unsqueeze(1)  # (M, C) gated
+        out = y.new_zeros(N, C).index_add_(0, kept_tokens, y)  # (N, C); dropped: 0
+        out = self.dropout(out).reshape(*x.shape[:-1], C)
+
+        self.last_counts = (N, n_kept)
+        dropped = 0.0 if k * N == 0 else (k * N - n_kept) / (k * N)
+        return MoEOutput(out, lb_loss, z_loss, load.detach(), dropped)
+
+    def extra_repr(self) -> str:
+        return (
+            f"n_embd={self.n_embd}, hidden={self.hidden}, n_experts={self.n_experts}, top_k={self.top_k}, "
+            f"capacity_factor={self.capacity_factor}, jitter={self.jitter}, bias={self.b_fc is not None}"
+        )
+
+
+def _check_mlp(module: Any, name: str, owner: str) -> None:
+    if not isinstance(module, MLP):
+        raise InvalidParameterError(
+            f"The '{name}' parameter of {owner} must be a leanscale.models.transformer.MLP (the only "
+            f"layer MoE converts). Got {type(module).__module__}.{type(module).__name__} instead."
+        )
+
+
+class MoEMLP(nn.Module):
+    """Drop-in replacement of :class:`~leanscale.models.transformer.MLP` by a :class:`MoE`.
+
+    ``forward(x)`` returns only the output tensor, so ``Block`` works unchanged; the full
+    :class:`MoEOutput` of the last call is kept in ``last_output`` (for :func:`moe_aux_loss` and
+    :func:`moe_stats`; it holds the autograd graph of the losses until the next call). The
+    constructor takes the arguments of :class:`MoE`.
+    """
+
+    def __init__(self, n_embd: int, hidden: int, n_experts: int, **moe_kwargs: Any):
+        super().__init__()
+        self.moe = MoE(n_embd, hidden, n_experts, **moe_kwargs)
+        self.n_embd, self.hidden, self.n_experts = n_embd, hidden, n_experts
+        self.last_output: MoEOutput | None = None
+
+    @classmethod
+    def from_dense(
+        cls,
+        mlp: MLP,
+        n_experts: int,
+        *,
+        init: str = "random",
+        proj_std: float | None = None,
+        **moe_kwargs: Any,
+    ) -> MoEMLP:
+        """An MoE layer with ``mlp``'s widths, biases, dropout, device and dtype.
+
+        Args:
+            mlp: The dense :class:`~leanscale.models.transformer.MLP`.
+            n_experts: Number of experts.
+            init: ``"random"``: each expert initialised independently like GPT (normal, std
+                0.02; output projections ``proj_std``). ``"copy"``: every expert is a copy of
+                ``mlp`` (sparse upcycling); with ``n_experts=1`` (or ``top_k >= 2``) and
+                ``capacity_factor=None`` the layer computes exactly what ``mlp`` did.
+            proj_std: Std of the random output projections (default 0.02); ignored by "copy".
+            **moe_kwargs: The other arguments of :class:`MoE` (``top_k``, ``capacity_factor``,
+                ``jitter``, ``load_balancing_coef``, ``z_loss_coef``). ``n_embd``, ``hidden``,
+                ``bias`` and ``dropout`` are read from ``mlp``; given here they must agree.
+        """
+        owner = "MoEMLP.from_dense"
+        _check_mlp(mlp, "mlp", owner)
+        check_param("init", init, [Options(INITS)], owner=owner)
+        check_param("proj_std", proj_std, [Interval("real", 0, None), None], owner=owner)
+        read = {
+            "n_embd": mlp.n_embd,
+            "hidden": mlp.hidden,
+            "bias": mlp.c_fc.bias is not None,
+            "dropout": mlp.dropout.p,
+        }
+        allowed = set(_MOE_CONSTRAINTS) - {"n_experts"}
+        for key, value in moe_kwargs.items():
+            if key not in allowed:
+                raise unknown_name_error("moe_kwargs", key, allowed, owner=owner)
+            if key in read and value != read[key]:
+                raise InvalidParameterError(
+                    f"The '{key}' parameter of {owner} must match the MLP's {key}={read[key]!r} (it is "
+                    f"read from the MLP). Got {value!r} instead."
+                )
+        kwargs = {**moe_kwargs, **read}
+        n_embd, hidden = kwargs.pop("n_embd"), kwargs.pop("hidden")
+        weight = mlp.c_fc.weight
+        new = cls(n_embd, hidden, n_experts, device=weight.device, dtype=weight.dtype, **kwargs)
+        if init == "copy":
+            new.moe.load_dense(mlp)
+        else:
+            new.moe.reset_parameters(INIT_STD, proj_std)
+        new.train(mlp.training)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.moe(x)
+        self.last_output = out
+        return out.output
+
+    def __getstate__(self) -> dict[str, Any]:
+        # copy.deepcopy / pickle of a model after a forward: the last output is a non-leaf
+        # tensor tied to an autograd graph, which cannot be deep-copied. Leave it out.
+        state = super().__getstate__()
+        state["last_output"] = None
+        return state
+
+
+# ----------------------------------------------------------------------------- the cost ledger
+
+
+def _grad(t: Any) -> bool:
+    return torch.is_grad_enabled() and isinstance(t, torch.Tensor) and t.requires_grad
+
+
+def _moe_flops(module: MoE, inputs: tuple, output: Any) -> tuple[float, float]:
+    """FLOPs of the ACTIVE experts only: the router ``2 C E`` per token, and per kept
+    assignment two matmuls, ``2 * (C H + H C)``. Backward: per matmul, one forward's worth for
+    the input gradient and one for the weight gradient when autograd computes them (the ledger's
+    convention; 2x forward in training). Gating, softmax and the scatter-add are not counted."""
+    if module.last_counts is None:
+        return 0, 0
+    n_tokens, n_kept = module.last_counts
+    C, H, E = module.n_embd, module.hidden, module.n_experts
+    x = inputs[0]
+    router = 2 * C * E * n_tokens
+    fc = proj = 2 * C * H * n_kept
+    fwd = router + fc + proj
+    bwd = router * (_grad(x) + _grad(module.router.weight))
+    bwd += fc * (_grad(x) + _grad(module.w_fc))
+    bwd += proj * ((_grad(x) or _grad(module.w_fc)) + _grad(module.w_proj))
+    return fwd, bwd
+
+
+def _moe_mlp_flops(module: MoEMLP, inputs: tuple, output: Any) -> tuple[float, float]:
+    """0: the wrapper does no work itself; its :class:`MoE` is hooked and counted by its rule."""
+    return 0, 0
+
+
+register_flop_rule(MoE, _moe_flops)
+register_flop_rule(MoEMLP, _moe_mlp_flops)
+
+
+# ----------------------------------------------------------------------------- surgery
+
+
+def _root(model: Any, owner: str) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise InvalidParameterError(
+            f"The 'model' parameter of {owner} must be an instance of torch.nn.Module. "
+            f"Got {type(model).__name__} instead."
+        )
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def moe_layers(model: nn.Module) -> list[tuple[str, MoEMLP]]:
+    """``(name, layer)`` of every :class:`MoEMLP` of ``model`` (DDP-wrapped or not)."""
+    root = _root(model, "moe_layers")
+    return [(n, m) for n, m in root.named_modules() if isinstance(m, MoEMLP)]
+
+
+def apply_moe(
+    model: nn.Module,
+    n_experts: int,
+    *,
+    every: int = 2,
+    top_k: int = 1,
+    capacity_factor: float | None = 1.25,
+    init: str = "random",
+    optimizers: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
+    **moe_kwargs: Any,
+) -> nn.Module:
+    """Replace ``model``'s :class:`~leanscale.models.transformer.MLP` layers by :class:`MoEMLP`,
+    in place, through :func:`~leanscale.core.surgery.replace_module_classes`.
+
+    MLP number ``i`` (0-based, ``named_modules`` order) is converted when
+    ``i % every == every - 1``: ``every=1`` converts all of them, ``every=2`` the 2nd, 4th, ...
+    (Switch's every-other layer).
+
+    Args:
+        model: The model (not wrapped in DDP: convert first, then wrap).
+        n_experts: Experts per MoE layer.
+        every: Convert one MLP in ``every``.
+        top_k, capacity_factor: See :class:`MoE`.
+        init: ``"random"`` or ``"copy"`` (see :meth:`MoEMLP.from_dense`).
+        optimizers: Optimizer(s) holding the model's parameters, updated by the surgery.
+        **moe_kwargs: The other arguments of :meth:`MoEMLP.from_dense` / :class:`MoE`. For a
+            :class:`~leanscale.models.GPT` without ``proj_std``, the random output projections
+            get GPT's residual scaling ``0.02 / sqrt(2 * n_layer)``.
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        InvalidParameterError: a bad argument (``n_experts < 1``, ``top_k`` outside
+            ``[1, n_experts]``, ``capacity_factor <= 0``, ``every < 1``, ...), or no MLP to convert.
+    """
+    owner = "apply_moe"
+    _check_moe_params({"n_experts": n_experts, "top_k": top_k, "capacity_factor": capacity_factor}, owner)
+    check_param("every", every, [Interval(int, 1, None)], owner=owner)
+    check_param("init", init, [Options(INITS)], owner=owner)
+    root = _root(model, owner)
+    n_mlp = sum(type(m) is MLP for m in root.modules())
+    if n_mlp == 0:
+        already = len(moe_layers(root))
+        why = f" ({already} MoEMLP layer(s) are converted already)" if already else ""
+        raise InvalidParameterError(
+            f"The 'model' parameter of {owner} has no leanscale.models.transformer.MLP to convert{why}. "
+            f"Got a {type(root).__name__}."
+        )
+    if n_mlp < every:
+        raise InvalidParameterError(
+            f"The 'every' parameter of {owner} must be at most the number of MLP layers ({n_mlp}), or "
+            f"nothing is converted. Got {every} instead."
+        )
+    if isinstance(root, GPT) and "proj_std" not in moe_kwargs:
+        moe_kwargs["proj_std"] = INIT_STD / math.sqrt(2 * root.config.n_layer)
+
+    def policy(module: nn.Module, index: int) -> nn.Module | None:
+        if index % every != every - 1:
+            return None
+        return MoEMLP.from_dense(
+            module, n_experts, init=init, top_k=top_k, capacity_factor=capacity_factor, **moe_kwargs
+        )
+
+    replace_module_classes(root, {MLP: policy}, optimizers=optimizers)
+    return model
+
+
+def moe_aux_loss(model: nn.Module) -> torch.Tensor:
+    """Sum of the load-balancing and z-losses of every :class:`MoEMLP`'s last forward (each
+    already scaled by its coefficient): add it to the training loss. A 0-d zero tensor when no
+    MoE layer has run."""
+    layers = moe_layers(model)
+    losses = [
+        m.last_output.load_balancing_loss + m.last_output.z_loss
+        for _, m in layers
+        if m.last_output is not None
+    ]
+    if losses:
+        return torch.stack(losses).sum()
+    param = next(_root(model, "moe_aux_loss").parameters(), None)
+    return torch.zeros((), device=None if param is None else param.device)
+
+
+def moe_stats(model: nn.Module) -> list[dict[str, Any]]:
+    """One row per :class:`MoEMLP`, from its last forward: ``name``, ``load`` (list of the ``E``
+    fractions ``f_i``, before dropping), ``max_over_mean_load`` (1 is perfect balance, ``E`` is
+    everything on one expert) and ``dropped_fraction``. The values are ``None`` for a layer that
+    has not run."""
+    rows = []
+    for name, m in moe_layers(model):
+        out = m.last_output
+        if out is None:
+            rows.append({"name": name, "load": None, "max_over_mean_load": None, "dropped_fraction": None})
+            continue
+        load = out.load.tolist()
+        rows.append({
+            "name": name,
+            "load": load,
+            "max_over_mean_load": max(load) * len(load),  # mean of the fractions is 1 / E
+            "dropped_fraction": float(out.dropped_fraction),
+        })
+    return rows
