@@ -296,6 +296,7 @@ def test_apply_swat_uniform_and_erk():
     apply_swat(model, 0.8, optimizers=opt)
     assert model.features[0] is first  # the first layer stays dense
     assert [id(p) for p in model.parameters()] == params_before  # same Parameters: the optimizer still works
+    assert [id(p) for g in opt.param_groups for p in g["params"]] == params_before
     assert [n for n, _ in swat_layers(model)] == ["features.3", "features.7", "features.10", "classifier"]
     assert not any(isinstance(m, nn.ReLU) for m in model.modules())
     erk = apply_swat(BNCNN(width=8), 0.8, distribution="erk")
