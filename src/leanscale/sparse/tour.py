@@ -74,6 +74,7 @@ def chapter(ctx):
         "inputs. On this CPU SWAT is slower per step than dense: the FLOPs it removes are inside dense "
         "kernels that still run at full size (see the method card)."
     )
+    moe_rows = _moe_section(ctx)
     summary = [{"metric": f"SWAT-U {sparsity:.0%} vs dense, test accuracy ({n_train:,} images)",
                 "value": f"{100 * rows[1]['test accuracy']:.1f}% vs {100 * rows[0]['test accuracy']:.1f}%",
                 "paper": "ResNet-50/ImageNet: -1.63 points"},
@@ -86,7 +87,82 @@ def chapter(ctx):
                             "value": f"{-r['accuracy_drop_points']:+.2f} points, FLOPs -{r['training_flops_reduction']:.0%}, "
                                      f"layer memory -{r['held_bytes_reduction_converted_layers']:.0%}",
                             "paper": "goal: <= 1 point, >= 70% FLOPs, >= 50% memory"})
-    return ChapterResult(title="Sparse training (SWAT)", summary_rows=summary)
+    return ChapterResult(title="Sparse activation: SWAT and mixture of experts", summary_rows=summary + moe_rows)
+
+
+def _moe_section(ctx) -> list[dict]:
+    """Dense GPT vs the same GPT with every second MLP turned into 8 top-1 experts, same tokens."""
+    import numpy as np
+
+    from leanscale.data.text import TokenStream, encode_corpus
+    from leanscale.models.transformer import GPT, GPTConfig
+    from leanscale.scaling._train import RunSpec, train_run
+    from leanscale.sparse import apply_moe, moe_aux_loss, moe_stats
+
+    report = ctx.report
+    report.add_section("Mixture of experts: 8x the MLP parameters, the same FLOPs per token", level=3)
+    report.add_paragraph(
+        "A router sends each token to one of 8 expert MLPs (Switch Transformer, Fedus et al. 2021): the "
+        "layer holds 8x the parameters of the MLP it replaces, but each token pays for one expert plus the "
+        "router. A load-balancing loss keeps the experts evenly used; tokens beyond an expert's capacity "
+        "are dropped (the residual connection carries them)."
+    )
+    # quick: a 2-layer, 32-wide GPT on the first 600 kB of Webster 1913 for 200k tokens; full: 4 layers,
+    # 64 wide, 1.5M tokens. Every second MLP becomes an MoE (Switch's layout).
+    n_layer, n_embd, n_tokens, seq = (2, 32, 200_000, 64) if ctx.quick else (4, 64, 1_500_000, 128)
+    tokens = encode_corpus("gcide", 512, max_bytes=600_000 if ctx.quick else None)
+    stream = TokenStream(np.asarray(tokens), 0.05)
+    cfg = GPTConfig(vocab_size=512, block_size=seq, n_layer=n_layer, n_head=n_embd // 8, n_embd=n_embd)
+    n_params = GPT(cfg).n_params()
+    spec = RunSpec(
+        run_id="tour", budget_flops=6.0 * n_params * n_tokens, n_layer=n_layer, n_head=n_embd // 8,
+        n_embd=n_embd, seq_len=seq, vocab_size=512, n_params=n_params, n_params_non_embedding=n_params,
+        n_tokens=n_tokens, flops=6.0 * n_params * n_tokens, flops_appendix_f=0.0,
+        lr=5e-3 * (32 / n_embd) ** 1.5, batch_size=16, warmup_fraction=0.05, min_lr_ratio=0.1, weight_decay=0.1,
+        grad_clip=1.0, n_curve_points=4, val_batches=8, val_fraction=0.05, corpus="gcide", max_bytes=None,
+        seed=ctx.seed,
+    )
+    rows, stats = [], {}
+    for label in ctx.progress(["dense", "MoE, 8 experts, top-1"], desc="sparse: MoE"):
+        moe = label != "dense"
+        last = {}
+
+        def aux(model, last=last):
+            last["stats"] = moe_stats(model)
+            return moe_aux_loss(model)
+
+        result = train_run(spec, stream, prepare_model=(lambda m: apply_moe(m, 8, every=2)) if moe else None,
+                           aux_loss=aux if moe else None)
+        stats[label] = last.get("stats")
+        rows.append({"model": label, "parameters": result["n_params"], "validation loss": result["loss"],
+                     "tokens / s": result["tokens_per_second"], "seconds": result["seconds"]})
+        if ctx.ledger is not None:
+            ctx.ledger.record(f"sparse: GPT {label}", flops=6.0 * n_params * result["n_tokens"],
+                              seconds=result["seconds"], n_examples=int(result["n_tokens"]))
+    report.add_table(rows, caption=f"{n_tokens:,} tokens each, same optimiser and seed; the MoE's FLOPs per token "
+                     "are the dense model's plus the router's")
+    layers = stats["MoE, 8 experts, top-1"] or []
+    if layers:
+        report.add_paragraph(
+            "Expert load at the last step (max / mean, 1 = perfectly even): "
+            + ", ".join(f"{r['name']}: {r['max_over_mean_load']:.2f} ({r['dropped_fraction']:.0%} dropped)"
+                        for r in layers)
+            + ". Short runs start unbalanced: the balancing loss needs steps to spread the tokens."
+        )
+    dense, moe_row = rows
+    out = [{"metric": "MoE (8 experts, top-1) vs dense GPT, validation loss",
+            "value": f"{moe_row['validation loss']:.3f} vs {dense['validation loss']:.3f} "
+                     f"({moe_row['parameters'] / dense['parameters']:.1f}x parameters)",
+            "paper": "Switch: lower loss at equal FLOPs"},
+           {"metric": "MoE tokens / s vs dense", "value": f"{moe_row['tokens / s'] / dense['tokens / s']:.2f}x",
+            "paper": "goal >= 0.75x"}]
+    bench = _RESULTS.parent / "moe" / "equal_compute.json"
+    if bench.is_file():
+        g = read_json(bench)["goals"]
+        if g.get("steps_ratio_mean") is not None:
+            out.append({"metric": "benchmark: MoE steps to the dense model's final loss",
+                        "value": f"{g['steps_ratio_mean']:.2f}x", "paper": "goal <= 0.6x"})
+    return out
 
 
 def headline(results_root=None) -> str:
