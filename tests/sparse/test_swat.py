@@ -418,3 +418,14 @@ def test_structured_conv_keeps_whole_filters_and_input_channels():
         layer(x)
     # the 4 kept channels (float32) + their int64 indices + the weight-mask bits
     assert saved.total_bytes == 4 * 4 * 4 * 7 * 7 + 4 * 8 + math.ceil(W.numel() / 8)
+
+
+def test_ties_at_the_threshold_are_broken_to_the_exact_count():
+    """Standardised images: every background pixel has the same magnitude. A threshold landing on
+    that value must not keep them all."""
+    torch.manual_seed(8)
+    x = torch.full((32, 100), -0.8)
+    x[:, :30] = torch.randn(32, 30) * 2  # 30% "foreground" pixels
+    layer = SWATLinear(100, 4, sparsity=0.5)  # keep 50%: the threshold falls on the background value
+    layer(x)
+    assert layer.last_stats["activation_density"] == pytest.approx(0.5, abs=0.01)

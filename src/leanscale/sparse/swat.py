@@ -104,11 +104,24 @@ def topk_threshold(t: torch.Tensor, density: float, max_sample: int | None = Non
     return torch.kthvalue(flat, n - k + 1).values  # the (n-k+1)-th smallest = the k-th largest
 
 
-def _keep(t: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+def _keep(t: torch.Tensor, threshold: torch.Tensor, density: float | None = None) -> torch.Tensor:
     """Boolean mask of the kept entries: at or above the threshold, and non-zero (a zero
-    contributes nothing, so it is never worth storing)."""
+    contributes nothing, so it is never worth storing).
+
+    With ``density``, exact ties at the threshold that would keep more than 10% above the
+    target count ``K = round(density * numel)`` are broken: the mask becomes the exact top-K
+    (``torch.topk``). Standardised images are the case: every background pixel has the same
+    magnitude, and a threshold landing on it would keep them all.
+    """
     a = t.abs()
-    return (a >= threshold) & (a > 0)
+    mask = (a >= threshold) & (a > 0)
+    if density is not None and threshold > 0:
+        k = round(density * t.numel())
+        if int(mask.sum()) > 1.1 * k + 8 and int((a == threshold).sum()) > 0.1 * k:
+            flat = torch.zeros(t.numel(), dtype=torch.bool, device=t.device)
+            flat[a.reshape(-1).topk(k, sorted=False).indices] = True
+            mask = flat.view_as(t) & (a > 0)
+    return mask
 
 
 def pack_topk(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,7 +200,8 @@ class _SWATFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, w_mask, a_threshold, a_channels, op: _Op, channel_dim: int, stats: dict):
+    def forward(ctx, x, weight, bias, w_mask, a_threshold, a_channels, op: _Op, channel_dim: int, stats: dict,
+                a_density: float | None = None):
         out = op(x, weight * w_mask, bias)  # the top-K weights only
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ctx.op, ctx.channel_dim, ctx.has_bias = op, channel_dim, bias is not None
@@ -200,7 +214,7 @@ class _SWATFunction(torch.autograd.Function):
                 ctx.save_for_backward(*w_saved, x_kept, a_channels)
                 stats["activation_density"] = a_channels.numel() / x.shape[channel_dim]
             else:
-                values, bits = pack_topk(x, _keep(x, a_threshold))
+                values, bits = pack_topk(x, _keep(x, a_threshold, a_density))
                 ctx.save_for_backward(*w_saved, values, bits)
                 stats["activation_density"] = values.numel() / max(1, x.numel())
         else:
@@ -248,7 +262,7 @@ class _SWATFunction(torch.autograd.Function):
                                                     op.dilation, op.groups)
             if need_b:
                 grad_b = grad_out.sum((0, 2, 3))
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 class _CompactReLUFunction(torch.autograd.Function):
@@ -390,7 +404,7 @@ class _SWATMixin:
                 a_channels = _channel_norms(x, cdim).argmax().view(1)
         stats: dict[str, Any] = {}
         out = _SWATFunction.apply(x, self.weight, self.bias, w_mask, self._a_threshold, a_channels, op,
-                                  self._channel_dim % x.dim(), stats)
+                                  self._channel_dim % x.dim(), stats, 1.0 - sparsities[1])
         self.swat_step += 1
         self.last_stats = {"weight_density": float(w_mask.float().mean()),
                            "activation_density": stats.get("activation_density")}
