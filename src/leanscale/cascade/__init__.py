@@ -1,0 +1,43 @@
+"""Filters and simpler models first: cascades, routers and a server (``leanscale.cascade``).
+
+* :mod:`~leanscale.cascade.stages` -- regex, rule, model and callable stages with a cost per call;
+* :class:`Cascade` -- exact cost-accuracy frontier of per-stage thresholds, target accuracy,
+  budget, or a finite-sample accuracy guarantee;
+* :func:`mine_rules` -- high-precision keyword rules learned from labelled text;
+* :class:`Router` -- choose a model up front from the request text (RouteLLM's metrics in
+  :func:`evaluate_router`);
+* ``leanscale serve cascade.json`` -- an HTTP server with fallback, micro-batching and metrics.
+
+See ``README.md`` in this folder (the method card).
+"""
+
+from leanscale.cascade.cascade import FALLBACK, Cascade, CascadeOutput
+from leanscale.cascade.search import FrontierResult, frontier
+from leanscale.cascade.stages import (
+    CallableStage,
+    ModelStage,
+    RegexStage,
+    RuleStage,
+    Stage,
+    StageError,
+    StageOutput,
+    check_regex_safety,
+    measure_cost,
+)
+
+__all__ = [
+    "Cascade",
+    "CascadeOutput",
+    "FALLBACK",
+    "FrontierResult",
+    "frontier",
+    "Stage",
+    "StageOutput",
+    "StageError",
+    "RegexStage",
+    "RuleStage",
+    "ModelStage",
+    "CallableStage",
+    "check_regex_safety",
+    "measure_cost",
+]
