@@ -83,7 +83,11 @@ _TECHNIQUES: tuple[TechniqueInfo, ...] = (
         title="Sparse activation: SWAT and mixture of experts",
         module="leanscale.sparse",
         papers=("Raihan & Aamodt 2020, arXiv 2001.01969", "Fedus et al. 2021, arXiv 2101.03961"),
-        status="planned",
+        status="available",
+        cli=("sparse",),
+        tour_chapter="leanscale.sparse.tour:chapter",
+        headline="leanscale.sparse.tour:headline",
+        benchmarks="sparse",
         issues=(5, 6),
     ),
     TechniqueInfo(
