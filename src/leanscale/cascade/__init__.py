@@ -12,6 +12,7 @@ See ``README.md`` in this folder (the method card).
 """
 
 from leanscale.cascade.cascade import FALLBACK, Cascade, CascadeOutput
+from leanscale.cascade.rules import MinedRules, evaluate_rules, mine_rules
 from leanscale.cascade.search import FrontierResult, frontier
 from leanscale.cascade.stages import (
     CallableStage,
@@ -39,5 +40,8 @@ __all__ = [
     "ModelStage",
     "CallableStage",
     "check_regex_safety",
+    "mine_rules",
+    "MinedRules",
+    "evaluate_rules",
     "measure_cost",
 ]

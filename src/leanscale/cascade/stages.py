@@ -133,12 +133,15 @@ def _check_output(out: Any, n: int, name: str) -> StageOutput:
             f"stage {name!r} answered with shapes labels {labels.shape}, confidence {conf.shape}, "
             f"answered {answered.shape}; expected ({n},) each for a batch of {n}"
         )
-    conf = conf.astype(np.float64)
+    try:
+        conf = conf.astype(np.float64)
+    except (TypeError, ValueError):
+        raise StageError(f"stage {name!r} returned confidences {conf!r}; expected numbers in [0, 1]") from None
     answered = answered.astype(bool)
     bad = answered & ~((conf >= 0) & (conf <= 1))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise StageError(f"stage {name!r} returned confidence {conf[i]!r} for request {i}; expected a number in [0, 1]")
+        raise StageError(f"stage {name!r} returned confidence {float(conf[i])!r} for request {i}; expected a number in [0, 1]")
     conf = np.where(answered, conf, 0.0)
     labels = labels.astype(object)
     labels[~answered] = None
@@ -311,7 +314,7 @@ def _from_pairs(answers: Sequence, name: str, allow_bare: bool) -> StageOutput:
     for i, a in enumerate(answers):
         if a is None:
             continue
-        if isinstance(a, tuple):
+        if isinstance(a, (tuple, list)):  # a list is a pair too (JSON has no tuples); never a label
             if len(a) != 2:
                 raise StageError(f"stage {name!r} returned {a!r} for request {i}; expected (label, confidence)")
             label, c = a
@@ -321,7 +324,7 @@ def _from_pairs(answers: Sequence, name: str, allow_bare: bool) -> StageOutput:
                 c = float(c)
             except (TypeError, ValueError):
                 raise StageError(f"stage {name!r} returned confidence {c!r} for request {i}; expected a number") from None
-        elif allow_bare or not isinstance(a, (list, dict, set)):
+        elif allow_bare and not isinstance(a, (dict, set)):
             label, c = a, 1.0
         else:
             raise StageError(f"stage {name!r} returned {a!r} for request {i}; expected (label, confidence)")
@@ -382,8 +385,13 @@ class ModelStage(Stage):
             if self.is_torch:
                 import torch
 
-                with torch.no_grad():
-                    p = torch.softmax(self.model(x).float(), dim=-1).cpu().numpy()
+                was_training = self.model.training
+                self.model.eval()  # no dropout, no batch-norm statistics updates at inference
+                try:
+                    with torch.no_grad():
+                        p = torch.softmax(self.model(x).float(), dim=-1).cpu().numpy()
+                finally:
+                    self.model.train(was_training)
             else:
                 p = np.asarray(self.model.predict_proba(x), dtype=np.float64)
             chunks.append(p)
