@@ -12,8 +12,10 @@ See ``README.md`` in this folder (the method card).
 """
 
 from leanscale.cascade.cascade import FALLBACK, Cascade, CascadeOutput
+from leanscale.cascade.router import Router, evaluate_router
 from leanscale.cascade.rules import MinedRules, evaluate_rules, mine_rules
 from leanscale.cascade.search import FrontierResult, frontier
+from leanscale.cascade.text_models import EmbeddingClassifier, TfidfClassifier
 from leanscale.cascade.stages import (
     CallableStage,
     ModelStage,
@@ -43,5 +45,20 @@ __all__ = [
     "mine_rules",
     "MinedRules",
     "evaluate_rules",
+    "Router",
+    "evaluate_router",
+    "TfidfClassifier",
+    "EmbeddingClassifier",
+    "create_app",
+    "serve",
     "measure_cost",
 ]
+
+
+def __getattr__(name: str):
+    # the server needs FastAPI (pip install 'leanscale[serve]'): imported only when asked for
+    if name in ("create_app", "serve"):
+        from leanscale.cascade import server
+
+        return getattr(server, name)
+    raise AttributeError(f"module 'leanscale.cascade' has no attribute {name!r}")

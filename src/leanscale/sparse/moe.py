@@ -137,6 +137,18 @@ class MoEOutput(NamedTuple):
     dropped_fraction: float
 
 
+class _Plan(NamedTuple):
+    """The routing of one forward (:meth:`MoE._plan`): the ``M`` kept assignments, grouped by
+    expert (ascending) and in priority order within an expert."""
+
+    kept_tokens: torch.Tensor  # (M,) token index of each kept assignment
+    kept_gates: torch.Tensor  # (M,) float32 gate of each kept assignment
+    kept_counts: torch.Tensor  # (E,) int64 kept assignments per expert (sums to M)
+    load_balancing_loss: torch.Tensor  # 0-d, scaled by its coef
+    z_loss: torch.Tensor  # 0-d, scaled by its coef
+    load: torch.Tensor  # (E,) f_i before dropping, detached
+
+
 def _check_moe_params(params: dict[str, Any], owner: str) -> None:
     for name, value in params.items():
         check_param(name, value, _MOE_CONSTRAINTS[name], owner=owner)
@@ -292,15 +304,23 @@ class MoE(nn.Module):
             y = y + self.b_proj[e]
         return y
 
-    def forward(self, x: torch.Tensor) -> MoEOutput:
+    def _check_input(self, x: Any, owner: str) -> torch.Tensor:
+        """``x`` flattened to (N, C); InvalidParameterError unless it is a (..., n_embd) tensor."""
         if not isinstance(x, torch.Tensor) or x.ndim < 1 or x.shape[-1] != self.n_embd:
             got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
             raise InvalidParameterError(
-                f"The 'x' parameter of MoE.forward must be a tensor of shape (..., n_embd={self.n_embd}). "
+                f"The 'x' parameter of {owner} must be a tensor of shape (..., n_embd={self.n_embd}). "
                 f"Got {got} instead."
             )
-        E, k, C = self.n_experts, self.top_k, self.n_embd
-        xf = x.reshape(-1, C)  # (N, C)
+        return x.reshape(-1, self.n_embd)
+
+    def _plan(self, xf: torch.Tensor) -> _Plan:
+        """Route the N tokens of ``xf`` (N, C): top-k, gates, auxiliary losses, capacity.
+
+        Steps 1-3 and 5 of the module docstring; shared with the expert-parallel layer
+        (:mod:`leanscale.sparse.moe_parallel`), which calls it on each rank's local tokens.
+        """
+        E, k = self.n_experts, self.top_k
         N = xf.shape[0]
         logits, probs = self._route(xf)  # (N, E) float32 each
 
@@ -311,7 +331,7 @@ class MoE(nn.Module):
         # Assignments in priority order: choice-major (all first choices, then all second
         # choices, ...), token order within a choice. Flat index a = j * N + t.
         expert = top_e.t().reshape(-1)  # (kN,)
-        token = torch.arange(N, device=x.device).repeat(k)  # (kN,)
+        token = torch.arange(N, device=xf.device).repeat(k)  # (kN,)
         gate = gates.t().reshape(-1)  # (kN,)
 
         # Load before dropping, and the auxiliary losses.
@@ -331,23 +351,28 @@ class MoE(nn.Module):
             kept_counts = counts
         else:
             starts = torch.cumsum(counts, dim=0) - counts  # (E,) first sorted slot of each expert
-            position = torch.arange(k * N, device=x.device) - starts[expert[order]]  # (kN,) rank in its expert
+            position = torch.arange(k * N, device=xf.device) - starts[expert[order]]  # (kN,) rank in its expert
             kept = order[position < capacity]  # still grouped by expert, priority order inside
             kept_counts = counts.clamp(max=capacity)
-        sizes = kept_counts.tolist()  # one host sync: the slice size of each expert
+        return _Plan(token[kept], gate[kept], kept_counts, lb_loss, z_loss, load.detach())
+
+    def forward(self, x: torch.Tensor) -> MoEOutput:
+        xf = self._check_input(x, "MoE.forward")  # (N, C)
+        N, k, C = xf.shape[0], self.top_k, self.n_embd
+        plan = self._plan(xf)
+        sizes = plan.kept_counts.tolist()  # one host sync: the slice size of each expert
         n_kept = sum(sizes)
-        kept_tokens = token[kept]  # (M,)
 
         # Experts on contiguous slices (see the timing note above _MOE_CONSTRAINTS for why a loop).
-        xin = xf.index_select(0, kept_tokens)  # (M, C)
+        xin = xf.index_select(0, plan.kept_tokens)  # (M, C)
         y = torch.cat([self._expert(e, xe) for e, xe in enumerate(torch.split(xin, sizes))])  # (M, C)
-        y = y * gate[kept].to(y.dtype).unsqueeze(1)  # (M, C) gated
-        out = y.new_zeros(N, C).index_add_(0, kept_tokens, y)  # (N, C); dropped: 0
+        y = y * plan.kept_gates.to(y.dtype).unsqueeze(1)  # (M, C) gated
+        out = y.new_zeros(N, C).index_add_(0, plan.kept_tokens, y)  # (N, C); dropped: 0
         out = self.dropout(out).reshape(*x.shape[:-1], C)
 
         self.last_counts = (N, n_kept)
         dropped = 0.0 if k * N == 0 else (k * N - n_kept) / (k * N)
-        return MoEOutput(out, lb_loss, z_loss, load.detach(), dropped)
+        return MoEOutput(out, plan.load_balancing_loss, plan.z_loss, plan.load, dropped)
 
     def extra_repr(self) -> str:
         return (

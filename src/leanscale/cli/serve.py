@@ -1,0 +1,82 @@
+"""``leanscale serve``: serve a saved cascade over HTTP (micro-batching, fallback, metrics).
+
+Thin: loads the cascade with :meth:`leanscale.cascade.Cascade.load` and runs
+:func:`leanscale.cascade.server.serve` (FastAPI + uvicorn; ``pip install 'leanscale[serve]'``).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+EPILOG = """\
+examples:
+  leanscale serve cascade.json                              http://127.0.0.1:8000 (docs at /docs)
+  leanscale serve cascade.json --port 9000 --max-batch 128 --max-wait-ms 5
+  leanscale serve cascade.json --objects mypkg.stages:OBJECTS   callable/rule/external stages by name
+
+  curl -s localhost:8000/v1/predict -H 'content-type: application/json' -d '{"text": "refund please"}'
+  curl -s localhost:8000/metrics                            Prometheus metrics
+"""
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "serve", help="serve a saved cascade over HTTP (micro-batching, fallback, metrics)",
+        description="Serve a saved leanscale cascade: POST /v1/predict, GET /healthz, GET /metrics (Prometheus), "
+        "GET /docs. Requests are micro-batched; a failing stage falls back to the next one.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("cascade", help="the cascade JSON written by Cascade.save")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (127.0.0.1; the server has no authentication, so bind wider with care)")
+    p.add_argument("--port", type=int, default=8000, help="port (8000)")
+    p.add_argument("--max-batch", type=int, default=64, help="most texts per cascade call (64)")
+    p.add_argument("--max-wait-ms", type=float, default=2.0,
+                   help="wait at most this long after the first text for a batch to fill (2)")
+    p.add_argument("--max-queue", type=int, default=1024, help="texts waiting at most; beyond, answer 503 (1024)")
+    p.add_argument("--max-items-per-request", type=int, default=256, help="texts per request at most (256)")
+    p.add_argument("--max-text-chars", type=int, default=10_000, help="characters per text at most (10000)")
+    p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="request body size at most (1000000)")
+    p.add_argument("--objects", default=None, metavar="MODULE:NAME",
+                   help="'package.module:name' of a dict (or a function returning one) mapping stage names to the "
+                   "functions/models of stages saved by name (callable, rule, external model)")
+    p.add_argument("--log-level", default="info", help="uvicorn log level (info)")
+    p.add_argument("--access-log", action="store_true", help="log every request")
+    p.set_defaults(func=run)
+    return p
+
+
+def _objects(spec: str | None) -> dict | None:
+    if spec is None:
+        return None
+    import importlib
+
+    from leanscale.core.errors import InvalidParameterError
+
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise InvalidParameterError(
+            f"The '--objects' parameter of leanscale serve must look like 'package.module:name'. Got {spec!r} instead.")
+    try:
+        value = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise InvalidParameterError(
+            f"The '--objects' parameter of leanscale serve must name an importable object. Got {spec!r}: {exc}."
+        ) from exc
+    if callable(value) and not isinstance(value, dict):
+        value = value()
+    if not isinstance(value, dict):
+        raise InvalidParameterError(
+            f"The '--objects' parameter of leanscale serve must give a dict of stage name -> object. Got a "
+            f"{type(value).__name__} from {spec!r}.")
+    return value
+
+
+def run(args) -> int:
+    from leanscale.cascade.server import serve
+
+    serve(args.cascade, host=args.host, port=args.port, objects=_objects(args.objects), log_level=args.log_level,
+          access_log=args.access_log, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+          max_queue=args.max_queue, max_items_per_request=args.max_items_per_request,
+          max_text_chars=args.max_text_chars, max_body_bytes=args.max_body_bytes)
+    return 0
