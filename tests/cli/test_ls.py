@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from leanscale.cli.main import main
 from leanscale.core import registry
 
@@ -15,10 +17,12 @@ def test_json_parses_and_matches_the_registry(capsys):
     assert isinstance(first["papers"], list)
 
 
-def test_json_filtered_by_status(capsys):
-    assert main(["ls", "--json", "--status", "planned"]) == 0
+@pytest.mark.parametrize("status", ["available", "planned"])
+def test_json_filtered_by_status(capsys, status):
+    assert main(["ls", "--json", "--status", status]) == 0
     blob = json.loads(capsys.readouterr().out)
-    assert blob and all(t["status"] == "planned" for t in blob)
+    assert [t["name"] for t in blob] == [t.name for t in registry.list_techniques(status=status)]
+    assert all(t["status"] == status for t in blob)
 
 
 def test_table_lists_every_technique(capsys):
