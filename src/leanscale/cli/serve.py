@@ -26,6 +26,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "GET /docs. Requests are micro-batched; a failing stage falls back to the next one.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``leanscale serve`` (shared with ``leanscale cascade serve``)."""
     p.add_argument("cascade", help="the cascade JSON written by Cascade.save")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (127.0.0.1; the server has no authentication, so bind wider with care)")
@@ -42,8 +49,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "functions/models of stages saved by name (callable, rule, external model)")
     p.add_argument("--log-level", default="info", help="uvicorn log level (info)")
     p.add_argument("--access-log", action="store_true", help="log every request")
-    p.set_defaults(func=run)
-    return p
 
 
 def _objects(spec: str | None) -> dict | None:

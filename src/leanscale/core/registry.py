@@ -96,7 +96,11 @@ _TECHNIQUES: tuple[TechniqueInfo, ...] = (
         module="leanscale.cascade",
         papers=("Wang et al. 2022, Wisdom of Committees", "Chen et al. 2023, FrugalGPT",
                 "Ong et al. 2024, RouteLLM"),
-        status="planned",
+        status="available",
+        cli=("cascade", "serve"),
+        tour_chapter="leanscale.cascade.tour:chapter",
+        headline="leanscale.cascade.tour:headline",
+        benchmarks="cascade",
         issues=(7,),
     ),
 )
