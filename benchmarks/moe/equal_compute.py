@@ -7,7 +7,8 @@ Runs (same tokens, same optimiser settings, same seed; ``train_run`` of the scal
 * ``moe``: the same with every second MLP replaced by 8 experts of the same size, top-1 routing
   (Switch), capacity factor 1.25, load-balancing loss 0.01, z-loss 1e-3 — one expert per token,
   so the FLOPs per token are the dense model's plus the router's;
-* ``moe_no_balance``: the same without the load-balancing loss (what the loss buys).
+* ``moe_no_balance``: the same without the load-balancing loss (what the loss buys);
+* ``moe_balance_0.1``: a 10x larger balancing coefficient (what more balance costs in loss).
 
 Recorded: validation-loss curves against tokens, training FLOPs (cost ledger, per active expert)
 and wall time; tokens per second; every ``--stats-every`` steps each MoE layer's max/mean expert
@@ -43,6 +44,7 @@ VARIANTS = {
     "dense": None,
     "moe": {"load_balancing_coef": 0.01},
     "moe_no_balance": {"load_balancing_coef": 0.0},
+    "moe_balance_0.1": {"load_balancing_coef": 0.1},  # 10x Switch's coefficient: what more balance costs
 }
 N_EXPERTS, TOP_K, CAPACITY = 8, 1, 1.25
 
@@ -147,7 +149,8 @@ def summarize(name: str, state: JobState, args) -> None:
     seeds = sorted({r["seed"] for r in rows.values()})
     per_seed = []
     for seed in seeds:
-        dense, moe, nob = (rows.get(f"{v}-seed{seed}") for v in VARIANTS)
+        dense, moe, nob, strong = (rows.get(f"{v}-seed{seed}") for v in
+                                   ("dense", "moe", "moe_no_balance", "moe_balance_0.1"))
         if dense is None or moe is None:
             continue
         tps = args.batch_size * args.seq_len
@@ -174,6 +177,9 @@ def summarize(name: str, state: JobState, args) -> None:
             "flops_per_token_ratio": moe["flops_per_token"] / dense["flops_per_token"],
             "params_ratio": moe["n_params_total"] / dense["n_params_total"],
             "balance_with_loss": balance(moe), "balance_without_loss": balance(nob),
+            "balance_with_loss_0.1": balance(strong),
+            "steps_ratio_balance_0.1": None if strong is None else (
+                None if (r := steps_to_reach(strong["curve"], dense["loss"], tps)) is None else r / dense["n_steps"]),
         })
     if not per_seed:
         return

@@ -15,7 +15,6 @@ from leanscale.cascade.cascade import FALLBACK, Cascade, CascadeOutput
 from leanscale.cascade.router import Router, evaluate_router
 from leanscale.cascade.rules import MinedRules, evaluate_rules, mine_rules
 from leanscale.cascade.search import FrontierResult, frontier
-from leanscale.cascade.text_models import EmbeddingClassifier, TfidfClassifier
 from leanscale.cascade.stages import (
     CallableStage,
     ModelStage,
@@ -27,31 +26,32 @@ from leanscale.cascade.stages import (
     check_regex_safety,
     measure_cost,
 )
+from leanscale.cascade.text_models import EmbeddingClassifier, TfidfClassifier
 
 __all__ = [
+    "FALLBACK",
+    "CallableStage",
     "Cascade",
     "CascadeOutput",
-    "FALLBACK",
-    "FrontierResult",
-    "frontier",
-    "Stage",
-    "StageOutput",
-    "StageError",
-    "RegexStage",
-    "RuleStage",
-    "ModelStage",
-    "CallableStage",
-    "check_regex_safety",
-    "mine_rules",
-    "MinedRules",
-    "evaluate_rules",
-    "Router",
-    "evaluate_router",
-    "TfidfClassifier",
     "EmbeddingClassifier",
+    "FrontierResult",
+    "MinedRules",
+    "ModelStage",
+    "RegexStage",
+    "Router",
+    "RuleStage",
+    "Stage",
+    "StageError",
+    "StageOutput",
+    "TfidfClassifier",
+    "check_regex_safety",
     "create_app",
-    "serve",
+    "evaluate_router",
+    "evaluate_rules",
+    "frontier",
     "measure_cost",
+    "mine_rules",
+    "serve",
 ]
 
 

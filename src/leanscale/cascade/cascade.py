@@ -66,7 +66,7 @@ from leanscale.core.validation import (
     check_params,
 )
 
-__all__ = ["Cascade", "CascadeOutput", "FALLBACK"]
+__all__ = ["FALLBACK", "Cascade", "CascadeOutput"]
 
 FALLBACK = "fallback"  # the "stage" of a request no stage answered
 FORMAT_VERSION = 1
@@ -313,8 +313,8 @@ class Cascade:
         j = int(np.flatnonzero(order == pick)[0])
         self.choice_ = None
         self.guarantee_ = {
-            "target_accuracy": target, "delta": delta, "n_selection": int(len(sel)), "n_test": int(len(test)),
-            "n_candidates": int(len(order)), "n_certified": int(certified),
+            "target_accuracy": target, "delta": delta, "n_selection": len(sel), "n_test": len(test),
+            "n_candidates": len(order), "n_certified": int(certified),
             "test_accuracy": n_correct[j] / len(test), "p_value": p_values[j],
             "selection_cost": float(fr_sel.cost[pick]),
         }

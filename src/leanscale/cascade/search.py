@@ -35,8 +35,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["FrontierResult", "frontier", "evaluate_config", "pareto_mask", "fixed_sequence_test",
-           "binomial_p_value"]
+__all__ = [
+    "FrontierResult",
+    "binomial_p_value",
+    "evaluate_config",
+    "fixed_sequence_test",
+    "frontier",
+    "pareto_mask",
+]
 
 OFF = None  # a stage that is not called
 

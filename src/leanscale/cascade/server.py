@@ -413,7 +413,13 @@ def create_app(cascade, *, max_batch: int = 64, max_wait_ms: float = 2.0, max_qu
     from fastapi import Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse
-    from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+    from pydantic import (
+        BaseModel,
+        ConfigDict,
+        Field,
+        StringConstraints,
+        model_validator,
+    )
 
     from leanscale.cascade.cascade import FALLBACK
 

@@ -40,13 +40,13 @@ from leanscale.core.errors import InvalidParameterError, LeanscaleError
 from leanscale.core.validation import Interval, check_param
 
 __all__ = [
-    "StageOutput",
-    "StageError",
-    "Stage",
+    "CallableStage",
+    "ModelStage",
     "RegexStage",
     "RuleStage",
-    "ModelStage",
-    "CallableStage",
+    "Stage",
+    "StageError",
+    "StageOutput",
     "check_regex_safety",
     "measure_cost",
     "softmax_with_temperature",

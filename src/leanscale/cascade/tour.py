@@ -26,7 +26,13 @@ def _seconds_per_request(fn, items, batch=64) -> float:
 def chapter(ctx):
     import torch
 
-    from leanscale.cascade import Cascade, ModelStage, Router, evaluate_router, mine_rules
+    from leanscale.cascade import (
+        Cascade,
+        ModelStage,
+        Router,
+        evaluate_router,
+        mine_rules,
+    )
     from leanscale.cascade.stacking import StackedEncoder, cross_fitted_logp
     from leanscale.cascade.text_models import EmbeddingClassifier, TfidfClassifier
     from leanscale.core.errors import InvalidParameterError
