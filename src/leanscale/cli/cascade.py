@@ -27,7 +27,7 @@ from leanscale.cli import serve as serve_cli
 EPILOG = """\
 examples:
   leanscale cascade fit --data wordnet --out cascade.json
-      rules -> TF-IDF -> MiniLM head on 20,000 WordNet glosses; as accurate as MiniLM alone, for less
+      rules -> TF-IDF -> MiniLM head on 20,000 WordNet glosses
   leanscale cascade fit --data tickets.csv --text-column body --label-column queue \\
       --stages rules,tfidf --target-accuracy 0.9 --out tickets.json
   leanscale cascade fit --data tickets.jsonl --stages rules,tfidf --costs rules=0.0001,tfidf=0.01 \\
