@@ -446,10 +446,14 @@ class CallableStage(Stage):
 
 
 def measure_cost(stage: Stage, items: Sequence, repeats: int = 1) -> float:
-    """Mean wall seconds per request of ``stage.predict`` on ``items`` (best of ``repeats``)."""
+    """Mean wall seconds per request of ``stage.predict`` on ``items`` (best of ``repeats``).
+
+    One untimed call on the first few items comes first: a stage's first call often loads a
+    model or allocates buffers, which is not a per-request cost."""
     items = list(items)
     if not items:
         raise InvalidParameterError("The 'items' parameter of measure_cost must not be empty.")
+    stage.predict(items[:8])  # warm-up
     best = math.inf
     for _ in range(max(1, int(repeats))):
         t0 = time.perf_counter()
