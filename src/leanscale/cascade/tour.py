@@ -172,7 +172,7 @@ def chapter(ctx):
         d = read_json(bench)
         f = d["frontier"]
         summary.append({"metric": "benchmark: measured speed-up vs big model, accuracy gap",
-                        "value": f"{f['measured']['speedup']:.1f}x, {f['accuracy_gap_points']:+.2f} points",
+                        "value": f"{f['measured']['speedup']:.1f}x, {f['accuracy_gap_points']:.2f} points less",
                         "paper": "goal: >= 5x at <= 0.5 points"})
     return ChapterResult(title="Filters and simpler models first: cascades and routers", summary_rows=summary)
 
@@ -186,7 +186,7 @@ def headline(results_root=None) -> str:
     d = read_json(bench)
     f, gr = d["frontier"], d["guarantee"]
     text = (f"WordNet cascade (rules -> TF-IDF -> MiniLM head): {f['measured']['speedup']:.1f}x the big model's "
-            f"requests/s at {f['accuracy_gap_points']:+.2f} points")
+            f"requests/s at {f['accuracy_gap_points']:.2f} points less accuracy")
     if gr.get("fraction_meeting_target") is not None:
         text += f"; guarantee held in {gr['fraction_meeting_target']:.0%} of {gr['splits'] - gr['refused']} splits"
     return text
