@@ -519,9 +519,11 @@ class Cascade:
             else:
                 raise InvalidParameterError(f"The saved cascade {path} has an unknown stage kind {d['kind']!r}.")
         if objects:
+            external = [d["name"] for d in doc["stages"]
+                        if d["kind"] in ("rule", "callable") or d.get("model") == "external"]
             raise InvalidParameterError(
                 f"The 'objects' parameter of Cascade.load names {sorted(objects)}, which are not external stages of "
-                f"this cascade; valid names: {[d['name'] for d in doc['stages'] if d.get('model', d['kind']) in ('external', 'rule', 'callable')]}."
+                f"this cascade; valid names: {external}."
             )
         self = cls(stages, **doc["params"])
         self.thresholds_ = doc["thresholds"]
