@@ -51,10 +51,10 @@ def lenet_300_100() -> nn.Module:
                          nn.Linear(100, 10))
 
 
-def base_config(model: str, epochs: float, seed: int, n_train: int | None) -> TrainConfig:
+def base_config(model: str, epochs: float, seed: int, n_train: int | None, width: int = 8) -> TrainConfig:
     # BNCNN: SGD momentum 0.9, LR 0.1 with cosine decay after 0.1 epoch of warmup, batch 128.
     # MLP: the same with LR 0.05 (0.1 diverges now and then without BatchNorm).
-    return TrainConfig(model="bncnn" if model == "bncnn" else "mlp", width=8, lr=0.1 if model == "bncnn" else 0.05,
+    return TrainConfig(model="bncnn" if model == "bncnn" else "mlp", width=width, lr=0.1 if model == "bncnn" else 0.05,
                        epochs=epochs, decay="cosine", warmup_epochs=0.1, milestones=(), seed=seed,
                        eval_every_epochs=epochs, n_train=n_train)
 
@@ -91,7 +91,10 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=None, help="stratified training subset (default: all 60,000)")
     ap.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)))
     ap.add_argument("--tag", default=None, help="results folder suffix")
+    ap.add_argument("--width", type=int, default=8, help="BNCNN width (channels of the first conv)")
+    ap.add_argument("--distributions", default=",".join(DISTRIBUTIONS))
     args = ap.parse_args()
+    distributions = tuple(d for d in args.distributions.split(",") if d)
     epochs = args.epochs if args.epochs is not None else (2.0 if args.model == "bncnn" else 5.0)
     name = f"swat_{args.model}" + (f"_{args.tag}" if args.tag else "")
     out = RESULTS / "sparse" / name
@@ -100,11 +103,11 @@ def main() -> None:
     data = None
     for seed in range(args.seeds):
         for sparsity in sparsities:
-            for distribution in DISTRIBUTIONS if sparsity > 0 else ("dense",):
+            for distribution in distributions if sparsity > 0 else ("dense",):
                 key = f"{distribution}-{sparsity}-seed{seed}"
                 if state.is_done(key):
                     continue
-                cfg = base_config(args.model, epochs, seed, args.n_train)
+                cfg = base_config(args.model, epochs, seed, args.n_train, args.width)
                 if data is None:
                     data = load_image_data(cfg)
                 net = build(args.model, cfg, sparsity, distribution)
@@ -121,10 +124,10 @@ def main() -> None:
                 print(f"{key}: {100 * result.test_accuracy:.2f}%  {row['seconds_per_epoch']:.0f} s/epoch  "
                       f"{row['flops_per_example'] / 1e6:.2f} MFLOP/example  {row['saved_bytes'] / 2**20:.2f} MiB saved",
                       flush=True)
-    summarize(args.model, name, out, state, epochs)
+    summarize(args.model, name, out, state, epochs, args.width)
 
 
-def summarize(model: str, name: str, out: Path, state: JobState, epochs: float) -> None:
+def summarize(model: str, name: str, out: Path, state: JobState, epochs: float, width: int = 8) -> None:
     rows = [state.load(k) for k in state]
     dense = [r for r in rows if r["distribution"] == "dense"]
     if not dense:
@@ -172,7 +175,7 @@ def summarize(model: str, name: str, out: Path, state: JobState, epochs: float) 
     }
     blob = {
         "benchmark": name, "machine": machine(), "data": "Fashion-MNIST, 60,000 train / 10,000 test",
-        "model": "BNCNN(width=8), first conv dense" if model == "bncnn" else "LeNet-300-100, every layer SWAT",
+        "model": f"BNCNN(width={width}), first conv dense" if model == "bncnn" else "LeNet-300-100, every layer SWAT",
         "epochs": epochs, "measure_batch": MEASURE_BATCH, "threads": torch.get_num_threads(),
         "dense_test_accuracy": d_acc, "table": table, "goals_at_80pct": goals,
         "paper": "Raihan & Aamodt 2020: ResNet-50 on ImageNet, SWAT-U 80%: -1.63 points, 80% fewer training "
