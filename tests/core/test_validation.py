@@ -92,3 +92,19 @@ def test_check_labels_accepts_lists_arrays_and_tensors_and_names_the_parameter()
     assert check_labels("y", np.array(["a", "b"])).tolist() == ["a", "b"]
     with pytest.raises(InvalidParameterError, match=r"'y' parameter of f must be a 1-d array of labels.*\(2, 2\)"):
         check_labels("y", [[0, 1], [1, 0]], owner="f")
+
+
+def test_check_texts():
+    from leanscale.core.validation import check_texts
+
+    assert check_texts("texts", ("a", "b"), owner="f") == ["a", "b"]
+    assert check_texts("texts", iter(["a"])) == ["a"]
+    assert check_texts("texts", [], min_len=0) == []
+    with pytest.raises(InvalidParameterError, match="'texts' parameter of f must be a sequence of strings"):
+        check_texts("texts", "one string", owner="f")
+    with pytest.raises(InvalidParameterError, match="must not be empty"):
+        check_texts("texts", [])
+    with pytest.raises(InvalidParameterError, match="at least 3 texts. Got 2"):
+        check_texts("texts", ["a", "b"], min_len=3)
+    with pytest.raises(InvalidParameterError, match="'docs' .* Got int 3 at index 1"):
+        check_texts("docs", ["a", 3])

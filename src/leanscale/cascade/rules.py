@@ -61,6 +61,7 @@ from leanscale.core.validation import (
     check_consistent_length,
     check_labels,
     check_param,
+    check_texts,
 )
 
 __all__ = ["MinedRules", "evaluate_rules", "mine_rules", "precision_lower_bound"]
@@ -200,23 +201,6 @@ def _fmt(x) -> str:
 
 # ------------------------------------------------------------------------------------ validation
 
-def _check_texts(texts: Any, owner: str) -> list[str]:
-    if isinstance(texts, (str, bytes)) or not hasattr(texts, "__iter__"):
-        raise InvalidParameterError(
-            f"The 'texts' parameter of {owner} must be a sequence of strings. Got {type(texts).__name__} instead."
-        )
-    texts = list(texts)
-    if not texts:
-        raise InvalidParameterError(f"The 'texts' parameter of {owner} must not be empty. Got 0 texts.")
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise InvalidParameterError(
-                f"The 'texts' parameter of {owner} must be a sequence of strings. Got {type(t).__name__} "
-                f"{t!r} at index {i}."
-            )
-    return texts
-
-
 def _check_label_values(labels: Any, owner: str) -> list:
     arr = check_labels("labels", labels, owner=owner)
     out = [_native(v) for v in arr.tolist()]
@@ -330,7 +314,7 @@ def mine_rules(
     MinedRules (possibly empty: then :meth:`MinedRules.explain` says so and ``to_stage`` raises).
     """
     owner = "mine_rules"
-    texts = _check_texts(texts, owner)
+    texts = check_texts("texts", texts, owner=owner)
     label_list = _check_label_values(labels, owner)
     check_consistent_length(owner, texts=texts, labels=label_list)
     min_precision = float(check_param("min_precision", min_precision,
@@ -469,7 +453,7 @@ def evaluate_rules(rules_or_patterns: Any, texts: Sequence[str], labels: Sequenc
     """
     owner = "evaluate_rules"
     patterns, lowercase = _as_patterns(rules_or_patterns)
-    texts = _check_texts(texts, owner)
+    texts = check_texts("texts", texts, owner=owner)
     label_list = _check_label_values(labels, owner)
     check_consistent_length(owner, texts=texts, labels=label_list)
     if ignore_case is None:

@@ -49,6 +49,7 @@ from leanscale.core.validation import (
     check_is_fitted,
     check_labels,
     check_param,
+    check_texts,
     unknown_name_error,
 )
 
@@ -215,22 +216,7 @@ def _sklearn():
 
 
 def _check_texts(texts: Any, owner: str, name: str = "texts", min_len: int = 1) -> list[str]:
-    if isinstance(texts, (str, bytes)) or not isinstance(texts, (Sequence, np.ndarray)):
-        raise InvalidParameterError(
-            f"The {name!r} parameter of {owner} must be a list of str (one per request). "
-            f"Got {type(texts).__name__} instead."
-        )
-    texts = list(texts)
-    if len(texts) < min_len:
-        raise InvalidParameterError(
-            f"The {name!r} parameter of {owner} must hold at least {min_len} text(s). Got {len(texts)}."
-        )
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise InvalidParameterError(
-                f"The {name!r} parameter of {owner} must be a list of str. Got {type(t).__name__} {t!r} at index {i}."
-            )
-    return texts
+    return check_texts(name, texts, owner=owner, min_len=min_len)
 
 
 def _check_y(y: Any, n: int, owner: str, x_name: str = "texts") -> tuple[np.ndarray, np.ndarray]:

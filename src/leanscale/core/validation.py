@@ -39,6 +39,7 @@ __all__ = [
     "check_consistent_length",
     "check_is_fitted",
     "check_labels",
+    "check_texts",
     "unknown_name_error",
     "closest_name",
 ]
@@ -279,3 +280,30 @@ def check_labels(name: str, value: Any, *, owner: str | None = None) -> np.ndarr
             f"The {name!r} parameter{where} must be a 1-d array of labels. Got an array of shape {arr.shape}."
         )
     return arr
+
+
+def check_texts(name: str, value: Any, *, owner: str | None = None, min_len: int = 1) -> list[str]:
+    """``value`` as a list of str (one per example or request); the error names ``name``.
+
+    Any iterable but a single ``str``/``bytes`` is accepted; ``min_len=0`` allows an empty list.
+    """
+    where = f" of {owner}" if owner else ""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise InvalidParameterError(
+            f"The {name!r} parameter{where} must be a sequence of strings (a list of str, one per item). "
+            f"Got {type(value).__name__} instead."
+        )
+    texts = list(value)
+    if len(texts) < min_len:
+        if min_len == 1:
+            raise InvalidParameterError(f"The {name!r} parameter{where} must not be empty. Got 0 texts.")
+        raise InvalidParameterError(
+            f"The {name!r} parameter{where} must hold at least {min_len} texts. Got {len(texts)}."
+        )
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise InvalidParameterError(
+                f"The {name!r} parameter{where} must be a sequence of strings (a list of str). "
+                f"Got {type(t).__name__} {t!r} at index {i}."
+            )
+    return texts

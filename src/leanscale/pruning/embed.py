@@ -46,7 +46,13 @@ from torch import nn
 
 from leanscale.core.errors import InvalidParameterError, MissingDependencyError
 from leanscale.core.progress import progress
-from leanscale.core.validation import InstanceOf, Interval, check_array, check_param
+from leanscale.core.validation import (
+    InstanceOf,
+    Interval,
+    check_array,
+    check_param,
+    check_texts,
+)
 
 __all__ = [
     "TEXT_EMBEDDING_DIM",
@@ -117,24 +123,6 @@ def _load_text_model() -> Any:
     return _TEXT_MODEL
 
 
-def _check_texts(texts: Any) -> list[str]:
-    if isinstance(texts, (str, bytes)) or not isinstance(texts, (Sequence, np.ndarray)):
-        raise InvalidParameterError(
-            "The 'texts' parameter of embed_texts must be a list of str (one per example). "
-            f"Got {type(texts).__name__} instead."
-        )
-    texts = list(texts)
-    if not texts:
-        raise InvalidParameterError("The 'texts' parameter of embed_texts must not be empty. Got 0 texts.")
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise InvalidParameterError(
-                f"The 'texts' parameter of embed_texts must be a list of str. Got {type(t).__name__} "
-                f"{t!r} at index {i}."
-            )
-    return texts
-
-
 def _check_rows(out: Any, n_rows: int, what: str) -> np.ndarray:
     """``out`` as a float32 (n_rows, d) array, else an error naming ``what`` and the shape it gave."""
     if isinstance(out, torch.Tensor):
@@ -195,7 +183,7 @@ def embed_texts(
         array([[2., 1.],
                [4., 1.]], dtype=float32)
     """
-    texts = _check_texts(texts)
+    texts = check_texts("texts", texts, owner="embed_texts")
     check_param("batch_size", batch_size, [Interval(int, 1, None)], owner="embed_texts")
     check_param("normalize", normalize, [bool], owner="embed_texts")
     if model is not None and not callable(getattr(model, "encode", None)):
