@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from leanscale.core.errors import DataFormatError, DataNotFoundError
+
 __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
@@ -28,7 +30,11 @@ __all__ = [
     "atomic_write_csv",
     "atomic_torch_save",
     "read_json",
+    "read_npz",
     "read_csv",
+    "inside_folder",
+    "sha256_file",
+    "check_file_size",
     "to_jsonable",
     "JobState",
 ]
@@ -93,9 +99,122 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> 
     return atomic_write_text(path, json.dumps(to_jsonable(obj), indent=indent, sort_keys=False) + "\n")
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+def _read_bytes(path: str | os.PathLike, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise DataNotFoundError(f"The {what} {str(path)!r} does not exist.") from None
+    except IsADirectoryError:
+        raise DataFormatError(f"The {what} {str(path)!r} is a folder, not a file.") from None
+
+
+def read_json(path: str | os.PathLike, *, what: str = "file") -> Any:
+    """Parse a JSON file; a missing, truncated or non-UTF-8 file raises an error naming it.
+
+    ``what`` names the file's role in the message ("cascade file", "law file", ...).
+    Raises:
+        DataNotFoundError: the file does not exist.
+        DataFormatError: it is not UTF-8 JSON (truncated, damaged or another format).
+    """
+    raw = _read_bytes(path, what)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataFormatError(
+            f"The {what} {str(path)!r} must be UTF-8 JSON. Got bytes that are not UTF-8 at offset {exc.start}: "
+            f"it is damaged or not a JSON file."
+        ) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataFormatError(
+            f"The {what} {str(path)!r} must be valid JSON. Got an error at line {exc.lineno} column {exc.colno} "
+            f"({exc.msg}): the file is truncated, damaged or not JSON."
+        ) from None
+    except RecursionError:
+        raise DataFormatError(f"The {what} {str(path)!r} is nested too deeply to be a leanscale file.") from None
+
+
+def read_npz(path: str | os.PathLike, *, what: str = "file", max_bytes: int | None = None) -> dict[str, np.ndarray]:
+    """Read every array of a ``.npz`` file without unpickling; errors name the file.
+
+    Object arrays (which need pickle) are refused. ``max_bytes`` bounds the file size, checked
+    before it is read.
+    """
+    if max_bytes is not None:
+        check_file_size(path, max_bytes, what=what)
+    raw = _read_bytes(path, what)
+    try:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+            if not hasattr(z, "files"):
+                raise DataFormatError(
+                    f"The {what} {str(path)!r} must be a .npz archive of named arrays. Got a single .npy array."
+                )
+            return {k: z[k] for k in z.files}
+    except DataFormatError:
+        raise
+    except ValueError as exc:
+        if "pickle" in str(exc):
+            raise DataFormatError(
+                f"The {what} {str(path)!r} must hold plain numeric or string arrays. Got an array that needs "
+                f"pickle (object dtype), which leanscale never loads; or the file is not a .npz archive at all "
+                f"(e.g. a text file)."
+            ) from None
+        raise DataFormatError(f"The {what} {str(path)!r} is not a readable .npz archive ({exc}).") from None
+    except (OSError, EOFError, KeyError) as exc:
+        raise DataFormatError(
+            f"The {what} {str(path)!r} is not a readable .npz archive: it is truncated, damaged or another "
+            f"format ({type(exc).__name__}: {exc})."
+        ) from None
+    except Exception as exc:  # zipfile.BadZipFile and friends
+        raise DataFormatError(
+            f"The {what} {str(path)!r} is not a readable .npz archive ({type(exc).__name__}: {exc})."
+        ) from None
+
+
+def check_file_size(path: str | os.PathLike, max_bytes: int, *, what: str = "file") -> int:
+    """The size of ``path`` in bytes; raise :class:`DataFormatError` above ``max_bytes``."""
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        raise DataNotFoundError(f"The {what} {str(path)!r} does not exist.") from None
+    if size > max_bytes:
+        raise DataFormatError(
+            f"The {what} {str(path)!r} must be at most {max_bytes:,} bytes. Got {size:,} bytes."
+        )
+    return size
+
+
+def inside_folder(root: str | os.PathLike, name: Any, *, what: str = "file") -> Path:
+    """``root / name``, refusing anything that would leave ``root``.
+
+    ``name`` comes from an untrusted file: it must be a relative path string that stays inside
+    ``root`` after resolving ``..`` and symbolic links. Absolute paths are refused.
+    """
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise DataFormatError(f"The {what} name must be a non-empty relative path string. Got {name!r}.")
+    if os.path.isabs(name):
+        raise DataFormatError(
+            f"The {what} {name!r} must be a path relative to {str(root)!r}. Got an absolute path."
+        )
+    base = Path(root).resolve()
+    target = (base / name).resolve()
+    if target != base and base not in target.parents:
+        raise DataFormatError(
+            f"The {what} {name!r} must lie inside the folder {str(base)!r}. Got a path that leaves it."
+        )
+    return target
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes (content check of multi-file saves)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def atomic_write_csv(
