@@ -107,7 +107,7 @@ def main() -> None:
             from leanscale.large_batch.ghost_bn import apply_ghost_batchnorm
 
             apply_ghost_batchnorm(model, cfg.ghost_batch_size)
-        model.load_state_dict(torch.load(out / "models" / f"{key}.pt"))
+        model.load_state_dict(torch.load(out / "models" / f"{key}.pt", weights_only=True))
         g = torch.Generator().manual_seed(1234)
         idx = torch.randperm(len(data[1]), generator=g)[: args.sharpness_examples]
         res = sharpness(model, F.cross_entropy, (data[0][idx], data[1][idx]), eps=1e-3)
