@@ -141,10 +141,10 @@ def prototype_task(data, args, state: JobState, out: Path) -> dict:
 
 def load_scores(out: Path, metric: str, seeds: int) -> np.ndarray | None:
     if metric in ("ssl_prototypes", "sup_prototypes"):
-        return np.load(out / "scores" / f"{metric}.npy")
+        return np.load(out / "scores" / f"{metric}.npy", allow_pickle=False)
     if metric == "random":
         return None
-    return np.mean([np.load(out / "scores" / f"{metric}-seed{s}.npy") for s in range(seeds)], axis=0)
+    return np.mean([np.load(out / "scores" / f"{metric}-seed{s}.npy", allow_pickle=False) for s in range(seeds)], axis=0)
 
 
 def main() -> int:

@@ -26,7 +26,7 @@ def test_prune_score_then_select_writes_scores_kept_and_manifest(tmp_path, capsy
     data = _npz(tmp_path / "d.npz")
     out = tmp_path / "el2n"
     assert main(["prune", "score", "--data", str(data), "--metric", "el2n", "--epochs", "2", "--out", str(out)]) == 0
-    scores = np.load(out / "scores.npy")
+    scores = np.load(out / "scores.npy", allow_pickle=False)
     assert scores.shape == (120,) and np.all(scores >= 0) and np.all(scores <= np.sqrt(2))
     assert "kept 120 of 120" in capsys.readouterr().out
 
@@ -34,7 +34,7 @@ def test_prune_score_then_select_writes_scores_kept_and_manifest(tmp_path, capsy
     assert main(["prune", "select", "--scores", str(out), "--data", str(data), "--keep", "0.25",
                  "--strategy", "hard", "--out", str(sel), "--json"]) == 0
     manifest = json.loads(capsys.readouterr().out)
-    kept = np.load(sel / "kept.npy")
+    kept = np.load(sel / "kept.npy", allow_pickle=False)
     assert manifest["metric"] == "el2n" and manifest["n_kept"] == len(kept) == 30
     assert manifest["strategy"]["resolved"] == "hard"
     # Class-balanced: 10 of each class's 40, the hardest within the class.
@@ -55,12 +55,12 @@ def test_prune_select_auto_rule_and_bad_keep(tmp_path, capsys):
     assert m["strategy"]["reason"] == (
         "auto: keeping 20% of the examples (10 of 50) is below auto_min_fraction=0.4: with a small kept set keep "
         "the easiest examples (Sorscher et al. 2022, Fig. 1)")
-    assert np.load(tmp_path / "kept.npy").tolist() == list(range(10))  # the easiest = lowest scores
+    assert np.load(tmp_path / "kept.npy", allow_pickle=False).tolist() == list(range(10))  # the easiest = lowest scores
     # 20 of 50 = 40%: exactly auto_min_fraction, so the hardest
     assert main(["prune", "select", "--scores", str(tmp_path / "s.npy"), "--keep", "20", "--json"]) == 0
     m = json.loads(capsys.readouterr().out)
     assert m["strategy"]["resolved"] == "hard" and "(20 of 50) is at least auto_min_fraction=0.4" in m["strategy"]["reason"]
-    assert np.load(tmp_path / "kept.npy").tolist() == list(range(30, 50))
+    assert np.load(tmp_path / "kept.npy", allow_pickle=False).tolist() == list(range(30, 50))
     assert main(["prune", "select", "--scores", str(tmp_path / "s.npy"), "--keep", "1.5"]) == 2
     assert "'keep' parameter" in capsys.readouterr().err
     assert main(["prune", "select", "--scores", str(tmp_path / "nothing"), "--keep", "0.5"]) == 2
@@ -90,7 +90,8 @@ def test_prune_score_under_torchrun_equals_one_process(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, check=False,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "LEANSCALE_NO_PROGRESS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one, two = np.load(tmp_path / "one" / "scores.npy"), np.load(tmp_path / "two" / "scores.npy")
+    one = np.load(tmp_path / "one" / "scores.npy", allow_pickle=False)
+    two = np.load(tmp_path / "two" / "scores.npy", allow_pickle=False)
     assert one.shape == two.shape == (96,)
     assert np.corrcoef(one, two)[0, 1] > 0.95 and np.abs(one - two).max() < 0.1
 

@@ -63,15 +63,75 @@ def test_export_a_checkpoint(tmp_path, capsys):
     torch.manual_seed(0)
     model = apply_swat(BNCNN(), 0.7)
     ckpt = tmp_path / "swat.pt"
-    torch.save(model.state_dict(), ckpt)
+    torch.save(model.state_dict(), ckpt)  # a plain state_dict: no SWAT settings recorded
     assert main(["sparse", "export", "--checkpoint", str(ckpt), "--sparsity", "0.7", "--out", str(tmp_path / "p.pt")]) == 0
+    err = capsys.readouterr().err
+    assert "warning:" in err and "records no SWAT settings" in err and "sparsity=0.7" in err
     pruned = load_pruned(BNCNN(), tmp_path / "p.pt")
     assert float((pruned.features[3].weight == 0).float().mean()) == pytest.approx(0.7, abs=0.01)
+    # without --sparsity the training run's sparsity is unknown: refused, not guessed
+    assert main(["sparse", "export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "q.pt")]) == 2
+    assert "'--sparsity' parameter of leanscale sparse export is required" in capsys.readouterr().err
+    assert not (tmp_path / "q.pt").exists()
     torch.save({"weight": torch.zeros(2)}, tmp_path / "wrong.pt")
-    assert main(["sparse", "export", "--checkpoint", str(tmp_path / "wrong.pt"), "--out", str(tmp_path / "q.pt")]) == 2
+    assert main(["sparse", "export", "--checkpoint", str(tmp_path / "wrong.pt"), "--sparsity", "0.8",
+                 "--out", str(tmp_path / "q.pt")]) == 2
     assert "does not fit --model" in capsys.readouterr().err
     assert main(["sparse", "export", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "q.pt")]) == 2
-    assert "'--checkpoint' parameter" in capsys.readouterr().err
+    assert "SWAT checkpoint" in capsys.readouterr().err
+
+
+def test_train_checkpoint_records_the_settings_and_export_uses_them(tmp_path, capsys):
+    """The issue's silent failure: exporting with other --sparsity/--distribution than training
+    kept other weights (accuracy 0.454 -> 0.294). The recorded settings are used, and a
+    mismatch is refused."""
+    ckpt, saved = tmp_path / "swat.pt", tmp_path / "pruned.pt"
+    assert main(["sparse", "train", "--epochs", "0.2", "--set", "n_train=300", "--set", "n_test=50",
+                 "--sparsity", "0.6", "--distribution", "erk", "--checkpoint", str(ckpt), "--save", str(saved)]) == 0
+    assert "SWAT checkpoint ->" in capsys.readouterr().out
+    out = tmp_path / "exported.pt"
+    assert main(["sparse", "export", "--checkpoint", str(ckpt), "--out", str(out)]) == 0  # nothing but the file
+    captured = capsys.readouterr()
+    assert "settings recorded in the checkpoint" in captured.out and "warning" not in captured.err
+    a, b = load_pruned(BNCNN(width=8), saved), load_pruned(BNCNN(width=8), out)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k  # exactly the model `train --save` pruned
+    # the same flags as recorded are fine
+    assert main(["sparse", "export", "--checkpoint", str(ckpt), "--sparsity", "0.6", "--distribution", "erk",
+                 "--out", str(tmp_path / "same.pt")]) == 0
+    capsys.readouterr()
+    for argv, flag, recorded in (
+        (["--sparsity", "0.8"], "--sparsity", "0.6"),
+        (["--distribution", "uniform"], "--distribution", "'erk'"),
+        (["--structured"], "--structured", "False"),
+        (["--sparse-first-layer"], "--sparse-first-layer", "dense_first_layer=True"),
+        (["--warmup-steps", "5"], "--warmup-steps", "0"),
+    ):
+        target = tmp_path / "bad.pt"
+        assert main(["sparse", "export", "--checkpoint", str(ckpt), *argv, "--out", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert f"The '{flag}' parameter of leanscale sparse export must match the training run" in err, err
+        assert recorded in err and str(ckpt) in err and "Traceback" not in err
+        assert not target.exists()
+
+
+def test_export_refuses_a_model_whose_layers_differ_from_the_recorded_ones(tmp_path, capsys):
+    from leanscale.sparse import save_swat_checkpoint
+
+    torch.manual_seed(0)
+    model = apply_swat(BNCNN(), 0.7)
+    ckpt = save_swat_checkpoint(model, tmp_path / "swat.pt", {"sparsity": 0.7})
+    # --model builds another SWAT layer set than training recorded (here: the layer that stayed dense)
+    assert main(["sparse", "export", "--checkpoint", str(ckpt), "--model", "leanscale.models:BNCNN",
+                 "--out", str(tmp_path / "p.pt")]) == 0
+    capsys.readouterr()
+    with torch.no_grad():  # a checkpoint whose recorded layer settings disagree with its run settings
+        blob = torch.load(ckpt, weights_only=True)
+        blob["layers"]["features.3"]["sparsity"] = 0.5
+        torch.save(blob, tmp_path / "edited.pt")
+    assert main(["sparse", "export", "--checkpoint", str(tmp_path / "edited.pt"), "--out", str(tmp_path / "q.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "layer 'features.3' has sparsity=0.7 now but sparsity=0.5 in training" in err
 
 
 @pytest.mark.distributed

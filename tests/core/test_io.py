@@ -5,6 +5,7 @@ import stat
 import numpy as np
 import pytest
 
+from leanscale.core.errors import DataNotFoundError
 from leanscale.core.io import (
     JobState,
     atomic_write_bytes,
@@ -66,3 +67,67 @@ def test_job_state_resumes_finished_tasks(tmp_path):
     assert again.keys() == ["run/1"] and again.results() == {"run/1": {"loss": 3.0}}
     assert list(again) == ["run/1"] and "run/1" in again and "run/2" not in again
     assert again.path("run/1").parent == tmp_path / "tasks"  # the key is made safe for a file name
+
+
+@pytest.mark.parametrize(
+    "content, why",
+    [
+        (b'{"key": "run/1", "result": {"loss": 3', "valid JSON"),  # truncated by a crash or a full disk
+        (b"\x89PNG\r\n\x1a\n\x00\x00", "UTF-8"),  # random bytes
+        (b'[1, 2, 3]', "JSON object with the keys"),
+        (b'{"result": {"loss": 3.0}}', "JSON object with the keys"),  # no key
+        (b'{"key": 7, "result": 1}', "JSON object with the keys"),  # key of the wrong type
+        (b'{"key": "run/1"}', "JSON object with the keys"),  # no result
+        (b'{"key": "run/2", "result": 1}', "must hold the task 'run/1'"),  # another task's file
+    ],
+)
+def test_job_state_damaged_task_counts_as_not_done_and_is_moved_aside(tmp_path, content, why):
+    state = JobState(tmp_path)
+    state.save("run/1", {"loss": 3.0})
+    state.save("run/3", {"loss": 2.0})
+    path = state.path("run/1")
+    path.write_bytes(content)
+    with pytest.warns(RuntimeWarning, match=why) as caught:
+        assert not state.is_done("run/1")
+    assert str(path) in str(caught[0].message) and "computed again" in str(caught[0].message)
+    assert not path.exists() and path.with_name(path.name + ".damaged").read_bytes() == content
+    assert state.is_done("run/3") and state.keys() == ["run/3"]  # the others are untouched
+    state.save("run/1", {"loss": 3.5})  # recomputed
+    assert state.load("run/1") == {"loss": 3.5} and state.results() == {"run/1": {"loss": 3.5}, "run/3": {"loss": 2.0}}
+
+
+def test_job_state_listing_skips_damaged_files_with_a_warning(tmp_path):
+    state = JobState(tmp_path)
+    state.save("a", 1)
+    (state.tasks / "b.json").write_text("{")
+    with pytest.warns(RuntimeWarning, match="b.json"):
+        assert state.results() == {"a": 1}
+    assert state.keys() == ["a"] and list(state) == ["a"]  # moved aside: no second warning
+
+
+def test_job_state_load_of_a_missing_or_damaged_task_names_it(tmp_path):
+    state = JobState(tmp_path)
+    with pytest.raises(DataNotFoundError, match="'x' has no result"):
+        state.load("x")
+    state.path("x").write_text("not json")
+    with pytest.warns(RuntimeWarning), pytest.raises(DataNotFoundError, match="damaged and moved aside"):
+        state.load("x")
+
+
+def test_job_state_removes_stray_temp_files_on_open(tmp_path):
+    state = JobState(tmp_path)
+    state.save("a", 1)
+    state.write_config({"x": 1})
+    # What a write killed between mkstemp and rename leaves (atomic_write_bytes' naming).
+    strays = [state.tasks / ".b.json.k2j4_x.tmp", tmp_path / ".config.json.abc123.tmp",
+              tmp_path / "arrays" / ".a.npy.zz9.tmp"]
+    for p in strays:
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(b'{"key": "b", "res')
+    keep = [tmp_path / "notes.tmp", tmp_path / ".hidden", state.tasks / "a.json", tmp_path / "config.json"]
+    keep[0].write_text("user file")
+    keep[1].write_text("user file")
+    again = JobState(tmp_path)
+    assert not any(p.exists() for p in strays) and sorted(again.removed_tmp) == sorted(strays)
+    assert all(p.exists() for p in keep)
+    assert again.keys() == ["a"]

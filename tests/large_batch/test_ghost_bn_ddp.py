@@ -18,7 +18,7 @@ WORKER = Path(__file__).with_name("_ddp_ghost_bn_worker.py")
 @pytest.mark.distributed
 def test_ddp_ghost_batchnorm_matches_single_process(tmp_path):
     run_torchrun(WORKER, tmp_path, nproc=2)
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name  # DDP kept the replicas identical
 

@@ -297,9 +297,9 @@ def test_manifest_scores_and_kept_are_written_atomically_and_data_is_untouched(t
     path = pruner.write_manifest(data_dir)
     assert path == data_dir / "manifest.json"
     assert sorted(p.name for p in data_dir.iterdir()) == ["kept.npy", "manifest.json", "scores.npy", "x.npy"]
-    assert np.array_equal(np.load(data_dir / "x.npy"), x_before) and np.array_equal(x, x_before)
-    np.testing.assert_array_equal(np.load(data_dir / "scores.npy"), pruner.scores_)
-    kept = np.load(data_dir / "kept.npy")
+    assert np.array_equal(np.load(data_dir / "x.npy", allow_pickle=False), x_before) and np.array_equal(x, x_before)
+    np.testing.assert_array_equal(np.load(data_dir / "scores.npy", allow_pickle=False), pruner.scores_)
+    kept = np.load(data_dir / "kept.npy", allow_pickle=False)
     np.testing.assert_array_equal(kept, pruner.transform())
 
     m = json.loads(path.read_text())

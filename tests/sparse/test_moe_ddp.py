@@ -17,7 +17,7 @@ WORKER = Path(__file__).with_name("_ddp_moe_worker.py")
 def test_ddp_moe(tmp_path):
     run_torchrun(WORKER, tmp_path, nproc=2)
     for tag in ("exact", "balanced"):
-        rank0, rank1 = (torch.load(tmp_path / f"{tag}-rank{r}.pt") for r in (0, 1))
+        rank0, rank1 = (torch.load(tmp_path / f"{tag}-rank{r}.pt", weights_only=True) for r in (0, 1))
         for name in rank0:
             assert torch.equal(rank0[name], rank1[name]), (tag, name)
 
@@ -30,7 +30,7 @@ def test_ddp_moe(tmp_path):
         _, loss = model(x, y)
         (loss + moe_aux_loss(model)).backward()
         opt.step()
-    rank0 = torch.load(tmp_path / "exact-rank0.pt")
+    rank0 = torch.load(tmp_path / "exact-rank0.pt", weights_only=True)
     for name, p in model.named_parameters():
         if "router" in name or "w_fc" in name:
             assert not torch.equal(p.detach(), start[name]), name  # the experts and the router trained

@@ -17,7 +17,7 @@ WORKER = Path(__file__).with_name("_ddp_swat_worker.py")
 def test_ddp_swat(tmp_path):
     run_torchrun(WORKER, tmp_path, nproc=2)
     for tag in ("mlp", "cnn"):
-        rank0, rank1 = (torch.load(tmp_path / f"{tag}-rank{r}.pt") for r in (0, 1))
+        rank0, rank1 = (torch.load(tmp_path / f"{tag}-rank{r}.pt", weights_only=True) for r in (0, 1))
         for name in rank0:
             assert torch.equal(rank0[name], rank1[name]), (tag, name)
 
@@ -29,7 +29,7 @@ def test_ddp_swat(tmp_path):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
-    rank0 = torch.load(tmp_path / "mlp-rank0.pt")
+    rank0 = torch.load(tmp_path / "mlp-rank0.pt", weights_only=True)
     for name, p in model.named_parameters():
         assert not torch.equal(p.detach(), start[name])  # it trained
         torch.testing.assert_close(rank0[name], p.detach(), rtol=1e-4, atol=1e-5, msg=name)

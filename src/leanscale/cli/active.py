@@ -55,6 +55,18 @@ def run(args) -> int:
     from leanscale.pruning.active import ActiveLearner
     from leanscale.pruning.datasets import load_pruning_data
 
+    from leanscale.core.errors import LeanscaleError
+    from leanscale.core.validation import Interval, check_param
+
+    owner = "leanscale active"
+    for flag, value, rng in (("--budget", args.budget, Interval(int, 1, None)),
+                             ("--batch-size", args.batch_size, Interval(int, 1, None)),
+                             ("--initial", args.initial, Interval(int, 1, None)),
+                             ("--C", args.C, Interval(float, 0, None, closed="neither")),
+                             ("--seed", args.seed, Interval(int, 0, None))):
+        check_param(flag, value, [rng], owner=owner)
+    if args.n_train is not None:
+        check_param("--n-train", args.n_train, [Interval(int, 1, None)], owner=owner)
     data = load_pruning_data(args.data, root=args.data_root, n_train=args.n_train)
     if data.y_train is None:
         from leanscale.core.errors import InvalidParameterError
@@ -73,9 +85,25 @@ def run(args) -> int:
                 "batch_size": args.batch_size, "initial": args.initial, "C": args.C, "seed": args.seed}
     state_path = None if out is None else out / "state.json"
     if state_path is not None and state_path.is_file():
-        saved = read_json(state_path)
-        if saved.get("settings") == settings:
-            learner.load_state_dict(saved["learner"])
+        # The state is only a shortcut (every label comes from the data set): a damaged one is
+        # reported and the run starts over, instead of failing or resuming from garbage.
+        try:
+            saved = read_json(state_path, what="active-learning state")
+            if not isinstance(saved, dict):
+                raise LeanscaleError(f"it holds a {type(saved).__name__}, not a JSON object")
+            if saved.get("settings") == settings:
+                learner.load_state_dict(saved.get("learner"))
+                if learner.n_pool_ is not None and learner.n_pool_ != len(x):
+                    raise LeanscaleError(f"it was saved for a pool of {learner.n_pool_} examples, not {len(x)}")
+                idx = learner.labeled_indices_
+                if idx.size and (int(idx.max()) >= len(x) or learner.labels_.shape != idx.shape
+                                 or not np.array_equal(learner.labels_, data.y_train.numpy()[idx])):
+                    raise LeanscaleError("its labels are not the data set's labels of those examples")
+        except LeanscaleError as exc:
+            print(f"warning: ignoring the damaged state file {str(state_path)!r} and starting over: {exc}",
+                  file=sys.stderr)
+            learner = ActiveLearner(SoftmaxRegression(C=args.C), strategy=args.strategy,
+                                    batch_size=args.batch_size, initial_size=args.initial, seed=args.seed)
 
     def save(lr: ActiveLearner) -> None:
         if state_path is not None:

@@ -97,15 +97,34 @@ def _print(manifest: dict, as_json: bool, path) -> None:
           f"({s['resolved']}: {s['reason']})")
     print(f"scores min {manifest['scores']['min']:.4g}, median {manifest['scores']['median']:.4g}, "
           f"max {manifest['scores']['max']:.4g} (higher = harder)")
+    if manifest.get("n_dropped"):
+        print("classes balanced: " + ("yes" if manifest.get("class_balance") else "no"))
     print(f"wrote {path}")
+
+
+def _check_flags(owner: str, **flags) -> None:
+    """Range checks of numeric flags, with the flag's own name in the message."""
+    from leanscale.core.validation import Interval, check_param
+
+    ranges = {
+        "--seeds": [Interval(int, 1, None)], "--epochs": [None, Interval(float, 0, None, closed="neither")],
+        "--n-clusters": [None, Interval(int, 1, None)], "--batch-size": [Interval(int, 1, None)],
+        "--lr": [Interval(float, 0, None, closed="neither")], "--seed": [Interval(int, 0, None)],
+        "--n-train": [None, Interval(int, 1, None)],
+    }
+    for flag, value in flags.items():
+        check_param(flag, value, ranges[flag], owner=owner)
 
 
 def run_score(args) -> int:
     from leanscale.core.distributed import init_from_env, rank_and_world, shutdown
-    from leanscale.core.io import read_json
+    from leanscale.core.io import atomic_write_json, read_json
     from leanscale.pruning.datasets import load_pruning_data
     from leanscale.pruning.pruner import DataPruner
 
+    _check_flags("leanscale prune score", **{"--seeds": args.seeds, "--epochs": args.epochs,
+                                             "--n-clusters": args.n_clusters, "--batch-size": args.batch_size,
+                                             "--lr": args.lr, "--seed": args.seed, "--n-train": args.n_train})
     data = load_pruning_data(args.data, root=args.data_root, n_train=args.n_train)
     pruner = DataPruner(metric=args.metric, keep=1.0, strategy="hard", score_epochs=args.epochs,
                         n_seeds=args.seeds, n_clusters=args.n_clusters, out_dir=args.out, seed=args.seed,
@@ -119,19 +138,37 @@ def run_score(args) -> int:
             shutdown()
     if rank_and_world()[0] != 0:
         return 0
-    _print(read_json(path), args.json, path)
+    manifest = read_json(path, what="manifest")
+    # which data was scored: `prune select` names it when it needs the labels again
+    manifest["data"] = {"data": str(args.data), "data_root": args.data_root, "n_train": args.n_train}
+    atomic_write_json(path, manifest)
+    _print(manifest, args.json, path)
     return 0
+
+
+def _select_warnings(pruner, scored: dict) -> list[str]:
+    if not pruner.warnings_:
+        return []
+    data = scored.get("data") if isinstance(scored.get("data"), dict) else {}
+    hint = ""
+    if isinstance(data.get("data"), str):
+        hint = f" --data {data['data']}" + (f" --n-train {data['n_train']}" if isinstance(data.get("n_train"), int) else "")
+    return [
+        "no class balancing was done: class balance is on by default, but without --data there are no labels, "
+        "so the examples were ranked over all classes together and a class can be over- or under-pruned. "
+        f"Pass{hint or ' --data'} to balance the classes, or --no-class-balance to rank them together on purpose."
+    ]
 
 
 def run_select(args) -> int:
     from pathlib import Path
 
-    import numpy as np
-
-    from leanscale.core.errors import InvalidParameterError
+    from leanscale.core.errors import DataFormatError, InvalidParameterError
     from leanscale.core.io import atomic_write_json, read_json
+    from leanscale.core.io import read_npy
     from leanscale.pruning.pruner import DataPruner
 
+    _check_flags("leanscale prune select", **{"--seed": args.seed, "--n-train": args.n_train})
     src = Path(args.scores)
     scores_path = src / "scores.npy" if src.is_dir() else src
     if not scores_path.is_file():
@@ -139,23 +176,43 @@ def run_select(args) -> int:
             f"The '--scores' parameter of leanscale prune select must be a scores.npy file or the folder "
             f"`leanscale prune score` wrote. Got {args.scores!r}, which has no scores.npy."
         )
-    scores = np.load(scores_path)
-    scored = read_json(scores_path.parent / "manifest.json") if (scores_path.parent / "manifest.json").is_file() else {}
+    scores = read_npy(scores_path, what="scores file", ndim=1)
+    if scores.dtype.kind not in "fiu":
+        raise DataFormatError(f"The scores file {str(scores_path)!r} must hold numbers. Got dtype {scores.dtype}.")
+    manifest_in = scores_path.parent / "manifest.json"
+    scored = read_json(manifest_in, what="manifest") if manifest_in.is_file() else {}
+    if not isinstance(scored, dict):
+        raise DataFormatError(f"The manifest {str(manifest_in)!r} must be a JSON object. Got {type(scored).__name__}.")
     labels = None
     if args.data is not None:
         from leanscale.pruning.datasets import load_pruning_data
 
         data = load_pruning_data(args.data, root=args.data_root, n_train=args.n_train)
         labels = _labels(data)
+        if labels is None:
+            raise InvalidParameterError(
+                f"The '--data' parameter of leanscale prune select must have labels (y) to balance the classes. "
+                f"Got {args.data!r} without them; leave --data out (no balancing) instead."
+            )
+        if len(labels) != len(scores):
+            raise InvalidParameterError(
+                f"The '--data' parameter of leanscale prune select must have one training example per score. Got "
+                f"{len(labels):,} examples in {args.data!r} for {len(scores):,} scores in {str(scores_path)!r} "
+                f"(pass the --data and --n-train that `prune score` used)."
+            )
     # The scores are given: DataPruner only selects (its metric_ becomes "given").
     pruner = DataPruner(metric="random", keep=args.keep, strategy=args.strategy, class_balance=not args.no_class_balance,
                         seed=args.seed)
     pruner.fit(None, labels, scores=scores)
     out = Path(args.out) if args.out else scores_path.parent
     path = pruner.write_manifest(out)
-    manifest = read_json(path)
-    manifest["metric"] = scored.get("metric", "given")
+    manifest = read_json(path, what="manifest")
+    metric = scored.get("metric", "given")
+    manifest["metric"] = metric if isinstance(metric, str) else "given"
     manifest["scores_file"] = str(scores_path.resolve())
+    manifest["warnings"] = _select_warnings(pruner, scored)
     atomic_write_json(path, manifest)
     _print(manifest, args.json, path)
+    for w in manifest["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
     return 0

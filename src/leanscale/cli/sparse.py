@@ -3,8 +3,8 @@
 Three actions: ``report`` converts a model and prints, per layer, the sparsity, the training
 FLOPs (dense vs SWAT) and the bytes held for backward (measured on one training step);
 ``train`` trains the reference CNN (or MLP) on Fashion-MNIST with SWAT, single process or under
-``torchrun``, and can save the hard-pruned model; ``export`` hard-prunes a SWAT checkpoint into a
-compact file.
+``torchrun``, and can save the hard-pruned model and the SWAT model with its settings; ``export``
+hard-prunes a SWAT checkpoint into a compact file with the settings the checkpoint records.
 """
 
 from __future__ import annotations
@@ -18,9 +18,13 @@ EPILOG = """\
 examples:
   leanscale sparse report                                   the BatchNorm CNN at 80% (SWAT-U)
   leanscale sparse report --model mypkg.models:Net --input-shape 3,32,32 --sparsity 0.9 --distribution erk
-  leanscale sparse train --sparsity 0.8 --epochs 1 --save pruned.pt
+  leanscale sparse train --sparsity 0.8 --epochs 1 --save pruned.pt --checkpoint swat.pt
   torchrun --nproc_per_node=2 -m leanscale.cli.main sparse train --set n_train=10000
-  leanscale sparse export --checkpoint swat.pt --sparsity 0.8 --out pruned.pt
+  leanscale sparse export --checkpoint swat.pt --out pruned.pt      the settings recorded in swat.pt
+  leanscale sparse export --checkpoint state_dict.pt --sparsity 0.8 --distribution erk --out pruned.pt
+
+export refuses SWAT flags that contradict the settings a `sparse train --checkpoint` file records
+(other settings keep other weights and break the model); a plain state_dict needs --sparsity.
 """
 
 DEFAULT_MODEL = "leanscale.models:BNCNN"
@@ -39,14 +43,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="action", title="actions", metavar="<action>")
 
-    def swat_args(q):
-        q.add_argument("--sparsity", type=float, default=0.8, help="weight (and activation) sparsity (0.8)")
-        q.add_argument("--distribution", default="uniform", help="uniform (SWAT-U) or erk (SWAT-ERK)")
-        q.add_argument("--activation-sparsity", type=float, default=None, help="default: --sparsity")
-        q.add_argument("--topk-period", type=int, default=1, help="recompute top-K every N steps (1)")
-        q.add_argument("--structured", action="store_true", help="keep whole channels")
-        q.add_argument("--warmup-steps", type=int, default=0, help="ramp the sparsity over N steps (0)")
-        q.add_argument("--sparse-first-layer", action="store_true", help="convert the first layer too")
+    def swat_args(q, export=False):
+        # export: every default None, so an unset flag takes the checkpoint's recorded value
+        d = (lambda v: None) if export else (lambda v: v)
+        rec = " (default: the checkpoint's)" if export else ""
+        q.add_argument("--sparsity", type=float, default=d(0.8), help=f"weight (and activation) sparsity (0.8){rec}")
+        q.add_argument("--distribution", default=d("uniform"), help=f"uniform (SWAT-U) or erk (SWAT-ERK){rec}")
+        q.add_argument("--activation-sparsity", type=float, default=None, help=f"default: --sparsity{rec}")
+        q.add_argument("--topk-period", type=int, default=d(1), help=f"recompute top-K every N steps (1){rec}")
+        q.add_argument("--structured", action="store_true", default=d(False), help=f"keep whole channels{rec}")
+        q.add_argument("--warmup-steps", type=int, default=d(0), help=f"ramp the sparsity over N steps (0){rec}")
+        q.add_argument("--sparse-first-layer", action="store_true", default=d(False),
+                       help=f"convert the first layer too{rec}")
 
     q = sub.add_parser("report", help="per-layer sparsity, training FLOPs and backward memory of a converted model")
     q.add_argument("--model", default=DEFAULT_MODEL,
@@ -64,15 +72,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     q.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
                    help="change a field of the TrainConfig (repeatable), e.g. n_train=10000")
     q.add_argument("--save", default=None, help="write the hard-pruned model here (save_pruned format)")
+    q.add_argument("--checkpoint", default=None,
+                   help="write the SWAT model with its SWAT settings here (the input of `sparse export`)")
     q.add_argument("--out", default=None, help="write the result JSON here")
     q.add_argument("--json", action="store_true", help="print JSON")
     q.set_defaults(action_func=run_train)
 
     q = sub.add_parser("export", help="hard-prune a SWAT checkpoint into a compact file")
-    q.add_argument("--model", default=DEFAULT_MODEL, help=f"'package.module:callable' ({DEFAULT_MODEL})")
-    q.add_argument("--checkpoint", required=True, help="state_dict of the SWAT-trained model (torch.save)")
+    q.add_argument("--model", default=None,
+                   help=f"'package.module:callable' (default: the model recorded by `sparse train --checkpoint`, "
+                   f"else {DEFAULT_MODEL})")
+    q.add_argument("--checkpoint", required=True,
+                   help="`sparse train --checkpoint` file (SWAT settings recorded) or a plain state_dict (torch.save)")
     q.add_argument("--out", required=True, help="output file (load with leanscale.sparse.load_pruned)")
-    swat_args(q)
+    swat_args(q, export=True)
     q.set_defaults(action_func=run_export)
     p.set_defaults(func=run, print_help=p.print_help)
     return p
@@ -112,13 +125,18 @@ def _build(spec: str):
     return model
 
 
+def _settings(args) -> dict:
+    """apply_swat's keyword arguments from the SWAT flags (report, train)."""
+    return {"sparsity": args.sparsity, "distribution": args.distribution,
+            "activation_sparsity": args.activation_sparsity, "topk_period": args.topk_period,
+            "structured": args.structured, "warmup_steps": args.warmup_steps,
+            "dense_first_layer": not args.sparse_first_layer}
+
+
 def _apply(model, args):
     from leanscale.sparse import apply_swat
 
-    return apply_swat(model, args.sparsity, distribution=args.distribution,
-                      activation_sparsity=args.activation_sparsity, topk_period=args.topk_period,
-                      structured=args.structured, warmup_steps=args.warmup_steps,
-                      dense_first_layer=not args.sparse_first_layer)
+    return apply_swat(model, **_settings(args))
 
 
 def run_report(args) -> int:
@@ -154,7 +172,7 @@ def run_train(args) -> int:
         load_image_data,
         train_classifier,
     )
-    from leanscale.sparse import export_pruned, save_pruned, swat_summary
+    from leanscale.sparse import export_pruned, save_pruned, save_swat_checkpoint, swat_summary
 
     config = apply_overrides(TrainConfig(model=args.model, epochs=args.epochs, eval_every_epochs=args.epochs),
                              args.overrides)
@@ -175,6 +193,12 @@ def run_train(args) -> int:
     blob = result.to_dict()
     blob["swat_layers"] = swat_summary(result.model)
     blob["sparsity"], blob["distribution"] = args.sparsity, args.distribution
+    blob["swat_settings"] = _settings(args)
+    if args.checkpoint:
+        # the SWAT model in training form, with what made it: `sparse export` rebuilds exactly this
+        architecture = {"model": config.model, "width": config.width, "in_shape": list(data[0].shape[1:]),
+                        "num_classes": int(data[1].max()) + 1}
+        save_swat_checkpoint(result.model, args.checkpoint, _settings(args), extra={"architecture": architecture})
     if args.save:
         save_pruned(export_pruned(result.model), args.save)
     if args.out:
@@ -183,38 +207,147 @@ def run_train(args) -> int:
         json.dump(to_jsonable(blob), sys.stdout, indent=2)
         print()
     else:
+        wrote = "".join(f"; {what} -> {path}" for what, path in (("SWAT checkpoint", args.checkpoint),
+                                                                ("pruned model", args.save)) if path)
         print(f"SWAT-{'U' if args.distribution == 'uniform' else 'ERK'} {args.sparsity:.0%}: test accuracy "
               f"{result.test_accuracy:.4f} after {result.steps} steps ({result.seconds:.0f} s, "
-              f"{result.world_size} process(es))" + (f"; pruned model -> {args.save}" if args.save else ""))
+              f"{result.world_size} process(es)){wrote}")
     return 0
 
 
-def run_export(args) -> int:
+# export flag -> apply_swat keyword; the defaults apply_swat would use
+_EXPORT_FLAGS = {"sparsity": "--sparsity", "distribution": "--distribution",
+                 "activation_sparsity": "--activation-sparsity", "topk_period": "--topk-period",
+                 "structured": "--structured", "warmup_steps": "--warmup-steps",
+                 "dense_first_layer": "--sparse-first-layer"}
+_DEFAULTS = {"sparsity": 0.8, "distribution": "uniform", "activation_sparsity": None, "topk_period": 1,
+             "structured": False, "warmup_steps": 0, "dense_first_layer": True}
+
+
+def _given(args) -> dict:
+    """The SWAT flags given on the command line (unset ones are None)."""
+    given = {k: getattr(args, k) for k in ("sparsity", "distribution", "activation_sparsity", "topk_period",
+                                           "structured", "warmup_steps") if getattr(args, k) is not None}
+    if args.sparse_first_layer:
+        given["dense_first_layer"] = False
+    return given
+
+
+def _effective(settings: dict, key: str):
+    value = settings.get(key, _DEFAULTS[key])
+    if key == "activation_sparsity" and value is None:
+        return settings.get("sparsity", _DEFAULTS["sparsity"])
+    return value
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        try:
+            return abs(float(a) - float(b)) <= 1e-12
+        except (TypeError, ValueError):
+            return False
+    return a == b
+
+
+def _recorded_model(arch, source: str, state: dict):
+    """The model `sparse train` recorded: only the built-in "bncnn"/"mlp" (nothing from the file is
+    imported), its size checked against the checkpoint's tensors before it is allocated."""
+    import math
+
     import torch
 
-    from leanscale.core.errors import InvalidParameterError
-    from leanscale.sparse import export_pruned, save_pruned
+    from leanscale.core.errors import DataFormatError
+    from leanscale.large_batch.train import TrainConfig, build_model
 
-    model = _apply(_build(args.model), args)
-    try:
-        state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as exc:
-        raise InvalidParameterError(
-            f"The '--checkpoint' parameter of leanscale sparse export must be a readable torch.save'd state_dict. "
-            f"Got {args.checkpoint!r}: {exc}."
-        ) from exc
-    if not isinstance(state, dict):
-        raise InvalidParameterError(
-            f"The '--checkpoint' parameter of leanscale sparse export must hold a state_dict. Got a "
-            f"{type(state).__name__} in {args.checkpoint!r}."
+    def small_int(v, hi):
+        return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= hi
+
+    ok = (isinstance(arch, dict) and set(arch) == {"model", "width", "in_shape", "num_classes"}
+          and arch["model"] in ("bncnn", "mlp") and small_int(arch["width"], 2**16)
+          and small_int(arch["num_classes"], 2**24) and isinstance(arch["in_shape"], list)
+          and 1 <= len(arch["in_shape"]) <= 3 and all(small_int(d, 2**16) for d in arch["in_shape"])
+          and (arch["model"] != "bncnn" or len(arch["in_shape"]) == 3))
+    if not ok:
+        raise DataFormatError(
+            f"The SWAT checkpoint {source} records an invalid architecture {arch!r:.200}: it must be "
+            f"{{'model': 'bncnn' or 'mlp', 'width': int, 'in_shape': [ints], 'num_classes': int}}."
         )
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    config = TrainConfig(model=arch["model"], width=arch["width"])
+    with torch.device("meta"):  # count the parameters without allocating them
+        probe = build_model(config, tuple(arch["in_shape"]), arch["num_classes"])
+    need = sum(math.prod(t.shape) for t in probe.state_dict().values())
+    have = sum(t.numel() for t in state.values())
+    if need > have:
+        raise DataFormatError(
+            f"The SWAT checkpoint {source} records an architecture of {need:,} values but holds tensors of "
+            f"only {have:,}: it is damaged."
+        )
+    return build_model(config, tuple(arch["in_shape"]), arch["num_classes"])
+
+
+def run_export(args) -> int:
+    from leanscale.core.errors import InvalidParameterError
+    from leanscale.sparse import apply_swat, export_pruned, save_pruned
+    from leanscale.sparse.export import check_swat_layers, load_swat_checkpoint
+
+    ckpt = load_swat_checkpoint(args.checkpoint)
+    source = repr(args.checkpoint)
+    given, recorded = _given(args), ckpt["settings"]
+    warnings = []
+    if recorded is None:
+        if "sparsity" not in given:
+            raise InvalidParameterError(
+                f"The '--sparsity' parameter of leanscale sparse export is required for {source}: it is a plain "
+                f"state_dict without recorded SWAT settings, so the training run's sparsity is unknown. Pass the "
+                f"--sparsity, --distribution (and other SWAT flags) used in training, or export a file written by "
+                f"`leanscale sparse train --checkpoint` (or leanscale.sparse.save_swat_checkpoint)."
+            )
+        settings = {**_DEFAULTS, **given}
+        warnings.append(
+            f"{source} records no SWAT settings: exported with sparsity={settings['sparsity']}, "
+            f"distribution={settings['distribution']!r}, structured={settings['structured']}, "
+            f"warmup_steps={settings['warmup_steps']}, dense_first_layer={settings['dense_first_layer']} as given; "
+            f"if the training run used other settings, the exported model is wrong."
+        )
+    else:
+        for key, value in given.items():
+            if not _same(_effective(given, key), _effective(recorded, key)):
+                flag = _EXPORT_FLAGS[key]
+                shown = (f"dense_first_layer={_effective(recorded, key)!r}" if key == "dense_first_layer"
+                         else f"{flag} {_effective(recorded, key)!r}")
+                raise InvalidParameterError(
+                    f"The {flag!r} parameter of leanscale sparse export must match the training run recorded in "
+                    f"{source} ({shown}). Got {value!r} instead: exporting with other SWAT settings keeps other "
+                    f"weights and breaks the model. Omit it to use the recorded value."
+                )
+        settings = {**_DEFAULTS, **recorded}
+    arch = (ckpt["extra"] or {}).get("architecture")
+    if args.model is not None:
+        model = _build(args.model)
+    elif arch is not None:
+        model = _recorded_model(arch, source, ckpt["state_dict"])
+    else:
+        model = _build(DEFAULT_MODEL)
+    model = apply_swat(model, **settings)
+    try:
+        missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
+    except RuntimeError as exc:  # tensors of other shapes
+        raise InvalidParameterError(
+            f"The '--checkpoint' parameter of leanscale sparse export does not fit --model "
+            f"{args.model or ('recorded ' + repr(arch) if arch else DEFAULT_MODEL)!r}: {str(exc)[:300]}"
+        ) from None
     missing = [k for k in missing if not k.endswith("swat_step")]  # a dense checkpoint has no step counters
     if missing or unexpected:
         raise InvalidParameterError(
-            f"The '--checkpoint' parameter of leanscale sparse export does not fit --model {args.model!r}: "
+            f"The '--checkpoint' parameter of leanscale sparse export does not fit --model "
+            f"{args.model or ('recorded ' + repr(arch) if arch else DEFAULT_MODEL)!r}: "
             f"missing {missing[:5]}, unexpected {list(unexpected)[:5]}."
         )
+    if ckpt["layers"] is not None:
+        check_swat_layers(model, ckpt["layers"], source=source)
     path = save_pruned(export_pruned(model), args.out)
-    print(f"hard-pruned model -> {path}")
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print(f"hard-pruned model -> {path} (sparsity {settings['sparsity']}, distribution {settings['distribution']}"
+          f"{', settings recorded in the checkpoint' if recorded is not None else ''})")
     return 0

@@ -31,6 +31,8 @@ __all__ = [
     "atomic_torch_save",
     "read_json",
     "read_npz",
+    "read_npy",
+    "read_torch_file",
     "read_csv",
     "inside_folder",
     "sha256_file",
@@ -133,6 +135,8 @@ def read_json(path: str | os.PathLike, *, what: str = "file") -> Any:
         ) from None
     except RecursionError:
         raise DataFormatError(f"The {what} {str(path)!r} is nested too deeply to be a leanscale file.") from None
+    except ValueError as exc:  # e.g. an integer literal over Python's 4,300-digit conversion limit
+        raise DataFormatError(f"The {what} {str(path)!r} must be valid JSON. Got a value it cannot hold ({exc}).") from None
 
 
 def read_npz(path: str | os.PathLike, *, what: str = "file", max_bytes: int | None = None) -> dict[str, np.ndarray]:
@@ -206,6 +210,99 @@ def inside_folder(root: str | os.PathLike, name: Any, *, what: str = "file") -> 
     return target
 
 
+def read_npy(path: str | os.PathLike, *, what: str = "array file", ndim: int | None = None) -> np.ndarray:
+    """Read one ``.npy`` array without unpickling.
+
+    The header's shape and dtype are checked against the file's size before the data is read, so a
+    damaged or crafted header claiming a huge shape is refused instead of allocated.
+
+    Raises:
+        DataNotFoundError: the file does not exist.
+        DataFormatError: not a ``.npy`` file, truncated, an object (pickled) array, or not ``ndim``-d.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataNotFoundError(f"The {what} {str(path)!r} does not exist.")
+    if path.is_dir():
+        raise DataFormatError(f"The {what} {str(path)!r} is a folder, not a .npy file.")
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+            elif version in ((2, 0), (3, 0)):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+            else:
+                raise ValueError(f"unsupported .npy version {version}")
+            offset = fh.tell()
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as exc:
+        raise DataFormatError(
+            f"The {what} {str(path)!r} is not a readable .npy file: it is truncated, damaged or another format "
+            f"(e.g. a text file) ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})."
+        ) from None
+    if dtype.hasobject:
+        raise DataFormatError(
+            f"The {what} {str(path)!r} must hold a numeric array. Got an object array, which needs pickle: "
+            f"leanscale never loads those."
+        )
+    if ndim is not None and len(shape) != ndim:
+        raise DataFormatError(f"The {what} {str(path)!r} must hold a {ndim}-d array. Got shape {shape}.")
+    need = math.prod(shape) * dtype.itemsize
+    if size - offset != need:
+        raise DataFormatError(
+            f"The {what} {str(path)!r} claims shape {shape} of {dtype} ({need:,} bytes) but holds "
+            f"{size - offset:,} bytes of data: it is truncated or damaged."
+        )
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DataFormatError(f"The {what} {str(path)!r} is not a readable .npy file ({exc}).") from None
+
+
+def read_torch_file(path: str | os.PathLike, *, what: str = "checkpoint") -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU; every failure names the file.
+
+    Only tensors, numbers, strings, lists, tuples and dicts are read: a file that would need any
+    other Python object (a crafted pickle that runs code on load) is refused without running it.
+
+    Raises:
+        DataNotFoundError: the file does not exist.
+        DataFormatError: it is a folder, truncated, damaged, not a torch file, or holds objects
+            other than tensors and plain data.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataNotFoundError(f"The {what} {str(path)!r} does not exist.")
+    if path.is_dir():
+        raise DataFormatError(f"The {what} {str(path)!r} is a folder, not a file.")
+    import warnings
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on legacy formats are not the user's concern
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise DataFormatError(f"The {what} {str(path)!r} claims more memory than is available: it is damaged.") from None
+    except Exception as exc:
+        if type(exc).__name__ != "UnpicklingError":  # zip / stream / rebuild errors of a damaged file
+            msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            raise DataFormatError(
+                f"The {what} {str(path)!r} is not a readable torch checkpoint: it is truncated, damaged or another "
+                f"format ({type(exc).__name__}: {msg})."
+            ) from None
+        # the weights-only unpickler refused a global: a crafted or foreign file
+        first = str(exc).strip().splitlines()
+        detail = next((line for line in first if "Unsupported" in line or "GLOBAL" in line), first[0] if first else "")
+        raise DataFormatError(
+            f"The {what} {str(path)!r} must hold only tensors and plain data (numbers, strings, lists, dicts). "
+            f"Got a file that needs other Python objects, which leanscale never loads (they could run code): "
+            f"it is not a leanscale file, or it was crafted ({detail[:200]})."
+        ) from None
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex SHA-256 of a file's bytes (content check of multi-file saves)."""
     import hashlib
@@ -249,6 +346,12 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
 class JobState:
     """A folder of finished tasks of a long job, one JSON file per task, written atomically.
 
+    The files are untrusted on reading: a task file that is not valid JSON, or lacks its ``key``
+    and ``result`` (a damaged disk, a hand edit, a copy cut short), counts as not done: it is
+    moved aside to ``<name>.json.damaged`` with a ``RuntimeWarning`` and the task is
+    computed again. Stray temporary files of atomic writes killed mid-way (``.<name>.*.tmp``) are
+    removed when the state is opened. A state folder belongs to one job at a time.
+
     Example:
         >>> import tempfile
         >>> state = JobState(tempfile.mkdtemp())
@@ -263,6 +366,21 @@ class JobState:
         self.root = Path(root)
         self.tasks = self.root / "tasks"
         self.tasks.mkdir(parents=True, exist_ok=True)
+        self.removed_tmp = self._remove_stray_tmp()
+
+    def _remove_stray_tmp(self) -> list[Path]:
+        """Delete ``.<name>.*.tmp`` left by atomic writes that were killed (root and its subfolders)."""
+        removed = []
+        folders = [self.root] + sorted(p for p in self.root.iterdir() if p.is_dir() and not p.is_symlink())
+        for folder in folders:
+            for p in folder.glob(".*.tmp"):
+                if p.is_file() and not p.is_symlink():
+                    try:
+                        p.unlink()
+                        removed.append(p)
+                    except FileNotFoundError:  # removed meanwhile
+                        pass
+        return removed
 
     @staticmethod
     def _safe(key: str) -> str:
@@ -271,17 +389,75 @@ class JobState:
     def path(self, key: str) -> Path:
         return self.tasks / f"{self._safe(key)}.json"
 
+    def _read(self, path: Path, key: str | None = None) -> dict | None:
+        """The task file's ``{"key", "result"}``, or None (after moving it aside) when it is damaged."""
+        try:
+            blob = read_json(path, what="task file")
+        except DataNotFoundError:
+            return None
+        except DataFormatError as exc:
+            self.discard(path, str(exc))
+            return None
+        if not isinstance(blob, dict) or not isinstance(blob.get("key"), str) or "result" not in blob:
+            found = sorted(blob) if isinstance(blob, dict) else type(blob).__name__
+            self.discard(path, f"The task file {str(path)!r} must be a JSON object with the keys 'key' (a "
+                               f"string) and 'result'. Got {found}.")
+            return None
+        if key is not None and blob["key"] != key:
+            self.discard(path, f"The task file {str(path)!r} must hold the task {key!r}. Got the task "
+                               f"{blob['key']!r}.")
+            return None
+        return blob
+
+    def discard(self, key_or_path: str | os.PathLike, reason: str) -> Path | None:
+        """Move a damaged task file aside (``<name>.json.damaged``) with a warning; it will be recomputed.
+
+        ``key_or_path`` is a task key or the task file's path. Returns where it went (None: no file).
+        """
+        path = key_or_path if isinstance(key_or_path, Path) else self.path(str(key_or_path))
+        if not path.exists():
+            return None
+        aside = path.with_name(path.name + ".damaged")
+        try:
+            os.replace(path, aside)
+        except OSError:
+            aside = None
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+        import warnings
+
+        where = f"moved to {str(aside)!r}" if aside is not None else "deleted"
+        warnings.warn(f"{reason} The damaged task file was {where}; the task will be computed again.",
+                      RuntimeWarning, stacklevel=3)
+        return aside
+
     def is_done(self, key: str) -> bool:
-        return self.path(key).exists()
+        """True when the task's file exists and is readable; a damaged one is moved aside (False)."""
+        return self._read(self.path(key), key) is not None
 
     def save(self, key: str, result: Any) -> Path:
         return atomic_write_json(self.path(key), {"key": key, "result": result})
 
     def load(self, key: str) -> Any:
-        return read_json(self.path(key))["result"]
+        """The task's result. Raises DataNotFoundError if it is not done (or was damaged)."""
+        blob = self._read(self.path(key), key)
+        if blob is None:
+            raise DataNotFoundError(f"The task {key!r} has no result in {str(self.tasks)!r}: it is not done "
+                                    "(or its file was damaged and moved aside).")
+        return blob["result"]
+
+    def _blobs(self) -> list[dict]:
+        out = []
+        for p in sorted(self.tasks.glob("*.json")):
+            blob = self._read(p)
+            if blob is not None:
+                out.append(blob)
+        return out
 
     def keys(self) -> list[str]:
-        return sorted(read_json(p)["key"] for p in self.tasks.glob("*.json"))
+        return sorted(blob["key"] for blob in self._blobs())
 
     def __iter__(self) -> Iterator[str]:
         """The keys of the finished tasks, sorted."""
@@ -291,11 +467,7 @@ class JobState:
         return isinstance(key, str) and self.is_done(key)
 
     def results(self) -> dict[str, Any]:
-        out = {}
-        for p in sorted(self.tasks.glob("*.json")):
-            blob = read_json(p)
-            out[blob["key"]] = blob["result"]
-        return out
+        return {blob["key"]: blob["result"] for blob in self._blobs()}
 
     def write_config(self, config: Any) -> Path:
         """Save the resolved configuration next to the results, for reproduction."""

@@ -34,7 +34,7 @@ from leanscale.core.distributed import rank_and_world
 from leanscale.core.errors import InvalidParameterError
 from leanscale.core.validation import Interval, check_param
 
-__all__ = ["as_float_tensor", "as_label_tensor", "epoch_batches", "train_scoring_model"]
+__all__ = ["as_float_tensor", "as_label_tensor", "check_finite", "epoch_batches", "train_scoring_model"]
 
 _OWNER = "train_scoring_model"
 
@@ -58,7 +58,39 @@ def as_float_tensor(x: Any, name: str = "x", owner: str = _OWNER) -> torch.Tenso
         )
     if not t.is_floating_point():
         t = t.float()
+    check_finite(t, name, owner)
     return t
+
+
+def check_finite(x: Any, name: str, owner: str) -> None:
+    """Raise :class:`InvalidParameterError` naming ``name`` and the first example with a NaN or
+    an infinity, for a floating tensor or array (other inputs pass: texts, integer ids).
+
+    Called before any training: a NaN input otherwise surfaces only as NaN scores afterwards.
+    """
+    if isinstance(x, torch.Tensor):
+        if not (x.is_floating_point() or x.is_complex()) or x.numel() == 0:
+            return
+        bad = ~torch.isfinite(x.detach())
+        if not bool(bad.any()):
+            return
+        flat = int(torch.nonzero(bad.reshape(-1))[0])
+        value = x.detach().reshape(-1)[flat].item()
+    elif isinstance(x, np.ndarray):
+        if x.dtype.kind not in "fc" or x.size == 0:
+            return
+        bad = ~np.isfinite(x)
+        if not bad.any():
+            return
+        flat = int(np.flatnonzero(bad.reshape(-1))[0])
+        value = x.reshape(-1)[flat].item()
+    else:
+        return
+    per_row = max(1, math.prod(x.shape[1:])) if x.ndim > 1 else 1
+    raise InvalidParameterError(
+        f"The {name!r} parameter of {owner} must contain only finite values. Got {value!r} in example "
+        f"{flat // per_row} (flat index {flat})."
+    )
 
 
 def as_label_tensor(y: Any, n: int, name: str = "y", owner: str = _OWNER) -> torch.Tensor:
@@ -161,6 +193,7 @@ def train_scoring_model(
             f"least one example (batch_size and the number of examples >= {world}). Got batch_size="
             f"{batch_size} with {n} examples."
         )
+    y_max = int(yt.max()) if n else 0
     n_batches = max(1, n // batch_size)
     total_steps = max(1, round(epochs * n_batches))
     device = xt.device
@@ -190,7 +223,24 @@ def train_scoring_model(
                 for group in optimizer.param_groups:
                     group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
                 optimizer.zero_grad(set_to_none=True)
-                logits = net(xt[idx])  # (b, k)
+                if step == 0:  # a model that does not fit x fails here: say which parameter
+                    try:
+                        logits = net(xt[idx])  # (b, k)
+                    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+                        raise InvalidParameterError(
+                            f"The 'model_fn' parameter of {_OWNER} must build a model that accepts x: a batch "
+                            f"of shape {tuple(xt[idx].shape)} failed in its forward ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:200]})."
+                        ) from exc
+                    # checked once, against ALL labels: every rank decides alike (no rank waits alone)
+                    if logits.ndim != 2 or logits.shape[0] != len(idx) or y_max >= logits.shape[1]:
+                        raise InvalidParameterError(
+                            f"The 'model_fn' parameter of {_OWNER} must build a model returning logits (b, k) "
+                            f"with k > every label. Got output of shape {tuple(logits.shape)} for {len(idx)} "
+                            f"examples with labels up to {y_max}."
+                        )
+                else:
+                    logits = net(xt[idx])  # (b, k)
                 # sum * world / B: DDP divides by world -> the mean over the global batch of B
                 loss = F.cross_entropy(logits, yt[idx], reduction="sum") * (world / len(batch))
                 loss.backward()

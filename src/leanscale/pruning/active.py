@@ -68,6 +68,7 @@ from leanscale.core.validation import (
     check_param,
     unknown_name_error,
 )
+from leanscale.pruning._train import check_finite
 from leanscale.pruning.kmeans import KMeans
 from leanscale.pruning.scores import uncertainty_scores
 
@@ -161,6 +162,7 @@ class ActiveLearner:
             self.history_ = []
             self.n_pool_ = None
             self._version = 0
+            self._checked_pool = None
             self._fitted = None  # (version, predict_proba callable or None, classes)
 
     def _check_pool(self, X_pool, where: str) -> int:
@@ -173,6 +175,9 @@ class ActiveLearner:
             ) from None
         if n == 0:
             raise InvalidParameterError(f"The 'X_pool' parameter of {_OWNER}.{where} must not be empty.")
+        if self._checked_pool is not X_pool:  # once per pool object: run() queries it every round
+            check_finite(X_pool, "X_pool", f"{_OWNER}.{where}")
+            self._checked_pool = X_pool
         if self.n_pool_ is not None and n != self.n_pool_:
             raise InvalidParameterError(
                 f"The 'X_pool' parameter of {_OWNER}.{where} must be the pool the labels refer to, with "
@@ -200,23 +205,52 @@ class ActiveLearner:
     def load_state_dict(self, state: dict) -> ActiveLearner:
         """Restore what :meth:`state_dict` saved; :meth:`run` then continues where it stopped."""
         if not isinstance(state, dict) or any(k not in state for k in _STATE_KEYS):
-            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            got = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
             raise InvalidParameterError(
                 f"The 'state' parameter of {_OWNER}.load_state_dict must be a dict with keys "
                 f"{', '.join(map(repr, _STATE_KEYS))} (from state_dict()). Got {got!r}."
             )
-        indices = np.asarray(state["labeled_indices"], dtype=np.int64).reshape(-1)
-        labels = np.asarray(state["labels"])
-        if labels.shape != indices.shape:
+        where = f"The 'state' parameter of {_OWNER}.load_state_dict"
+        raw_idx = state["labeled_indices"]
+        try:
+            idx_arr = np.asarray(raw_idx.detach().cpu().numpy() if isinstance(raw_idx, torch.Tensor) else raw_idx)
+        except (TypeError, ValueError):
+            idx_arr = np.asarray([None])
+        if idx_arr.ndim != 1 or (idx_arr.size and idx_arr.dtype.kind not in "iu"):
+            raise InvalidParameterError(f"{where} must hold 'labeled_indices' as a list of ints. Got {raw_idx!r:.80}.")
+        indices = idx_arr.astype(np.int64).reshape(-1)
+        try:
+            labels = np.asarray(state["labels"])
+        except (TypeError, ValueError):
+            labels = np.asarray([[None]])
+        if labels.ndim != 1 or labels.dtype.kind not in "iuUfb" or (labels.dtype.kind == "f" and not
+                                                                    np.isfinite(labels).all()):
             raise InvalidParameterError(
-                f"The 'state' parameter of {_OWNER}.load_state_dict must hold one label per labelled "
-                f"index. Got {labels.shape[0] if labels.ndim else 0} labels for {indices.size} indices."
+                f"{where} must hold 'labels' as a flat list of ints or strings. Got {state['labels']!r:.80}."
+            )
+        n_pool = state["n_pool"]
+        if n_pool is not None and (not isinstance(n_pool, int) or isinstance(n_pool, bool) or n_pool < 1):
+            raise InvalidParameterError(f"{where} must hold 'n_pool' as a positive int or None. Got {n_pool!r:.80}.")
+        if indices.size and (indices.min() < 0 or (n_pool is not None and indices.max() >= n_pool)
+                             or np.unique(indices).size != indices.size):
+            raise InvalidParameterError(
+                f"{where} must hold distinct 'labeled_indices' in [0, n_pool={n_pool}). Got min {int(indices.min())}, "
+                f"max {int(indices.max())}, {indices.size - np.unique(indices).size} repeated."
+            )
+        history = state["history"]
+        if not isinstance(history, list) or not all(
+                isinstance(h, dict) and isinstance(h.get("n_labels"), int) and isinstance(h.get("round"), int)
+                and (h.get("accuracy") is None or isinstance(h.get("accuracy"), (int, float)))
+                for h in history):
+            raise InvalidParameterError(
+                f"{where} must hold 'history' as a list of dicts with 'round', 'n_labels' and 'accuracy'. "
+                f"Got {history!r:.80}."
             )
         self._ensure_state()
         self.labeled_indices_ = indices
         self.labels_ = labels
-        self.history_ = copy.deepcopy(list(state["history"]))
-        self.n_pool_ = None if state["n_pool"] is None else int(state["n_pool"])
+        self.history_ = copy.deepcopy(list(history))
+        self.n_pool_ = None if n_pool is None else int(n_pool)
         self._version += 1
         self._fitted = None
         return self
@@ -440,7 +474,14 @@ class ActiveLearner:
             )
         if y_eval is not None:
             y_eval = _as_label_array(y_eval, "y_eval", owner)
-            check_consistent_length(owner=owner, X_eval=X_eval, y_eval=y_eval)
+            try:
+                check_consistent_length(owner=owner, X_eval=X_eval, y_eval=y_eval)
+            except TypeError:
+                raise InvalidParameterError(
+                    f"The 'X_eval' parameter of {owner} must be an array, tensor or sequence of examples. Got "
+                    f"{type(X_eval).__name__} instead."
+                ) from None
+            check_finite(X_eval, "X_eval", owner)
         if on_round is not None and not callable(on_round):
             raise InvalidParameterError(
                 f"The 'on_round' parameter of {owner} must be a callable or None. Got {type(on_round).__name__}."
@@ -523,4 +564,15 @@ def _as_index_array(value, name: str, owner: str) -> np.ndarray:
 
 
 def _as_label_array(value, name: str, owner: str) -> np.ndarray:
-    return check_labels(name, value, owner=owner)
+    arr = check_labels(name, value, owner=owner)
+    if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+        bad = int(np.flatnonzero(~np.isfinite(arr))[0])
+        raise InvalidParameterError(
+            f"The {name!r} parameter of {owner} must hold a label for every example. Got {arr[bad]!r} at index {bad}."
+        )
+    if arr.dtype.kind == "O":
+        raise InvalidParameterError(
+            f"The {name!r} parameter of {owner} must hold int or str labels. Got objects of types "
+            f"{sorted({type(v).__name__ for v in arr.tolist()})}."
+        )
+    return arr

@@ -24,9 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from leanscale.core.errors import DataFormatError, InvalidParameterError
-from leanscale.core.io import atomic_write_bytes
+from leanscale.core.errors import DataFormatError, InvalidParameterError, LeanscaleError
+from leanscale.core.io import atomic_write_bytes, read_npz
 from leanscale.core.validation import Interval, check_param
+from leanscale.core.io import read_npy
 
 __all__ = ["PruningData", "load_pruning_data", "cached_text_embeddings", "BUILTIN_DATASETS"]
 
@@ -81,21 +82,44 @@ def cached_text_embeddings(texts: list[str], *, batch_size: int = 128, cache: bo
     digest = hashlib.sha1("\x00".join(texts).encode()).hexdigest()[:16]
     path = cache_dir() / "embeddings" / f"minilm-l6-{len(texts)}-{digest}.npy"
     if cache and path.exists():
-        emb = np.load(path)
-        if emb.shape[0] == len(texts):
+        try:
+            emb = read_npy(path, what="cached embedding file", ndim=2)
+        except LeanscaleError:
+            emb = None  # a damaged cache entry is recomputed
+        if emb is not None and emb.shape[0] == len(texts) and np.isfinite(emb).all():
             return emb
     emb = np.asarray(embed_texts(texts, batch_size=batch_size), dtype=np.float32)
     if cache:
         buf = io.BytesIO()
-        np.save(buf, emb)
+        np.save(buf, emb, allow_pickle=False)
         atomic_write_bytes(path, buf.getvalue())
     return emb
+
+
+def _float_array(name: str, key: str, value: Any):
+    """A numeric array of a data file as a float32 tensor; errors name the file and the array."""
+    import torch
+
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "biuf":
+        raise DataFormatError(
+            f"The {key!r} array of {name} must be numeric. Got dtype {arr.dtype}."
+        )
+    t = torch.as_tensor(arr, dtype=torch.float32)
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        flat = int(torch.nonzero(~torch.isfinite(t.reshape(-1)))[0])
+        per_row = max(1, int(np.prod(t.shape[1:]))) if t.ndim > 1 else 1
+        raise DataFormatError(
+            f"The {key!r} array of {name} must contain only finite values. Got {t.reshape(-1)[flat].item()!r} in "
+            f"row {flat // per_row} (a value beyond float32's range counts as infinite)."
+        )
+    return t
 
 
 def _from_arrays(name, x, y, x_test, y_test, classes=None) -> PruningData:
     import torch
 
-    x = torch.as_tensor(np.asarray(x), dtype=torch.float32)
+    x = _float_array(name, "x", x)
     if x.ndim not in (2, 4):
         raise DataFormatError(
             f"The 'x' array of {name} must be 2-d features (n, d) or 4-d images (n, C, H, W). "
@@ -111,10 +135,15 @@ def _from_arrays(name, x, y, x_test, y_test, classes=None) -> PruningData:
                 f"The labels of {name} must be a 1-d integer array with one label per row of x "
                 f"({of.shape[0]}). Got dtype {arr.dtype} and shape {arr.shape}."
             )
+        if arr.size and (arr.min() < 0 or arr.max() >= 2**31):
+            bad = arr[(arr < 0) | (arr >= 2**31)][0]
+            raise DataFormatError(
+                f"The labels of {name} must be class indices 0, 1, ..., k-1. Got {int(bad)}."
+            )
         return torch.as_tensor(arr, dtype=torch.int64)
 
     y_t = labels(y, x)
-    xt = None if x_test is None else torch.as_tensor(np.asarray(x_test), dtype=torch.float32)
+    xt = None if x_test is None else _float_array(name, "x_test", x_test)
     if xt is not None and tuple(xt.shape[1:]) != tuple(x.shape[1:]):
         raise DataFormatError(
             f"The 'x_test' array of {name} must have the shape of x's rows {tuple(x.shape[1:])}. "
@@ -204,8 +233,14 @@ def load_pruning_data(
             f"nor WordNet data files (data.noun, ...)."
         )
     if path.suffix == ".npz" and path.is_file():
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+        if head != b"PK\x03\x04" and head != b"PK\x05\x06":  # a .npz is a zip archive
+            raise DataFormatError(
+                f"The data file {str(path)!r} must be a .npz archive (numpy.savez) with an array 'x'. Got a file "
+                f"that is not a zip archive (it starts with {head!r}): a text/CSV file or another format."
+            )
+        arrays = read_npz(path, what="data file")
         x = arrays.get("x", arrays.get("embeddings"))
         if x is None:
             raise DataFormatError(

@@ -139,6 +139,12 @@ def _check_rows(out: Any, n_rows: int, what: str) -> np.ndarray:
             f"{what} must return a 2-d array with one row per input, shape ({n_rows}, d). "
             f"Got an output of shape {tuple(arr.shape)}."
         )
+    if arr.size and not np.isfinite(arr).all():
+        bad = int(np.flatnonzero(~np.isfinite(arr).all(axis=1))[0])
+        raise InvalidParameterError(
+            f"{what} must return finite embeddings. Got a NaN or infinity in row {bad} of a batch "
+            f"(a diverged encoder, or non-finite inputs)."
+        )
     return arr
 
 

@@ -237,14 +237,24 @@ class ForgettingTracker:
                 f"The 'state' parameter of {owner} must have exactly the keys {sorted(_STATE_KEYS)}. "
                 f"Got missing {missing} and unknown {unknown} instead."
             )
-        if state["n_examples"] != self.n_examples:
+        n_saved = state["n_examples"]
+        if type(n_saved) is not int or n_saved != self.n_examples:
             raise InvalidParameterError(
                 f"The 'state' parameter of {owner} must come from a tracker of n_examples={self.n_examples}. "
                 f"Got n_examples={state['n_examples']!r}."
             )
         arrays = {}
         for key in _STATE_KEYS[1:]:
-            arr = check_array(f"state[{key!r}]", _to_numpy(state[key]), ndim=1, dtype=None, finite=False, owner=owner)
+            try:
+                arr = check_array(f"state[{key!r}]", _to_numpy(state[key]), ndim=1, dtype=None, finite=False,
+                                  owner=owner)
+            except (TypeError, ValueError) as exc:  # ragged lists and other non-arrays
+                if isinstance(exc, InvalidParameterError):
+                    raise
+                raise InvalidParameterError(
+                    f"The 'state[{key!r}]' parameter of {owner} must be a flat list of {self.n_examples} values. "
+                    f"Got {state[key]!r:.80}."
+                ) from None
             is_bool = key in ("ever_correct", "last_correct")
             ok_type = arr.dtype == np.bool_ if is_bool else np.issubdtype(arr.dtype, np.integer)
             if len(arr) != self.n_examples or not ok_type or (not is_bool and arr.size and arr.min() < 0):

@@ -401,29 +401,64 @@ class InfoBatch(torch.utils.data.Sampler):
                 f"The 'state' parameter of {_OWNER}.load_state_dict must be a dict from state_dict(). "
                 f"Got {type(state).__name__} instead."
             )
+        where = f"The 'state' parameter of {_OWNER}.load_state_dict"
         for key in _CONFIG_KEYS:
-            if state[key] != getattr(self, key):
+            value = state[key]
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or value != getattr(self, key):
                 raise InvalidParameterError(
-                    f"The 'state' parameter of {_OWNER}.load_state_dict was saved with {key}={state[key]!r}, "
-                    f"but this object has {key}={getattr(self, key)!r}."
+                    f"{where} was saved with {key}={value!r:.80}, but this object has {key}={getattr(self, key)!r}."
                 )
-        losses = torch.as_tensor(state["losses"], dtype=torch.float64).numpy().copy()
-        if losses.shape != (self.n_examples,):
-            raise InvalidParameterError(
-                f"The 'state' parameter of {_OWNER}.load_state_dict must hold {self.n_examples} losses. "
-                f"Got shape {losses.shape}."
-            )
+        n = self.n_examples
+
+        def vector(key: str, dtype: torch.dtype) -> np.ndarray:
+            value = state[key]
+            if not isinstance(value, (torch.Tensor, np.ndarray, list, tuple)):
+                raise InvalidParameterError(f"{where} must hold {key!r} as a tensor. Got {type(value).__name__}.")
+            try:
+                arr = torch.as_tensor(value).detach().cpu()
+            except (TypeError, ValueError, RuntimeError):
+                raise InvalidParameterError(f"{where} must hold {key!r} as a numeric tensor. Got {value!r:.80}.") from None
+            if arr.dtype == torch.bool or arr.is_complex() or (dtype == torch.int64 and arr.is_floating_point()):
+                raise InvalidParameterError(f"{where} must hold {key!r} of dtype {dtype}. Got {arr.dtype}.")
+            return arr.to(dtype).numpy().copy()
+
+        losses = vector("losses", torch.float64)
+        if losses.shape != (n,):
+            raise InvalidParameterError(f"{where} must hold {n} losses. Got shape {losses.shape}.")
+        if np.isinf(losses).any():  # NaN means "never recorded"
+            raise InvalidParameterError(f"{where} must hold finite losses (NaN: not recorded yet).")
         epoch = state["epoch"]
-        if not isinstance(epoch, numbers.Integral) or not -1 <= epoch < self.num_epochs:
+        if not isinstance(epoch, numbers.Integral) or isinstance(epoch, bool) or not -1 <= epoch < self.num_epochs:
+            raise InvalidParameterError(f"{where} holds an invalid epoch {epoch!r:.80}.")
+        order = weights = None
+        if (state["order"] is None) != (state["weights"] is None) or (epoch < 0) != (state["order"] is None):
             raise InvalidParameterError(
-                f"The 'state' parameter of {_OWNER}.load_state_dict holds an invalid epoch {epoch!r}."
+                f"{where} must hold an epoch's 'order' and 'weights' together, and only once an epoch is set. Got "
+                f"epoch={epoch}, order {'None' if state['order'] is None else 'set'}, weights "
+                f"{'None' if state['weights'] is None else 'set'}."
             )
+        if state["order"] is not None:
+            order = vector("order", torch.int64)
+            if order.ndim != 1 or order.size > n or (order.size and (order.min() < 0 or order.max() >= n)) \
+                    or np.unique(order).size != order.size:
+                raise InvalidParameterError(
+                    f"{where} must hold 'order' as at most {n} distinct indices in [0, {n - 1}]. Got shape "
+                    f"{order.shape}."
+                )
+            weights = vector("weights", torch.float64)
+            if weights.shape != (n,) or not np.isfinite(weights).all() or (weights <= 0).any():
+                raise InvalidParameterError(f"{where} must hold {n} finite positive 'weights'. Got shape {weights.shape}.")
+        history = state["history"]
+        if not isinstance(history, (list, tuple)) or not all(isinstance(h, dict) for h in history):
+            raise InvalidParameterError(f"{where} must hold 'history' as a list of dicts. Got {history!r:.80}.")
+        if not all(isinstance(h.get("n_pruned"), numbers.Integral) and isinstance(h.get("epoch"), numbers.Integral)
+                   for h in history):
+            raise InvalidParameterError(f"{where} must hold an int 'epoch' and 'n_pruned' in every 'history' entry.")
         self.losses_ = losses
         self.epoch = None if epoch < 0 else int(epoch)
-        self._order = None if state["order"] is None else torch.as_tensor(state["order"]).numpy().astype(np.int64)
-        self._weights = None if state["weights"] is None else torch.as_tensor(
-            state["weights"], dtype=torch.float64).numpy().copy()
-        self.history_ = [dict(h) for h in state["history"]]
+        self._order = order
+        self._weights = weights
+        self.history_ = [dict(h) for h in history]
 
     def __repr__(self) -> str:
         return (f"{_OWNER}(n_examples={self.n_examples}, num_epochs={self.num_epochs}, "

@@ -58,8 +58,8 @@ import torch
 from torch import nn
 
 from leanscale.core.distributed import rank_and_world
-from leanscale.core.errors import InvalidParameterError
-from leanscale.core.io import JobState, atomic_write_bytes, atomic_write_json
+from leanscale.core.errors import InvalidParameterError, LeanscaleError
+from leanscale.core.io import JobState, atomic_write_bytes, atomic_write_json, inside_folder
 from leanscale.core.validation import (
     InstanceOf,
     Interval,
@@ -71,6 +71,7 @@ from leanscale.core.validation import (
     unknown_name_error,
 )
 from leanscale.pruning import _train
+from leanscale.core.io import read_npy
 from leanscale.pruning.distributed import map_sharded
 
 __all__ = ["DEFAULT_SCORE_EPOCHS", "LABEL_METRICS", "METRICS", "DataPruner", "default_model_fn"]
@@ -95,7 +96,7 @@ DEFAULT_MLP_HIDDEN = 128  # hidden units of the MLP for flat features
 # (activations of a smaller batch stay in cache; measured on 6,000 Fashion-MNIST images, 1 thread).
 _EVAL_BATCH = 256
 
-_FITTED = ("scores_", "kept_indices_", "n_examples_", "strategy_", "strategy_reason_")
+_FITTED = ("scores_", "kept_indices_", "n_examples_", "strategy_", "strategy_reason_", "class_balanced_", "warnings_")
 
 
 def default_model_fn(x_shape: tuple[int, ...], n_classes: int) -> Callable[[], nn.Module]:
@@ -106,6 +107,18 @@ def default_model_fn(x_shape: tuple[int, ...], n_classes: int) -> Callable[[], n
     if len(x_shape) == 4:
         return functools.partial(BNCNN, num_classes=n_classes, in_channels=int(x_shape[1]), width=DEFAULT_CNN_WIDTH)
     return functools.partial(MLPClassifier, math.prod(x_shape[1:]), DEFAULT_MLP_HIDDEN, n_classes)
+
+
+def _check_model_fn(model_fn: Any) -> None:
+    """``model_fn`` must build a NEW module per call: an ``nn.Module`` instance is callable too
+    (its forward), so it is refused explicitly instead of failing deep inside training."""
+    if isinstance(model_fn, nn.Module):
+        raise InvalidParameterError(
+            f"The 'model_fn' parameter of DataPruner must be a callable returning a new nn.Module (each "
+            f"scoring run trains a fresh model); got an nn.Module instance ({type(model_fn).__name__}) -- pass "
+            f"the class or a lambda, e.g. model_fn={type(model_fn).__name__} or model_fn=lambda: "
+            f"{type(model_fn).__name__}(...)."
+        )
 
 
 def _broadcast(obj: Any) -> Any:
@@ -136,6 +149,15 @@ def _is_texts(x: Any) -> bool:
     return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(t, str) for t in x)
 
 
+def _numeric_or_none(x: Any) -> np.ndarray | None:
+    """``x`` as a float array when it is a nested list of numbers (for the finiteness check)."""
+    try:
+        arr = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    return arr
+
+
 def _span(t: Any, idx: np.ndarray) -> Any:
     # Shards are contiguous: slice (a view) instead of fancy indexing (a copy).
     return t[int(idx[0]):int(idx[-1]) + 1]
@@ -148,11 +170,15 @@ class _Cache:
         self.state = JobState(root) if root is not None else None
         self.hits: list[str] = []
 
-    def get(self, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+    def get(self, key: str, compute: Callable[[], np.ndarray], rows: int | None = None) -> np.ndarray:
         if self.state is None:
             return compute()
         rank, _ = rank_and_world()
         arr = self._load(key) if rank == 0 else None
+        if arr is not None and rows is not None and (arr.ndim == 0 or arr.shape[0] != rows):
+            self.state.discard(key, f"The state entry {key!r} holds {arr.shape[0] if arr.ndim else 0} rows, not the "
+                                    f"{rows} examples it was computed for.")
+            arr = None  # not this data's result (a damaged or edited state): recompute
         if _broadcast(arr is not None):
             self.hits.append(key)
             return _broadcast(arr)
@@ -165,14 +191,32 @@ class _Cache:
         return arr
 
     def _load(self, key: str) -> np.ndarray | None:
-        if not self.state.is_done(key):
+        """The saved array of ``key``, or None when absent or damaged (it is then recomputed).
+
+        The state is untrusted: the array's file must lie inside the state folder, be a plain
+        ``.npy`` (no pickle) whose size matches its header, with the recorded shape and dtype and
+        finite values. A damaged entry is moved aside with a warning (JobState.discard)."""
+        if not self.state.is_done(key):  # a damaged task file is moved aside by JobState
             return None
         try:
             meta = self.state.load(key)
-            arr = np.load(self.state.root / meta["file"], allow_pickle=False)
-        except (OSError, ValueError, KeyError, EOFError):
-            return None  # a damaged entry is recomputed
-        if list(arr.shape) != list(meta["shape"]):
+        except LeanscaleError:
+            return None
+        if not isinstance(meta, dict) or not isinstance(meta.get("shape"), list) or not isinstance(
+                meta.get("dtype"), str):
+            self.state.discard(key, f"The state entry {key!r} must record the array's 'file', 'shape' and 'dtype'. "
+                                    f"Got {meta!r:.120}.")
+            return None
+        try:
+            path = inside_folder(self.state.root, meta.get("file"), what="state array file")
+            arr = read_npy(path, what="state array file")
+        except LeanscaleError as exc:
+            self.state.discard(key, str(exc))
+            return None
+        if list(arr.shape) != meta["shape"] or arr.dtype.str != meta["dtype"] or arr.dtype.kind not in "fiu" \
+                or not np.isfinite(arr).all():
+            self.state.discard(key, f"The state array file {str(path)!r} must hold finite numbers of the recorded "
+                                    f"shape {meta['shape']} and dtype {meta['dtype']}. Got {arr.dtype.str} {arr.shape}.")
             return None
         return arr
 
@@ -257,6 +301,7 @@ class DataPruner:
         self.seed = seed
         self.batch_size = batch_size
         self.lr = lr
+        _check_model_fn(model_fn)
 
     # --- scikit-learn plumbing -----------------------------------------------------------------
     @classmethod
@@ -285,7 +330,13 @@ class DataPruner:
     def _check_params(self) -> None:
         if not (isinstance(self.metric, str) and self.metric in METRICS):
             raise unknown_name_error("metric", self.metric, METRICS, owner="DataPruner")
+        _check_model_fn(self.model_fn)
         check_params(self.get_params(), self._parameter_constraints, owner="DataPruner")
+        if self.out_dir is not None and os.path.exists(self.out_dir) and not os.path.isdir(self.out_dir):
+            raise InvalidParameterError(
+                f"The 'out_dir' parameter of DataPruner must be a folder (it is created when missing). Got "
+                f"{os.fspath(self.out_dir)!r}, which is a file."
+            )
 
     # --- fit / transform -----------------------------------------------------------------------
     def fit(self, x: Any = None, y: Any = None, *, scores: Any = None) -> DataPruner:
@@ -323,10 +374,24 @@ class DataPruner:
                 raise InvalidParameterError(
                     f"The 'y' parameter of {owner} must be a 1-d array of labels. Got shape {y_arr.shape} instead."
                 )
-            self.classes_, labels = np.unique(y_arr, return_inverse=True)
+            if y_arr.dtype.kind in "fc" and not np.isfinite(y_arr).all():
+                bad = int(np.flatnonzero(~np.isfinite(y_arr))[0])
+                raise InvalidParameterError(
+                    f"The 'y' parameter of {owner} must hold a label for every example. Got {y_arr[bad]!r} at "
+                    f"index {bad}."
+                )
+            try:
+                self.classes_, labels = np.unique(y_arr, return_inverse=True)
+            except TypeError:  # e.g. None next to strings
+                raise InvalidParameterError(
+                    f"The 'y' parameter of {owner} must hold labels of one sortable type (ints or strings). "
+                    f"Got a mix: {sorted({type(v).__name__ for v in y_arr.tolist()})}."
+                ) from None
             self.labels_ = labels.astype(np.int64).reshape(-1)
         else:
             self.classes_, self.labels_ = None, None
+        if scores is None and x is not None and not _is_texts(x):
+            _train.check_finite(x if isinstance(x, (np.ndarray, torch.Tensor)) else _numeric_or_none(x), "x", owner)
         if isinstance(self.keep, numbers.Integral) and self.keep > n:
             raise InvalidParameterError(
                 f"The 'keep' parameter of DataPruner must be at most the number of examples ({n}) when it "
@@ -355,11 +420,24 @@ class DataPruner:
         # n_total: every scored example (the rule is on the kept fraction, not per class)
         self.strategy_, self.strategy_reason_ = resolve_strategy(self.strategy, len(kept), n, AUTO_MIN_FRACTION)
         self.kept_indices_ = np.asarray(kept, dtype=np.int64)
+        # what was done, not what was asked: without labels there are no classes to balance
+        self.class_balanced_ = bool(self.class_balance and self.labels_ is not None)
+        self.warnings_ = []
+        if self.class_balance and self.labels_ is None and len(kept) < n:
+            self.warnings_.append(
+                "class_balance=True had no effect: no labels (y) were given, so the examples were ranked over "
+                "all classes together and a class can be over- or under-pruned. Pass y to balance the classes."
+            )
         return self
 
     def transform(self, x: Any = None) -> np.ndarray:
         """The kept indices (sorted int64); ``x``, when given, must have the fitted length."""
         check_is_fitted(self, _FITTED)
+        if x is not None and not hasattr(x, "__len__"):
+            raise InvalidParameterError(
+                f"The 'x' parameter of DataPruner.transform must be None or array-like with one row per example. "
+                f"Got {type(x).__name__} instead."
+            )
         if x is not None and len(x) != self.n_examples_:
             raise InvalidParameterError(
                 f"The 'x' parameter of DataPruner.transform must have the {self.n_examples_} examples seen "
@@ -478,7 +556,7 @@ class DataPruner:
             return map_sharded(lambda idx: collect_probs(model, _span(xt, idx), batch_size=_EVAL_BATCH), n)  # (n, k)
 
         per_seed = [
-            cache.get(f"{kind}-seed{self.seed + s}-{run_id}", functools.partial(run, self.seed + s))
+            cache.get(f"{kind}-seed{self.seed + s}-{run_id}", functools.partial(run, self.seed + s), rows=n)
             for s in range(self.n_seeds)
         ]
         if metric == "el2n":
@@ -506,11 +584,11 @@ class DataPruner:
         if callable(emb):
             key = f"embedding-{hashlib.blake2b(repr((digest, _fn_name(emb))).encode(), digest_size=6).hexdigest()}"
             if _is_texts(x):
-                return cache.get(key, lambda: embed.embed_with(emb, list(x)))
-            return cache.get(key, lambda: map_sharded(lambda idx: embed.embed_with(emb, _span(x, idx)), n))
+                return cache.get(key, lambda: embed.embed_with(emb, list(x)), rows=n)
+            return cache.get(key, lambda: map_sharded(lambda idx: embed.embed_with(emb, _span(x, idx)), n), rows=n)
         if _is_texts(x):
             key = f"embedding-minilm-{digest}"
-            return cache.get(key, lambda: embed.embed_texts(list(x)))
+            return cache.get(key, lambda: embed.embed_texts(list(x)), rows=n)
         xt = _train.as_float_tensor(x, owner="DataPruner.fit")
         if xt.ndim == 4:
             key = f"embedding-simclr-seed{self.seed}-{digest}"
@@ -519,7 +597,7 @@ class DataPruner:
                 encoder = embed.train_ssl_encoder(xt, seed=self.seed)
                 return map_sharded(lambda idx: embed.embed_images(encoder, _span(xt, idx)), n)
 
-            return cache.get(key, ssl)
+            return cache.get(key, ssl, rows=n)
         if xt.ndim == 2:
             return xt.detach().cpu().numpy()  # flat features are their own embedding
         raise InvalidParameterError(
@@ -588,7 +666,9 @@ class DataPruner:
             "metric": self.metric_,
             "strategy": {"requested": self.strategy, "resolved": self.strategy_, "reason": self.strategy_reason_},
             "keep": self.keep,
-            "class_balance": self.class_balance,
+            "class_balance": self.class_balanced_,  # True only when classes were actually balanced
+            "class_balance_requested": self.class_balance,
+            "warnings": list(self.warnings_),
             "n_examples": n,
             "n_kept": len(kept),
             "n_dropped": len(dropped),

@@ -45,6 +45,7 @@ from leanscale.core.validation import (
     check_param,
     unknown_name_error,
 )
+from leanscale.pruning._train import check_finite
 
 __all__ = ["UNCERTAINTY_KINDS", "collect_probs", "el2n_scores", "uncertainty_scores"]
 
@@ -254,6 +255,7 @@ def _iter_batches(
             check_consistent_length(owner, **{"x" if i == 0 else "y" if i == 1 else f"data[{i}]": p
                                                for i, p in enumerate(parts)})
         x, y = parts[0], (parts[1] if len(parts) > 1 else None)
+        check_finite(x, "data", owner)
         if need_labels and y is None:
             raise InvalidParameterError(
                 f"The 'data' parameter of {owner} must be a pair (x, y) or an iterable of (x, y) batches: "
@@ -279,6 +281,11 @@ def _iter_batches(
             raise InvalidParameterError(
                 f"The 'data' parameter of {owner} must yield batches x or (x, y, ...). Got "
                 f"{type(batch).__name__} for batch {i}."
+            )
+        if xb.is_floating_point() and not bool(torch.isfinite(xb).all()):
+            raise InvalidParameterError(
+                f"The 'data' parameter of {owner} must contain only finite values. Got a NaN or infinity in "
+                f"batch {i}."
             )
         if need_labels and yb is None:
             raise InvalidParameterError(
@@ -365,7 +372,14 @@ def collect_probs(model: nn.Module, data: Any, *, batch_size: int = 1024, device
     out: list[torch.Tensor] = []
     with _EvalMode([model], dev), torch.no_grad():
         for xb, _ in _iter_batches(data, int(batch_size), owner=owner, need_labels=False):
-            logits = _check_logits(model(_prepare_input(xb, dev, dtype)), len(xb), owner)  # (b, k)
+            try:
+                raw = model(_prepare_input(xb, dev, dtype))
+            except (RuntimeError, TypeError, ValueError, IndexError) as exc:  # e.g. a batch of the wrong width
+                raise InvalidParameterError(
+                    f"The 'data' parameter of {owner} must fit the model: a batch of shape {tuple(xb.shape)} "
+                    f"failed in its forward ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})."
+                ) from exc
+            logits = _check_logits(raw, len(xb), owner)  # (b, k)
             out.append(torch.softmax(logits.double(), dim=1).cpu())
     if not out:
         raise InvalidParameterError(f"The 'data' parameter of {owner} must hold at least one example. Got none.")

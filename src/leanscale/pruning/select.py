@@ -223,7 +223,19 @@ def select(
     if labels is not None:
         labels = check_labels("labels", labels, owner=owner)
         check_consistent_length(owner, scores=scores, labels=labels)
-        classes, inverse = np.unique(labels, return_inverse=True)
+        if labels.dtype.kind in "fc" and not np.isfinite(labels).all():
+            bad = int(np.flatnonzero(~np.isfinite(labels))[0])
+            raise InvalidParameterError(
+                f"The 'labels' parameter of {owner} must hold a label for every example. Got {labels[bad]!r} at "
+                f"index {bad}."
+            )
+        try:
+            classes, inverse = np.unique(labels, return_inverse=True)
+        except TypeError:  # e.g. None next to strings
+            raise InvalidParameterError(
+                f"The 'labels' parameter of {owner} must hold labels of one sortable type (ints or strings). Got "
+                f"a mix: {sorted({type(v).__name__ for v in labels.tolist()})}."
+            ) from None
         inverse = inverse.reshape(-1)
         n_classes = len(classes)
 

@@ -152,6 +152,11 @@ class _Plan(NamedTuple):
 def _check_moe_params(params: dict[str, Any], owner: str) -> None:
     for name, value in params.items():
         check_param(name, value, _MOE_CONSTRAINTS[name], owner=owner)
+        if isinstance(value, float) and math.isinf(value):  # Interval(..., None) admits inf
+            raise InvalidParameterError(
+                f"The {name!r} parameter of {owner} must be finite"
+                + (" (None means dropless: no capacity)" if name == "capacity_factor" else "") + f". Got {value!r} instead."
+            )
     if "top_k" in params and "n_experts" in params and params["top_k"] > params["n_experts"]:
         raise InvalidParameterError(
             f"The 'top_k' parameter of {owner} must be at most n_experts={params['n_experts']} "
@@ -306,10 +311,10 @@ class MoE(nn.Module):
 
     def _check_input(self, x: Any, owner: str) -> torch.Tensor:
         """``x`` flattened to (N, C); InvalidParameterError unless it is a (..., n_embd) tensor."""
-        if not isinstance(x, torch.Tensor) or x.ndim < 1 or x.shape[-1] != self.n_embd:
-            got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        if not isinstance(x, torch.Tensor) or x.ndim < 1 or x.shape[-1] != self.n_embd or not x.is_floating_point():
+            got = f"a {x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
             raise InvalidParameterError(
-                f"The 'x' parameter of {owner} must be a tensor of shape (..., n_embd={self.n_embd}). "
+                f"The 'x' parameter of {owner} must be a floating tensor of shape (..., n_embd={self.n_embd}). "
                 f"Got {got} instead."
             )
         return x.reshape(-1, self.n_embd)

@@ -33,6 +33,7 @@ Use :func:`apply_swat` (the functional form; :class:`SWAT` only wraps it)::
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ from torch.autograd.function import once_differentiable
 from leanscale.core.errors import InvalidParameterError
 from leanscale.core.ledger import register_flop_rule
 from leanscale.core.surgery import replace_module_classes
-from leanscale.core.validation import Interval, Options, check_param
+from leanscale.core.validation import Interval, Options, check_param, unknown_name_error
 
 __all__ = [
     "SUPPORTED_LAYERS",
@@ -94,6 +95,9 @@ def topk_threshold(t: torch.Tensor, density: float, max_sample: int | None = Non
         >>> topk_threshold(torch.tensor([0.1, -3.0, 2.0, 0.5]), 0.5)
         tensor(2.)
     """
+    if not isinstance(t, torch.Tensor):
+        raise InvalidParameterError(f"The 't' parameter of topk_threshold must be a tensor. Got {type(t).__name__} instead.")
+    check_param("density", density, [Interval(float, 0, None)], owner="topk_threshold")
     flat = t.detach().abs().reshape(-1)
     if max_sample is not None and flat.numel() > max_sample:
         flat = flat[:: flat.numel() // max_sample]
@@ -441,6 +445,9 @@ class SWATLinear(_SWATMixin, nn.Linear):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features \
+                or not x.is_floating_point():
+            _bad_input(x, f"(..., in_features={self.in_features})", "SWATLinear")
         return self._swat_forward(x, _Op("linear"))
 
 
@@ -474,7 +481,15 @@ class SWATConv2d(_SWATMixin, nn.Conv2d):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels \
+                or not x.is_floating_point():
+            _bad_input(x, f"(B, in_channels={self.in_channels}, H, W)", "SWATConv2d")
         return self._swat_forward(x, self._op)
+
+
+def _bad_input(x: Any, shape: str, owner: str) -> None:
+    got = (f"a {x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__)
+    raise InvalidParameterError(f"The 'x' parameter of {owner} must be a floating tensor of shape {shape}. Got {got}.")
 
 
 SUPPORTED_LAYERS: dict[type, type] = {nn.Linear: SWATLinear, nn.Conv2d: SWATConv2d}
@@ -568,8 +583,18 @@ def erk_densities(shapes: dict[str, tuple[int, ...]], density: float) -> dict[st
         (0.184, 1.0)
     """
     check_param("density", density, [Interval(float, 0, 1, closed="right")], owner="erk_densities")
-    if not shapes:
-        raise InvalidParameterError("The 'shapes' parameter of erk_densities must not be empty. Got {} instead.")
+    if not isinstance(shapes, dict) or not shapes:
+        raise InvalidParameterError(
+            f"The 'shapes' parameter of erk_densities must be a non-empty dict of layer name -> weight shape. "
+            f"Got {shapes!r:.100} instead."
+        )
+    for name, shape in shapes.items():
+        if not isinstance(shape, (tuple, list, torch.Size)) or not shape or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape):
+            raise InvalidParameterError(
+                f"The 'shapes' parameter of erk_densities must map each layer to a shape of positive ints. "
+                f"Got {name!r}: {shape!r:.60}."
+            )
     numel = {name: math.prod(s) for name, s in shapes.items()}
     raw = {name: sum(s) / numel[name] for name, s in shapes.items()}
     dense: set[str] = set()
@@ -606,7 +631,19 @@ def _convertible(model: nn.Module, layers: Iterable[str] | None, owner: str) -> 
     named = dict(model.named_modules())
     if layers is None:
         return [(n, m) for n, m in named.items() if type(m) in SUPPORTED_LAYERS and n != ""]
-    layers = list(layers) if not isinstance(layers, str) else [layers]
+    if isinstance(layers, str):
+        layers = [layers]
+    elif not hasattr(layers, "__iter__"):
+        raise InvalidParameterError(
+            f"The 'layers' parameter of {owner} must be None or a list of submodule names (str). "
+            f"Got {type(layers).__name__} instead."
+        )
+    layers = list(layers)
+    if not layers or not all(isinstance(n, str) for n in layers):
+        raise InvalidParameterError(
+            f"The 'layers' parameter of {owner} must be None or a non-empty list of submodule names (str). "
+            f"Got {layers!r:.100} instead."
+        )
     out = []
     for name in layers:
         if name not in named or name == "":
@@ -705,6 +742,11 @@ def apply_swat(
 
 def swat_layers(model: nn.Module) -> list[tuple[str, _SWATMixin]]:
     """``(name, layer)`` of every SWAT layer of ``model`` (DDP-wrapped or not)."""
+    if not isinstance(model, nn.Module):
+        raise InvalidParameterError(
+            f"The 'model' parameter of leanscale.sparse must be an instance of torch.nn.Module. "
+            f"Got {type(model).__name__} instead."
+        )
     root = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     return [(n, m) for n, m in root.named_modules() if isinstance(m, _SWATMixin)]
 
@@ -773,6 +815,11 @@ class SWAT:
     """Class form of :func:`apply_swat` (composer style): holds the settings, ``apply(model)``."""
 
     def __init__(self, sparsity: float = 0.8, **kwargs: Any):
+        valid = [p for p in inspect.signature(apply_swat).parameters if p not in ("model", "sparsity", "optimizers")]
+        for key in kwargs:
+            if key not in valid:
+                raise unknown_name_error("keyword argument", key, valid, owner="SWAT")
+        check_param("sparsity", sparsity, _APPLY_CONSTRAINTS["sparsity"], owner="SWAT")
         self.sparsity, self.kwargs = sparsity, kwargs
 
     def apply(self, model: nn.Module, optimizers=None) -> nn.Module:
