@@ -18,7 +18,7 @@ from leanscale.cascade import (
     RuleStage,
 )
 from leanscale.cascade.search import evaluate_config, fixed_sequence_test, frontier, pareto_mask
-from leanscale.core.errors import InvalidParameterError, NotFittedError
+from leanscale.core.errors import DataFormatError, InvalidParameterError, NotFittedError
 
 
 def brute_force(answered, conf, correct, costs):
@@ -281,7 +281,7 @@ def test_save_load_round_trip(tmp_path):
     with pytest.raises(InvalidParameterError, match="'objects'.*nope"):
         Cascade.load(path, objects={**objects, "nope": big_model})
     (tmp_path / "bad.json").write_text("{}")
-    with pytest.raises(InvalidParameterError, match="not a saved leanscale cascade"):
+    with pytest.raises(DataFormatError, match="bad.json.*not a saved leanscale cascade"):
         Cascade.load(tmp_path / "bad.json")
 
 

@@ -1,7 +1,9 @@
 """The cascade HTTP server, run for real with uvicorn on a free loopback port: answers match
 ``cascade.predict``, nothing is lost under 64 concurrent clients while a stage fails on 5% of its
-calls, micro-batching batches, metrics count what happened, the queue refuses at once when full,
-a failing cascade call answers 500 and the worker survives, bad input gets a 4xx with a message."""
+calls, micro-batching batches, metrics (parsed with prometheus_client) count what happened, the
+queue refuses at once when full, a failing cascade call answers 500 and the worker survives, bad
+input gets a 4xx with a message. Hangs, starvation, idle connections and SIGTERM:
+test_server_limits.py."""
 
 from __future__ import annotations
 
@@ -15,9 +17,11 @@ import time
 
 import pytest
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
 from leanscale.cascade import CallableStage, Cascade, RegexStage
-from leanscale.cascade.server import LATENCY_BUCKETS, create_app
+from leanscale.cascade import server as server_mod
+from leanscale.cascade.server import LATENCY_BUCKETS, create_app, server_config
 from leanscale.core.errors import InvalidParameterError
 
 # ------------------------------------------------------------------------------ the cascade
@@ -97,10 +101,10 @@ def build_cascade():
 
 
 @contextlib.contextmanager
-def running(app):
-    """Run ``app`` with uvicorn in a thread on a free loopback port; yields the port."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error", access_log=False, ws="none",
-                            lifespan="on")
+def running(app, **options):
+    """Run ``app`` with uvicorn in a thread on a free loopback port, configured as ``serve`` does
+    (:func:`server_config`, connection ``options``); yields the port."""
+    config = server_config(app, host="127.0.0.1", port=0, log_level="error", **options)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
     thread.start()
@@ -158,20 +162,35 @@ _SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[a-zA-Z_][a-zA-Z0-9_]*="[^"
                      r"(\S+)$")
 
 
+def parse_metrics(text: str) -> dict:
+    """``name{label="value",...}`` -> value, parsed with prometheus_client's own parser; every
+    histogram checked: buckets cumulative (non-decreasing in ``le``), ``+Inf`` == ``_count``."""
+    out = {}
+    for line in text.splitlines():  # strict: every line a comment or a sample
+        assert line.startswith(("# HELP ", "# TYPE ")) or _SAMPLE.match(line), f"not a Prometheus line: {line!r}"
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            key = sample.name + (f"{{{labels}}}" if labels else "")
+            assert key not in out, f"duplicate series {key}"
+            out[key] = sample.value
+        if family.type == "histogram":
+            buckets = sorted(((float(s.labels["le"]), s.value) for s in family.samples
+                              if s.name.endswith("_bucket")), key=lambda b: b[0])
+            counts = [c for _, c in buckets]
+            assert buckets and buckets[-1][0] == float("inf"), family.name
+            assert counts == sorted(counts), f"{family.name}: buckets not cumulative: {buckets}"
+            count = next(s.value for s in family.samples if s.name == family.name + "_count")
+            assert counts[-1] == count, f"{family.name}: +Inf bucket {counts[-1]} != _count {count}"
+    return out
+
+
 def metrics(port: int) -> dict:
-    """Parse /metrics strictly: every line is a comment or ``name{labels} value``."""
+    """GET /metrics, parsed and checked (:func:`parse_metrics`)."""
     status, headers, data = call(port, "GET", "/metrics", headers={})
     assert status == 200
     assert headers["content-type"].startswith("text/plain; version=0.0.4")
-    out = {}
-    for line in data.decode().splitlines():
-        if line.startswith(("# HELP ", "# TYPE ")):
-            continue
-        m = _SAMPLE.match(line)
-        assert m, f"not a Prometheus sample line: {line!r}"
-        value = float(m.group(3))  # also parses +Inf / NaN
-        out[m.group(1) + (m.group(2) or "")] = value
-    return out
+    return parse_metrics(data.decode())
 
 
 def delta(after: dict, before: dict, key: str) -> float:
@@ -358,7 +377,9 @@ def test_bad_input_gets_4xx_with_a_message(served):
 def test_healthz_openapi_and_docs(served):
     port = served[2]
     status, _, data = call(port, "GET", "/healthz", headers={})
-    assert status == 200 and json.loads(data) == {"status": "ok", "stages": ["regex", "small", "big"]}
+    health = json.loads(data)
+    assert status == 200 and health["status"] == "ok" and health["stages"] == ["regex", "small", "big"]
+    assert health["queue_depth"] == 0 and health["oldest_wait_s"] == 0.0 and health["max_queue_age_s"] == 10.0
     status, _, data = call(port, "GET", "/openapi.json", headers={})
     spec = json.loads(data)
     assert status == 200 and "post" in spec["paths"]["/v1/predict"]
@@ -367,8 +388,13 @@ def test_healthz_openapi_and_docs(served):
     schemas = spec["components"]["schemas"]
     assert schemas["PredictRequest"]["properties"]["texts"]["anyOf"][0]["maxItems"] == 50
     assert set(schemas["Prediction"]["properties"]) == {"label", "stage", "confidence", "cost"}
-    status, _, data = call(port, "GET", "/docs", headers={})
-    assert status == 200 and b"swagger" in data.lower()
+    # /docs loads Swagger UI from a CDN: off unless asked for (docs=True)
+    assert call(port, "GET", "/docs", headers={})[0] == 404
+    assert call(port, "GET", "/redoc", headers={})[0] == 404
+    app = create_app(_gated_cascade()[0], docs=True)
+    with running(app) as port2:
+        status, _, data = call(port2, "GET", "/docs", headers={})
+        assert status == 200 and b"swagger" in data.lower()
 
 
 def _gated_cascade():
@@ -467,6 +493,17 @@ def test_create_app_checks_its_parameters():
         create_app(cascade, max_batch=0)
     with pytest.raises(InvalidParameterError, match="max_wait_ms"):
         create_app(cascade, max_wait_ms=-1)
+    with pytest.raises(InvalidParameterError, match="request_timeout_s"):
+        create_app(cascade, request_timeout_s=0)
+    with pytest.raises(InvalidParameterError, match="max_queue_age_s"):
+        create_app(cascade, max_queue_age_s=-1)
+    with pytest.raises(InvalidParameterError, match="'docs'"):
+        create_app(cascade, docs="yes")
+    app = create_app(cascade)
+    with pytest.raises(InvalidParameterError, match="max_connections"):
+        server_config(app, max_connections=0)
+    with pytest.raises(InvalidParameterError, match="timeout_idle"):
+        server_config(app, timeout_idle=0)
     with pytest.raises(InvalidParameterError, match="cascade"):
         create_app(object())
     from leanscale.core.errors import NotFittedError
@@ -484,12 +521,16 @@ def test_cli_serve_loads_a_saved_cascade_and_serves_it(tmp_path, monkeypatch):
     cascade, _ = build_cascade()
     path = cascade.save(tmp_path / "cascade.json")
     launched = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: launched.update(app=app, **kw))
+    monkeypatch.setattr(server_mod, "_run", lambda config: launched.update(config=config))
     args = build_parser(["serve"]).parse_args(
-        ["serve", str(path), "--port", "0", "--max-batch", "8", "--objects", f"{__name__}:OBJECTS"])
+        ["serve", str(path), "--port", "0", "--max-batch", "8", "--objects", f"{__name__}:OBJECTS",
+         "--max-connections", "50", "--timeout-idle", "3", "--request-timeout", "7"])
     assert args.func(args) == 0
-    assert launched["host"] == "127.0.0.1" and launched["port"] == 0
-    with running(launched["app"]) as port:  # the loaded cascade answers like the original
+    config = launched["config"]
+    assert config.host == "127.0.0.1" and config.port == 0
+    assert config.leanscale_max_connections == 50 and config.timeout_graceful_shutdown == 30.0
+    assert config.app.docs_url is None  # no --docs
+    with running(config.app) as port:  # the loaded cascade answers like the original
         texts = ["my bill 1 is wrong", "the app crash 2", "hello 3"]
         status, body = predict(port, {"texts": texts})
         assert status == 200
@@ -503,13 +544,13 @@ def test_serve_warns_off_loopback_and_needs_the_objects(tmp_path, monkeypatch, c
     cascade, _ = build_cascade()
     path = cascade.save(tmp_path / "cascade.json")
     launched = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: launched.update(app=app, **kw))
+    monkeypatch.setattr(server_mod, "_run", lambda config: launched.update(config=config))
     with caplog.at_level("WARNING", logger="leanscale.cascade.server"):
         serve(path, host="127.0.0.1", objects=OBJECTS)
     assert not caplog.records
     with caplog.at_level("WARNING", logger="leanscale.cascade.server"):
         serve(path, host="0.0.0.0", port=9, objects=OBJECTS)
-    assert launched["host"] == "0.0.0.0" and "no authentication" in caplog.text
+    assert launched["config"].host == "0.0.0.0" and "no authentication" in caplog.text
     with pytest.raises(InvalidParameterError, match="objects"):
         serve(path)  # the callable stages cannot be loaded without their functions
 

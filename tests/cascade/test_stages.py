@@ -56,7 +56,10 @@ def test_regex_max_length_truncates_requests():
     assert stage.predict(["needle" + "x" * 100, "x" * 100 + "needle"]).answered.tolist() == [True, False]
 
 
-@pytest.mark.parametrize("pattern", [r"(a+)+$", r"(\w+\s?)*$", r"(a)\1", r"(?P<x>a)(?P=x)", r"(a*)*b"])
+@pytest.mark.parametrize("pattern", [r"(a+)+$", r"(\w+\s?)*$", r"(a)\1", r"(?P<x>a)(?P=x)", r"(a*)*b",
+                                     # alternations under a quantifier and nested groups (issue #13)
+                                     r"(a|aa)+$", r"(a|a)+$", r"((a+))+$", r"(?:\w+)+#", r"(a|b)+",
+                                     r"(?:x(?:a|ab))*$", r"(a?){2,}$"])
 def test_re_engine_rejects_catastrophic_patterns(pattern):
     with pytest.raises(InvalidParameterError, match=re.escape(repr(pattern))):
         RegexStage([(r"\bok\b", 0), (pattern, 1)], engine="re")
@@ -64,8 +67,8 @@ def test_re_engine_rejects_catastrophic_patterns(pattern):
         check_regex_safety(pattern)
 
 
-@pytest.mark.parametrize("pattern", [r"\brefund\b", r"\blate\s+fee\b", r"(?:ab)+c", r"(a|b)+", r"\d{3}-\d{4}",
-                                     r"^(yes|no)$"])
+@pytest.mark.parametrize("pattern", [r"\brefund\b", r"\blate\s+fee\b", r"(?:ab)+c", r"[ab]+", r"\d{3}-\d{4}",
+                                     r"^(yes|no)$", r"(a+)?b", r"\((a|b)\)+"])
 def test_safe_patterns_pass_the_check(pattern):
     check_regex_safety(pattern)
     assert RegexStage([(pattern, 1)], engine="re").engine == "re"
@@ -87,14 +90,37 @@ def test_re2_rejects_back_references_naming_the_pattern():
 
 
 def test_re_engine_time_limit_abandons_slow_matches():
-    # (a|aa)+$ has no nested quantifier (passes the check) but backtracks exponentially;
-    # the per-request limit of the regex module stops it and the stage abstains.
-    stage = RegexStage([(r"(a|aa)+$", 1)], engine="re", match_timeout=0.02)
+    # \d*\d*\d*\d*\d*\s has no nested repetition (passes the check) but backtracks polynomially
+    # (~n^5 steps); the per-request limit of the regex module stops it and the stage abstains.
+    stage = RegexStage([(r"\d*\d*\d*\d*\d*\s", 1)], engine="re", match_timeout=0.02)
     t0 = time.perf_counter()
-    out = stage.predict(["a" * 60 + "b"])
+    out = stage.predict(["1" * 2000 + "b"])
     assert time.perf_counter() - t0 < 5.0
     assert out.answered.tolist() == [False]
     assert stage.timeouts_ == 1
+
+
+def test_re_engine_is_refused_without_a_real_time_limit(monkeypatch):
+    # Python's re cannot be interrupted: without the regex package engine="re" is refused for
+    # every pattern, even a harmless one (issue #13).
+    import leanscale.cascade.stages as stages_mod
+
+    monkeypatch.setattr(stages_mod, "_regex_module", lambda: None)
+    for pattern in (r"\brefund\b", r"(a|aa)+$", r"a*a*a*b"):
+        with pytest.raises(InvalidParameterError, match="'engine'.*'regex' package.*time limit"):
+            RegexStage([(pattern, 1)], engine="re")
+    monkeypatch.setattr(stages_mod, "_re2", lambda: None)
+    with pytest.raises(InvalidParameterError, match="'engine'.*'auto'.*'regex' package"):
+        RegexStage([("a", 1)])
+
+
+def test_lone_surrogate_is_isolated_to_its_own_text():
+    # RE2 cannot encode a lone surrogate; it used to fail the whole batch (issue #13)
+    stage = RegexStage([(r"\brefund\b", "billing")], engine="re2")
+    out = stage.predict(["refund please", "refund \ud800 now", "\udfff", "nothing here"])
+    assert out.answered.tolist() == [True, True, False, False]
+    assert list(out.labels) == ["billing", "billing", None, None]
+    assert stage.failures_ == 0
 
 
 @pytest.mark.parametrize(

@@ -205,7 +205,8 @@ def test_both_target_and_budget_is_a_usage_error(data, capsys):
 
 def test_eval_of_a_missing_cascade_is_a_clean_error(data, capsys):
     assert main(["cascade", "eval", str(data["root"] / "nope.json"), "--data", str(data["jsonl"])]) == 2
-    assert "Cascade.load must name a saved cascade JSON file" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "The cascade file" in err and "nope.json' does not exist" in err and "Traceback" not in err
 
 
 def test_serve_reuses_leanscale_serve(capsys):
@@ -222,3 +223,71 @@ def test_cascade_without_action_prints_help_and_fails(capsys):
     assert "fit" in err and "eval" in err and "serve" in err and "examples:" in err
     assert main(["cascade", "--help"]) == 0
     assert "leanscale cascade fit --data wordnet --out cascade.json" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ issue #13: nothing silently wrong
+
+
+def test_eval_refuses_a_split_left_by_an_interrupted_fit(data, capsys, monkeypatch):
+    """A kill after the new cascade JSON but before its eval.json used to pair the new model with
+    the old test split (examples it was trained on); eval now refuses, naming both files."""
+    out = data["root"] / "interrupted.json"
+    args = ["cascade", "fit", "--data", str(data["jsonl"]), "--stages", "tfidf", "--costs", "tfidf=1", "--out", str(out)]
+    assert main(args) == 0
+    assert json.loads((data["root"] / "interrupted.eval.json").read_text())["cascade_sha256"]
+    capsys.readouterr()
+    import leanscale.core.io as core_io
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # the process dies between the cascade JSON and its eval.json
+
+    monkeypatch.setattr(core_io, "atomic_write_json", killed)
+    assert main(args[:-2] + ["--seed", "1", "--out", str(out)]) != 0
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(["cascade", "eval", str(out), "--data", str(data["jsonl"])]) == 2
+    err = capsys.readouterr().err
+    assert "interrupted.eval.json' belongs to another save of" in err and "--all" in err and "Traceback" not in err
+    assert main(["cascade", "eval", str(out), "--data", str(data["jsonl"]), "--all", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 600
+
+
+def test_eval_warns_about_labels_the_cascade_never_saw(fitted, data, capsys):
+    rows = make_rows(n=30, seed=3)
+    rows = [(t, "refunds" if i % 3 == 0 else lab) for i, (t, lab) in enumerate(rows)]  # 10 of 30 unseen
+    path = write_jsonl(data["root"] / "unseen.jsonl", rows)
+    assert main(["cascade", "eval", str(fitted["path"]), "--data", str(path)]) == 0
+    cap = capsys.readouterr()
+    assert "WARNING: 10 of 30 examples (33.3%) have labels the cascade never saw" in cap.out
+    assert "'refunds'" in cap.out and "WARNING" in cap.err
+    assert main(["cascade", "eval", str(fitted["path"]), "--data", str(path), "--json"]) == 0
+    blob = json.loads(capsys.readouterr().out)
+    assert any("10 of 30 examples" in w and "'refunds'" in w for w in blob["warnings"])
+    # none of the labels known: not an accuracy of 0.0000 with exit 0, but a clear error
+    other = write_jsonl(data["root"] / "other_labels.jsonl", [(t, f"x{i % 2}") for i, (t, _) in enumerate(rows)])
+    assert main(["cascade", "eval", str(fitted["path"]), "--data", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "holds no label the cascade knows" in err and "'x0', 'x1'" in err and "--label-column" in err
+
+
+def test_fit_out_naming_a_folder_is_a_clean_error(data, capsys):
+    folder = data["root"] / "folder.json"
+    folder.mkdir()
+    assert main(["cascade", "fit", "--data", str(data["jsonl"]), "--stages", "tfidf", "--out", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "'--out' parameter of leanscale cascade fit" in err and "is a folder" in err and "Traceback" not in err
+
+
+def test_evaluate_counts_and_reports_requests_no_stage_answered():
+    """A request no stage answered is counted as wrong AND reported (not a silent 'accuracy 0.5')."""
+    from leanscale.cascade import Cascade, RuleStage
+    from leanscale.cli.cascade import evaluate
+
+    # the last stage answers "refund" texts and abstains on everything else
+    stage = RuleStage(lambda t: "refund" if "refund" in t else None, name="rules", cost=1.0)
+    cascade = Cascade([stage]).fit(["refund me", "refund now", "hello", "refund pls"],
+                                   ["refund", "refund", "other", "refund"])
+    summary = evaluate(cascade, ["refund a", "hi there", "hello", "refund b"], ["refund", "other", "other", "refund"])
+    assert summary["accuracy"] == 0.5
+    assert summary["unanswered"] == 2
+    assert any("2 of 4 requests got no answer from any stage" in w for w in summary["warnings"])

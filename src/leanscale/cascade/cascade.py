@@ -41,7 +41,7 @@ import inspect
 import json
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -55,9 +55,16 @@ from leanscale.cascade.stages import (
     RuleStage,
     Stage,
     StageError,
+    _re2,
     measure_cost,
 )
-from leanscale.core.errors import InvalidParameterError
+from leanscale.core.errors import (
+    DataFormatError,
+    DataNotFoundError,
+    InvalidParameterError,
+    LeanscaleError,
+    MissingDependencyError,
+)
 from leanscale.core.io import atomic_write_json, to_jsonable
 from leanscale.core.validation import (
     Interval,
@@ -75,13 +82,21 @@ FORMAT_VERSION = 1
 class CascadeOutput(NamedTuple):
     """Per request: ``labels``, ``stage`` (name of the answering stage, or ``"fallback"``),
     ``confidence`` and ``cost`` (sum of the costs of the stages it went through); plus ``errors``,
-    the stages that failed on this batch (name -> number of requests they failed on)."""
+    the stages that failed on this batch (name -> number of requests they failed on).
+
+    ``answered`` (bool per request) is False where no stage gave any answer: the label there is
+    ``fallback_label`` (``None`` unless configured) -- not a prediction. ``failed`` (per request, a
+    tuple of the names of the stages that failed on it) and ``reasons`` (stage name -> the last
+    failure message) say why."""
 
     labels: np.ndarray
     stage: np.ndarray
     confidence: np.ndarray
     cost: np.ndarray
     errors: dict
+    answered: np.ndarray | None = None
+    failed: np.ndarray | None = None
+    reasons: dict | None = None
 
 
 def _fit_temperature(proba: np.ndarray, y_index: np.ndarray) -> float:
@@ -102,6 +117,137 @@ def _fit_temperature(proba: np.ndarray, y_index: np.ndarray) -> float:
 
     res = minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded")
     return float(math.exp(res.x))
+
+
+# ------------------------------------------------------------------------------ input checks
+
+
+def _check_X(X: Any, owner: str) -> list:
+    """The requests ``X`` as a list. A bare ``str`` (or bytes) is refused: iterating it would make
+    one request per character."""
+    if isinstance(X, (str, bytes, bytearray)):
+        raise InvalidParameterError(
+            f"The 'X' parameter of {owner} must be a list of requests, e.g. [{X[:40]!r}] for a single one. "
+            f"Got a single {type(X).__name__}, which would be read as one request per character."
+        )
+    if isinstance(X, Mapping) or not hasattr(X, "__iter__"):
+        raise InvalidParameterError(
+            f"The 'X' parameter of {owner} must be a list of requests. Got {type(X).__name__} instead.")
+    return list(X)
+
+
+def _check_y(y: Any, owner: str) -> np.ndarray:
+    """The labels ``y`` as a 1-d object array; ``None``/NaN (a missing label) and unhashable labels
+    are refused, and so is a bare ``str`` (one label per character)."""
+    if hasattr(y, "detach") and hasattr(y, "cpu"):
+        y = y.detach().cpu().numpy()
+    if isinstance(y, (str, bytes, bytearray)) or isinstance(y, Mapping) or not hasattr(y, "__iter__"):
+        raise InvalidParameterError(
+            f"The 'y' parameter of {owner} must be a list of labels, one per request. Got {type(y).__name__} instead.")
+    items = list(y)
+    arr = np.empty(len(items), dtype=object)
+    for i, v in enumerate(items):
+        if v is None or (isinstance(v, (float, np.floating)) and math.isnan(v)):
+            raise InvalidParameterError(
+                f"The 'y' parameter of {owner} must not contain missing labels (None or NaN). Got {v!r} at index {i}.")
+        try:
+            hash(v)
+        except TypeError:
+            raise InvalidParameterError(
+                f"The 'y' parameter of {owner} must hold hashable labels (str, int, ...). Got {type(v).__name__} "
+                f"{v!r} at index {i}.") from None
+        arr[i] = v
+    return arr
+
+
+# --------------------------------------------------------------------- reading a saved cascade
+
+MAX_CASCADE_BYTES = 256 << 20  # a cascade JSON (vocabularies included) is at most 256 MiB
+_MAX_ITEMS = 1_000_000  # list lengths read from a file (classes, frontier points, patterns)
+_MODEL_CLASSES = ("TfidfClassifier", "EmbeddingClassifier")
+_MAX_TIMEOUT = 7 * 86400.0  # a stage timeout read from a file (threading refuses ~1e308)
+_MISSING = object()
+
+
+def _short(v: Any, n: int = 100) -> str:
+    r = repr(v)
+    return r if len(r) <= n else r[:n] + "..."
+
+
+def _is_label(v: Any) -> bool:
+    return isinstance(v, (str, int, bool)) or (isinstance(v, float) and math.isfinite(v))
+
+
+class _SavedDoc:
+    """Field checks of an untrusted cascade JSON; every error names the file and the field."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def error(self, where: str, expected: str, got: Any = _MISSING) -> DataFormatError:
+        msg = f"The cascade file {str(self.path)!r} is invalid: {where} must be {expected}"
+        return DataFormatError(msg + ("." if got is _MISSING else f". Got {_short(got)}."))
+
+    def get(self, d: Any, key: str, where: str) -> Any:
+        if not isinstance(d, dict):
+            raise self.error(where, "a JSON object", d)
+        if key not in d:
+            raise self.error(f"{where}[{key!r}]", "present (the key is missing)")
+        return d[key]
+
+    def num(self, v: Any, where: str, lo: float | None = None, hi: float | None = None, *, integer: bool = False,
+            none: bool = False, open_lo: bool = False) -> Any:
+        if v is None and none:
+            return None
+        ok = isinstance(v, int) if integer else isinstance(v, (int, float))
+        bad = isinstance(v, bool) or not ok or not math.isfinite(v) or (lo is not None and (v < lo or (open_lo and v == lo))) \
+            or (hi is not None and v > hi)
+        if bad:
+            rng = f"{'(' if open_lo else '['}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+            raise self.error(where, f"{'an integer' if integer else 'a finite number'} in {rng}"
+                             + (" or null" if none else ""), v)
+        return v
+
+    def boolean(self, v: Any, where: str) -> bool:
+        if not isinstance(v, bool):
+            raise self.error(where, "true or false", v)
+        return v
+
+    def lst(self, v: Any, where: str, min_len: int = 0, max_len: int = _MAX_ITEMS) -> list:
+        if not isinstance(v, list) or not min_len <= len(v) <= max_len:
+            raise self.error(where, f"a list of {min_len} to {max_len:,} items", v)
+        return v
+
+    def label(self, v: Any, where: str, none: bool = False) -> Any:
+        if (v is None and none) or _is_label(v):
+            return v
+        raise self.error(where, "a label (a string, an integer, a finite number or a boolean)", v)
+
+    def names_dict(self, v: Any, where: str, keys: Sequence[str], value) -> dict:
+        if not isinstance(v, dict) or set(v) != set(keys):
+            raise self.error(where, f"an object with exactly the keys {list(keys)}", v)
+        for k in keys:
+            value(v[k], f"{where}[{k!r}]")
+        return v
+
+
+def _arrays_files_of(path: Path) -> set[str]:
+    """The arrays files the cascade JSON at ``path`` (if any) names and that a save of this stem
+    writes; never raises (a damaged previous save leaves nothing to clean up)."""
+    try:
+        if not path.is_file() or path.stat().st_size > MAX_CASCADE_BYTES:
+            return set()
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        out = set()
+        for d in doc.get("stages", []):
+            m = d.get("model") if isinstance(d, dict) else None
+            name = m.get("arrays") if isinstance(m, dict) else None
+            if isinstance(name, str) and name == Path(name).name and name.startswith(f"{path.stem}.") \
+                    and name.endswith((".arrays", ".npz")):
+                out.add(name)
+        return out
+    except Exception:
+        return set()
 
 
 class Cascade:
@@ -138,7 +284,9 @@ class Cascade:
         self.fallback_label = fallback_label
         self.random_state = random_state
         self._lock = threading.Lock()
-        self._pool: cf.ThreadPoolExecutor | None = None
+        # per stage name: a semaphore bounding its calls in flight (see _call); hung calls of one
+        # stage hold only that stage's slots, never another stage's capacity
+        self._stage_slots: dict[str, threading.BoundedSemaphore] = {}
 
     # ------------------------------------------------------------------ sklearn-style plumbing
     def get_params(self, deep: bool = True) -> dict:
@@ -198,8 +346,8 @@ class Cascade:
         """Run every stage on the calibration data ``X`` (labels ``y``), find the frontier and
         choose the thresholds. Returns self."""
         stages = self._validate()
-        X = list(X)
-        y = np.asarray(list(y), dtype=object)
+        X = _check_X(X, "Cascade.fit")
+        y = _check_y(y, "Cascade.fit")
         check_consistent_length("Cascade.fit", X=X, y=y)
         if len(X) < 2:
             raise InvalidParameterError(f"The 'X' parameter of Cascade.fit must hold at least 2 requests. Got {len(X)}.")
@@ -339,13 +487,49 @@ class Cascade:
         self.calibration_ = cal
 
     # --------------------------------------------------------------------------- prediction
+    # The most calls of one stage in flight at once (a call that overran its timeout still holds
+    # its slot until it really returns); further calls of that stage fail at once and fall through.
+    STAGE_CONCURRENCY = 8
+
     def _call(self, stage: Stage, items: list):
+        """``stage.predict(items)``; under the stage's ``timeout`` when it has one.
+
+        A stage with a timeout runs on a daemon thread of its own, bounded per stage: at most
+        ``STAGE_CONCURRENCY`` calls of that stage (``stage.max_concurrency`` overrides it) may be in
+        flight, counting calls that overran their timeout and are still running (a Python thread
+        cannot be interrupted). When all its slots are held by hung calls the stage fails at once
+        with :class:`StageError` -- the requests fall to the next stage without waiting -- and a
+        hung stage never holds the capacity of another one. Daemon threads: a hung call does not
+        keep the process alive at exit."""
         if stage.timeout is None:
             return stage.predict(items)
+        limit = int(getattr(stage, "max_concurrency", None) or self.STAGE_CONCURRENCY)
         with self._lock:
-            if self._pool is None:
-                self._pool = cf.ThreadPoolExecutor(max_workers=8, thread_name_prefix="leanscale-stage")
-        fut = self._pool.submit(stage.predict, items)
+            slots_by_stage = self.__dict__.setdefault("_stage_slots", {})
+            slots = slots_by_stage.get(stage.name)
+            if slots is None:
+                slots = slots_by_stage[stage.name] = threading.BoundedSemaphore(limit)
+        if not slots.acquire(blocking=False):
+            raise StageError(
+                f"stage {stage.name!r} is saturated: {limit} earlier calls are still running past its timeout "
+                f"of {stage.timeout} s; not calling it")
+        fut: cf.Future = cf.Future()
+
+        def run():
+            try:
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(stage.predict(items))
+                    except BaseException as exc:  # delivered to the caller (StageError or worse)
+                        fut.set_exception(exc)
+            finally:
+                slots.release()
+
+        try:
+            threading.Thread(target=run, name=f"leanscale-stage-{stage.name}", daemon=True).start()
+        except BaseException:
+            slots.release()
+            raise
         try:
             return fut.result(timeout=stage.timeout)
         except cf.TimeoutError:
@@ -353,8 +537,14 @@ class Cascade:
             raise StageError(f"stage {stage.name!r} exceeded its timeout of {stage.timeout} s") from None
 
     def predict_detailed(self, X: Sequence) -> CascadeOutput:
-        """Labels plus, per request, the answering stage, its confidence and the cost paid."""
+        """Labels plus, per request, the answering stage, its confidence and the cost paid.
+
+        A request on which no stage gave any answer (every stage failed, was switched off or
+        abstained) gets ``fallback_label`` with stage ``"fallback"``, confidence 0 and
+        ``answered[i] == False``; ``failed[i]`` names the stages that failed on it and ``reasons``
+        says how. Such a label is not a prediction: the server refuses to send it as one."""
         check_is_fitted(self, ["thresholds_"])
+        X = _check_X(X, "Cascade.predict")
         stages = list(self.stages)
         X = list(X)
         n = len(X)
@@ -362,6 +552,9 @@ class Cascade:
         stage_of = np.full(n, FALLBACK, dtype=object)
         confidence = np.zeros(n)
         cost = np.zeros(n)
+        answered = np.zeros(n, dtype=bool)
+        failed: list[list[str]] = [[] for _ in range(n)]
+        reasons: dict[str, str] = {}
         best_label = np.full(n, None, dtype=object)  # most confident answer below its threshold
         best_conf = np.full(n, -1.0)
         errors: dict[str, int] = {}
@@ -376,12 +569,16 @@ class Cascade:
             cost[remaining] += self.costs_[s.name]
             try:
                 out = self._call(s, [X[i] for i in remaining])
-            except StageError:
+            except StageError as exc:
                 errors[s.name] = errors.get(s.name, 0) + int(remaining.size)
+                reasons[s.name] = str(exc)
+                for i in remaining:
+                    failed[i].append(s.name)
                 continue
             take = out.answered & (out.confidence >= t)
             idx = remaining[take]
             labels[idx], stage_of[idx], confidence[idx] = out.labels[take], s.name, out.confidence[take]
+            answered[idx] = True
             better = out.answered & ~take & (out.confidence > best_conf[remaining])
             bidx = remaining[better]
             best_label[bidx], best_conf[bidx] = out.labels[better], out.confidence[better]
@@ -390,20 +587,27 @@ class Cascade:
             has = best_conf[remaining] >= 0
             labels[remaining] = np.where(has, best_label[remaining], self.fallback_label)
             confidence[remaining] = np.where(has, best_conf[remaining], 0.0)
+            answered[remaining] = has
         if errors:
             with self._lock:
                 for k, v in errors.items():
                     self.errors_[k] = self.errors_.get(k, 0) + v
-        return CascadeOutput(labels, stage_of, confidence, cost, errors)
+        failed_arr = np.empty(n, dtype=object)
+        for i, f in enumerate(failed):  # element-wise: numpy would make equal-length tuples a 2-D array
+            failed_arr[i] = tuple(f)
+        return CascadeOutput(labels, stage_of, confidence, cost, errors, answered, failed_arr, reasons)
 
     def predict(self, X: Sequence) -> np.ndarray:
+        """Labels; ``fallback_label`` (``None`` unless configured) where no stage gave an answer
+        (see :meth:`predict_detailed`'s ``answered``)."""
         return self.predict_detailed(X).labels
 
     def score(self, X: Sequence, y: Sequence) -> float:
         """Accuracy on ``(X, y)``."""
+        X = _check_X(X, "Cascade.score")
+        y = _check_y(y, "Cascade.score")
+        check_consistent_length("Cascade.score", X=X, y=y)
         pred = self.predict(X)
-        y = np.asarray(list(y), dtype=object)
-        check_consistent_length("Cascade.score", X=pred, y=y)
         return float(np.mean([a == b for a, b in zip(pred, y)]))
 
     def explain(self) -> str:
@@ -432,12 +636,22 @@ class Cascade:
 
     # ------------------------------------------------------------------------ save and load
     def save(self, path: str | Path) -> Path:
-        """Write ``path`` (JSON) plus one array file per saved model stage beside it; no pickle.
+        """Write ``path`` (JSON) plus one arrays file per saved model stage beside it; no pickle.
 
         Regex stages and leanscale text models are saved whole; rule, callable and other model
-        stages are saved by name and must be passed to :meth:`load` in ``objects``."""
+        stages are saved by name and must be passed to :meth:`load` in ``objects``.
+
+        The save is atomic as a whole. Each arrays file is named by its content
+        (``<stem>.<stage>.<sha256[:16]>.arrays``) and its sha256 is recorded in the JSON, which is
+        written last: its atomic rename is the commit point. Until then the previous JSON and the
+        arrays files it names are untouched (a kill leaves the previous cascade loadable); the
+        arrays files only the previous JSON named are removed after the commit.
+        """
         check_is_fitted(self, ["thresholds_"])
         path = Path(path)
+        folder = path.parent
+        previous = _arrays_files_of(path)
+        written: set[str] = set()
         stages = []
         for s in self.stages:
             d: dict[str, Any] = {"kind": s.kind, "name": s.name, "cost": s.cost, "timeout": s.timeout}
@@ -447,12 +661,12 @@ class Cascade:
             elif isinstance(s, ModelStage):
                 d.update(classes=s.classes.tolist(), temperature=s.temperature, batch_size=s.batch_size)
                 if hasattr(s.model, "get_state") and s.transform is None:
-                    from leanscale.cascade.text_models import save_arrays
+                    from leanscale.cascade.text_models import write_arrays_addressed
 
                     meta, arrays = s.model.get_state()
-                    arrays_file = f"{path.stem}.{s.name}.arrays"
-                    written = save_arrays(path.parent / arrays_file, arrays)
-                    d.update(model={"class": type(s.model).__name__, "meta": meta, "arrays": Path(written).name})
+                    name, digest = write_arrays_addressed(folder, f"{path.stem}.{s.name}.", arrays, suffix=".arrays")
+                    written.add(name)
+                    d.update(model={"class": type(s.model).__name__, "meta": meta, "arrays": name, "sha256": digest})
                 else:
                     d.update(model="external")
             elif isinstance(s, CallableStage):
@@ -468,21 +682,71 @@ class Cascade:
             "frontier": {"cost": self.frontier_.cost, "accuracy": self.frontier_.accuracy,
                          "thresholds": [list(t) for t in self.frontier_.thresholds], "exact": self.frontier_.exact},
         }
-        atomic_write_json(path, to_jsonable(doc))
+        atomic_write_json(path, to_jsonable(doc))  # the commit point
+        for name in previous - written:
+            try:
+                (folder / name).unlink()
+            except OSError:
+                pass
         return path
 
     @classmethod
     def load(cls, path: str | Path, objects: dict[str, Any] | None = None) -> Cascade:
         """Rebuild a fitted cascade from :meth:`save`'s JSON. ``objects``: stage name -> the
-        predicate, function or model for stages that were saved by name."""
+        predicate, function or model for stages that were saved by name.
+
+        The file is untrusted data. Its size is checked before it is read; every field is checked
+        (type, range, consistency with the other fields) before anything is built; an arrays file
+        must lie in the JSON's folder and match the sha256 recorded at save time, and the sizes it
+        declares must match the model's meta before any array is allocated; regex patterns run on
+        RE2 (or are refused); a TF-IDF model's tokenizer runs on RE2. Whatever is wrong raises one
+        :class:`~leanscale.core.errors.DataFormatError` naming the file and the field.
+
+        Raises:
+            DataNotFoundError: the file (or an arrays file it names) does not exist.
+            DataFormatError: the file is not a valid saved cascade.
+            InvalidParameterError: ``objects`` lacks a stage saved by name, or names one that is not.
+        """
         path = Path(path)
+        if objects is not None and not isinstance(objects, Mapping):
+            raise InvalidParameterError(
+                f"The 'objects' parameter of Cascade.load must be a dict of stage name -> object. "
+                f"Got {type(objects).__name__} instead.")
         objects = dict(objects or {})
-        try:
-            doc = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise InvalidParameterError(f"The 'path' parameter of Cascade.load must name a saved cascade JSON file: {exc}") from None
+        from leanscale.cascade.text_models import read_json_file
+
+        doc = read_json_file(path, "cascade file", MAX_CASCADE_BYTES)
         if not isinstance(doc, dict) or doc.get("format") != "leanscale.cascade":
-            raise InvalidParameterError(f"The 'path' parameter of Cascade.load names {path}, which is not a saved leanscale cascade.")
+            raise DataFormatError(
+                f"The cascade file {str(path)!r} is not a saved leanscale cascade: it must be a JSON object with "
+                f"\"format\": \"leanscale.cascade\". Got {_short(doc.get('format') if isinstance(doc, dict) else doc)}.")
+        try:
+            return cls._from_doc(path, doc, objects)
+        except (LeanscaleError, MemoryError):
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError, RecursionError) as exc:
+            raise DataFormatError(
+                f"The cascade file {str(path)!r} is invalid ({type(exc).__name__}: {exc}).") from None
+
+    @classmethod
+    def _from_doc(cls, path: Path, doc: dict, objects: dict) -> Cascade:
+        v = _SavedDoc(path)
+        if doc.get("version") != FORMAT_VERSION:
+            raise v.error("'version'", f"{FORMAT_VERSION} (this leanscale reads version {FORMAT_VERSION})",
+                          doc.get("version"))
+        raw = v.lst(v.get(doc, "stages", "the file"), "'stages'", 1, 1000)
+        names = []
+        for i, d in enumerate(raw):
+            where = f"stages[{i}]"
+            name = v.get(d, "name", where)
+            if not isinstance(name, str) or name in names:
+                raise v.error(f"{where}['name']", "a stage name (a string) used once", name)
+            names.append(name)
+            kind = v.get(d, "kind", where)
+            if kind not in ("regex", "model", "rule", "callable"):
+                raise v.error(f"{where}['kind']", "one of 'regex', 'model', 'rule', 'callable'", kind)
+            v.num(v.get(d, "cost", where), f"{where}['cost']", 0, none=True)
+            v.num(v.get(d, "timeout", where), f"{where}['timeout']", 0, _MAX_TIMEOUT, open_lo=True, none=True)
 
         def need(name: str, what: str):
             if name not in objects:
@@ -493,59 +757,169 @@ class Cascade:
             return objects.pop(name)
 
         stages: list[Stage] = []
-        for d in doc["stages"]:
+        for i, d in enumerate(raw):
+            where = f"stages[{i}] ({d['name']!r})"
             common = {"name": d["name"], "cost": d["cost"], "timeout": d["timeout"]}
             if d["kind"] == "regex":
-                stages.append(RegexStage([tuple(p) for p in d["patterns"]], ignore_case=d["ignore_case"],
-                                         match_timeout=d["match_timeout"], max_length=d["max_length"], **common))
+                pats = v.lst(v.get(d, "patterns", where), f"{where}['patterns']", 1)
+                for j, pair in enumerate(pats):
+                    if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)
+                            and len(pair[0]) <= 100_000):
+                        raise v.error(f"{where}['patterns'][{j}]", "a [pattern string, label] pair", pair)
+                    v.label(pair[1], f"{where}['patterns'][{j}][1]")
+                v.boolean(v.get(d, "ignore_case", where), f"{where}['ignore_case']")
+                v.num(v.get(d, "match_timeout", where), f"{where}['match_timeout']", 0, 3600, open_lo=True)
+                v.num(v.get(d, "max_length", where), f"{where}['max_length']", 1, 10**9, integer=True)
+                if _re2() is None:  # patterns from a file run on RE2 or are refused
+                    raise MissingDependencyError(
+                        f"The cascade file {str(path)!r} has the regex stage {d['name']!r}; patterns read from a file "
+                        "run only on RE2 (linear time): pip install 'leanscale[cascade]'.")
+                stage = cls._stage(v, where, RegexStage, [tuple(p) for p in pats], ignore_case=d["ignore_case"],
+                                   match_timeout=d["match_timeout"], max_length=d["max_length"], engine="re2",
+                                   **common)
             elif d["kind"] == "model":
-                if d["model"] == "external":
+                classes = v.lst(v.get(d, "classes", where), f"{where}['classes']", 1)
+                for j, c in enumerate(classes):
+                    v.label(c, f"{where}['classes'][{j}]")
+                v.num(v.get(d, "temperature", where), f"{where}['temperature']", 0, open_lo=True)
+                v.num(v.get(d, "batch_size", where), f"{where}['batch_size']", 1, 10**7, integer=True)
+                m = v.get(d, "model", where)
+                if m == "external":
                     model = need(d["name"], "the model")
                 else:
-                    from leanscale.cascade import text_models
-
-                    m = d["model"]
-                    klass = getattr(text_models, m["class"], None)
-                    if klass is None or not hasattr(klass, "from_state"):
-                        raise InvalidParameterError(f"The saved cascade {path} names an unknown model class {m['class']!r}.")
-                    model = klass.from_state(m["meta"], text_models.load_arrays(path.parent / m["arrays"]))
+                    model = cls._saved_model(v, path, where, m)
+                    n_cols = len(model.classes_)  # the stage may rename them, not change their number
+                    if len(classes) != n_cols:
+                        raise v.error(f"{where}['classes']", f"a list of {n_cols} labels, one per class of its saved "
+                                      "model", classes)
                     objects.pop(d["name"], None)
-                stages.append(ModelStage(model, classes=d["classes"], temperature=d["temperature"],
-                                         batch_size=d["batch_size"], **common))
+                stage = cls._stage(v, where, ModelStage, model, classes=classes, temperature=d["temperature"],
+                                   batch_size=d["batch_size"], **common)
             elif d["kind"] == "rule":
-                stages.append(RuleStage(need(d["name"], "the predicate"), **common))
-            elif d["kind"] == "callable":
-                stages.append(CallableStage(need(d["name"], "the function"), batched=d["batched"], **common))
+                stage = cls._stage(v, where, RuleStage, need(d["name"], "the predicate"), **common)
             else:
-                raise InvalidParameterError(f"The saved cascade {path} has an unknown stage kind {d['kind']!r}.")
+                batched = v.boolean(v.get(d, "batched", where), f"{where}['batched']")
+                stage = cls._stage(v, where, CallableStage, need(d["name"], "the function"), batched=batched, **common)
+            stages.append(stage)
         if objects:
-            external = [d["name"] for d in doc["stages"]
-                        if d["kind"] in ("rule", "callable") or d.get("model") == "external"]
+            external = [d["name"] for d in raw if d["kind"] in ("rule", "callable") or d.get("model") == "external"]
             raise InvalidParameterError(
                 f"The 'objects' parameter of Cascade.load names {sorted(objects)}, which are not external stages of "
                 f"this cascade; valid names: {external}."
             )
-        self = cls(stages, **doc["params"])
-        self.thresholds_ = doc["thresholds"]
-        self.costs_ = doc["costs"]
-        self.temperatures_ = doc["temperatures"]
-        self.expected_cost_, self.expected_accuracy_ = doc["expected_cost"], doc["expected_accuracy"]
-        self.reference_accuracy_ = doc["reference_accuracy"]
-        self.calibration_, self.guarantee_ = doc["calibration"], doc["guarantee"]
-        self.classes_ = np.array(doc["classes"], dtype=object)
-        f = doc["frontier"]
-        self.frontier_ = _search.FrontierResult(np.asarray(f["cost"]), np.asarray(f["accuracy"]),
-                                                [tuple(t) for t in f["thresholds"]], 0, f["exact"])
+
+        params = v.get(doc, "params", "the file")
+        valid = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "stages")]
+        if not isinstance(params, dict) or not set(params) <= set(valid):
+            raise v.error("'params'", f"an object with keys among {valid}", params)
+        if "fallback_label" in params:
+            v.label(params["fallback_label"], "'params'['fallback_label']", none=True)
+        self = cls(stages, **params)
+        try:
+            self._validate()
+        except InvalidParameterError as exc:
+            raise DataFormatError(f"The cascade file {str(path)!r} is invalid: 'params': {exc}") from None
+
+        m = len(stages)
+        thr = v.names_dict(v.get(doc, "thresholds", "the file"), "'thresholds'", names[:-1],
+                           lambda x, w: v.num(x, w, 0, 1, none=True))
+        costs = v.names_dict(v.get(doc, "costs", "the file"), "'costs'", names, lambda x, w: v.num(x, w, 0))
+        temps = v.get(doc, "temperatures", "the file")
+        model_names = [s.name for s in stages if isinstance(s, ModelStage)]
+        if not isinstance(temps, dict) or not set(temps) <= set(model_names):
+            raise v.error("'temperatures'", f"an object with keys among the model stages {model_names}", temps)
+        for k, t in temps.items():
+            v.num(t, f"'temperatures'[{k!r}]", 0, open_lo=True)
+        exp_cost = v.num(v.get(doc, "expected_cost", "the file"), "'expected_cost'", 0)
+        exp_acc = v.num(v.get(doc, "expected_accuracy", "the file"), "'expected_accuracy'", 0, 1)
+        ref_acc = v.num(v.get(doc, "reference_accuracy", "the file"), "'reference_accuracy'", 0, 1)
+        cal = v.get(doc, "calibration", "the file")
+        if not isinstance(cal, dict) or set(cal) != set(names) | {FALLBACK}:
+            raise v.error("'calibration'", f"an object with exactly the keys {names + [FALLBACK]}", cal)
+        for k, name in enumerate(names):
+            c, w = cal[name], f"'calibration'[{name!r}]"
+            on = v.boolean(v.get(c, "on", w), f"{w}['on']")
+            if on != (k == m - 1 or thr[name] is not None):
+                raise v.error(f"{w}['on']", "consistent with 'thresholds' (on exactly when a threshold is set)", on)
+            t = v.get(c, "threshold", w)
+            if k < m - 1 and on:
+                v.num(t, f"{w}['threshold']", 0, 1)
+            elif t not in ("always", None) and not isinstance(t, (int, float)):
+                raise v.error(f"{w}['threshold']", "'always', null or a number", t)
+            v.num(v.get(c, "answered_fraction", w), f"{w}['answered_fraction']", 0, 1)
+            v.num(v.get(c, "accuracy_when_answering", w), f"{w}['accuracy_when_answering']", 0, 1, none=True)
+            v.num(v.get(c, "cost", w), f"{w}['cost']", 0)
+        v.num(v.get(cal[FALLBACK], "answered_fraction", f"'calibration'[{FALLBACK!r}]"),
+              f"'calibration'[{FALLBACK!r}]['answered_fraction']", 0, 1)
+        guarantee = v.get(doc, "guarantee", "the file")
+        if guarantee is not None:
+            for key, lo, hi, integer in (("target_accuracy", 0, 1, False), ("delta", 0, 1, False),
+                                         ("n_test", 1, None, True), ("test_accuracy", 0, 1, False),
+                                         ("p_value", 0, 1, False)):
+                v.num(v.get(guarantee, key, "'guarantee'"), f"'guarantee'[{key!r}]", lo, hi, integer=integer)
+        classes = v.lst(v.get(doc, "classes", "the file"), "'classes'")
+        for j, c in enumerate(classes):
+            v.label(c, f"'classes'[{j}]")
+        f = v.get(doc, "frontier", "the file")
+        f_cost = v.lst(v.get(f, "cost", "'frontier'"), "'frontier'['cost']", 1)
+        f_acc = v.lst(v.get(f, "accuracy", "'frontier'"), "'frontier'['accuracy']", len(f_cost), len(f_cost))
+        f_thr = v.lst(v.get(f, "thresholds", "'frontier'"), "'frontier'['thresholds']", len(f_cost), len(f_cost))
+        for j in range(len(f_cost)):
+            v.num(f_cost[j], f"'frontier'['cost'][{j}]", 0)
+            v.num(f_acc[j], f"'frontier'['accuracy'][{j}]", 0, 1)
+            row = v.lst(f_thr[j], f"'frontier'['thresholds'][{j}]", m - 1, m - 1)
+            for t in row:
+                v.num(t, f"'frontier'['thresholds'][{j}]", 0, 1, none=True)
+        exact = v.boolean(v.get(f, "exact", "'frontier'"), "'frontier'['exact']")
+
+        self.thresholds_ = {k: (None if t is None else float(t)) for k, t in thr.items()}
+        self.costs_ = {k: float(c) for k, c in costs.items()}
+        self.temperatures_ = {k: float(t) for k, t in temps.items()}
+        self.expected_cost_, self.expected_accuracy_ = float(exp_cost), float(exp_acc)
+        self.reference_accuracy_ = float(ref_acc)
+        self.calibration_, self.guarantee_ = cal, guarantee
+        self.classes_ = np.array(classes, dtype=object)
+        self.frontier_ = _search.FrontierResult(np.asarray(f_cost, dtype=np.float64), np.asarray(f_acc, dtype=np.float64),
+                                                [tuple(t) for t in f_thr], 0, exact)
         self.errors_ = {s.name: 0 for s in stages}
         return self
 
-    def __getstate__(self):  # the lock and the pool are not copyable
+    @staticmethod
+    def _stage(v: _SavedDoc, where: str, klass, *args, **kwargs) -> Stage:
+        try:
+            return klass(*args, **kwargs)
+        except MissingDependencyError:
+            raise
+        except InvalidParameterError as exc:
+            raise DataFormatError(f"The cascade file {str(v.path)!r} is invalid: {where}: {exc}") from None
+
+    @staticmethod
+    def _saved_model(v: _SavedDoc, path: Path, where: str, m: Any):
+        from leanscale.cascade import text_models
+
+        klass_name = v.get(m, "class", f"{where}['model']")
+        if klass_name not in _MODEL_CLASSES:
+            raise v.error(f"{where}['model']['class']", f"'external' or one of {list(_MODEL_CLASSES)}", klass_name)
+        meta = v.get(m, "meta", f"{where}['model']")
+        name = v.get(m, "arrays", f"{where}['model']")
+        digest = m.get("sha256")  # absent in saves before content addressing
+        arrays = text_models.read_arrays_checked(path.parent, name, digest,
+                                                 what=f"arrays file of stage {where} of {str(path)!r}")
+        try:
+            return getattr(text_models, klass_name).from_state(meta, arrays)
+        except (MissingDependencyError, DataNotFoundError):
+            raise
+        except LeanscaleError as exc:
+            raise DataFormatError(f"The cascade file {str(path)!r} is invalid: {where}: {exc}") from None
+
+    def __getstate__(self):  # the lock and the per-stage slots are not copyable
         d = dict(self.__dict__)
         d.pop("_lock", None)
+        d.pop("_stage_slots", None)
         d.pop("_pool", None)
         return d
 
     def __setstate__(self, d):
         self.__dict__.update(d)
         self._lock = threading.Lock()
-        self._pool = None
+        self._stage_slots = {}

@@ -46,8 +46,12 @@ from leanscale.cascade.text_models import (
     _STATE_VERSION,
     _check_meta,
     _check_texts,
+    _finite_array,
     _fit_logistic,
+    _meta_int,
+    _meta_params,
     _sklearn,
+    from_state_of_file,
     load_state,
     save_state,
     tfidf_from_state,
@@ -455,47 +459,78 @@ class Router:
                    features: Any = None) -> Router:
         """Rebuild a fitted router from :meth:`get_state` (identical predictions).
         ``features`` overrides the saved feature kind (for a callable of your own)."""
+        owner = "Router.from_state"
         arrays = _check_meta(meta, arrays, "Router", ("coef", "intercept"))
-        params = dict(meta["params"])
-        params["ngram_range"] = tuple(params["ngram_range"])
+        params = _meta_params(meta, ("features", "C", "seed", "max_features", "ngram_range"), owner)
+        if "features" in params and params["features"] not in _FEATURES:
+            raise InvalidParameterError(
+                f"The 'meta' parameter of {owner} has features {params['features']!r}; a saved router uses one of "
+                f"{', '.join(map(repr, _FEATURES))}.")
+        if isinstance(params.get("ngram_range"), list):
+            params["ngram_range"] = tuple(params["ngram_range"])
         if features is not None:
             params["features"] = features
         self = cls(**params)
         self._validate()
-        names = list(meta["models"])
-        coef = np.asarray(arrays["coef"], dtype=np.float64)
-        intercept = np.asarray(arrays["intercept"], dtype=np.float64)
-        d = int(meta["n_features_in"])
-        if coef.shape != (len(names), d) or intercept.shape != (len(names),):
+        names = meta.get("models")
+        if (not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) and n for n in names)
+                or len(set(names)) != len(names)):
             raise InvalidParameterError(
-                f"The 'arrays' parameter of Router.from_state is inconsistent: coef {coef.shape}, intercept "
-                f"{intercept.shape} for {len(names)} models and {d} features."
-            )
-        if meta.get("tfidf") is not None and self.features == "tfidf":
+                f"The 'meta' parameter of {owner} must list 'models': at least 2 distinct non-empty names. Got {names!r}.")
+        costs = meta.get("costs")
+        if not isinstance(costs, Mapping) or set(costs) != set(names) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                for v in costs.values()):
+            raise InvalidParameterError(
+                f"The 'meta' parameter of {owner} must give 'costs': a finite cost > 0 for each of {names}. "
+                f"Got {costs!r}.")
+        for key in ("weak", "strong"):
+            if meta.get(key) not in names:
+                raise InvalidParameterError(
+                    f"The 'meta' parameter of {owner} must name the {key} model among {names}. Got {meta.get(key)!r}.")
+        d = _meta_int(meta, "n_features_in", owner, 1, 1 << 24)
+        coef = _finite_array(arrays, "coef", (len(names), d), owner).astype(np.float64)
+        intercept = _finite_array(arrays, "intercept", (len(names),), owner).astype(np.float64)
+        base_rates = meta.get("base_rates", {})
+        converged = meta.get("converged", {})
+        if not isinstance(base_rates, Mapping) or not all(
+                k in names and isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1
+                for k, v in base_rates.items()):
+            raise InvalidParameterError(f"The 'meta' parameter of {owner} has malformed 'base_rates' {base_rates!r}.")
+        if not isinstance(converged, Mapping) or not all(k in names and isinstance(v, bool) for k, v in converged.items()):
+            raise InvalidParameterError(f"The 'meta' parameter of {owner} has malformed 'converged' {converged!r}.")
+        tf = meta.get("tfidf")
+        if self.features == "tfidf":
+            if tf is None:
+                raise InvalidParameterError(f"The 'meta' parameter of {owner} has features 'tfidf' but no 'tfidf' state.")
             if "idf" not in arrays:
                 raise InvalidParameterError("The 'arrays' parameter of Router.from_state is missing 'idf'.")
-            self.vectorizer_ = tfidf_from_state(meta["tfidf"], arrays["idf"])
+            self.vectorizer_ = tfidf_from_state(tf, arrays["idf"], owner)
+            if len(self.vectorizer_.vocabulary) != d:
+                raise InvalidParameterError(
+                    f"The 'meta' parameter of {owner} is inconsistent: {len(self.vectorizer_.vocabulary)} vocabulary "
+                    f"terms for {d} features.")
         else:
             self.vectorizer_ = None
-        self.models_ = names
-        self.costs_ = {k: float(v) for k, v in meta["costs"].items()}
+        self.models_ = list(names)
+        self.costs_ = {k: float(costs[k]) for k in names}
         self.weak_, self.strong_ = meta["weak"], meta["strong"]
         self.coef_, self.intercept_ = coef, intercept
-        self.base_rates_ = dict(meta.get("base_rates", {}))
-        self.converged_ = dict(meta.get("converged", {}))
+        self.base_rates_ = {k: float(v) for k, v in base_rates.items()}
+        self.converged_ = dict(converged)
         self.n_features_in_ = d
         return self
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ``meta.json`` and ``arrays.safetensors`` into the folder ``path``."""
+        """Write ``meta.json`` and a content-addressed ``arrays-<sha256>.safetensors`` into the folder ``path``."""
         meta, arrays = self.get_state()
         return save_state(path, meta, arrays)
 
     @classmethod
     def load(cls, path: str | os.PathLike, features: Any = None) -> Router:
-        """Rebuild a router saved with :meth:`save`."""
+        """Rebuild a router saved with :meth:`save` (errors in the files name the folder)."""
         meta, arrays = load_state(path)
-        return cls.from_state(meta, arrays, features=features)
+        return from_state_of_file(path, cls.from_state, meta, arrays, features=features)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -92,6 +92,10 @@ def _pattern(words: Sequence[str]) -> str:
     return r"\b" + r"\s+".join(re.escape(w) for w in words) + r"\b"
 
 
+def _is_label(v: Any) -> bool:
+    return isinstance(v, (str, int, bool)) or (isinstance(v, float) and math.isfinite(v))
+
+
 def _native(label: Any) -> Any:
     return label.item() if isinstance(label, np.generic) else label
 
@@ -154,14 +158,23 @@ class MinedRules:
             )
         rules = data.get("rules")
         if not isinstance(rules, list) or not all(
-            isinstance(r, dict) and isinstance(r.get("pattern"), str) and "label" in r for r in rules
+            isinstance(r, dict) and isinstance(r.get("pattern"), str) and _is_label(r.get("label")) for r in rules
         ):
+            shown = repr(rules)
             raise InvalidParameterError(
                 "The 'data' parameter of MinedRules.from_dict must hold 'rules': a list of dicts with a "
-                f"'pattern' string and a 'label'. Got {rules!r} instead."
+                "'pattern' string and a 'label' (a string, an integer, a finite number or a boolean). Got "
+                f"{shown[:200] + ('...' if len(shown) > 200 else '')} instead."
             )
-        return cls(rules=[dict(r) for r in rules], lowercase=bool(data.get("lowercase", True)),
-                   params=dict(data.get("params", {})))
+        lowercase = data.get("lowercase", True)
+        params = data.get("params", {})
+        if not isinstance(lowercase, bool):
+            raise InvalidParameterError(
+                f"The 'data' parameter of MinedRules.from_dict must have 'lowercase' true or false. Got {lowercase!r}.")
+        if not isinstance(params, dict):
+            raise InvalidParameterError(
+                f"The 'data' parameter of MinedRules.from_dict must have 'params', a dict. Got {type(params).__name__}.")
+        return cls(rules=[dict(r) for r in rules], lowercase=lowercase, params=dict(params))
 
     def explain(self) -> str:
         """A table, one rule per line, in the order they are tried."""

@@ -6,10 +6,10 @@ requests, usually strings), so that model stages can run vectorised and the serv
 
 * :class:`RegexStage` -- ``[(pattern, label), ...]``; the first pattern that matches answers with
   confidence 1, otherwise the stage abstains. Patterns are compiled with RE2 (linear time, no
-  catastrophic backtracking; ``pip install 'leanscale[cascade]'``). Without RE2 they run on
-  Python's ``re`` only after :func:`check_regex_safety` has rejected nested quantifiers and
-  back-references, and a per-request time limit still applies through the ``regex`` module when it
-  is installed.
+  catastrophic backtracking; ``pip install 'leanscale[cascade]'``). Without RE2 they run on the
+  ``regex`` package only after :func:`check_regex_safety` has rejected nested quantifiers,
+  quantified alternations and back-references, with a real per-match time limit; with neither,
+  the stage is refused (Python's ``re`` has no time limit).
 * :class:`RuleStage` -- a Python predicate ``fn(item) -> label or None`` (None abstains).
 * :class:`ModelStage` -- anything with ``predict_proba`` (a scikit-learn pipeline, a leanscale text
   classifier) or a torch module returning logits; confidence is the top class probability, after
@@ -28,8 +28,10 @@ request, :func:`measure_cost`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -84,10 +86,15 @@ def _check_cost(cost: Any, owner: str) -> float | None:
     return float(check_param("cost", cost, [Interval("real", 0, None, closed="left")], owner))
 
 
+# A week: longer than any stage call should take, and far below threading.TIMEOUT_MAX (a larger
+# value, e.g. 1e308, makes ``Future.result(timeout=...)`` raise OverflowError).
+MAX_STAGE_TIMEOUT_S = 7 * 24 * 3600.0
+
+
 def _check_timeout(timeout: Any, owner: str) -> float | None:
     if timeout is None:
         return None
-    return float(check_param("timeout", timeout, [Interval("real", 0, None, closed="neither")], owner))
+    return float(check_param("timeout", timeout, [Interval("real", 0, MAX_STAGE_TIMEOUT_S, closed="right")], owner))
 
 
 class Stage:
@@ -150,24 +157,117 @@ def _check_output(out: Any, n: int, name: str) -> StageOutput:
 
 # ----------------------------------------------------------------------------------------- regex
 
-# Nested quantifiers ("(a+)+", "(a*)*", "(\w+\s?)*") and back-references are what make a
-# backtracking engine exponential; RE2 has neither problem (and rejects back-references).
-_NESTED_QUANT = re.compile(r"\((?:[^()\\]|\\.)*[+*}](?:[^()\\]|\\.)*\)[+*{]")
-_BACKREF = re.compile(r"\\[1-9]|\(\?P=")
+# What makes a backtracking engine exponential is ambiguity inside a repetition: a quantified
+# group that itself holds a quantifier ("(a+)+", "((a+))+", "(\w+\s?)*") or an alternation
+# ("(a|aa)+", "(a|a)+"), and back-references. RE2 has no such problem (and no back-references).
+_BACKREF = re.compile(r"\\[1-9]|\(\?P=|\\g<|\(\?\(")
+_QUANT_BRACES = re.compile(r"\{(\d*)(,?)(\d*)\}")
+
+
+def _quantifier(pattern: str, i: int) -> tuple[str | None, int]:
+    """The quantifier starting at ``pattern[i]``: ``(None, i)``, ``("once", end)`` for ``?``,
+    ``{0,1}``, ``{n}`` ... or ``("many", end)`` for one that can repeat (``*``, ``+``, ``{m,}``,
+    ``{m,n}`` with n > 1); a lazy ``?`` or possessive ``+`` suffix is included in ``end``."""
+    if i >= len(pattern):
+        return None, i
+    c = pattern[i]
+    if c in "*+":
+        kind, end = "many", i + 1
+    elif c == "?":
+        kind, end = "once", i + 1
+    elif c == "{":
+        m = _QUANT_BRACES.match(pattern, i)
+        if m is None or (not m.group(1) and not m.group(3)):
+            return None, i
+        lo, comma, hi = m.groups()
+        many = (comma and (not hi or int(hi) > 1)) or (not comma and int(lo or 0) > 1)
+        kind, end = ("many" if many else "once"), m.end()
+    else:
+        return None, i
+    if end < len(pattern) and pattern[end] in "?+":
+        end += 1
+    return kind, end
+
+
+def _group_prefix_end(pattern: str, i: int) -> int:
+    """Index after the opening of the group at ``pattern[i] == "("`` (``(``, ``(?:``, ``(?P<n>``, ...)."""
+    j = i + 1
+    if j >= len(pattern) or pattern[j] != "?":
+        return j
+    j += 1
+    if pattern.startswith("P<", j):
+        k = pattern.find(">", j)
+        return len(pattern) if k < 0 else k + 1
+    if pattern.startswith(("<=", "<!"), j):
+        return j + 2
+    if j < len(pattern) and pattern[j] in ":=!>#":
+        return j + 1
+    while j < len(pattern) and (pattern[j].isalpha() or pattern[j] == "-"):
+        j += 1
+    return j + 1 if j < len(pattern) and pattern[j] == ":" else j
+
+
+def _unsafe_reason(pattern: str) -> str | None:
+    if _BACKREF.search(pattern):
+        return "a back-reference or conditional group"
+    stack = [[False, False]]  # per open group: holds a quantifier, holds an alternation
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if c == "\\":
+            i += 2
+        elif c == "[":  # a character class: one character, whatever is inside
+            j = i + 1
+            if j < n and pattern[j] == "^":
+                j += 1
+            if j < n and pattern[j] == "]":
+                j += 1
+            while j < n and pattern[j] != "]":
+                j += 2 if pattern[j] == "\\" else 1
+            i = j + 1
+        elif c == "(":
+            stack.append([False, False])
+            i = _group_prefix_end(pattern, i)
+            continue
+        elif c == ")" and len(stack) > 1:
+            inner = stack.pop()
+            kind, end = _quantifier(pattern, i + 1)
+            if kind == "many" and inner[0]:
+                return "a nested quantifier such as '(a+)+'"
+            if kind == "many" and inner[1]:
+                return "an alternation under a quantifier such as '(a|aa)+'"
+            stack[-1][0] |= inner[0] or kind is not None
+            stack[-1][1] |= inner[1]
+            i = end
+            continue
+        elif c == "|":
+            stack[-1][1] = True
+            i += 1
+            continue
+        else:
+            i += 1
+        kind, end = _quantifier(pattern, i)
+        if kind is not None:
+            stack[-1][0] = True
+            i = end
+    return None
 
 
 def check_regex_safety(pattern: str, name: str = "patterns") -> None:
-    """Reject patterns that can backtrack catastrophically on Python's ``re``.
+    """Reject patterns that can backtrack exponentially on a backtracking engine (``re``, ``regex``).
 
-    Raises :class:`InvalidParameterError` naming the pattern for nested quantifiers such as
-    ``(a+)+`` or ``(\\w+\\s?)*`` and for back-references. RE2 does not need this check.
+    Raises :class:`InvalidParameterError` naming the pattern for a repeated group that holds a
+    quantifier (``(a+)+``, ``((a+))+``, ``(\\w+\\s?)*``) or an alternation (``(a|aa)+``,
+    ``(a|a)+$``), and for back-references. This does not bound polynomial blow-ups such as
+    ``a*a*a*b``: that is why the ``re`` engine also needs a real time limit (the ``regex``
+    package). RE2 needs neither.
     """
-    if _NESTED_QUANT.search(pattern) or _BACKREF.search(pattern):
+    reason = _unsafe_reason(pattern)
+    if reason is not None:
         raise InvalidParameterError(
-            f"The {name!r} parameter contains the pattern {pattern!r}, which can take exponential time "
-            "(a nested quantifier such as '(a+)+' or a back-reference). Rewrite it without nesting, or "
-            "install RE2 (pip install 'leanscale[cascade]'), which runs every pattern in linear time "
-            "and rejects back-references."
+            f"The {name!r} parameter contains the pattern {pattern!r}, which can take exponential time on a "
+            f"backtracking engine ({reason}). Use engine='re2' (linear time, the default), or rewrite it "
+            "without the nested repetition."
         )
 
 
@@ -179,14 +279,40 @@ def _re2():
     return re2
 
 
+def _regex_module():
+    """The ``regex`` package (per-call ``timeout``), or None: Python's ``re`` has no time limit."""
+    try:
+        import regex
+    except ImportError:
+        return None
+    return regex
+
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def re2_text(text: str) -> str:
+    """``text`` as RE2 can take it: a lone surrogate (which UTF-8 cannot encode, so RE2 would fail
+    on the text) becomes U+FFFD; any other text is returned unchanged."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATES.sub("\ufffd", text)
+    return text
+
+
 class RegexStage(Stage):
     """Answer with the label of the first matching pattern (confidence 1), else abstain.
 
     ``patterns``: a sequence of ``(pattern, label)`` pairs, tried in order (``search`` semantics,
-    so anchor with ``^``/``$`` or ``\\b`` as needed). ``flags``: ``"i"`` for case-insensitive.
-    ``engine``: ``"auto"`` (RE2 when installed, else checked ``re``), ``"re2"`` or ``"re"``.
-    ``match_timeout``: seconds per request and pattern on the ``re`` engine when the ``regex``
-    module is installed (RE2 needs none). ``max_length`` truncates longer requests (bounds the work).
+    so anchor with ``^``/``$`` or ``\\b`` as needed). ``ignore_case``: case-insensitive matching.
+    ``engine``: ``"auto"`` (RE2 when installed, else ``"re"``), ``"re2"`` or ``"re"``. The ``re``
+    engine runs on the ``regex`` package, whose per-match ``match_timeout`` is a real time limit,
+    after :func:`check_regex_safety`; without ``regex`` it is refused (Python's ``re`` cannot be
+    interrupted, so one request could hold a thread forever). ``max_length`` truncates longer
+    requests (bounds the work). A text RE2 cannot encode (a lone surrogate) is matched with
+    U+FFFD in its place; a text whose matching fails abstains alone (``failures_`` counts them),
+    never its whole batch.
     """
 
     kind = "regex"
@@ -220,9 +346,16 @@ class RegexStage(Stage):
                 "pip install 'leanscale[cascade]'."
             )
         self.engine = "re2" if (engine in ("auto", "re2") and re2 is not None) else "re"
-        self.ignore_case = bool(ignore_case)
+        if self.engine == "re" and _regex_module() is None:
+            raise InvalidParameterError(
+                f"The 'engine' parameter of RegexStage is {engine!r}, which needs the 'regex' package for a real "
+                "per-match time limit (Python's re cannot be interrupted: one crafted request could hold a thread "
+                "forever). Use engine='re2' (pip install 'leanscale[cascade]'; linear time, no limit needed), or "
+                "pip install regex."
+            )
+        self.ignore_case = check_param("ignore_case", ignore_case, [bool], "RegexStage")
         self.match_timeout = float(check_param("match_timeout", match_timeout,
-                                               [Interval("real", 0, None, closed="neither")], "RegexStage"))
+                                               [Interval("real", 0, 3600, closed="right")], "RegexStage"))
         self.max_length = int(check_param("max_length", max_length, [Interval(int, 1, None)], "RegexStage"))
         self.patterns: list[tuple[str, Any]] = []
         self._compiled = []
@@ -235,6 +368,7 @@ class RegexStage(Stage):
             self.patterns.append((pattern, label))
             self._compiled.append(self._compile(pattern))
         self.timeouts_ = 0  # matches abandoned on the time limit (re engine only)
+        self.failures_ = 0  # texts whose matching failed (they abstain)
 
     def _compile(self, pattern: str):
         if self.engine == "re2":
@@ -251,25 +385,16 @@ class RegexStage(Stage):
                     f"({exc}); RE2 has no back-references or look-arounds."
                 ) from None
         check_regex_safety(pattern)
+        regex = _regex_module()
         try:
-            import regex  # supports a per-call timeout
-
             return regex.compile(pattern, regex.IGNORECASE if self.ignore_case else 0)
-        except ImportError:
-            pass
         except Exception as exc:
-            raise InvalidParameterError(
-                f"The 'patterns' parameter of RegexStage has {pattern!r}, which does not compile: {exc}."
-            ) from None
-        try:
-            return re.compile(pattern, re.IGNORECASE if self.ignore_case else 0)
-        except re.error as exc:
             raise InvalidParameterError(
                 f"The 'patterns' parameter of RegexStage has {pattern!r}, which does not compile: {exc}."
             ) from None
 
     def _search(self, rx, text: str) -> bool:
-        if self.engine == "re2" or isinstance(rx, re.Pattern):
+        if self.engine == "re2":
             return rx.search(text) is not None
         try:
             return rx.search(text, timeout=self.match_timeout) is not None
@@ -283,10 +408,16 @@ class RegexStage(Stage):
         answered = np.zeros(n, dtype=bool)
         for i, item in enumerate(items):
             text = str(item)[: self.max_length]
-            for rx, (_, label) in zip(self._compiled, self.patterns):
-                if self._search(rx, text):
-                    labels[i], answered[i] = label, True
-                    break
+            if self.engine == "re2":
+                text = re2_text(text)
+            try:
+                for rx, (_, label) in zip(self._compiled, self.patterns):
+                    if self._search(rx, text):
+                        labels[i], answered[i] = label, True
+                        break
+            except Exception:  # this text alone abstains; the rest of the batch is unaffected
+                self.failures_ += 1
+                labels[i], answered[i] = None, False
         return StageOutput(labels, answered.astype(np.float64), answered)
 
 
@@ -350,6 +481,11 @@ class ModelStage(Stage):
     ``model.classes_``; required for torch modules). ``temperature``: divides the log-probabilities
     before the confidence is taken (set by ``Cascade.fit(..., calibrate=True)``). ``batch_size``
     splits large batches.
+
+    A torch module is run in eval mode under ``torch.no_grad`` and is safe to call from many threads:
+    a module already in eval mode runs concurrently; one left in training mode is switched to eval
+    and back (each submodule to its own mode) under an exclusive lock, so no call ever runs with
+    dropout on or batch-norm statistics updating.
     """
 
     kind = "model"
@@ -375,6 +511,7 @@ class ModelStage(Stage):
         self.temperature = float(check_param("temperature", temperature,
                                              [Interval("real", 0, None, closed="neither")], "ModelStage"))
         self.batch_size = int(check_param("batch_size", batch_size, [Interval(int, 1, None)], "ModelStage"))
+        self._init_mode_lock()
 
     def predict_proba(self, items: Sequence) -> np.ndarray:
         """(n, n_classes) probabilities before temperature scaling."""
@@ -383,15 +520,7 @@ class ModelStage(Stage):
             batch = list(items[s: s + self.batch_size])
             x = self.transform(batch) if self.transform is not None else batch
             if self.is_torch:
-                import torch
-
-                was_training = self.model.training
-                self.model.eval()  # no dropout, no batch-norm statistics updates at inference
-                try:
-                    with torch.no_grad():
-                        p = torch.softmax(self.model(x).float(), dim=-1).cpu().numpy()
-                finally:
-                    self.model.train(was_training)
+                p = self._torch_proba(x)
             else:
                 p = np.asarray(self.model.predict_proba(x), dtype=np.float64)
             chunks.append(p)
@@ -402,6 +531,74 @@ class ModelStage(Stage):
                 f"expected ({len(items)}, {len(self.classes)})"
             )
         return proba
+
+    # A torch module runs in eval mode (no dropout, no batch-norm updates) and without autograd.
+    # Thread safety: ``train``/``eval`` flip a flag shared by every thread using the module, so a
+    # call that switches a module left in training mode to eval and back (restoring the caller's
+    # mode) holds the stage's mode lock exclusively, while calls on a module already in eval mode
+    # share it and run concurrently. No call ever runs while another has the module in training
+    # mode, whatever the mix of threads.
+    def _torch_proba(self, x) -> np.ndarray:
+        import torch
+
+        model = self.model
+        with self._mode_lock_shared():
+            if not any(m.training for m in model.modules()):
+                with torch.no_grad():
+                    return torch.softmax(model(x).float(), dim=-1).cpu().numpy()
+        with self._mode_lock_exclusive():
+            modes = [(m, m.training) for m in model.modules()]
+            model.eval()
+            try:
+                with torch.no_grad():
+                    return torch.softmax(model(x).float(), dim=-1).cpu().numpy()
+            finally:
+                for m, training in modes:  # each submodule's own mode (a frozen batch norm stays in eval)
+                    m.training = training
+
+    @contextlib.contextmanager
+    def _mode_lock_shared(self):
+        cond = self._mode_cond
+        with cond:
+            while self._mode_writer:
+                cond.wait()
+            self._mode_readers += 1
+        try:
+            yield
+        finally:
+            with cond:
+                self._mode_readers -= 1
+                if self._mode_readers == 0:
+                    cond.notify_all()
+
+    @contextlib.contextmanager
+    def _mode_lock_exclusive(self):
+        cond = self._mode_cond
+        with cond:
+            while self._mode_writer or self._mode_readers:
+                cond.wait()
+            self._mode_writer = True
+        try:
+            yield
+        finally:
+            with cond:
+                self._mode_writer = False
+                cond.notify_all()
+
+    def __getstate__(self):  # the mode lock is not copyable
+        d = dict(self.__dict__)
+        for key in ("_mode_cond", "_mode_readers", "_mode_writer"):
+            d.pop(key, None)
+        return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self._init_mode_lock()
+
+    def _init_mode_lock(self) -> None:
+        self._mode_cond = threading.Condition()
+        self._mode_readers = 0
+        self._mode_writer = False
 
     def _predict(self, items: Sequence) -> StageOutput:
         proba = self.predict_proba(items)
@@ -423,7 +620,9 @@ def _is_torch_module(model: Any) -> bool:
 class CallableStage(Stage):
     """Any function: ``fn(items) -> [(label, confidence) or label or None, ...]`` when ``batched``,
     else ``fn(item) -> (label, confidence) | label | None`` per request. A remote endpoint fits here;
-    give it a ``timeout`` and the cascade falls back when it is slow."""
+    give it a ``timeout`` and the cascade falls back when it is slow: the call then runs on a daemon
+    thread of the stage's own, at most ``Cascade.STAGE_CONCURRENCY`` (8) in flight per stage, so a
+    hung endpoint makes this stage fail fast and never makes the other stages wait."""
 
     kind = "callable"
 

@@ -15,9 +15,11 @@ Two classifiers with the scikit-learn contract (``fit(texts, y)`` returns self, 
 Saving. ``get_state()`` returns ``(meta, arrays)``: ``meta`` is a JSON-able dict (parameters,
 vocabulary, classes), ``arrays`` a dict of numpy arrays (weights). ``Class.from_state(meta,
 arrays)`` rebuilds a model whose ``predict_proba`` is identical to the original's.
-``model.save(folder)`` writes ``folder/meta.json`` and ``folder/arrays.safetensors`` (``.npz``
-when safetensors is not installed); ``Class.load(folder)`` or :func:`load_model` read them back.
-Nothing is pickled: loading a model never runs code from the file.
+``model.save(folder)`` writes ``folder/arrays-<sha256>.safetensors`` (``.npz`` when safetensors
+is not installed), then ``folder/meta.json`` naming it with its hash (atomic as a whole);
+``Class.load(folder)`` or :func:`load_model` read them back. Files are untrusted: nothing is
+pickled, sizes are checked before allocation, the arrays file must lie in the folder and match
+its hash, and every field of the meta is checked (errors name the folder).
 
 Example:
     >>> texts = ["buy cheap pills", "cheap pills now", "meeting at noon", "lunch at noon"] * 5
@@ -33,6 +35,7 @@ Example:
 from __future__ import annotations
 
 import io
+import json
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -41,8 +44,20 @@ from typing import Any
 
 import numpy as np
 
-from leanscale.core.errors import InvalidParameterError, MissingDependencyError
-from leanscale.core.io import atomic_write_bytes, atomic_write_json, read_json
+from leanscale.core.errors import (
+    DataFormatError,
+    DataNotFoundError,
+    InvalidParameterError,
+    LeanscaleError,
+    MissingDependencyError,
+)
+from leanscale.core.io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    check_file_size,
+    inside_folder,
+    read_json,
+)
 from leanscale.core.validation import (
     Interval,
     check_consistent_length,
@@ -65,6 +80,7 @@ __all__ = [
 ]
 
 _INSTALL_CASCADE = "pip install 'leanscale[cascade]'"
+MAX_WIDTH = 1 << 16  # widths read from a file (hidden, n_features_in) are at most this
 _STATE_VERSION = 1
 META_FILE = "meta.json"
 ARRAYS_FILE = "arrays.safetensors"
@@ -82,6 +98,12 @@ def _safetensors_numpy():
     except ImportError:
         return None
     return stn
+
+
+# Files are untrusted: sizes are checked before anything is read or allocated.
+MAX_ARRAYS_BYTES = 1 << 30  # an arrays file (and the arrays it declares) is at most 1 GiB
+MAX_META_BYTES = 256 << 20  # a meta.json is at most 256 MiB (a 50k-term vocabulary is ~1 MB)
+_NPZ_MAX_RATIO = 64  # declared (uncompressed) bytes per stored byte of a .npz: more is a zip bomb
 
 
 def _check_arrays(arrays: Any, owner: str) -> dict[str, np.ndarray]:
@@ -106,6 +128,18 @@ def _check_arrays(arrays: Any, owner: str) -> dict[str, np.ndarray]:
     return out
 
 
+def arrays_bytes(arrays: Mapping[str, np.ndarray], npz: bool = False) -> bytes:
+    """The bytes :func:`save_arrays` writes: safetensors (when installed and ``npz`` is False) or
+    an uncompressed ``.npz``."""
+    arrays = _check_arrays(arrays, "save_arrays")
+    stn = _safetensors_numpy()
+    if stn is not None and not npz:
+        return stn.save(arrays)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
 def save_arrays(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> Path:
     """Write named numeric arrays to ``path`` atomically, without pickle.
 
@@ -117,62 +151,217 @@ def save_arrays(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> Pa
         InvalidParameterError: a key is not a non-empty str, or an array is not numeric/bool
             (strings belong in the JSON meta).
     """
-    arrays = _check_arrays(arrays, "save_arrays")
     path = Path(path)
-    stn = _safetensors_numpy()
-    if stn is not None and path.suffix != ".npz":
-        data = stn.save(arrays)
-    else:
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        data = buf.getvalue()
-    return atomic_write_bytes(path, data)
+    return atomic_write_bytes(path, arrays_bytes(arrays, npz=path.suffix == ".npz"))
 
 
-def load_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def _npz_precheck(data: bytes, path: Any, what: str, max_bytes: int) -> None:
+    """Read every member's .npy header (not its data) and refuse object dtypes and declared sizes
+    above ``max_bytes`` in all, or above what the archive can hold (a zip bomb)."""
+    import zipfile
+
+    from numpy.lib import format as npy_format
+
+    limit = min(max_bytes, _NPZ_MAX_RATIO * len(data) + (1 << 20))
+    total = 0
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            infos = zf.infolist()
+            if len(infos) > 10_000:
+                raise DataFormatError(f"The {what} {str(path)!r} holds {len(infos):,} arrays; at most 10,000 are read.")
+            for info in infos:
+                with zf.open(info) as fh:
+                    version = npy_format.read_magic(fh)
+                    if version == (1, 0):
+                        shape, _, dtype = npy_format.read_array_header_1_0(fh)
+                    elif version in ((2, 0), (3, 0)):
+                        shape, _, dtype = npy_format.read_array_header_2_0(fh)
+                    else:
+                        raise ValueError(f"unsupported .npy version {version}")
+                if dtype.hasobject or dtype.kind not in "biuf":
+                    raise DataFormatError(
+                        f"The {what} {str(path)!r} must hold numeric or bool arrays. Got {info.filename!r} of dtype "
+                        f"{dtype} (leanscale never unpickles).")
+                count = 1
+                for v in shape:
+                    count *= int(v)
+                total += count * dtype.itemsize
+                if total > limit:
+                    raise DataFormatError(
+                        f"The {what} {str(path)!r} declares arrays of {total:,}+ bytes, more than the file "
+                        f"({len(data):,} bytes) can hold or the limit of {max_bytes:,} bytes: it is damaged or crafted.")
+    except DataFormatError:
+        raise
+    except Exception as exc:  # zipfile.BadZipFile, ValueError from a bad header, EOFError, ...
+        raise DataFormatError(
+            f"The {what} {str(path)!r} is not a readable .npz archive ({type(exc).__name__}: {exc})."
+        ) from None
+
+
+def load_arrays(path: str | os.PathLike, *, what: str = "arrays file",
+                max_bytes: int = MAX_ARRAYS_BYTES) -> dict[str, np.ndarray]:
     """Read the arrays written by :func:`save_arrays` (safetensors or ``.npz``; never unpickles).
 
+    The file is untrusted: its size is checked before it is read, a ``.npz``'s declared array
+    sizes before they are allocated, and only numeric/bool arrays are accepted.
+
     Raises:
-        FileNotFoundError: no such file.
+        DataNotFoundError: no such file.
+        DataFormatError: the file is too large, damaged, truncated, not safetensors/npz, or holds
+            non-numeric arrays (the message names the file).
         MissingDependencyError: the file is safetensors and the package is not installed.
     """
-    data = Path(path).read_bytes()
+    return _parse_arrays(_read_limited(path, what, max_bytes), path, what, max_bytes)
+
+
+def _read_limited(path: Any, what: str, max_bytes: int) -> bytes:
+    check_file_size(path, max_bytes, what=what)
+    try:
+        return Path(path).read_bytes()
+    except IsADirectoryError:
+        raise DataFormatError(f"The {what} {str(path)!r} is a folder, not a file.") from None
+    except OSError as exc:
+        raise DataFormatError(f"The {what} {str(path)!r} cannot be read ({exc}).") from None
+
+
+def _parse_arrays(data: bytes, path: Any, what: str, max_bytes: int) -> dict[str, np.ndarray]:
     if data[:4] == b"PK\x03\x04":  # a zip archive: npz
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    stn = _safetensors_numpy()
-    if stn is None:
-        raise MissingDependencyError(
-            f"{str(path)!r} is a safetensors file, but the 'safetensors' package is not installed: "
-            "pip install safetensors."
-        )
-    return dict(stn.load(data))
+        _npz_precheck(data, path, what, max_bytes)
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                out = {k: z[k] for k in z.files}
+        except Exception as exc:
+            raise DataFormatError(
+                f"The {what} {str(path)!r} is not a readable .npz archive ({type(exc).__name__}: {exc})."
+            ) from None
+    else:
+        stn = _safetensors_numpy()
+        if stn is None:
+            raise MissingDependencyError(
+                f"{str(path)!r} is a safetensors file, but the 'safetensors' package is not installed: "
+                "pip install safetensors."
+            )
+        try:
+            out = dict(stn.load(data))
+        except Exception as exc:  # safetensors_rust.SafetensorError and friends
+            raise DataFormatError(
+                f"The {what} {str(path)!r} must be a safetensors or .npz file of arrays. Got a file that does not "
+                f"parse ({type(exc).__name__}: {exc}): it is truncated, damaged or another format."
+            ) from None
+    for key, arr in out.items():
+        if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "biuf":
+            raise DataFormatError(
+                f"The {what} {str(path)!r} must hold numeric or bool arrays. Got {key!r} of dtype "
+                f"{getattr(arr, 'dtype', type(arr).__name__)}.")
+    return out
+
+
+def _sha256_bytes(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_arrays_addressed(folder: str | os.PathLike, prefix: str, arrays: Mapping[str, np.ndarray],
+                           suffix: str = ".safetensors") -> tuple[str, str]:
+    """Write ``arrays`` to ``folder/<prefix><sha256[:16]><suffix>`` (content-addressed, so a new save
+    never overwrites the file an older JSON still names); return ``(file name, sha256)``."""
+    npz = _safetensors_numpy() is None or suffix == ".npz"
+    if npz:
+        suffix = ".npz"
+    data = arrays_bytes(arrays, npz=npz)
+    digest = _sha256_bytes(data)
+    name = f"{prefix}{digest[:16]}{suffix}"
+    atomic_write_bytes(Path(folder) / name, data)
+    return name, digest
+
+
+def read_arrays_checked(folder: str | os.PathLike, name: Any, sha256: Any, *, what: str,
+                        max_bytes: int = MAX_ARRAYS_BYTES) -> dict[str, np.ndarray]:
+    """Load the arrays file ``name`` of a saved model: it must lie inside ``folder`` (no absolute
+    path, no ``..``, no symlink out) and, when ``sha256`` is given, have that content hash."""
+    path = inside_folder(folder, name, what=what)
+    if sha256 is not None and (not isinstance(sha256, str) or len(sha256) != 64):
+        raise DataFormatError(f"The {what} {name!r} has a malformed sha256 {sha256!r} in its JSON.")
+    data = _read_limited(path, what, max_bytes)  # hashed and parsed from the same bytes
+    if sha256 is not None:
+        got = _sha256_bytes(data)
+        if got != sha256.lower():
+            raise DataFormatError(
+                f"The {what} {str(path)!r} does not match the hash recorded when it was saved (sha256 {got[:16]}... "
+                f"instead of {sha256[:16]}...): it was changed or belongs to another save.")
+    return _parse_arrays(data, path, what, max_bytes)
+
+
+def read_json_file(path: Any, what: str, max_bytes: int) -> Any:
+    """:func:`leanscale.core.io.read_json` after a size check (checked before the file is read)."""
+    check_file_size(path, max_bytes, what=what)
+    return read_json(path, what=what)
 
 
 def save_state(path: str | os.PathLike, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Path:
-    """Write ``meta`` to ``path/meta.json`` and ``arrays`` to ``path/arrays.safetensors``
-    (``arrays.npz`` without safetensors). Returns the folder."""
+    """Write ``arrays`` to ``path/arrays-<sha256>.safetensors`` (``.npz`` without safetensors), then
+    ``meta`` to ``path/meta.json`` with the arrays file's name and hash. Returns the folder.
+
+    The save is atomic as a whole: the arrays file is content-addressed, so the previous
+    ``meta.json`` keeps naming the previous arrays until the new ``meta.json`` replaces it (one
+    atomic rename, the commit point); only then are the old arrays files removed.
+    """
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    name = ARRAYS_FILE if _safetensors_numpy() is not None else ARRAYS_FILE_NPZ
-    stale = folder / (ARRAYS_FILE_NPZ if name == ARRAYS_FILE else ARRAYS_FILE)
-    save_arrays(folder / name, arrays)
-    if stale.exists():
-        stale.unlink()
-    atomic_write_json(folder / META_FILE, dict(meta))  # last: a folder with meta.json is complete
+    old = _previous_arrays_file(folder)
+    name, digest = write_arrays_addressed(folder, "arrays-", arrays)
+    doc = dict(meta)
+    doc[_ARRAYS_KEY], doc[_SHA_KEY] = name, digest
+    atomic_write_json(folder / META_FILE, doc)  # the commit point
+    for stale in {old, ARRAYS_FILE, ARRAYS_FILE_NPZ} - {None, name}:
+        try:
+            (folder / stale).unlink()
+        except OSError:
+            pass
     return folder
 
 
+_ARRAYS_KEY = "arrays_file"
+_SHA_KEY = "arrays_sha256"
+
+
+def _previous_arrays_file(folder: Path) -> str | None:
+    try:
+        doc = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+        name = doc.get(_ARRAYS_KEY)
+        inside_folder(folder, name)
+        ok = isinstance(name, str) and name == Path(name).name and name.startswith("arrays-")
+        return name if ok else None  # never anything but an arrays file this function wrote
+    except Exception:  # no previous save, or a damaged one: nothing to clean up
+        return None
+
+
 def load_state(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Read ``(meta, arrays)`` written by :func:`save_state`."""
+    """Read ``(meta, arrays)`` written by :func:`save_state` (files are untrusted: the arrays file
+    must lie in the folder and match the recorded hash; sizes are checked before reading).
+
+    Raises:
+        DataNotFoundError: no ``meta.json`` (or arrays file) in the folder.
+        DataFormatError: a file is damaged, too large, or the arrays do not match the meta.
+    """
     folder = Path(path)
     meta_path = folder / META_FILE
     if not meta_path.is_file():
-        raise FileNotFoundError(f"No saved model in {str(folder)!r}: {META_FILE} is missing.")
-    for name in (ARRAYS_FILE, ARRAYS_FILE_NPZ):
+        raise DataNotFoundError(f"No saved model in {str(folder)!r}: {META_FILE} is missing.")
+    what = f"model file {str(meta_path)!r}"
+    meta = read_json_file(meta_path, "model file", MAX_META_BYTES)
+    if not isinstance(meta, dict):
+        raise DataFormatError(f"The {what} must hold a JSON object. Got {type(meta).__name__}.")
+    if _ARRAYS_KEY in meta:
+        name, digest = meta.pop(_ARRAYS_KEY), meta.pop(_SHA_KEY, None)
+        if digest is None:
+            raise DataFormatError(f"The {what} names its arrays file {name!r} but records no {_SHA_KEY!r}.")
+        return meta, read_arrays_checked(folder, name, digest, what=f"arrays file of {str(folder)!r}")
+    for name in (ARRAYS_FILE, ARRAYS_FILE_NPZ):  # saves before content addressing
         if (folder / name).is_file():
-            return read_json(meta_path), load_arrays(folder / name)
-    raise FileNotFoundError(f"No saved model in {str(folder)!r}: {ARRAYS_FILE} is missing.")
+            return meta, read_arrays_checked(folder, name, None, what=f"arrays file of {str(folder)!r}")
+    raise DataNotFoundError(f"No saved model in {str(folder)!r}: {ARRAYS_FILE} is missing.")
 
 
 def model_from_state(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray], **kwargs: Any):
@@ -196,7 +385,22 @@ def model_from_state(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray], 
 def load_model(path: str | os.PathLike, **kwargs: Any):
     """Load any model saved with ``.save(path)`` in this module (or a saved Router)."""
     meta, arrays = load_state(path)
-    return model_from_state(meta, arrays, **kwargs)
+    return from_state_of_file(path, model_from_state, meta, arrays, **kwargs)
+
+
+def from_state_of_file(where: Any, build: Callable, meta: Any, arrays: Any, **kwargs: Any):
+    """``build(meta, arrays, **kwargs)`` for a state read from a file: any error becomes one
+    :class:`DataFormatError` naming ``where`` (the file is what is wrong, not a parameter)."""
+    try:
+        return build(meta, arrays, **kwargs)
+    except (MissingDependencyError, DataNotFoundError):
+        raise
+    except LeanscaleError as exc:
+        raise DataFormatError(f"The saved model {str(where)!r} is invalid: {exc}") from None
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError, RuntimeError) as exc:
+        raise DataFormatError(
+            f"The saved model {str(where)!r} is invalid ({type(exc).__name__}: {exc})."
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,11 +453,66 @@ def _classes_to_meta(classes: np.ndarray) -> dict[str, Any]:
     return {"values": np.asarray(classes).tolist(), "dtype": np.asarray(classes).dtype.str}
 
 
-def _classes_from_meta(entry: Any) -> np.ndarray:
-    if isinstance(entry, Mapping) and "values" in entry:
-        dtype = entry.get("dtype")
-        return np.asarray(entry["values"], dtype=object if dtype in (None, "|O") else np.dtype(dtype))
-    return np.asarray(entry)
+def _is_label(v: Any) -> bool:
+    return isinstance(v, (str, int, bool)) or (isinstance(v, float) and np.isfinite(v))
+
+
+def _classes_from_meta(entry: Any, owner: str = "from_state") -> np.ndarray:
+    """The class labels saved by :func:`_classes_to_meta` (untrusted: only plain labels, at least 2,
+    distinct, with a str/int/bool/object dtype)."""
+    values, dtype = (entry.get("values"), entry.get("dtype")) if isinstance(entry, Mapping) else (entry, None)
+    if not isinstance(values, list) or len(values) < 2 or not all(_is_label(v) for v in values):
+        raise InvalidParameterError(
+            f"The 'meta' parameter of {owner} must list at least 2 class labels (str, int or bool). Got "
+            f"{_short(values)}.")
+    if len(set(map(repr, values))) != len(values):
+        raise InvalidParameterError(f"The 'meta' parameter of {owner} lists repeated class labels: {_short(values)}.")
+    if dtype in (None, "|O"):
+        return np.asarray(values, dtype=object)
+    kinds = {"U": str, "i": int, "u": int, "b": bool, "f": float}
+    try:
+        dt = np.dtype(dtype) if isinstance(dtype, str) else None
+    except TypeError:
+        dt = None
+    if dt is None or dt.kind not in kinds or (dt.kind != "U" and dt.itemsize > 8) \
+            or not all(type(v) is kinds[dt.kind] for v in values):
+        raise InvalidParameterError(
+            f"The 'meta' parameter of {owner} has class dtype {dtype!r} for labels {_short(values)}; expected "
+            "'|O' or a str/int/bool dtype matching the labels.")
+    return np.asarray(values, dtype=str if dt.kind == "U" else dt)
+
+
+def _short(v: Any, n: int = 120) -> str:
+    r = repr(v)
+    return r if len(r) <= n else r[:n] + "..."
+
+
+def _meta_params(meta: Mapping[str, Any], names: Sequence[str], owner: str) -> dict[str, Any]:
+    params = meta.get("params")
+    if not isinstance(params, Mapping):
+        raise InvalidParameterError(f"The 'meta' parameter of {owner} must hold 'params', a dict. Got {_short(params)}.")
+    for k in params:
+        if k not in names:
+            raise unknown_name_error("meta['params']", k, names, owner=owner)
+    return dict(params)
+
+
+def _meta_int(meta: Mapping[str, Any], key: str, owner: str, lo: int, hi: int) -> int:
+    v = meta.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise InvalidParameterError(
+            f"The 'meta' parameter of {owner} must have {key!r} an int in [{lo}, {hi}]. Got {_short(v)}.")
+    return v
+
+
+def _finite_array(arrays: Mapping[str, np.ndarray], key: str, shape: tuple, owner: str) -> np.ndarray:
+    arr = np.asarray(arrays[key])
+    if tuple(arr.shape) != tuple(shape):
+        raise InvalidParameterError(
+            f"The 'arrays' parameter of {owner} has {key!r} of shape {tuple(arr.shape)}; expected {tuple(shape)}.")
+    if arr.dtype.kind not in "biuf" or (arr.size and not np.isfinite(arr).all()):
+        raise InvalidParameterError(f"The 'arrays' parameter of {owner} has {key!r} with non-finite or non-numeric values.")
+    return arr
 
 
 def _check_meta(meta: Any, arrays: Any, kind: str, required_arrays: Sequence[str]) -> dict[str, np.ndarray]:
@@ -281,7 +540,18 @@ def _check_meta(meta: Any, arrays: Any, kind: str, required_arrays: Sequence[str
         raise InvalidParameterError(
             f"The 'arrays' parameter of {owner} is missing {', '.join(map(repr, missing))}."
         )
-    return {k: np.asarray(v) for k, v in arrays.items()}
+    out = {}
+    for k, v in arrays.items():
+        arr = np.asarray(v)
+        if not isinstance(k, str) or arr.dtype.kind not in "biuf":
+            raise InvalidParameterError(
+                f"The 'arrays' parameter of {owner} must map str names to numeric arrays. Got {k!r} of dtype {arr.dtype}.")
+        out[k] = arr
+    return out
+
+
+DEFAULT_TOKEN_PATTERN = r"(?u)\b\w\w+\b"  # scikit-learn's; the only one leanscale saves
+MAX_NGRAM = 16
 
 
 def tfidf_state(vectorizer: Any) -> tuple[dict[str, Any], np.ndarray]:
@@ -305,27 +575,67 @@ def tfidf_state(vectorizer: Any) -> tuple[dict[str, Any], np.ndarray]:
     return meta, np.asarray(vectorizer.idf_, dtype=np.float64)
 
 
-def tfidf_from_state(meta: Mapping[str, Any], idf: np.ndarray) -> Any:
-    """A TfidfVectorizer with the saved fixed vocabulary and ``idf_`` (no refit)."""
+def tfidf_from_state(meta: Mapping[str, Any], idf: np.ndarray, owner: str = "tfidf_from_state") -> Any:
+    r"""A TfidfVectorizer with the saved fixed vocabulary and ``idf_`` (no refit).
+
+    ``meta`` is untrusted: the analyzer must be ``"word"`` and the token pattern scikit-learn's
+    default ``(?u)\b\w\w+\b``, the only one leanscale writes; any other pattern is refused (one
+    such as ``(?:\w+)+#`` would take exponential time on Python's ``re``). The vectorizer then
+    uses leanscale's own constant :data:`DEFAULT_TOKEN_PATTERN`, never the file's string. That
+    pattern runs in linear time on ``re``: ``findall`` tries each maximal run of word characters
+    once, ``\w+`` takes the whole run and the closing ``\b`` then holds, so nothing backtracks.
+    (RE2 would also do, but its Python ``findall`` is ~10x slower: 3.7 s vs 0.39 s to tokenise
+    20,000 texts of 25 words.)
+    """
     TfidfVectorizer, _ = _sklearn()
-    terms = list(meta["vocabulary"])
-    idf = np.asarray(idf, dtype=np.float64)
+    if not isinstance(meta, Mapping):
+        raise InvalidParameterError(f"The TF-IDF state of {owner} must be a dict. Got {_short(meta)}.")
+    where = f"The TF-IDF state of {owner}"
+    missing = [k for k in ("vocabulary", "ngram_range", "sublinear_tf", "lowercase", "norm", "use_idf",
+                           "smooth_idf", "token_pattern", "analyzer") if k not in meta]
+    if missing:
+        raise InvalidParameterError(f"{where} is missing {', '.join(map(repr, missing))}.")
+    if meta["token_pattern"] != DEFAULT_TOKEN_PATTERN:
+        raise InvalidParameterError(
+            f"{where} has token_pattern {_short(meta['token_pattern'])}; only scikit-learn's default "
+            f"{DEFAULT_TOKEN_PATTERN!r} is accepted from a file (other patterns could take exponential time "
+            "on Python's re).")
+    if meta["analyzer"] != "word":
+        raise InvalidParameterError(f"{where} has analyzer {_short(meta['analyzer'])}; expected 'word'.")
+    terms = meta["vocabulary"]
+    if not isinstance(terms, list) or not terms or not all(isinstance(t, str) and t for t in terms):
+        raise InvalidParameterError(f"{where} must have 'vocabulary', a non-empty list of non-empty strings.")
+    if len(set(terms)) != len(terms):
+        raise InvalidParameterError(f"{where} has repeated vocabulary terms.")
+    ng = meta["ngram_range"]
+    if (not isinstance(ng, (list, tuple)) or len(ng) != 2 or not all(type(v) is int for v in ng)
+            or not 1 <= ng[0] <= ng[1] <= MAX_NGRAM):
+        raise InvalidParameterError(f"{where} has ngram_range {_short(ng)}; expected [lo, hi] with 1 <= lo <= hi <= {MAX_NGRAM}.")
+    for k in ("sublinear_tf", "lowercase", "use_idf", "smooth_idf"):
+        if not isinstance(meta[k], bool):
+            raise InvalidParameterError(f"{where} has {k}={_short(meta[k])}; expected true or false.")
+    if meta["norm"] not in ("l1", "l2", None):
+        raise InvalidParameterError(f"{where} has norm {_short(meta['norm'])}; expected 'l1', 'l2' or null.")
+    idf = np.asarray(idf)
     if idf.shape != (len(terms),):
         raise InvalidParameterError(
             f"The saved TF-IDF state is inconsistent: {len(terms)} vocabulary terms but idf of shape {idf.shape}."
         )
+    if idf.dtype.kind not in "iuf" or not np.isfinite(idf).all():
+        raise InvalidParameterError(f"{where} has non-finite or non-numeric idf values.")
     vec = TfidfVectorizer(
         vocabulary={t: j for j, t in enumerate(terms)},
-        ngram_range=tuple(meta["ngram_range"]),
-        sublinear_tf=bool(meta["sublinear_tf"]),
-        lowercase=bool(meta["lowercase"]),
+        ngram_range=(ng[0], ng[1]),
+        sublinear_tf=meta["sublinear_tf"],
+        lowercase=meta["lowercase"],
         norm=meta["norm"],
-        use_idf=bool(meta["use_idf"]),
-        smooth_idf=bool(meta["smooth_idf"]),
-        token_pattern=meta["token_pattern"],
-        analyzer=meta["analyzer"],
+        use_idf=meta["use_idf"],
+        smooth_idf=meta["smooth_idf"],
+        token_pattern=DEFAULT_TOKEN_PATTERN,  # the constant, not the file's string
+        analyzer="word",
+        dtype=np.float64,
     )
-    vec.idf_ = idf
+    vec.idf_ = idf.astype(np.float64)
     return vec
 
 
@@ -375,9 +685,9 @@ class _ParamsMixin:
 
     @classmethod
     def load(cls, path: str | os.PathLike, **kwargs: Any):
-        """Rebuild a model saved with :meth:`save`."""
+        """Rebuild a model saved with :meth:`save` (errors in the files name the folder)."""
         meta, arrays = load_state(path)
-        return cls.from_state(meta, arrays, **kwargs)
+        return from_state_of_file(path, cls.from_state, meta, arrays, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -512,28 +822,35 @@ class TfidfClassifier(_ParamsMixin):
     @classmethod
     def from_state(cls, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> TfidfClassifier:
         """Rebuild a fitted classifier from :meth:`get_state` (``predict_proba`` is identical)."""
+        owner = "TfidfClassifier.from_state"
         arrays = _check_meta(meta, arrays, "TfidfClassifier", ("idf", "coef", "intercept"))
-        params = dict(meta["params"])
-        params["ngram_range"] = tuple(params["ngram_range"])
+        params = _meta_params(meta, cls._param_names, owner)
+        if isinstance(params.get("ngram_range"), list):
+            params["ngram_range"] = tuple(params["ngram_range"])
         self = cls(**params)
+        self._validate()
         _, LogisticRegression = _sklearn()
-        vec = tfidf_from_state(meta["tfidf"], arrays["idf"])
-        classes = _classes_from_meta(meta["classes"])
-        coef = np.asarray(arrays["coef"], dtype=np.float64)
-        intercept = np.asarray(arrays["intercept"], dtype=np.float64)
+        classes = _classes_from_meta(meta.get("classes"), owner)
         n_rows = 1 if len(classes) == 2 else len(classes)
-        if coef.shape != (n_rows, len(vec.vocabulary)) or intercept.shape != (n_rows,):
-            raise InvalidParameterError(
-                f"The 'arrays' parameter of TfidfClassifier.from_state is inconsistent: coef {coef.shape} and "
-                f"intercept {intercept.shape} for {len(classes)} classes and {len(vec.vocabulary)} features."
-            )
+        tf = meta.get("tfidf")
+        n_terms = len(tf["vocabulary"]) if isinstance(tf, Mapping) and isinstance(tf.get("vocabulary"), list) else -1
+        # shapes first (no allocation from a size in the file), then the vectorizer
+        coef = _finite_array(arrays, "coef", (n_rows, max(n_terms, 0)), owner).astype(np.float64)
+        intercept = _finite_array(arrays, "intercept", (n_rows,), owner).astype(np.float64)
+        vec = tfidf_from_state(tf, arrays["idf"], owner)
+        n_iter = meta.get("n_iter", 0)
+        if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0:
+            raise InvalidParameterError(f"The 'meta' parameter of {owner} has n_iter {_short(n_iter)}; expected an int >= 0.")
+        if not isinstance(meta.get("converged", True), bool):
+            raise InvalidParameterError(f"The 'meta' parameter of {owner} has converged {_short(meta.get('converged'))}; "
+                                        "expected true or false.")
         lr = LogisticRegression(C=float(self.C), solver=self.solver, max_iter=self.max_iter, tol=float(self.tol),
                                 random_state=self.seed)
         lr.coef_, lr.intercept_, lr.classes_ = coef, intercept, classes
         lr.n_features_in_ = coef.shape[1]
-        lr.n_iter_ = np.asarray([int(meta.get("n_iter", 0))], dtype=np.int32)
+        lr.n_iter_ = np.asarray([min(n_iter, 2**31 - 1)], dtype=np.int32)
         self.vectorizer_, self.model_, self.classes_ = vec, lr, classes
-        self.n_iter_ = int(meta.get("n_iter", 0))
+        self.n_iter_ = n_iter
         self.converged_ = bool(meta.get("converged", True))
         return self
 
@@ -756,28 +1073,46 @@ class EmbeddingClassifier(_ParamsMixin):
         """Rebuild from :meth:`get_state`; ``encoder`` overrides the saved one (e.g. your callable)."""
         import torch
 
+        owner = "EmbeddingClassifier.from_state"
         arrays = _check_meta(meta, arrays, "EmbeddingClassifier", ())
-        params = dict(meta["params"])
+        params = _meta_params(meta, cls._param_names, owner)
+        if "encoder" in params and not (params["encoder"] is None or params["encoder"] == "minilm"):
+            raise InvalidParameterError(
+                f"The 'meta' parameter of {owner} has encoder {_short(params['encoder'])}; a saved encoder is "
+                "'minilm' or null.")
         if not (isinstance(encoder, str) and encoder == "saved"):
             params["encoder"] = encoder
         self = cls(**params)
         self._validate()
-        classes = _classes_from_meta(meta["classes"])
-        d = int(meta["n_features_in"])
-        head = self._build_head(d, len(classes))
-        expected = head.state_dict()
+        classes = _classes_from_meta(meta.get("classes"), owner)
+        d = _meta_int(meta, "n_features_in", owner, 1, MAX_WIDTH)
+        hidden = check_param("hidden", self.hidden, [Interval(int, 0, MAX_WIDTH)], owner)
+        k = len(classes)
+        # every shape is checked against the arrays in the file before the head is built
+        if hidden == 0:
+            shapes = {"0.weight": (k, d), "0.bias": (k,)}
+        else:
+            shapes = {"0.weight": (hidden, d), "0.bias": (hidden,), "2.weight": (k, hidden), "2.bias": (k,)}
+        extra = sorted(set(arrays) - {f"head.{n}" for n in shapes})
+        if extra:
+            raise InvalidParameterError(
+                f"The 'arrays' parameter of {owner} has unexpected arrays {extra[:5]} for a head with hidden={hidden}.")
         state = {}
-        for k, ref in expected.items():
-            key = f"head.{k}"
-            if key not in arrays or tuple(arrays[key].shape) != tuple(ref.shape):
-                got = None if key not in arrays else tuple(arrays[key].shape)
+        for name, shape in shapes.items():
+            key = f"head.{name}"
+            if key not in arrays:
                 raise InvalidParameterError(
-                    f"The 'arrays' parameter of EmbeddingClassifier.from_state has {key!r} of shape {got}; "
-                    f"expected {tuple(ref.shape)}."
-                )
-            state[k] = torch.from_numpy(np.ascontiguousarray(arrays[key], dtype=np.float32))
+                    f"The 'arrays' parameter of EmbeddingClassifier.from_state has {key!r} of shape None; "
+                    f"expected {shape}.")
+            arr = _finite_array(arrays, key, shape, owner)
+            state[name] = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        loss = meta.get("loss_history", [])
+        if not isinstance(loss, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in loss):
+            raise InvalidParameterError(f"The 'meta' parameter of {owner} has loss_history {_short(loss)}; "
+                                        "expected a list of numbers.")
+        head = self._build_head(d, k)
         head.load_state_dict(state)
         head.eval()
         self.head_, self.classes_, self.n_features_in_ = head, classes, d
-        self.loss_history_ = list(meta.get("loss_history", []))
+        self.loss_history_ = [float(v) for v in loss]
         return self

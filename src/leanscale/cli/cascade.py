@@ -112,7 +112,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     q.set_defaults(action_func=run_eval)
 
     q = sub.add_parser("serve", help="serve a saved cascade over HTTP (the same as `leanscale serve`)",
-                       description="Serve a saved cascade: POST /v1/predict, GET /healthz, GET /metrics, GET /docs; "
+                       description="Serve a saved cascade: POST /v1/predict, GET /healthz, GET /metrics, GET /openapi.json "
+                       "(GET /docs with --docs); "
                        "exactly `leanscale serve`.",
                        epilog=serve_cli.EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     serve_cli.add_arguments(q)
@@ -218,6 +219,7 @@ def evaluate(cascade, texts, labels) -> dict:
     import numpy as np
 
     from leanscale.cascade import FALLBACK
+    from leanscale.cascade.stages import StageError
 
     y = np.asarray(labels, dtype=object)
     t0 = time.perf_counter()
@@ -230,8 +232,18 @@ def evaluate(cascade, texts, labels) -> dict:
         per_stage[name] = {"n": int(sel.sum()), "fraction": float(sel.mean()),
                            "accuracy": float(correct[sel].mean()) if sel.any() else None}
     last = cascade.stages[-1]
-    alone = last.predict(texts)
-    last_acc = float(np.mean([a and lab == t for a, lab, t in zip(alone.answered, alone.labels, y)]))
+    warnings = []
+    unanswered = int((~np.asarray(out.answered, dtype=bool)).sum())
+    if unanswered:
+        given = "no label" if cascade.fallback_label is None else f"the fallback label {cascade.fallback_label!r}"
+        warnings.append(f"{unanswered} of {len(texts)} requests got no answer from any stage (they got {given} "
+                        f"and count as wrong); stage errors: {dict(out.errors) or 'none'}")
+    try:
+        alone = last.predict(texts)
+        last_acc = float(np.mean([a and lab == t for a, lab, t in zip(alone.answered, alone.labels, y)]))
+    except StageError as exc:
+        last_acc = None
+        warnings.append(f"the last stage alone could not be measured: {exc}")
     last_cost = float(cascade.costs_[last.name])
     mean_cost = float(out.cost.mean())
     fr = cascade.frontier_
@@ -239,9 +251,10 @@ def evaluate(cascade, texts, labels) -> dict:
         "n": len(texts), "accuracy": float(correct.mean()), "mean_cost": mean_cost, "stages": per_stage,
         "last_stage": {"name": last.name, "accuracy": last_acc, "cost": last_cost},
         "speedup_vs_last_stage": last_cost / mean_cost if mean_cost > 0 else None,
-        "errors": dict(out.errors), "seconds": seconds,
+        "errors": dict(out.errors), "unanswered": unanswered, "seconds": seconds,
         "calibration": {"accuracy": float(cascade.expected_accuracy_), "mean_cost": float(cascade.expected_cost_)},
         "frontier": {"points": len(fr), "exact": bool(fr.exact)},
+        "warnings": warnings,
     }
 
 
@@ -250,7 +263,9 @@ def format_summary(s: dict, title: str) -> str:
     speed = s["speedup_vs_last_stage"]
     lines = [f"{title}: {s['n']:,} examples",
              f"  accuracy {s['accuracy']:.4f} at mean cost {s['mean_cost']:.6g} per request",
-             f"  {last['name']} alone: accuracy {last['accuracy']:.4f} at {last['cost']:.6g} per request"
+             f"  {last['name']} alone: accuracy "
+             + ("unknown" if last["accuracy"] is None else f"{last['accuracy']:.4f}")
+             + f" at {last['cost']:.6g} per request"
              + (f"; the cascade is {speed:.2f}x cheaper" if speed is not None else "")]
     width = max(len(k) for k in s["stages"])
     lines.append(f"  {'stage':<{width}}  answered  accuracy")
@@ -288,6 +303,9 @@ def run_fit(args) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".json":
         raise InvalidParameterError(f"The '--out' parameter of {_FIT} must be a .json file. Got {args.out!r}.")
+    if out.is_dir():
+        raise InvalidParameterError(f"The '--out' parameter of {_FIT} names {args.out!r}, which is a folder; give a "
+                                    ".json file path.")
     if out.parent and not out.parent.is_dir():
         raise InvalidParameterError(f"The '--out' parameter of {_FIT} names {args.out!r}, whose folder does not exist.")
 
@@ -349,10 +367,16 @@ def run_fit(args) -> int:
     _say("")
     summary = evaluate(cascade, sub(te), y[te])
     _say(format_summary(summary, "test split"))
+    for w in summary["warnings"]:
+        _say(f"WARNING: {w}")
 
     cascade.save(out)
+    from leanscale.core.io import sha256_file
+
     doc = {
         "format": EVAL_FORMAT, "version": 1, "cascade": out.name,
+        # the save this split belongs to: `eval` refuses the split for any other cascade file
+        "cascade_sha256": sha256_file(out),
         "data": {"source": _source_name(args.data), "text_column": args.text_column,
                  "label_column": args.label_column, "n_examples": n_total,
                  "test_fingerprint": _fingerprint(texts, y, te)},
@@ -371,24 +395,68 @@ def run_fit(args) -> int:
 # --------------------------------------------------------------------------------------- eval
 
 
-def _recorded_test(cascade_path: str, texts, y) -> tuple[list[int] | None, str]:
-    """The recorded test indices when the eval JSON exists and matches these data, with a note."""
-    from leanscale.core.io import read_json
+def _recorded_test(cascade_path: str, texts, y, warnings: list) -> tuple[list[int] | None, str]:
+    """The recorded test indices when the eval JSON exists, belongs to this cascade file and
+    matches these data, with a note; anything doubtful is appended to ``warnings``.
+
+    Raises:
+        DataFormatError: the eval JSON records these data but another save of the cascade (a fit
+            was interrupted between the two files): its test split may hold training examples.
+    """
+    from leanscale.core.errors import DataFormatError
+    from leanscale.core.io import read_json, sha256_file
 
     path = eval_path(cascade_path)
     if not path.is_file():
+        warnings.append(f"no {path.name} beside the cascade: every example is used, including any it was "
+                        "trained or calibrated on")
         return None, f"no {path.name} beside the cascade: every example is used"
     try:
-        doc = read_json(path)
+        doc = read_json(path, what="eval split file")
         te = [int(i) for i in doc["indices"]["test"]]
         data = doc["data"]
         n_recorded, fp = int(data["n_examples"]), data["test_fingerprint"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return None, f"{path.name} cannot be read ({type(exc).__name__}: {exc}): every example is used"
+        recorded_hash = doc.get("cascade_sha256")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        warnings.append(f"{path.name} cannot be read ({exc}): every example is used, including any the cascade "
+                        "was trained or calibrated on")
+        return None, f"{path.name} cannot be read: every example is used"
     if doc.get("format") != EVAL_FORMAT or n_recorded != len(texts) or not te or max(te) >= len(texts) \
             or min(te) < 0 or _fingerprint(texts, y, te) != fp:
         return None, f"these data are not the ones recorded in {path.name}: every example is used"
+    if recorded_hash is None:
+        warnings.append(f"{path.name} does not record which save of the cascade it belongs to (written by an older "
+                        "leanscale): its test split is used unchecked")
+    elif recorded_hash != sha256_file(cascade_path):
+        raise DataFormatError(
+            f"The eval split file {str(path)!r} belongs to another save of {str(cascade_path)!r} (the cascade's "
+            f"sha256 is not the one recorded): the fit that wrote this cascade did not finish, so its test split is "
+            f"unknown and the recorded one may hold examples it was trained on. Re-run `{_FIT}`, or pass --all to "
+            "evaluate on every example (training examples included).")
     return te, f"the test split recorded in {path.name}"
+
+
+def _label_warnings(cascade, y, warnings: list) -> None:
+    """Refuse data none of whose labels the cascade knows; warn when some are unknown."""
+    from collections import Counter
+
+    from leanscale.core.errors import DataFormatError
+
+    known = set(cascade.classes_.tolist())
+    counts = Counter(y.tolist())
+    unseen = sorted((lab for lab in counts if lab not in known), key=str)
+    if not unseen:
+        return
+    shown = ", ".join(repr(v) for v in unseen[:10]) + (f", ... ({len(unseen)} in all)" if len(unseen) > 10 else "")
+    n_bad = sum(counts[lab] for lab in unseen)
+    known_shown = ", ".join(repr(v) for v in sorted(known, key=str)[:10]) + (", ..." if len(known) > 10 else "")
+    if n_bad == len(y):
+        raise DataFormatError(
+            f"The '--data' parameter of {_EVAL} holds no label the cascade knows: its labels ({shown}) are all unseen "
+            f"(the cascade's labels: {known_shown}), so the accuracy would be 0 whatever it predicts. Check "
+            "--label-column and that these are the data it was fit for (labels from files are read as strings).")
+    warnings.append(f"{n_bad:,} of {len(y):,} examples ({n_bad / len(y):.1%}) have labels the cascade never saw "
+                    f"and can never predict: {shown}; they count as wrong")
 
 
 def run_eval(args) -> int:
@@ -399,18 +467,25 @@ def run_eval(args) -> int:
     cascade = Cascade.load(args.cascade, objects=serve_cli._objects(args.objects))
     texts, y = load_labelled_texts(args.data, text_column=args.text_column, label_column=args.label_column,
                                    root=args.data_root)
+    warnings: list[str] = []
     if args.all:
         idx, note = None, "every example (--all)"
     else:
-        idx, note = _recorded_test(args.cascade, texts, y)
+        idx, note = _recorded_test(args.cascade, texts, y, warnings)
     if idx is not None:
         texts, y = [texts[i] for i in idx], y[idx]
+    _label_warnings(cascade, y, warnings)
     summary = evaluate(cascade, texts, y)
     summary["examples_used"] = note
+    summary["warnings"] = warnings + summary.pop("warnings", [])
     if args.json:
         json.dump(to_jsonable(summary), sys.stdout, indent=2)
         print()
     else:
+        for w in summary["warnings"]:
+            print(f"WARNING: {w}", file=sys.stderr, flush=True)
         _say(f"{args.cascade} on {args.data} ({note})")
+        for w in summary["warnings"]:
+            _say(f"WARNING: {w}")
         _say(format_summary(summary, "evaluation"))
     return 0

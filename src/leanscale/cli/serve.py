@@ -10,12 +10,19 @@ import argparse
 
 EPILOG = """\
 examples:
-  leanscale serve cascade.json                              http://127.0.0.1:8000 (docs at /docs)
+  leanscale serve cascade.json                              http://127.0.0.1:8000 (/docs with --docs)
   leanscale serve cascade.json --port 9000 --max-batch 128 --max-wait-ms 5
   leanscale serve cascade.json --objects mypkg.stages:OBJECTS   callable/rule/external stages by name
 
   curl -s localhost:8000/v1/predict -H 'content-type: application/json' -d '{"text": "refund please"}'
   curl -s localhost:8000/metrics                            Prometheus metrics
+  curl -s localhost:8000/healthz                            503 when requests wait over --max-queue-age
+
+limits: a full queue answers 503 at once; a request not answered in --request-timeout gets 504; a text no
+stage could answer gets 503 with the reason (never a 200 without a label) unless the cascade has a
+fallback_label; at most --max-connections connections (the longest idle one is closed to make room); a
+connection must send its request head within --timeout-idle; SIGTERM stops accepting, finishes the requests
+in flight (up to --timeout-graceful-shutdown) and exits 0.
 """
 
 
@@ -23,7 +30,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "serve", help="serve a saved cascade over HTTP (micro-batching, fallback, metrics)",
         description="Serve a saved leanscale cascade: POST /v1/predict, GET /healthz, GET /metrics (Prometheus), "
-        "GET /docs. Requests are micro-batched; a failing stage falls back to the next one.",
+        "GET /openapi.json (and GET /docs with --docs). Requests are micro-batched; a failing stage falls back to "
+        "the next one.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(p)
@@ -44,6 +52,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-items-per-request", type=int, default=256, help="texts per request at most (256)")
     p.add_argument("--max-text-chars", type=int, default=10_000, help="characters per text at most (10000)")
     p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="request body size at most (1000000)")
+    p.add_argument("--request-timeout", type=float, default=30.0,
+                   help="answer 504 when a request is not answered in this many seconds (30)")
+    p.add_argument("--body-timeout", type=float, default=10.0,
+                   help="answer 408 when the request body does not arrive in this many seconds (10)")
+    p.add_argument("--max-queue-age", type=float, default=10.0,
+                   help="/healthz answers 503 once a request has waited longer than this, in seconds (10)")
+    p.add_argument("--max-connections", type=int, default=1000,
+                   help="open connections at most; at the limit the longest idle one is closed (1000)")
+    p.add_argument("--timeout-idle", type=float, default=10.0,
+                   help="close a connection that sends no complete request head in this many seconds (10)")
+    p.add_argument("--timeout-keep-alive", type=float, default=5.0,
+                   help="close an idle keep-alive connection after this many seconds (5)")
+    p.add_argument("--timeout-graceful-shutdown", type=float, default=30.0,
+                   help="on SIGTERM, wait at most this many seconds for the requests in flight (30)")
+    p.add_argument("--backlog", type=int, default=1024, help="listen backlog (1024)")
+    p.add_argument("--docs", action="store_true",
+                   help="serve the Swagger UI at /docs (your browser loads it from a CDN; off by default)")
     p.add_argument("--objects", default=None, metavar="MODULE:NAME",
                    help="'package.module:name' of a dict (or a function returning one) mapping stage names to the "
                    "functions/models of stages saved by name (callable, rule, external model)")
@@ -83,5 +108,9 @@ def run(args) -> int:
     serve(args.cascade, host=args.host, port=args.port, objects=_objects(args.objects), log_level=args.log_level,
           access_log=args.access_log, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
           max_queue=args.max_queue, max_items_per_request=args.max_items_per_request,
-          max_text_chars=args.max_text_chars, max_body_bytes=args.max_body_bytes)
+          max_text_chars=args.max_text_chars, max_body_bytes=args.max_body_bytes,
+          request_timeout_s=args.request_timeout, body_timeout_s=args.body_timeout,
+          max_queue_age_s=args.max_queue_age, docs=args.docs, max_connections=args.max_connections,
+          timeout_idle=args.timeout_idle, timeout_keep_alive=args.timeout_keep_alive,
+          timeout_graceful_shutdown=args.timeout_graceful_shutdown, backlog=args.backlog)
     return 0
