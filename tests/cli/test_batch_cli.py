@@ -53,3 +53,87 @@ def test_batch_noise_measures_and_advises(capsys):
     blob = json.loads(capsys.readouterr().out)
     assert blob["b_simple"] > 0 and blob["advice"]["batch_size"] >= 1
     assert blob["measurement"]["n_batches"] == 4 and blob["measurement"]["batch_small"] == 32
+
+
+# ------------------------------------------------------------------ bad input (issue #13)
+@pytest.mark.parametrize(("argv", "match"), [
+    (["plan", "--batch", "256", "--epochs", "inf"], "'base_epochs' parameter of LargeBatchRecipe"),
+    (["plan", "--batch", "256", "--clip", "inf"], "'clip_grad_norm'"),
+    (["plan", "--batch", "256", "--max-lr", "inf"], "'max_lr'"),
+    (["plan", "--batch", "256", "--warmup-epochs", "100"], "'warmup_epochs' parameter of LargeBatchRecipe must be at most"),
+    (["plan", "--batch", "100000000000000000000", "--base-lr", "1e300", "--rule", "linear"], "scaled LR of inf"),
+    # checked before any data are loaded or steps run (a negative count trained a full epoch)
+    (["noise", "--warm-steps", "-3"], "'--warm-steps' parameter of leanscale batch noise"),
+    (["noise", "--base-batch", "0"], "'--base-batch' parameter of leanscale batch noise"),
+    (["noise", "--base-lr", "nan"], "'--base-lr' parameter of leanscale batch noise"),
+    (["noise", "--n-batches", "1"], "'--n-batches'"),
+    (["noise", "--width", "0"], "'width' parameter of TrainConfig"),
+    # --set of a field the recipe sets itself was silently overwritten
+    (["train", "--batch", "64", "--set", "optimizer=lars"], "must not set 'optimizer'.*use --optimizer"),
+    (["train", "--batch", "64", "--set", "lr=1"], "must not set 'lr'.*use --base-lr"),
+    (["train", "--batch", "64", "--set", "batch_size=32"], "must not set 'batch_size'"),
+    (["train", "--batch", "64", "--set", "ghost_batch_size=8"], "use --ghost-batch"),
+    (["train", "--batch", "64", "--epochs", "10", "--milestones", "5", "--set", "milestones=0.3"],
+     "must not set 'milestones' together with --milestones"),
+])
+def test_batch_bad_flags_are_clean_errors(capsys, argv, match):
+    import re
+
+    assert main(["batch", *argv]) == 2
+    err = capsys.readouterr().err
+    assert re.search(match, err) and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("out", "match"), [
+    ("{folder}", "must be a file to write. Got .*, which is a folder"),
+    ("{file}/x.json", "whose folder .* does not exist \\(it is a file\\)"),
+    ("{tmp}/no/such/x.json", "whose folder .* does not exist"),
+])
+def test_batch_train_checks_out_before_training(tmp_path, capsys, monkeypatch, out, match):
+    import re
+
+    import leanscale.large_batch.train as train_module
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before checking --out")
+
+    monkeypatch.setattr(train_module, "train_classifier", no_training)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("x")
+    out = out.format(folder=tmp_path / "folder", file=tmp_path / "file", tmp=tmp_path)
+    assert main(["batch", "train", "--batch", "64", "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert re.search(match, err) and "'--out' parameter of leanscale batch train" in err
+
+
+def test_batch_noise_unreliable_estimate_prints_no_number(capsys):
+    """2 batches of 4 at initialisation: the estimate is noise; no B_simple, no advice, exit 1."""
+    assert main(["batch", "noise", "--width", "2", "--warm-steps", "0", "--n-batches", "2", "--batch-size", "4"]) == 1
+    out = capsys.readouterr().out
+    assert "B_simple: no reliable estimate" in out and "warning: B_simple is unreliable" in out
+    assert "Recommended batch size" not in out and "B_simple =" not in out
+    assert main(["batch", "noise", "--width", "2", "--warm-steps", "0", "--n-batches", "2", "--batch-size", "4",
+                 "--json"]) == 1
+    blob = json.loads(capsys.readouterr().out)
+    assert blob["b_simple"] is None and blob["reliable"] is False and blob["advice"] is None
+    assert "unreliable" in blob["warnings"][0] and blob["measurement"]["reliable"] is False
+
+
+def test_batch_noise_warm_steps_zero_does_not_train(capsys, monkeypatch):
+    import leanscale.large_batch.train as train_module
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("--warm-steps 0 must not train")
+
+    monkeypatch.setattr(train_module, "train_classifier", no_training)
+    main(["batch", "noise", "--width", "2", "--warm-steps", "0", "--n-batches", "8", "--batch-size", "16", "--json"])
+    blob = json.loads(capsys.readouterr().out)
+    assert blob["warm_steps"] == 0 and blob["measurement"]["n_batches"] == 8
+
+
+def test_batch_train_divergence_is_reported_with_exit_1(capsys):
+    argv = ["batch", "train", "--batch", "256", "--base-lr", "1000", "--set", "n_train=512", "--set", "n_test=100",
+            "--set", "width=2"]
+    with pytest.warns(RuntimeWarning, match="training diverged"):
+        assert main([*argv, "--json"]) == 1
+    assert "diverged" in json.loads(capsys.readouterr().out)["warnings"][0]

@@ -153,3 +153,108 @@ def test_module_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "leanscale.cli.main", "--version"],
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == f"leanscale {leanscale.__version__}"
+
+
+OS_ERROR_COMMANDS = '''
+import errno
+import os
+
+
+def add_parser(subparsers):
+    parser = subparsers.add_parser("{name}", description="a test command", epilog="leanscale {name}")
+    parser.add_argument("what")
+    parser.add_argument("--path", default="x")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args):
+    if args.what == "missing":
+        open(os.path.join(args.path, "no", "such.json"))
+    if args.what == "folder":
+        open(args.path)
+    if args.what == "under-a-file":
+        os.makedirs(os.path.join(args.path, "sub"))
+    if args.what == "rename-onto-folder":
+        tmp = os.path.join(os.path.dirname(args.path), ".x.tmp")
+        open(tmp, "w").close()
+        os.replace(tmp, args.path)
+    if args.what == "permission":
+        raise PermissionError(errno.EACCES, "Permission denied", args.path)
+    if args.what == "disk-full":
+        raise OSError(errno.ENOSPC, "No space left on device", args.path)
+    if args.what == "other-oserror":
+        raise OSError(errno.EIO, "Input/output error")
+    if args.what == "connection":
+        raise ConnectionResetError("peer reset")
+    return 0
+'''
+
+
+@pytest.mark.parametrize(("what", "status", "message"), [
+    ("missing", 2, r"No such file or directory \(check the path"),
+    ("folder", 2, r"Is a directory \(a file was expected, not a folder\)"),
+    ("under-a-file", 2, "a part of the path is a file|a file where a folder is needed"),
+    ("rename-onto-folder", 2, "Is a directory"),
+    ("permission", 2, r"Permission denied \(no permission"),
+    ("disk-full", 1, "No space left on device"),
+])
+def test_os_errors_about_paths_are_clean_messages(extra_commands, tmp_path, capsys, what, status, message):
+    """A path the user gave that cannot be used: one line naming it, exit 2 (1: the disk), no traceback."""
+    import re
+
+    extra_commands(oscmd=OS_ERROR_COMMANDS.format(name="oscmd"))
+    folder = tmp_path / "a folder"
+    folder.mkdir()
+    a_file = tmp_path / "a_file.txt"
+    a_file.write_text("x")
+    path = {"missing": tmp_path, "folder": folder, "under-a-file": a_file,
+            "rename-onto-folder": folder}.get(what, tmp_path / "out.json")
+    assert main(["oscmd", what, "--path", str(path)]) == status
+    err = capsys.readouterr().err
+    assert err.startswith("leanscale oscmd: error: cannot use '") and re.search(message, err)
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    if what == "rename-onto-folder":  # the path the user named, not the temporary file
+        assert repr(str(folder)) in err and ".x.tmp" not in err
+
+
+def test_os_errors_keep_the_traceback_with_debug_env(extra_commands, tmp_path, monkeypatch):
+    extra_commands(oscmd=OS_ERROR_COMMANDS.format(name="oscmd"))
+    monkeypatch.setenv("LEANSCALE_DEBUG", "1")
+    with pytest.raises(FileNotFoundError):
+        main(["oscmd", "missing", "--path", str(tmp_path)])
+
+
+@pytest.mark.parametrize(("what", "exc"), [("other-oserror", OSError), ("connection", ConnectionResetError)])
+def test_other_os_errors_are_not_hidden(extra_commands, what, exc):
+    """Only path and storage errors become messages; an I/O error or a network error is a real fault."""
+    extra_commands(oscmd=OS_ERROR_COMMANDS.format(name="oscmd"))
+    with pytest.raises(exc):
+        main(["oscmd", what])
+
+
+def test_os_error_message_without_a_path():
+    assert cli_main.os_error_message(PermissionError(13, "Permission denied")) == "Permission denied (PermissionError)"
+
+
+@pytest.mark.parametrize("argv", [
+    ["sweep", "--preset", "quick", "--out", "{file}/sub"],
+    ["batch", "train", "--batch", "64", "--out", "{folder}"],
+    ["batch", "train", "--batch", "64", "--out", "{file}/x.json"],
+    ["prune", "select", "--scores", "{scores}", "--keep", "0.5", "--out", "{file}"],
+])
+def test_real_commands_with_unusable_output_paths_fail_cleanly(tmp_path, capsys, argv):
+    """Regressions from the bad-input sweep of issue #13: these were FileExistsError / IsADirectoryError /
+    NotADirectoryError tracebacks (batch train only after training)."""
+    import numpy as np
+
+    a_file = tmp_path / "a_file.json"
+    a_file.write_text("{}")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    scores = tmp_path / "scores.npy"
+    np.save(scores, np.linspace(0, 1, 20))
+    argv = [a.format(file=a_file, folder=folder, scores=scores) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "error:" in err and len(err.strip().splitlines()) == 1

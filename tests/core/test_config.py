@@ -198,3 +198,13 @@ def test_describe_config_rows():
 
 def test_docstring_examples():
     assert doctest.testmod(config_mod, raise_on_error=False).failed == 0
+
+
+@pytest.mark.parametrize("overrides", [None, 5, {"a": 1}])
+def test_apply_overrides_refuses_a_non_list(overrides):
+    @dataclass(frozen=True)
+    class Small:
+        a: int = 1
+
+    with pytest.raises(config_mod.InvalidParameterError, match="'overrides' parameter of apply_overrides"):
+        apply_overrides(Small(), overrides)

@@ -374,3 +374,10 @@ def test_save_load_round_trip_and_merge(tmp_path):
         CostLedger.load(tmp_path / "other.json")
     with pytest.raises(InvalidParameterError, match="'others' parameter of CostLedger.merge"):
         a.merge([CostEntry("x")])
+
+
+@pytest.mark.parametrize("field", ["seconds", "flops"])
+def test_record_refuses_infinite_costs(field):
+    """Issue #13: seconds=inf was recorded and summed into every total."""
+    with pytest.raises(InvalidParameterError, match=f"'{field}' parameter of CostLedger.record"):
+        CostLedger().record("x", **{field: float("inf")})

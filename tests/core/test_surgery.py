@@ -194,3 +194,9 @@ def test_bad_input():
         replace_module_classes(nn.Sequential(), {nn.ReLU: lambda m, i: None}, optimizers=[1])
     with pytest.raises(InvalidParameterError, match="'model' parameter of count_modules"):
         count_modules("model", nn.ReLU)
+
+
+@pytest.mark.parametrize("cls", ["Linear", (), (nn.Linear, "x"), None])
+def test_count_modules_refuses_a_non_class(cls):
+    with pytest.raises(InvalidParameterError, match="'cls' parameter of count_modules must be a class"):
+        count_modules(nn.Linear(2, 2), cls)

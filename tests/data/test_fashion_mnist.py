@@ -167,3 +167,30 @@ def test_real_subset_per_class():
     assert x.shape == (1005, 1, 28, 28)
     counts = torch.bincount(y, minlength=10).tolist()
     assert sum(counts) == 1005 and max(counts) - min(counts) <= 1
+
+
+# ------------------------------------------------------------------ bad input (issue #13)
+def test_read_idx_missing_file_and_folder_are_clean_errors(tmp_path):
+    with pytest.raises(DataNotFoundError, match="The IDX file .*nope.idx' does not exist"):
+        read_idx(tmp_path / "nope.idx")
+    with pytest.raises(DataFormatError, match="is a folder, not a file"):
+        read_idx(tmp_path)
+
+
+def test_read_idx_refuses_a_gzip_bomb_before_allocating(tmp_path, monkeypatch):
+    import leanscale.data.fashion_mnist as fm
+
+    header = bytes([0, 0, 8, 1]) + (8 << 20).to_bytes(4, "big")
+    path = tmp_path / "bomb.idx.gz"
+    path.write_bytes(gzip.compress(header + bytes(8 << 20)))  # 8 MiB of zeros in ~8 KiB
+    monkeypatch.setattr(fm, "MAX_IDX_BYTES", 1 << 20)
+    with pytest.raises(DataFormatError, match="decompresses to more than 1,048,576 bytes; refused"):
+        read_idx(path)
+
+
+def test_read_idx_reads_concatenated_gzip_members(tmp_path):
+    arr = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    raw = bytes([0, 0, 8, 2]) + (3).to_bytes(4, "big") + (4).to_bytes(4, "big") + arr.tobytes()
+    path = tmp_path / "two.idx.gz"
+    path.write_bytes(gzip.compress(raw[:10]) + gzip.compress(raw[10:]))
+    np.testing.assert_array_equal(read_idx(path), arr)

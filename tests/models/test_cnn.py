@@ -64,3 +64,15 @@ def test_mlp_classifier(batchnorm):
     assert any(isinstance(m, nn.BatchNorm1d) for m in model.modules()) is batchnorm
     with pytest.raises(InvalidParameterError, match="'hidden' parameter of MLPClassifier"):
         MLPClassifier(784, 0, 10)
+
+
+def test_bncnn_refuses_flat_or_wrong_channel_input():
+    """Issue #13: a flat batch gave conv2d's error from deep inside the model."""
+    model = BNCNN(num_classes=3, in_channels=1, width=2)
+    with pytest.raises(InvalidParameterError, match="shape \\(batch, 1, height, width\\). Got shape \\(4, 784\\); flat"):
+        model(torch.randn(4, 784))
+    with pytest.raises(InvalidParameterError, match="Got shape \\(4, 3, 8, 8\\)"):
+        model(torch.randn(4, 3, 8, 8))
+    with pytest.raises(InvalidParameterError, match="at least 4x4 pixels"):
+        model(torch.randn(4, 1, 2, 2))
+    assert model(torch.randn(4, 1, 4, 4)).shape == (4, 3)

@@ -151,3 +151,19 @@ def test_warm_start_reaches_the_same_minimum_in_fewer_iterations():
     warm.fit(X, y)  # already at the minimum
     assert warm.n_iter_ < again and warm.n_iter_ <= 2
     assert "warm_start=True" in repr(warm)
+
+
+# ------------------------------------------------------------------ bad input (issue #13)
+@pytest.mark.parametrize(("y", "match"), [
+    (np.array([0.0, 1.0] * 4 + [np.nan, 1.0]), "a label for every example. Got .*nan.* at index 8"),
+    (np.array([0, 1] * 4 + [None, 1], dtype=object), "a label for every example. Got None at index 8"),
+])
+def test_missing_labels_are_refused_not_learned_as_a_class(y, match):
+    X = np.random.default_rng(0).normal(size=(10, 3))
+    with pytest.raises(InvalidParameterError, match=match):
+        SoftmaxRegression().fit(X, y)
+
+
+def test_predict_before_fit_is_not_fitted():
+    with pytest.raises(NotFittedError, match="call fit first"):
+        SoftmaxRegression().predict(np.zeros((2, 3)))

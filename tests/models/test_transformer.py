@@ -195,3 +195,26 @@ def test_matmul_flops_match_flop_counter_mode():
     # Every matmul input requires grad here (the first one is an embedding's output), so the
     # backward is exactly the 2x forward that Appendix F assumes.
     assert bwd_counter.get_total_flops() == 2 * matmul_forward
+
+
+# ------------------------------------------------------------------ bad input (issue #13)
+def _tiny_gpt() -> GPT:
+    return GPT(GPTConfig(vocab_size=10, block_size=4, n_layer=1, n_head=1, n_embd=8))
+
+
+@pytest.mark.parametrize(("idx", "targets", "match"), [
+    (torch.full((1, 3), 10), None, "token ids in \\[0, vocab_size=10\\). Got 10"),
+    (torch.full((1, 3), -1), None, "Got -1"),
+    (torch.zeros(1, 3), None, "integer token ids. Got dtype torch.float32"),
+    (torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 2, dtype=torch.long), "'targets' .* shape of idx \\(1, 3\\)"),
+    (torch.zeros(1, 3, dtype=torch.long), [0, 1, 2], "'targets' .* Got list"),
+])
+def test_gpt_forward_refuses_bad_tokens(idx, targets, match):
+    with pytest.raises(InvalidParameterError, match=match):
+        _tiny_gpt()(idx, targets)
+
+
+def test_gpt_forward_accepts_int32_tokens_and_ignore_index_targets():
+    idx = torch.tensor([[1, 2, 9]], dtype=torch.int32)
+    _, loss = _tiny_gpt()(idx, torch.tensor([[2, 9, -1]]))
+    assert torch.isfinite(loss)

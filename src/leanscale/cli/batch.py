@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import warnings
+from pathlib import Path
+
+from leanscale.core.errors import InvalidParameterError
 
 EPILOG = """\
 examples:
@@ -112,10 +117,37 @@ def run_plan(args) -> int:
     return 0
 
 
+# --set keys of TrainConfig that the recipe sets from its own flags (a --set would be overwritten)
+_RECIPE_KEYS = {
+    "batch_size": "--base-batch (the small batch) and --batch (the large one)", "lr": "--base-lr",
+    "epochs": "--epochs", "ghost_batch_size": "--ghost-batch", "warmup_epochs": "--warmup-epochs",
+    "optimizer": "--optimizer", "clip_grad_norm": "--clip",
+}
+
+
+def _check_out_path(out: str | None, flag: str = "--out") -> None:
+    """Refuse an output path that cannot be written *before* any training starts."""
+    if out is None:
+        return
+    path = Path(out)
+    where = f"The {flag!r} parameter of leanscale batch train"
+    if path.is_dir():
+        raise InvalidParameterError(f"{where} must be a file to write. Got {out!r}, which is a folder.")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise InvalidParameterError(
+            f"{where} must be in an existing folder. Got {out!r}, whose folder {str(parent)!r} does not exist"
+            + (" (it is a file)." if parent.exists() else ".")
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InvalidParameterError(f"{where} must be in a folder you can write. Got {out!r}.")
+
+
 def run_noise(args) -> int:
     import torch.nn.functional as F
 
     from leanscale.core.io import to_jsonable
+    from leanscale.core.validation import Interval, check_param
     from leanscale.large_batch.noise_scale import (
         measure_noise_scale,
     )
@@ -125,26 +157,54 @@ def run_noise(args) -> int:
         train_classifier,
     )
 
+    # every flag is checked before the data are loaded and the warm-up steps run
+    owner = "leanscale batch noise"
+    check_param("--warm-steps", args.warm_steps, [Interval(int, 0, None)], owner=owner)
+    check_param("--batch-size", args.batch_size, [Interval(int, 1, None)], owner=owner)
+    check_param("--n-batches", args.n_batches, [Interval(int, 2, None)], owner=owner)
+    check_param("--base-batch", args.base_batch, [Interval(int, 1, None)], owner=owner)
+    check_param("--base-lr", args.base_lr, [Interval(float, 0, float("inf"), closed="neither")], owner=owner)
+    check_param("--seed", args.seed, [Interval(int, 0, None)], owner=owner)
     cfg = TrainConfig(width=args.width, data_root=args.data_root, seed=args.seed, batch_size=128, lr=args.base_lr,
                       decay="none", milestones=(), n_test=1000)
+    from leanscale.large_batch.train import _check_config
+
+    _check_config(cfg)
     data = load_image_data(cfg)
     steps = args.warm_steps
     if steps > 0:
         cfg = TrainConfig(**{**cfg.__dict__, "epochs": steps * 128 / len(data[1]),
                              "eval_every_epochs": steps * 128 / len(data[1])})
-    result = train_classifier(cfg, data=data, keep_model=True)
-    measured = measure_noise_scale(result.model, F.cross_entropy, (data[0], data[1]),
-                                   batch_size=args.batch_size, n_batches=args.n_batches)
-    advice = measured.advise(base_lr=args.base_lr, base_batch=args.base_batch)
+        model = train_classifier(cfg, data=data, keep_model=True).model
+    else:  # --warm-steps 0: measure at initialisation (no training at all)
+        from leanscale.large_batch.train import build_model
+
+        model = build_model(cfg, tuple(data[0].shape[1:]), int(max(data[1].max(), data[3].max())) + 1)
+    with warnings.catch_warnings():  # the CLI reports reliability itself, in the text and the JSON
+        warnings.simplefilter("ignore", RuntimeWarning)
+        measured = measure_noise_scale(model, F.cross_entropy, (data[0], data[1]),
+                                       batch_size=args.batch_size, n_batches=args.n_batches)
+        advice = (measured.advise(base_lr=args.base_lr, base_batch=args.base_batch, n_examples=len(data[1]))
+                  if measured.reliable else None)
+    where = f"after {steps} warm-up steps, {args.n_batches} batches of {args.batch_size}"
+    warning_list = [measured.warning] if measured.warning else list(advice.warnings if advice else ())
     if args.json:
-        blob = {"b_simple": float(measured.b_simple), "warm_steps": steps, "measurement": measured.to_dict(),
+        blob = {"b_simple": float(measured.b_simple) if measured.reliable else None, "reliable": measured.reliable,
+                "warnings": warning_list, "warm_steps": steps, "measurement": measured.to_dict(),
                 "advice": advice}
         json.dump(to_jsonable(blob), sys.stdout, indent=2)
         print()
+    elif advice is None:
+        print(f"B_simple: no reliable estimate ({where}).")
+        print(f"warning: {measured.warning}")
+        print(f"  raw estimates: |G|^2 = {measured.grad_sq_norm:.4g}, tr(Sigma) = {measured.trace_sigma:.4g}"
+              + (f", relative standard error ~{measured.relative_error:.0%}" if measured.relative_error else ""))
+        print(f"  try: --n-batches {max(2 * args.n_batches, 40)} (more batches), or a larger --batch-size")
     else:
-        print(f"B_simple = {measured.b_simple:.0f} (after {steps} warm-up steps, {args.n_batches} batches of {args.batch_size})")
+        print(f"B_simple = {measured.b_simple:.0f} ({where})")
         print(advice)
-    return 0
+    # an estimate that cannot be trusted is a failed measurement: exit 1 (the JSON says why)
+    return 0 if measured.reliable else 1
 
 
 def run_train(args) -> int:
@@ -154,6 +214,20 @@ def run_train(args) -> int:
     from leanscale.large_batch.train import TrainConfig, train_classifier
 
     recipe = _recipe(args)
+    _check_out_path(args.out)
+    for item in args.overrides:
+        key = str(item).partition("=")[0].strip()
+        if key in _RECIPE_KEYS:
+            raise InvalidParameterError(
+                f"The '--set' parameter of leanscale batch train must not set {key!r}: the recipe sets it "
+                f"(use {_RECIPE_KEYS[key]}). Got {item!r}."
+            )
+        if key == "milestones" and args.milestones:
+            raise InvalidParameterError(
+                f"The '--set' parameter of leanscale batch train must not set 'milestones' together with "
+                f"--milestones (one would silently replace the other). Got {item!r} and --milestones "
+                f"{','.join(f'{m:g}' for m in args.milestones)}."
+            )
     base = TrainConfig(batch_size=args.base_batch, lr=args.base_lr, epochs=args.epochs)
     base = apply_overrides(base, args.overrides)
     if args.milestones:
@@ -179,4 +253,6 @@ def run_train(args) -> int:
         print(recipe.describe())
         print(f"test accuracy {result.test_accuracy:.4f} after {result.steps} steps of {config.batch_size} "
               f"({result.seconds:.0f} s, {result.world_size} process(es))")
-    return 0
+        for w in result.warnings:
+            print(f"warning: {w}")
+    return 1 if result.warnings else 0

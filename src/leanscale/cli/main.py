@@ -1,13 +1,18 @@
 """``leanscale``: the entry point. Subcommands are the modules listed in :data:`SUBCOMMANDS`.
 
-Exit status: 0 success, 1 the command ran but something failed (a tour chapter, a check),
-2 bad usage or a :class:`~leanscale.core.errors.LeanscaleError` (message, no traceback),
-130 interrupted (Ctrl-C).
+Exit status: 0 success, 1 the command ran but something failed (a tour chapter, a check; or
+the disk is full / read-only), 2 bad usage, a :class:`~leanscale.core.errors.LeanscaleError` or a
+path that cannot be used (missing file, a folder where a file is expected, no permission: message,
+no traceback), 130 interrupted (Ctrl-C).
+
+Only those errors are turned into messages: any other exception is a bug and keeps its traceback.
+``LEANSCALE_DEBUG=1`` shows the traceback of every error.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -75,6 +80,39 @@ def _exit_code(code: object) -> int:
     return 1
 
 
+# OS errors that mean "this path cannot be used as given" (exit 2) or "the machine cannot store
+# the result" (exit 1). Anything else (a TypeError, a KeyError, ...) is a bug and is not caught.
+_PATH_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError)
+_STORAGE_ERRNOS = {errno.ENOSPC: 1, errno.EROFS: 1, errno.EDQUOT: 1, errno.ENAMETOOLONG: 2, errno.ELOOP: 2}
+
+
+def os_error_message(exc: OSError) -> str:
+    """A one-line description of an OS error that names the path, e.g.
+    ``cannot use '/data/x.npz': No such file or directory``."""
+    reason = exc.strerror or type(exc).__name__
+    # for a two-path error (a rename of a temporary file onto the output) the second path is the
+    # one the user named
+    path = exc.filename2 if exc.filename2 is not None else exc.filename
+    if path is None:
+        return f"{reason} ({type(exc).__name__})"
+    shown = repr(os.fsdecode(path)) if isinstance(path, (str, bytes, os.PathLike)) else repr(path)
+    hint = {
+        FileNotFoundError: "check the path (or create its parent folder)",
+        IsADirectoryError: "a file was expected, not a folder",
+        NotADirectoryError: "a part of the path is a file, not a folder",
+        PermissionError: "no permission: choose a path you can read/write",
+        FileExistsError: "something is already there: a file where a folder is needed?",
+    }.get(type(exc))
+    return f"cannot use {shown}: {reason}" + (f" ({hint})" if hint else "")
+
+
+def _os_error_status(exc: OSError) -> int | None:
+    """Exit status for an OS error the CLI reports as a message, or None for one it does not."""
+    if isinstance(exc, _PATH_ERRORS):
+        return 2
+    return _STORAGE_ERRNOS.get(exc.errno)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``leanscale`` with ``argv`` (default: ``sys.argv[1:]``) and return the exit status.
 
@@ -118,6 +156,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             os.close(devnull)
         return 141
+    except OSError as exc:
+        status = _os_error_status(exc)
+        if status is None or os.environ.get(DEBUG_ENV):
+            raise
+        print(f"{prog}: error: {os_error_message(exc)}", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":

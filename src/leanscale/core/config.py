@@ -262,6 +262,11 @@ def apply_overrides(config: T, overrides: Sequence[str]) -> T:
     _check_dataclass_instance(config, "apply_overrides")
     if isinstance(overrides, str):
         overrides = [overrides]
+    if not isinstance(overrides, (list, tuple)):
+        raise InvalidParameterError(
+            f"The 'overrides' parameter of apply_overrides must be a list of 'key=value' strings. "
+            f"Got {type(overrides).__name__} instead."
+        )
     for item in overrides:
         key, sep, text = str(item).partition("=")
         key = key.strip()

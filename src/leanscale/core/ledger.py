@@ -556,7 +556,7 @@ def _check_entry(entry: CostEntry, owner: str) -> CostEntry:
         raise InvalidParameterError(f"The 'name' parameter of {owner} must be a non-empty str. Got ''.")
     if isinstance(entry.flops, FlopCount):
         entry.flops = entry.flops.total
-    real = [None, Interval("real", 0, None)]
+    real = [None, Interval("real", 0, math.inf, closed="left")]  # finite: inf seconds is no cost
     count = [None, Interval(int, 0, None)]
     check_param("flops", entry.flops, real, owner=owner)
     check_param("seconds", entry.seconds, real, owner=owner)

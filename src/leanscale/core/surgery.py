@@ -61,6 +61,11 @@ def count_modules(model: nn.Module, cls: type | tuple[type, ...]) -> int:
     ``nn.BatchNorm2d`` is left after Ghost BatchNorm surgery.
     """
     _check_model(model, "count_modules")
+    if not (isinstance(cls, type) or (isinstance(cls, tuple) and cls and all(isinstance(c, type) for c in cls))):
+        raise InvalidParameterError(
+            f"The 'cls' parameter of count_modules must be a class or a tuple of classes (e.g. nn.BatchNorm2d). "
+            f"Got {cls!r} instead."
+        )
     return sum(1 for m in model.modules() if isinstance(m, cls))
 
 

@@ -96,13 +96,40 @@ class FashionMNISTTensors(NamedTuple):
     y: torch.Tensor  # (n,) int64
 
 
-def _gunzip(raw: bytes, path: Path) -> bytes:
+# An IDX file larger than this once decompressed is refused before it is allocated (Fashion-MNIST's
+# largest file is 47 MB): a small crafted .gz must not expand into all the memory there is.
+MAX_IDX_BYTES = 1 << 30
+
+
+def _gunzip(raw: bytes, path: Path, max_bytes: int | None = None) -> bytes:
+    """Decompress a gzip stream (several members allowed), refusing output beyond ``max_bytes``
+    (default :data:`MAX_IDX_BYTES`)."""
+    max_bytes = MAX_IDX_BYTES if max_bytes is None else max_bytes
+    out, data = [], raw
+    total = 0
     try:
-        return gzip.decompress(raw)
-    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        while data:
+            d = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+            while True:
+                chunk = d.decompress(data, max_bytes + 1 - total)
+                total += len(chunk)
+                out.append(chunk)
+                if total > max_bytes:
+                    raise DataFormatError(
+                        f"{path}: decompresses to more than {max_bytes:,} bytes; refused (not an IDX file of a "
+                        f"data set this library reads, or a crafted file)."
+                    )
+                if d.eof or not d.unconsumed_tail:
+                    break
+                data = d.unconsumed_tail
+            if not d.eof:
+                raise EOFError("compressed file ended before the end-of-stream marker was reached")
+            data = d.unused_data.lstrip(b"\x00")  # concatenated members (gzip allows them)
+    except (EOFError, zlib.error) as exc:
         raise DataFormatError(
             f"{path}: corrupt or truncated gzip stream ({exc}). Re-download or reinstall the file."
         ) from None
+    return b"".join(out)
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -117,8 +144,9 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
     Raises:
         DataFormatError: bad magic number, unknown type code, or a payload whose size does not
-            match the header (truncated or padded file); the message names the file.
-        FileNotFoundError: the file does not exist.
+            match the header (truncated or padded file), a folder, or a gzip stream that is corrupt
+            or decompresses beyond :data:`MAX_IDX_BYTES`; the message names the file.
+        DataNotFoundError: the file does not exist (a ``FileNotFoundError``).
 
     Example:
         >>> import tempfile, os
@@ -128,8 +156,10 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         array([[0, 1, 2],
                [3, 4, 5]], dtype=int16)
     """
+    from leanscale.core.io import _read_bytes
+
     path = Path(path)
-    raw = path.read_bytes()
+    raw = _read_bytes(path, "IDX file")
     if raw[:2] == b"\x1f\x8b":
         raw = _gunzip(raw, path)
     if len(raw) < 4:

@@ -7,7 +7,11 @@ from typing import Any
 
 import torch
 
-from leanscale.core.errors import InvalidParameterError
+from leanscale.core.errors import InvalidParameterError, LeanscaleError
+
+# What a user's model or loss raises on data it cannot take (wrong shape, dtype, label range).
+# Out-of-memory errors are RuntimeErrors too, but they are not about the data: they pass through.
+_USER_CODE_ERRORS = (RuntimeError, ValueError, IndexError, TypeError)
 
 
 def is_xy_pair(data: Any) -> bool:
@@ -53,3 +57,69 @@ def check_scalar_loss(loss: Any, owner: str) -> torch.Tensor:
             + " instead."
         )
     return loss.reshape(())
+
+
+def describe(value: Any) -> str:
+    """``tensor of shape (8, 4) and dtype torch.float32`` (or the type name) for error messages."""
+    if isinstance(value, torch.Tensor):
+        return f"tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    return type(value).__name__
+
+
+def check_finite_x(x: Any, owner: str, where: str = "") -> None:
+    """An error naming 'data' when a floating-point ``x`` holds NaN or inf (found before any work)."""
+    if isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex()) and x.numel():
+        finite = torch.isfinite(x.detach())
+        if not bool(finite.all()):
+            row = int((~finite).reshape(x.shape[0], -1).any(1).nonzero()[0, 0]) if x.ndim else 0
+            raise InvalidParameterError(
+                f"The 'data' parameter of {owner} must hold only finite inputs x. Got NaN or inf in "
+                f"example {row}{where}: remove or impute those examples first."
+            )
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) if hasattr(torch, "OutOfMemoryError") else False
+
+
+def model_loss(model: Any, loss_fn: Any, x: Any, y: Any, owner: str) -> torch.Tensor:
+    """``loss_fn(model(x), y)`` as a 0-d tensor that depends on the model's parameters.
+
+    An error of the user's model or loss on this batch (a shape, dtype or label-range mismatch) is
+    re-raised as :class:`InvalidParameterError` naming ``model``/``loss_fn`` and the batch's shapes,
+    with the original exception chained (``LEANSCALE_DEBUG=1`` shows it in the CLI).
+    """
+    try:
+        out = model(x)
+    except LeanscaleError:
+        raise
+    except _USER_CODE_ERRORS as exc:
+        if _is_oom(exc):
+            raise
+        raise InvalidParameterError(
+            f"The 'model' parameter of {owner} failed on a batch of 'data' (x: {describe(x)}): "
+            f"{type(exc).__name__}: {exc}. Check that the data match the model's input."
+        ) from exc
+    try:
+        loss = loss_fn(out, y)
+    except LeanscaleError:
+        raise
+    except _USER_CODE_ERRORS as exc:
+        if _is_oom(exc):
+            raise
+        raise InvalidParameterError(
+            f"The 'loss_fn' parameter of {owner} failed on the model's output ({describe(out)}) and the "
+            f"labels y ({describe(y)}): {type(exc).__name__}: {exc}. Check the labels (e.g. class indices "
+            f"in [0, n_classes) of an integer dtype for cross-entropy) and the model's output size."
+        ) from exc
+    return check_scalar_loss(loss, owner)
+
+
+def check_loss_has_grad(loss: torch.Tensor, owner: str) -> None:
+    """An error naming 'loss_fn' when the loss does not depend on any trainable parameter."""
+    if not loss.requires_grad:
+        raise InvalidParameterError(
+            f"The 'loss_fn' parameter of {owner} must return a loss computed from the model's output "
+            f"(one that depends on its trainable parameters). Got a tensor without a gradient (detached, "
+            f"or computed under torch.no_grad())."
+        )

@@ -96,12 +96,27 @@ class _GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
         check_param("num_features", num_features, [Interval(int, 1, None)], owner=owner)
         check_param("ghost_batch_size", ghost_batch_size, [Interval(int, 1, None)], owner=owner)
         check_param("small_batch", small_batch, [Options(set(_SMALL_BATCH))], owner=owner)
+        check_param("eps", eps, [Interval(float, 0, math.inf, closed="neither")], owner=owner)
+        check_param("momentum", momentum, [None, Interval(float, 0, 1)], owner=owner)
+        check_param("affine", affine, [bool], owner=owner)
+        check_param("track_running_stats", track_running_stats, [bool], owner=owner)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.ghost_batch_size = int(ghost_batch_size)
         self.small_batch = small_batch
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
-        self._bn_class._check_input_dim(self, input)
+        try:
+            self._bn_class._check_input_dim(self, input)
+        except ValueError as exc:  # torch's "expected 4D input (got 2D input)"
+            raise InvalidParameterError(
+                f"The 'input' of {type(self).__name__} must be a batch of the shape "
+                f"{self._bn_class.__name__} takes: {exc}. Got shape {tuple(input.shape)}."
+            ) from None
+        if input.ndim < 2 or input.shape[1] != self.num_features:
+            raise InvalidParameterError(
+                f"The 'input' of {type(self).__name__} must have {self.num_features} channels (num_features) "
+                f"in dimension 1. Got shape {tuple(input.shape)}."
+            )
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, ghost_batch_size={self.ghost_batch_size}"
@@ -142,6 +157,13 @@ class _GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
             g = b
         sizes = ghost_batch_sizes(b, g)
         k = len(sizes)  # number of ghost batches
+        per_channel = min(sizes) * math.prod(input.shape[2:])
+        if per_channel < 2:
+            raise InvalidParameterError(
+                f"The 'ghost_batch_size' of {type(self).__name__} gives ghost batches with {per_channel} value "
+                f"per channel (ghost batch {min(sizes)}, input shape {tuple(input.shape)}): batch statistics "
+                f"need at least 2. Use a ghost_batch_size of at least 2 for this input."
+            )
         if k == 1:
             out = F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
         elif b % k == 0:
@@ -201,6 +223,7 @@ def accumulate_running_stats(model: nn.Module) -> Iterator[None]:
                 (loss_fn(model(xb), yb) * len(yb) / len(y)).backward()
         optimizer.step()
     """
+    check_param("model", model, [nn.Module], owner="accumulate_running_stats")
     modules = [m for m in model.modules() if isinstance(m, _GhostBatchNorm) and m.track_running_stats]
     for m in modules:
         m._pending = []
@@ -224,6 +247,8 @@ def ghost_batch_sizes(batch_size: int, ghost_batch_size: int) -> list[int]:
     >>> ghost_batch_sizes(256, 128), ghost_batch_sizes(13, 4)
     ([128, 128], [4, 3, 3, 3])
     """
+    check_param("batch_size", batch_size, [Interval(int, 1, None)], owner="ghost_batch_sizes")
+    check_param("ghost_batch_size", ghost_batch_size, [Interval(int, 1, None)], owner="ghost_batch_sizes")
     k = max(1, math.ceil(batch_size / ghost_batch_size))
     q, r = divmod(batch_size, k)
     return [q + 1] * r + [q] * (k - r)

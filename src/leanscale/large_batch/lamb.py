@@ -64,7 +64,7 @@ import torch
 
 from leanscale.core.errors import InvalidParameterError
 from leanscale.core.validation import InstanceOf, Interval, check_param, check_params
-from leanscale.large_batch.lars import _check_dense, _check_group_keys, _norm
+from leanscale.large_batch.lars import _check_dense, _check_group_keys, _norm, check_params_argument
 
 __all__ = ["LAMB"]
 
@@ -138,7 +138,7 @@ class LAMB(torch.optim.Optimizer):
         }
         check_params(defaults, _parameter_constraints, owner="LAMB")
         _check_betas(betas, "LAMB")
-        super().__init__(params, defaults)
+        super().__init__(check_params_argument(params, "LAMB"), defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (validated: overrides must satisfy the constructor's constraints)."""

@@ -132,6 +132,54 @@ def _check_group_keys(param_group: dict, constraints: dict, own_key: str, owner:
     check_params({k: v for k, v in param_group.items() if k != "params"}, constraints, owner=where)
 
 
+def check_params_argument(params: Any, owner: str) -> list:
+    """``params`` (parameters or param-group dicts) as a list; an error naming 'params' unless it
+    is a non-empty iterable of tensors or of dicts (a model instead of ``model.parameters()``, a
+    string, or an empty list are refused)."""
+    if isinstance(params, nn.Module):
+        raise InvalidParameterError(
+            f"The 'params' parameter of {owner} must be an iterable of parameters or param-group dicts. Got "
+            f"a model ({type(params).__name__}): pass model.parameters() or lars_param_groups(model, ...)."
+        )
+    if isinstance(params, torch.Tensor):
+        return [params]
+    if isinstance(params, (str, bytes, dict)) or not hasattr(params, "__iter__"):
+        raise InvalidParameterError(
+            f"The 'params' parameter of {owner} must be an iterable of parameters or param-group dicts. "
+            f"Got {type(params).__name__} instead."
+        )
+    items = list(params)
+    if not items:
+        raise InvalidParameterError(
+            f"The 'params' parameter of {owner} must hold at least one parameter. Got an empty iterable "
+            f"(a model without parameters, or all of them filtered out)."
+        )
+    for i, item in enumerate(items):
+        if not isinstance(item, (torch.Tensor, dict)):
+            raise InvalidParameterError(
+                f"The 'params' parameter of {owner} must hold tensors or param-group dicts. Got "
+                f"{type(item).__name__} at index {i}."
+            )
+        if isinstance(item, dict):
+            if "params" not in item:
+                raise InvalidParameterError(
+                    f"The param group {i} of {owner} must have a 'params' key (its tensors). Got the keys "
+                    f"{sorted(map(str, item))}."
+                )
+            group = item["params"]
+            tensors = [group] if isinstance(group, torch.Tensor) else (
+                None if isinstance(group, (str, bytes, dict)) or not hasattr(group, "__iter__") else list(group))
+            if tensors is None or not all(isinstance(t, torch.Tensor) for t in tensors):
+                raise InvalidParameterError(
+                    f"The 'params' of param group {i} of {owner} must be a tensor or an iterable of tensors. "
+                    f"Got {type(group).__name__}"
+                    + ("" if tensors is None else " holding " + ", ".join(sorted({type(t).__name__ for t in tensors})))
+                    + "."
+                )
+            items[i] = {**item, "params": tensors}
+    return items
+
+
 def _check_nesterov(nesterov: bool, momentum: float, dampening: float, owner: str) -> None:
     if nesterov and (momentum <= 0 or dampening != 0):
         raise InvalidParameterError(
@@ -191,7 +239,7 @@ class LARS(torch.optim.Optimizer):
         }
         check_params(defaults, _parameter_constraints, owner="LARS")
         _check_nesterov(nesterov, momentum, dampening, "LARS")
-        super().__init__(params, defaults)
+        super().__init__(check_params_argument(params, "LARS"), defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (validated: overrides must satisfy the constructor's constraints)."""

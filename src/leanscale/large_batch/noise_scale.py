@@ -77,7 +77,7 @@ import math
 import numbers
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
@@ -87,10 +87,12 @@ from torch import nn
 from leanscale.core.errors import InvalidParameterError, NotFittedError
 from leanscale.core.validation import Interval, check_param
 from leanscale.large_batch._data import (
-    check_scalar_loss,
+    check_finite_x,
+    check_loss_has_grad,
     check_xy_pair,
     is_xy_pair,
     iter_xy_batches,
+    model_loss,
 )
 
 __all__ = [
@@ -150,11 +152,67 @@ def two_batch_estimates(
     Raises:
         InvalidParameterError: a non-positive batch size or ``batch_big <= batch_small``.
     """
-    b_small, b_big = _check_batches(batch_small, batch_big, "two_batch_estimates")
-    small, big = float(small_sq_norm), float(big_sq_norm)
+    owner = "two_batch_estimates"
+    b_small, b_big = _check_batches(batch_small, batch_big, owner)
+    small = _one_float("small_sq_norm", small_sq_norm, owner)
+    big = _one_float("big_sq_norm", big_sq_norm, owner)
     grad_sq_norm = (b_big * big - b_small * small) / (b_big - b_small)
     trace_sigma = (small - big) / (1.0 / b_small - 1.0 / b_big)
     return NoiseEstimates(grad_sq_norm, trace_sigma)
+
+
+def _one_float(name: str, value: Any, owner: str) -> float:
+    """A squared norm given as a number or a one-element tensor/array (NaN and inf pass through)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return float(value.item())
+    if isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "iuf":
+        return float(value.item())
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+        return float(value)
+    raise InvalidParameterError(
+        f"The {name!r} parameter of {owner} must be a number (a squared gradient norm). "
+        f"Got {type(value).__name__} {value!r} instead."
+    )
+
+
+def _unreliable_reason(grad_sq_norm: float, trace_sigma: float, relative_error: float | None = None) -> str | None:
+    """Why a (smoothed or single) estimate of B_simple cannot be trusted, or None when it can."""
+    if not (math.isfinite(grad_sq_norm) and math.isfinite(trace_sigma)):
+        return "the gradients were not finite, so nothing was measured"
+    if grad_sq_norm == 0 and trace_sigma == 0:
+        return ("every gradient was zero (the loss does not depend on the trainable parameters, or "
+                "the model sits at an exact minimum), so there is no noise scale to measure")
+    if grad_sq_norm <= 0:
+        return (f"the |G|^2 estimate is {grad_sq_norm:.3g} <= 0: the true gradient is not resolved above the "
+                f"noise at these batch sizes (B_simple would read inf, which only means 'larger than these "
+                f"batches can resolve'); measure with more or larger batches")
+    if trace_sigma <= 0:
+        return (f"the tr(Sigma) estimate is {trace_sigma:.3g} <= 0: the gradient noise is not resolved at these "
+                f"batch sizes (B_simple would read 0, which is not a measurement); measure with more batches")
+    if relative_error is not None and relative_error > _MAX_RELATIVE_ERROR:
+        return (f"the estimate's relative standard error is about {relative_error:.0%} (more than "
+                f"{_MAX_RELATIVE_ERROR:.0%}): the small-batch squared norms vary too much for this few batches; "
+                f"measure with more batches")
+    return None
+
+
+# Above this relative standard error (first-order, from the spread of the small-batch squared norms)
+# a single measurement of B_simple is reported as unreliable.
+_MAX_RELATIVE_ERROR = 1.0
+
+
+def _relative_error(small_sq: Sequence[float], b_small: float, b_big: float,
+                    grad_sq_norm: float, trace_sigma: float) -> float | None:
+    """First-order relative standard error of ``tr(Sigma) / |G|^2`` from the spread of the small-batch
+    squared norms (the big-batch norm is treated as exact; both estimates move with the same mean,
+    in opposite directions, so their relative errors add)."""
+    k = len(small_sq)
+    if k < 2 or not (grad_sq_norm > 0 and trace_sigma > 0):
+        return None
+    se = float(np.std(np.asarray(small_sq, dtype=np.float64), ddof=1)) / math.sqrt(k)
+    se_g2 = b_small * se / (b_big - b_small)
+    se_tr = se / (1.0 / b_small - 1.0 / b_big)
+    return se_g2 / grad_sq_norm + se_tr / trace_sigma
 
 
 def _ratio(trace_sigma: float, grad_sq_norm: float) -> float:
@@ -400,9 +458,26 @@ class GradientNoiseScale:
         self._flush_ddp()
         return [dict(h) for h in self._history]
 
+    @property
+    def reliable(self) -> bool:
+        """False when the smoothed ``|G|^2`` or ``tr(Sigma)`` estimate is <= 0 (see :attr:`warning`)."""
+        return self.warning is None
+
+    @property
+    def warning(self) -> str | None:
+        """Why ``b_simple`` cannot be trusted (a non-positive smoothed estimate), or None."""
+        self._check_fitted()
+        g2, tr = self._corrected()
+        reason = _unreliable_reason(g2, tr)
+        return None if reason is None else f"B_simple is unreliable: {reason}."
+
     def advise(self, **kwargs) -> BatchAdvice:
-        """:func:`advise` with this estimator's ``b_simple``; keyword arguments as there."""
-        return advise(self.b_simple, **kwargs)
+        """:func:`advise` with this estimator's ``b_simple``; keyword arguments as there.
+
+        Warns (``RuntimeWarning``) when the estimate is unreliable (:attr:`warning`); the advice then
+        carries the warning too.
+        """
+        return _advise_measured(self.b_simple, self.warning, kwargs)
 
     # -------------------------------------------------------------------------- persistence
     def state_dict(self) -> dict:
@@ -437,6 +512,12 @@ class GradientNoiseScale:
         for key in ("ema_grad_sq_norm", "ema_trace_sigma"):
             check_param(key, state[key], [Interval("real", None, None)], owner=owner)
         check_param("history", state["history"], [list], owner=owner)
+        for i, h in enumerate(state["history"]):
+            if not isinstance(h, dict):
+                raise InvalidParameterError(
+                    f"The 'history' parameter of {owner} must be a list of dicts (one per update). "
+                    f"Got {type(h).__name__} at index {i}."
+                )
         self.beta, self.keep_history = float(state["beta"]), state["keep_history"]
         self._n_updates, self._n_skipped = int(state["n_updates"]), int(state["n_skipped"])
         self._ema_grad_sq_norm = float(state["ema_grad_sq_norm"])
@@ -789,6 +870,10 @@ class NoiseScaleResult:
     batch_small: float  # B_small (the harmonic mean of the small-batch sizes)
     batch_big: int  # B_big = examples used
     n_batches: int
+    reliable: bool = True  # False: see warning; b_simple is then not a measurement to act on
+    warning: str | None = None  # why the estimate is unreliable (None when it is not)
+    relative_error: float | None = None  # first-order relative standard error of b_simple
+    n_examples: int | None = None  # size of the data set measured on ((x, y) data; None for an iterable)
 
     @property
     def estimator(self) -> GradientNoiseScale:
@@ -797,8 +882,19 @@ class NoiseScaleResult:
                                            self.big_sq_norm, self.batch_big)
 
     def advise(self, **kwargs) -> BatchAdvice:
-        """:func:`advise` with this ``b_simple``."""
-        return advise(self.b_simple, **kwargs)
+        """:func:`advise` with this ``b_simple`` (and ``n_examples`` of the data set, unless given).
+
+        Warns (``RuntimeWarning``) when the measurement is unreliable (:attr:`warning`); the advice
+        then carries the warning too. Raises :class:`InvalidParameterError` when nothing was
+        measured (NaN).
+        """
+        if math.isnan(self.b_simple):
+            raise InvalidParameterError(
+                f"The noise-scale measurement holds no estimate to advise from: {self.warning or 'it is NaN'}."
+            )
+        if self.n_examples is not None:
+            kwargs.setdefault("n_examples", self.n_examples)
+        return _advise_measured(self.b_simple, self.warning, kwargs)
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -808,6 +904,7 @@ def _batches(data, batch_size: int, n_batches: int, seed: int | None, owner: str
     if is_xy_pair(data):
         x, y = data
         n = check_xy_pair(x, y, owner)
+        check_finite_x(x, owner)
         if n < batch_size * n_batches:
             raise InvalidParameterError(
                 f"The 'data' parameter of {owner} must hold at least batch_size * n_batches = "
@@ -871,10 +968,14 @@ def measure_noise_scale(
 
     Raises:
         InvalidParameterError: bad sizes, too little data, a model without trainable parameters,
-            or a ``loss_fn`` that does not return a scalar.
+            NaN or inf in ``x``, a model or ``loss_fn`` that fails on the data (the error names
+            it, with the batch's shapes), or a ``loss_fn`` that does not return a scalar with a
+            gradient.
 
     Warns:
-        RuntimeWarning: a non-finite gradient; the result is then all NaN.
+        RuntimeWarning: a non-finite gradient (the result is then all NaN), or an unreliable
+        estimate: ``|G|^2`` or ``tr(Sigma)`` <= 0, all-zero gradients, or a relative standard
+        error above 100%. ``result.reliable`` is then False and ``result.warning`` says why.
     """
     owner = "measure_noise_scale"
     check_param("model", model, [nn.Module], owner=owner)
@@ -890,6 +991,7 @@ def measure_noise_scale(
             f"Got a model with none."
         )
     batches = _batches(data, batch_size, n_batches, seed, owner)
+    n_examples = check_xy_pair(*data, owner) if is_xy_pair(data) else None
     device = params[0].device
     modes = [(m, m.training) for m in model.modules()]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
@@ -898,11 +1000,13 @@ def measure_noise_scale(
     acc = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in params]
     try:
         model.train(train_mode)
-        for x, y, n in batches:
+        for i, (x, y, n) in enumerate(batches):
+            check_finite_x(x, owner, where=f" of batch {i}" if n_examples is None else "")
             x = x.to(device) if isinstance(x, torch.Tensor) else x
             y = y.to(device) if isinstance(y, torch.Tensor) else y
             with torch.enable_grad():
-                loss = check_scalar_loss(loss_fn(model(x), y), owner)
+                loss = model_loss(model, loss_fn, x, y, owner)
+                check_loss_has_grad(loss, owner)
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
             sq = torch.zeros((), dtype=torch.float64, device=device)  # |G_small,i|^2
             for a, g in zip(acc, grads):
@@ -930,12 +1034,20 @@ def measure_noise_scale(
             stacklevel=2,
         )
         nan = math.nan
-        return NoiseScaleResult(nan, nan, nan, tuple(small_sq), big_sq, b_small, total, len(batches))
+        return NoiseScaleResult(nan, nan, nan, tuple(small_sq), big_sq, b_small, total, len(batches),
+                                reliable=False, warning="B_simple is unreliable: the gradients were not finite, "
+                                "so nothing was measured.", n_examples=n_examples)
     est = two_batch_estimates(sum(small_sq) / len(small_sq), b_small, big_sq, total)
+    rel = _relative_error(small_sq, b_small, total, est.grad_sq_norm, est.trace_sigma)
+    reason = _unreliable_reason(est.grad_sq_norm, est.trace_sigma, rel)
+    warning = None if reason is None else f"B_simple is unreliable: {reason}."
+    if warning is not None:
+        warnings.warn(f"{owner}: {warning}", RuntimeWarning, stacklevel=2)
     return NoiseScaleResult(
         b_simple=_ratio(est.trace_sigma, est.grad_sq_norm), grad_sq_norm=est.grad_sq_norm,
         trace_sigma=est.trace_sigma, small_sq_norms=tuple(small_sq), big_sq_norm=big_sq, batch_small=b_small,
-        batch_big=total, n_batches=len(batches),
+        batch_big=total, n_batches=len(batches), reliable=warning is None, warning=warning,
+        relative_error=rel, n_examples=n_examples,
     )
 
 
@@ -955,6 +1067,8 @@ class BatchAdvice:
     steps_vs_base: float | None  # S(B) / S(base_batch) = (1 + B_noise/B) / (1 + B_noise/base_batch)
     examples_vs_base: float | None  # E(B) / E(base_batch)
     reasoning: str  # the paragraph __str__ prints
+    warnings: tuple[str, ...] = ()  # why this advice is not to be trusted as is (also in reasoning)
+    n_examples: int | None = None  # training-set size the batch was checked against
 
     def __str__(self) -> str:
         return self.reasoning
@@ -977,6 +1091,7 @@ def advise(
     max_batch: int | None = None,
     n_devices: int = 1,
     power_of_two: bool = True,
+    n_examples: int | None = None,
 ) -> BatchAdvice:
     """Recommend a batch size and learning rate from a measured noise scale.
 
@@ -1005,6 +1120,10 @@ def advise(
         max_batch: Largest batch you can use (memory, data, devices).
         n_devices: Data-parallel devices; the batch is a multiple of it.
         power_of_two: Round ``B_simple`` to the nearest power of two (else to the nearest int).
+        n_examples: Size of the training set. The batch is then at most ``n_examples`` (rounded
+            down to a multiple of ``n_devices``), and a batch above ``n_examples / 10`` (fewer than 10
+            steps per epoch) gets a warning in ``warnings`` and the reasoning: the model behind the
+            advice assumes many steps drawn from a large data set.
 
     Returns:
         A :class:`BatchAdvice`; ``print()`` it for the reasoning.
@@ -1021,6 +1140,11 @@ def advise(
     check_param("max_batch", max_batch, [None, Interval(int, 1, None)], owner=owner)
     check_param("n_devices", n_devices, [Interval(int, 1, None)], owner=owner)
     check_param("power_of_two", power_of_two, [bool], owner=owner)
+    check_param("n_examples", n_examples, [None, Interval(int, 1, None)], owner=owner)
+    if n_examples is not None and n_examples < n_devices:
+        raise InvalidParameterError(
+            f"The 'n_examples' parameter of {owner} must be at least n_devices ({n_devices}). Got {n_examples}."
+        )
     if (base_lr is None) != (base_batch is None):
         name = "base_batch" if base_batch is None else "base_lr"
         raise InvalidParameterError(
@@ -1055,9 +1179,23 @@ def advise(
     if max_batch is not None and batch > max_batch:
         batch = max_batch
         notes.append(f"capped at max_batch {max_batch}")
+    if n_examples is not None and batch > n_examples:
+        batch = n_examples
+        notes.append(f"capped at the {n_examples:,} examples of the data set")
     if n_devices > 1 and batch % n_devices:
         batch = max(n_devices, batch // n_devices * n_devices)
         notes.append(f"rounded down to a multiple of {n_devices} devices, {batch}")
+    cautions = []
+    if n_examples is not None and batch * _MIN_STEPS_PER_EPOCH > n_examples:
+        cautions.append(
+            f"batch {batch:,} is {batch / n_examples:.0%} of the {n_examples:,} training examples "
+            f"({n_examples // batch} step(s) per epoch): the noise-scale model assumes many steps drawn from a "
+            f"large data set, so this advice does not transfer; use a batch of at most "
+            f"{max(1, n_examples // _MIN_STEPS_PER_EPOCH):,} and more epochs, or more data"
+        )
+    if b_noise == 0:
+        cautions.append("B_simple = 0 means no gradient noise was resolved, not that there is none: the "
+                        "recommended batch is only the smallest possible one")
 
     def steps(b: float) -> float:  # S / S_min
         return 1.0 + b_noise / b
@@ -1098,6 +1236,8 @@ def advise(
                 f"rule would give {linear:.4g}; the two agree only for B << B_noise). Compared with batch "
                 f"{base_batch}: {_fmt(steps_vs_base)}x the steps and {_fmt(examples_vs_base)}x the examples."
             )
+    if cautions:
+        text.append(" ".join(f"Warning: {c}." for c in cautions))
     text.append(
         "Caveats: B_simple equals B_noise only for a well-conditioned Hessian, so treat it as an "
         "order-of-magnitude guide; the noise scale grows as training proceeds, so a measurement "
@@ -1108,4 +1248,21 @@ def advise(
         batch_size=batch, lr=lr, b_simple=b_noise, steps_factor=steps(batch), examples_factor=examples(batch),
         lr_max=lr_max, base_lr=None if base_lr is None else float(base_lr), base_batch=base_batch,
         steps_vs_base=steps_vs_base, examples_vs_base=examples_vs_base, reasoning=" ".join(text),
+        warnings=tuple(cautions), n_examples=n_examples,
     )
+
+
+# advise() warns when the batch leaves fewer steps per epoch than this
+_MIN_STEPS_PER_EPOCH = 10
+
+
+def _advise_measured(b_simple: float, warning: str | None, kwargs: dict) -> BatchAdvice:
+    """:func:`advise` for a measurement; an unreliable one warns and its advice carries the warning."""
+    advice = advise(b_simple, **kwargs)
+    cautions = [*(c.rstrip(".") for c in [warning] if c is not None), *advice.warnings]
+    if cautions:  # one warning with every reason
+        warnings.warn("advise: " + "; ".join(cautions) + ".", RuntimeWarning, stacklevel=3)
+    if warning is None:
+        return advice
+    return replace(advice, warnings=(warning.rstrip("."), *advice.warnings),
+                   reasoning=f"Warning: {warning} {advice.reasoning}")

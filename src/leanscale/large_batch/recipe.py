@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -98,18 +99,26 @@ class LargeBatchRecipe:
 
     def __post_init__(self) -> None:
         owner = "LargeBatchRecipe"
+        positive = [Interval(float, 0, math.inf, closed="neither")]  # finite: inf epochs/LR is no plan
         check_param("batch_size", self.batch_size, [Interval(int, 1, None)], owner=owner)
         check_param("base_batch_size", self.base_batch_size, [Interval(int, 1, None)], owner=owner)
-        check_param("base_lr", self.base_lr, [Interval(float, 0, None, closed="neither")], owner=owner)
-        check_param("base_epochs", self.base_epochs, [Interval(float, 0, None, closed="neither")], owner=owner)
+        check_param("base_lr", self.base_lr, positive, owner=owner)
+        check_param("base_epochs", self.base_epochs, positive, owner=owner)
         check_param("lr_rule", self.lr_rule, [Options(set(_RULES))], owner=owner)
         check_param("ghost_batch_size", self.ghost_batch_size, [None, Interval(int, 0, None)], owner=owner)
         check_param("regime_adaptation", self.regime_adaptation, [Interval(float, 0, 1)], owner=owner)
-        check_param("warmup_epochs", self.warmup_epochs, [Interval(float, 0, None)], owner=owner)
+        check_param("warmup_epochs", self.warmup_epochs, [Interval(float, 0, math.inf, closed="left")], owner=owner)
         check_param("optimizer", self.optimizer, [Options(set(_OPTIMIZERS))], owner=owner)
-        check_param("clip_grad_norm", self.clip_grad_norm, [None, Interval(float, 0, None, closed="neither")], owner=owner)
-        check_param("max_lr", self.max_lr, [None, Interval(float, 0, None, closed="neither")], owner=owner)
-        ms = tuple(self.base_milestones)
+        check_param("clip_grad_norm", self.clip_grad_norm, [None, *positive], owner=owner)
+        check_param("max_lr", self.max_lr, [None, *positive], owner=owner)
+        ms = self.base_milestones
+        if isinstance(ms, (str, bytes)) or not isinstance(ms, (tuple, list)) or not all(
+                isinstance(m, numbers.Real) and not isinstance(m, bool) for m in ms):
+            raise InvalidParameterError(
+                f"The 'base_milestones' parameter of LargeBatchRecipe must be a sequence of numbers (LR-drop "
+                f"epochs). Got {ms!r} instead."
+            )
+        ms = tuple(ms)
         if list(ms) != sorted(set(ms)) or any(not (0 < m < self.base_epochs) for m in ms):
             raise InvalidParameterError(
                 f"The 'base_milestones' parameter of LargeBatchRecipe must be increasing epochs in "
@@ -120,6 +129,13 @@ class LargeBatchRecipe:
             raise InvalidParameterError(
                 f"The 'ghost_batch_size' parameter of LargeBatchRecipe must be at most the batch "
                 f"({self.batch_size}). Got {g} instead."
+            )
+        epochs = self.base_epochs * (1.0 + self.regime_adaptation * (self.batch_size / self.base_batch_size - 1.0))
+        if self.warmup_epochs > epochs:
+            raise InvalidParameterError(
+                f"The 'warmup_epochs' parameter of LargeBatchRecipe must be at most the epochs of the "
+                f"large-batch run ({epochs:g}). Got {self.warmup_epochs:g} instead: the run would end "
+                f"before the warmup does."
             )
 
     @property
@@ -136,6 +152,12 @@ class LargeBatchRecipe:
         k = self.batch_size / self.base_batch_size
         reasons = []
         lr = scale_lr(self.base_lr, self.base_batch_size, self.batch_size, rule=self.lr_rule)
+        if not math.isfinite(lr):
+            raise InvalidParameterError(
+                f"The 'base_lr' parameter of LargeBatchRecipe gives a scaled LR of {lr!r} at batch "
+                f"{self.batch_size} with lr_rule={self.lr_rule!r}. Got base_lr={self.base_lr!r}: use a "
+                f"smaller base_lr or batch_size (or max_lr)."
+            )
         if self.lr_rule == "sqrt":
             reasons.append(f"LR x sqrt({self.batch_size}/{self.base_batch_size}) = x{math.sqrt(k):.3g}: keeps "
                            f"the covariance of the weight updates (Hoffer et al. 2017)")
@@ -202,6 +224,7 @@ class LargeBatchRecipe:
         """
         from leanscale.large_batch.schedules import warmup_schedule
 
+        check_param("optimizer", optimizer, [torch.optim.Optimizer], owner="LargeBatchRecipe.scheduler")
         check_param("steps_per_epoch", steps_per_epoch, [Interval(int, 1, None)], owner="LargeBatchRecipe.scheduler")
         p = self.plan()
         for group in optimizer.param_groups:

@@ -79,10 +79,13 @@ from torch import nn
 from leanscale.core.errors import InvalidParameterError
 from leanscale.core.validation import Interval, check_param, unknown_name_error
 from leanscale.large_batch._data import (
+    check_finite_x,
+    check_loss_has_grad,
     check_scalar_loss,
     check_xy_pair,
     is_xy_pair,
     iter_xy_batches,
+    model_loss,
 )
 
 __all__ = ["SharpnessResult", "sharpness"]
@@ -119,6 +122,7 @@ def _prepare_batches(data, max_samples: int | None, batch_size: int) -> list[tup
     if is_xy_pair(data):
         x, y = data
         n = int(min(check_xy_pair(x, y, _OWNER), limit))
+        check_finite_x(x[:n], _OWNER)
         for start in range(0, n, batch_size):
             stop = min(n, start + batch_size)
             batches.append((x[start:stop], y[start:stop], stop - start))
@@ -131,6 +135,7 @@ def _prepare_batches(data, max_samples: int | None, batch_size: int) -> list[tup
                 keep = int(limit - total)
                 x, y, n = x[:keep], y[:keep], keep
             if n > 0:
+                check_finite_x(x, _OWNER, where=f" of batch {len(batches)}")
                 batches.append((x, y, n))
                 total += n
     if not batches:
@@ -259,14 +264,20 @@ def sharpness(
                 for p, w, zi in zip(params, x0, z):
                     p.copy_(w + zi)
 
-        def evaluate(with_grad: bool):
+        def evaluate(with_grad: bool, probe: bool = False):
+            # probe: the first pass over the data, where an error of the model or the loss means the
+            # data do not fit them (reported naming them); later errors pass through unchanged
             total = torch.zeros((), dtype=torch.float64)
             grads = [torch.zeros_like(p) for p in params] if with_grad else None
             context = torch.enable_grad() if with_grad else torch.no_grad()
             with context:
                 for xb, yb, n in batches:
                     device = params[0].device
-                    loss = check_scalar_loss(loss_fn(model(_to(xb, device)), _to(yb, device)), _OWNER)
+                    xb, yb = _to(xb, device), _to(yb, device)
+                    loss = (model_loss(model, loss_fn, xb, yb, _OWNER) if probe
+                            else check_scalar_loss(loss_fn(model(xb), yb), _OWNER))
+                    if with_grad:
+                        check_loss_has_grad(loss, _OWNER)
                     weight = n / n_samples
                     if with_grad:
                         gs = torch.autograd.grad(loss * weight, params, allow_unused=True)
@@ -279,14 +290,14 @@ def sharpness(
         # f(x) at the weights as given; without a random start it is also the first iterate.
         first = None
         if random_start:
-            base_loss, _ = evaluate(with_grad=False)
+            base_loss, _ = evaluate(with_grad=False, probe=True)
             z = [
                 r * (2 * torch.rand(r.shape, generator=generator, dtype=r.dtype).to(r.device) - 1)
                 for r in radius
             ]
         else:
             z = [torch.zeros_like(w) for w in x0]
-            first = evaluate(with_grad=True)
+            first = evaluate(with_grad=True, probe=True)
             base_loss = first[0]
         if not math.isfinite(base_loss) or base_loss <= -1:
             raise InvalidParameterError(

@@ -21,6 +21,7 @@ from __future__ import annotations
 import gc
 import math
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
@@ -106,6 +107,7 @@ class TrainResult:
     world_size: int = 1
     ledger: CostLedger = field(default_factory=CostLedger)
     model: nn.Module | None = None
+    warnings: list[str] = field(default_factory=list)  # why the result is not to be trusted as is
 
     def to_dict(self) -> dict[str, Any]:
         from leanscale.core.config import config_to_dict
@@ -116,6 +118,7 @@ class TrainResult:
             "examples": self.examples, "seconds": self.seconds, "steps_to_target": self.steps_to_target,
             "reached_target": self.reached_target, "flops_per_example": self.flops_per_example,
             "world_size": self.world_size, "history": self.history, "ledger": self.ledger.to_rows(),
+            "warnings": list(self.warnings),
         }
 
 
@@ -135,6 +138,11 @@ def _check_config(c: TrainConfig) -> None:
     check_param("epochs", c.epochs, [Interval(float, 0, None, closed="neither")], owner=owner)
     check_param("gamma", c.gamma, [Interval(float, 0, 1, closed="right")], owner=owner)
     check_param("warmup_epochs", c.warmup_epochs, [Interval(float, 0, None)], owner=owner)
+    if c.warmup_epochs > c.epochs:
+        raise InvalidParameterError(
+            f"The 'warmup_epochs' parameter of TrainConfig must be at most 'epochs' ({c.epochs:g}): the run "
+            f"would end before the warmup does. Got {c.warmup_epochs:g} instead."
+        )
     check_param("warmup_start_factor", c.warmup_start_factor, [Interval(float, 0, 1)], owner=owner)
     check_param("clip_grad_norm", c.clip_grad_norm, [None, Interval(float, 0, None, closed="neither")], owner=owner)
     check_param("seed", c.seed, [Interval(int, 0, None)], owner=owner)
@@ -142,11 +150,108 @@ def _check_config(c: TrainConfig) -> None:
     check_param("target_accuracy", c.target_accuracy, [None, Interval(float, 0, 1, closed="right")], owner=owner)
     check_param("target_smoothing", c.target_smoothing, [Interval(int, 1, None)], owner=owner)
     check_param("eval_growth", c.eval_growth, [None, Interval(float, 1, None, closed="neither")], owner=owner)
-    ms = tuple(c.milestones)
+    check_param("nesterov", c.nesterov, [bool], owner=owner)
+    if c.nesterov and c.optimizer == "sgd" and c.momentum == 0:
+        raise InvalidParameterError(
+            "The 'nesterov' parameter of TrainConfig needs a momentum > 0 (Nesterov momentum without "
+            "momentum is plain SGD). Got nesterov=True with momentum=0."
+        )
+    check_param("data_root", c.data_root, [None, str], owner=owner)
+    ms = c.milestones
+    if isinstance(ms, (str, bytes)) or not isinstance(ms, (tuple, list)) or not all(
+            isinstance(m, (int, float)) and not isinstance(m, bool) for m in ms):
+        raise InvalidParameterError(
+            f"The 'milestones' parameter of TrainConfig must be a sequence of numbers (fractions of "
+            f"training). Got {ms!r} instead."
+        )
+    ms = tuple(ms)
     if any(not (0 < m < 1) for m in ms) or list(ms) != sorted(set(ms)):
         raise InvalidParameterError(
             f"The 'milestones' parameter of TrainConfig must be increasing fractions of training in "
             f"(0, 1). Got {ms!r} instead."
+        )
+
+
+def _check_data(data: Any, config: TrainConfig, owner: str) -> None:
+    """``data`` is ``(x_train, y_train, x_test, y_test)``: tensors, finite inputs, integer labels."""
+    if not isinstance(data, (tuple, list)) or len(data) != 4 or not all(isinstance(t, torch.Tensor) for t in data):
+        got = (f"a {type(data).__name__} of {len(data)} item(s)" if isinstance(data, (tuple, list))
+               else type(data).__name__)
+        if isinstance(data, (tuple, list)) and len(data) == 4:
+            got = "items of types " + ", ".join(type(t).__name__ for t in data)
+        raise InvalidParameterError(
+            f"The 'data' parameter of {owner} must be a tuple (x_train, y_train, x_test, y_test) of torch "
+            f"tensors. Got {got} instead."
+        )
+    for split, x, y in (("train", data[0], data[1]), ("test", data[2], data[3])):
+        if not x.is_floating_point():
+            raise InvalidParameterError(
+                f"The 'data' parameter of {owner} must hold floating-point inputs x_{split}. Got dtype {x.dtype}."
+            )
+        if y.ndim != 1 or y.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            raise InvalidParameterError(
+                f"The 'data' parameter of {owner} must hold y_{split} as a 1-d tensor of integer class "
+                f"indices. Got shape {tuple(y.shape)} and dtype {y.dtype}."
+            )
+        if x.ndim < 2 or x.shape[0] != y.shape[0]:
+            raise InvalidParameterError(
+                f"The 'data' parameter of {owner} must hold one label per example of x_{split}. Got x_{split} "
+                f"of shape {tuple(x.shape)} and y_{split} of shape {tuple(y.shape)}."
+            )
+        if x.shape[0] == 0:
+            raise InvalidParameterError(f"The 'data' parameter of {owner} must hold at least one {split} example. Got 0.")
+        bad = ~torch.isfinite(x).reshape(x.shape[0], -1).all(1)
+        if bool(bad.any()):
+            raise InvalidParameterError(
+                f"The 'data' parameter of {owner} must hold only finite inputs. Got NaN or inf in x_{split} "
+                f"(example {int(bad.nonzero()[0, 0])} and {int(bad.sum()) - 1} more): remove or impute them "
+                f"before training."
+            )
+        if int(y.min()) < 0:
+            raise InvalidParameterError(
+                f"The 'data' parameter of {owner} must hold class indices >= 0 in y_{split}. Got {int(y.min())}."
+            )
+    if data[0].shape[1:] != data[2].shape[1:]:
+        raise InvalidParameterError(
+            f"The 'data' parameter of {owner} must have train and test examples of the same shape. Got "
+            f"{tuple(data[0].shape[1:])} and {tuple(data[2].shape[1:])}."
+        )
+    if config.model == "bncnn" and data[0].ndim != 4:
+        raise InvalidParameterError(
+            f"The 'data' parameter of {owner} must hold images (n, channels, height, width) for model='bncnn'. "
+            f"Got x_train of shape {tuple(data[0].shape)}; use model='mlp' for flat features."
+        )
+
+
+def _check_model_output(model: nn.Module, x: torch.Tensor, num_classes: int, owner: str) -> None:
+    """One forward pass in eval mode (nothing changes): an error naming 'model' unless it maps ``x``
+    to ``(n, >= num_classes)`` logits."""
+    from leanscale.core.errors import LeanscaleError
+    from leanscale.large_batch._data import _USER_CODE_ERRORS, _is_oom, describe
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(x)
+    except LeanscaleError:
+        raise
+    except _USER_CODE_ERRORS as exc:
+        if _is_oom(exc):
+            raise
+        raise InvalidParameterError(
+            f"The 'model' parameter of {owner} failed on the training inputs (x: {describe(x)}): "
+            f"{type(exc).__name__}: {exc}. Check that the data match the model's input."
+        ) from exc
+    finally:
+        model.train(was_training)
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != x.shape[0] \
+            or logits.shape[1] < num_classes:
+        raise InvalidParameterError(
+            f"The 'model' parameter of {owner} must map a batch of n examples to (n, n_classes) logits with "
+            f"n_classes >= {num_classes} (the largest label + 1). Got "
+            + (f"an output of shape {tuple(logits.shape)}." if isinstance(logits, torch.Tensor)
+               else f"{type(logits).__name__}.")
         )
 
 
@@ -266,8 +371,21 @@ def train_classifier(
     Under ``torchrun`` (an initialised process group) the model is wrapped in DDP and every rank
     trains on its slice of each global batch; ``batch_size`` must be divisible by the world size.
     """
-    check_param("config", config, [TrainConfig], owner="train_classifier")
+    owner = "train_classifier"
+    check_param("config", config, [TrainConfig], owner=owner)
     _check_config(config)
+    if model is not None and not isinstance(model, nn.Module):
+        hint = (" (a class or factory? pass an instance: model=Net(), not model=Net)"
+                if callable(model) else "")
+        raise InvalidParameterError(
+            f"The 'model' parameter of {owner} must be None or an instance of torch.nn.Module{hint}. "
+            f"Got {type(model).__name__} instead."
+        )
+    check_param("on_step", on_step, [None, callable], owner=owner)
+    check_param("progress_bar", progress_bar, [bool], owner=owner)
+    check_param("keep_model", keep_model, [bool], owner=owner)
+    if data is not None:
+        _check_data(data, config, owner)
     rank, world = _dist()
     if config.batch_size % world:
         raise InvalidParameterError(
@@ -307,6 +425,7 @@ def train_classifier(
         model = build_model(config, tuple(x_train.shape[1:]), num_classes)
     else:
         torch.manual_seed(config.seed)
+    _check_model_output(model, x_train[:2], num_classes, owner)
     model.train()
     # Ghost BatchNorm does the same arithmetic as BatchNorm: count before the surgery, on 2
     # examples (BatchNorm needs more than one).
@@ -411,6 +530,16 @@ def train_classifier(
     if config.target_accuracy is not None and reached is None:
         reached = False
     last = history[-1]
+    cautions = []
+    diverged = [h for h in history if not (math.isfinite(h["train_loss"]) and math.isfinite(h["test_loss"]))]
+    if diverged:
+        cautions.append(
+            f"training diverged: the loss was not finite from step {diverged[0]['step']} on (train loss "
+            f"{diverged[0]['train_loss']!r}, test loss {diverged[0]['test_loss']!r}); the accuracy is not a "
+            f"result of training. Lower the LR (or use warmup, clipping or LARS/LAMB)."
+        )
+    for c in cautions:
+        warnings.warn(f"{owner}: {c}", RuntimeWarning, stacklevel=2)
     ledger.record(
         "train", flops=flops_per_example * examples, seconds=t_train, n_examples=examples,
         technique="large_batch", batch_size=config.batch_size, steps=steps_done, world_size=world,
@@ -421,7 +550,7 @@ def train_classifier(
         steps_to_target=(_interpolate_target(history, config.target_accuracy, "smoothed_accuracy")
                          if config.target_accuracy is not None else None),
         reached_target=reached, flops_per_example=flops_per_example, world_size=world, ledger=ledger,
-        model=model if keep_model else None,
+        model=model if keep_model else None, warnings=cautions,
     )
     if world > 1:
         del net, optimizer

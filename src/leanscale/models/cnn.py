@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from leanscale.core.errors import InvalidParameterError
 from leanscale.core.validation import Interval, check_param
 
 __all__ = ["BNCNN", "MLPClassifier"]
@@ -66,6 +67,17 @@ class BNCNN(nn.Module):
         self.classifier = nn.Linear(2 * w, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        in_channels = getattr(self.features[0], "in_channels", None)
+        if x.ndim != 4 or (in_channels is not None and x.shape[1] != in_channels):
+            raise InvalidParameterError(
+                f"The input of BNCNN must be images of shape (batch, {in_channels}, height, width). Got shape "
+                f"{tuple(x.shape)}" + ("; flat features need MLPClassifier." if x.ndim == 2 else ".")
+            )
+        if min(x.shape[2:]) < 4:  # two 2x2 max-pools: a side below 4 pools to nothing
+            raise InvalidParameterError(
+                f"The input of BNCNN must be images of at least 4x4 pixels (it max-pools twice by 2). Got shape "
+                f"{tuple(x.shape)}."
+            )
         x = self.features(x)  # (B, 2w, H/4, W/4)
         x = self.pool(x).flatten(1)  # (B, 2w)
         return self.classifier(self.bn(x))  # (B, num_classes)

@@ -142,6 +142,16 @@ class SoftmaxRegression:
                 f"The 'y' parameter of {_OWNER}.fit must be a 1-d array of labels. Got shape {y.shape}."
             )
         n = check_consistent_length(owner=f"{_OWNER}.fit", X=X, y=y)
+        if y.dtype == object and any(v is None for v in y.tolist()):
+            raise InvalidParameterError(
+                f"The 'y' parameter of {_OWNER}.fit must hold a label for every example. Got None at index "
+                f"{[v is None for v in y.tolist()].index(True)}."
+            )
+        if y.dtype.kind in "fc" and not np.all(np.isfinite(y)):
+            raise InvalidParameterError(
+                f"The 'y' parameter of {_OWNER}.fit must hold a label for every example. Got "
+                f"{y[~np.isfinite(y)][0]!r} at index {int(np.flatnonzero(~np.isfinite(y))[0])} (a missing label?)."
+            )
         classes, y_idx = np.unique(y, return_inverse=True)
         if len(classes) < 2:
             raise InvalidParameterError(
@@ -219,6 +229,7 @@ class SoftmaxRegression:
 
     def predict(self, X) -> np.ndarray:
         """The most probable class of each row (n,), values from ``classes_``."""
+        check_is_fitted(self, ["coef_", "classes_"])
         return self.classes_[np.argmax(self.decision_function(X), axis=1)]
 
     def score(self, X, y) -> float:

@@ -242,6 +242,22 @@ class GPT(nn.Module):
                 f"The 'idx' parameter of GPT.forward must have at most block_size="
                 f"{self.config.block_size} positions. Got {T}."
             )
+        if idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+            raise InvalidParameterError(
+                f"The 'idx' parameter of GPT.forward must hold integer token ids. Got dtype {idx.dtype}."
+            )
+        if idx.device.type == "cpu" and idx.numel():  # on an accelerator this would sync every step
+            lo, hi = int(idx.min()), int(idx.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise InvalidParameterError(
+                    f"The 'idx' parameter of GPT.forward must hold token ids in [0, vocab_size="
+                    f"{self.config.vocab_size}). Got {lo if lo < 0 else hi}."
+                )
+        if targets is not None and (not isinstance(targets, torch.Tensor) or targets.shape != idx.shape):
+            raise InvalidParameterError(
+                f"The 'targets' parameter of GPT.forward must have the shape of idx {tuple(idx.shape)}. Got "
+                + (f"shape {tuple(targets.shape)}." if isinstance(targets, torch.Tensor) else f"{type(targets).__name__}.")
+            )
         pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
         tok_emb = self.transformer.wte(idx)  # (B, T, C)
         pos_emb = self.transformer.wpe(pos)  # (T, C), broadcast over the batch
