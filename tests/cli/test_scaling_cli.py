@@ -72,6 +72,9 @@ def test_plan_prints_a_table(capsys):
         (["plan", "--flops", "-3"], "'flops'.*range \\(0, inf\\)"),
         (["plan", "--flops", "nan"], "'flops'.*Got nan"),
         (["plan"], "one or two of 'flops', 'n_params', 'n_tokens'"),
+        (["plan", "--flops", "1e20", "--mfu", "0.5"], "'--mfu'.*only with '--gpu'"),
+        (["plan", "--flops", "1e20", "--gpu", "h100", "--mfu", "0"], "'mfu'.*range \\(0, 1\\]"),
+        (["plan", "--flops", "1e20", "--gpu", "h100", "--mfu", "nan"], "'mfu'.*Got nan"),
     ],
 )
 def test_plan_errors(argv, message, capsys):

@@ -95,6 +95,22 @@ def test_encode_corpus_matches_whole_text_and_is_cached(corpus_dir, monkeypatch)
     assert not list(npy.parent.glob(".*.tmp"))  # atomic write left no temporary file
 
 
+@pytest.mark.parametrize("damage", ["truncate", "text", "ids_out_of_range"])
+def test_a_damaged_token_cache_is_encoded_again(corpus_dir, damage):
+    ids = encode_corpus(corpus_dir, vocab_size=512)
+    npy = cache_dir() / "tokenizers" / f"{corpus_cache_key(corpus_dir, 512)}.npy"
+    if damage == "truncate":  # a copy killed half-way
+        npy.write_bytes(npy.read_bytes()[: npy.stat().st_size // 2])
+    elif damage == "text":
+        npy.write_text("not an array")
+    else:
+        np.save(npy, np.full(10, 600, dtype=np.uint16), allow_pickle=False)
+    with pytest.warns(RuntimeWarning, match="token cache .* is damaged"):
+        again = encode_corpus(corpus_dir, vocab_size=512)
+    assert np.array_equal(again, ids)
+    assert np.array_equal(encode_corpus(corpus_dir, vocab_size=512), ids)  # the cache is whole again
+
+
 def test_chunked_encoding_equals_whole_encoding(corpus_dir, monkeypatch):
     tok = train_bpe_tokenizer(corpus_dir, vocab_size=512)
     text = load_corpus(corpus_dir)

@@ -165,7 +165,7 @@ def test_unfitted_and_unknown_law():
         EPOCH_2024.bootstrap(100)
 
 
-def test_law_without_frontier_gives_a_clear_error_and_intervals_skip_degenerate_resamples(noisy_runs):
+def test_law_without_frontier_gives_a_clear_error_and_intervals_count_degenerate_resamples(noisy_runs):
     bad = ParametricScalingLaw.from_params(E=1.0, A=10.0, B=10.0, alpha=0.3, beta=0.3)
     bad.beta_ = -0.1  # what an unconstrained fit can return on runs that do not determine the law
     with pytest.raises(InvalidParameterError, match="alpha=0.3, beta=-0.1.*both > 0"):
@@ -176,5 +176,15 @@ def test_law_without_frontier_gives_a_clear_error_and_intervals_skip_degenerate_
     boot.samples[:5, 3] = -0.2  # five degenerate resamples
     assert boot.valid_fraction == pytest.approx(0.9)
     lo, hi = boot.compute_optimal_interval(1e21)["n_params"]  # no RuntimeWarning (warnings are errors)
-    assert np.isfinite(lo) and np.isfinite(hi) and lo < hi
+    # alpha <= 0: more parameters never help, N_opt -> 0 and a -> 1 (the limit of the closed form).
+    # 10% of the resamples there put the 2.5% bound at that limit instead of dropping them, which
+    # biased the interval upwards, away from a point estimate near the lower tail.
+    assert lo == 0.0 and np.isfinite(hi) and hi > law.compute_optimal(1e21)[0]
+    assert boot.interval("a")[1] == 1.0 and boot.interval("b")[0] == 0.0
+    assert any("10.0% of the bootstrap refits had alpha or beta <= 0" in w for w in boot.check(1e21))
+    boot.samples[:5, 3], boot.samples[:5, 4] = 0.3, -0.2  # beta <= 0: N_opt -> inf, D_opt -> 0
+    lo, hi = boot.compute_optimal_interval(1e21)["n_params"]
+    assert np.isfinite(lo) and hi == np.inf and boot.compute_optimal_interval(1e21)["n_tokens"][0] == 0.0
+    boot.samples[:5, 3] = -0.3  # both <= 0: undefined, left out
+    assert np.isfinite(boot.compute_optimal_interval(1e21)["n_params"]).all()
     assert np.isfinite(boot.interval("a")).all()

@@ -1,7 +1,16 @@
+import warnings
+
 import pytest
 
 from leanscale.core.errors import InvalidParameterError
-from leanscale.scaling import CHINCHILLA_2022, EPOCH_2024, gpu_hours, plan, training_flops
+from leanscale.scaling import (
+    CHINCHILLA_2022,
+    EPOCH_2024,
+    ScalingWarning,
+    gpu_hours,
+    plan,
+    training_flops,
+)
 from leanscale.scaling.flops import GPU_PEAK_FLOPS
 
 # Hoffmann et al. 2022, table 3: (parameters, FLOPs, tokens) of compute-optimal models.
@@ -26,8 +35,15 @@ def test_6nd_matches_table_3(n, flops, tokens):
 def test_epoch_law_reproduces_about_20_tokens_per_parameter_of_table_3():
     # Epoch's refit is consistent with Chinchilla's ~20 tokens/parameter rule (Table 3's ratio).
     for n, flops, tokens in TABLE_3[:6]:
-        p = plan(EPOCH_2024, flops=flops)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            p = plan(EPOCH_2024, flops=flops)
         assert p.tokens_per_param == pytest.approx(tokens / n, rel=0.35)
+        # Beyond 10x the largest model behind the law (16B) the plan says it extrapolates.
+        far = p.n_params > 10 * 1.6e10
+        assert bool(p.warnings) == far and len(caught) == len(p.warnings)
+        if far:
+            assert "beyond the largest run" in p.warnings[0] and "1.6e+10" in p.warnings[0]
     # The published Approach-3 law is the outlier that Epoch corrected (far more tokens per parameter).
     assert plan(CHINCHILLA_2022, flops=5.76e23).tokens_per_param > 60
 
@@ -68,5 +84,7 @@ def test_plan_bad_input(kwargs, match):
 
 
 def test_extrapolation_is_allowed_when_asked():
-    p = plan("epoch", flops=1e12, extrapolate=True)
+    with pytest.warns(ScalingWarning, match="below the smallest run"):
+        p = plan("epoch", flops=1e12, extrapolate=True)
+    assert "below the smallest run" in p.warnings[0]
     assert p.n_params < 7e7

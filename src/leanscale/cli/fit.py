@@ -56,10 +56,13 @@ def run(args) -> int:
     out = Path(args.out) if args.out else runs_path.parent / "fit"
     paths = analysis.write(out, figures=not args.no_figures)
     if args.json:
-        blob = analysis.to_dict()
+        blob = analysis.to_dict()  # its "warnings" list says why a result may not be trusted
         blob["files"] = {k: str(v) for k, v in paths.items()}
         json.dump(to_jsonable(blob), sys.stdout, indent=2)
         print()
+        sys.stdout.flush()
+        for warning in analysis.warnings:
+            print(f"WARNING: {warning}", file=sys.stderr)
         return 0
     print(format_table(analysis.parameter_rows(), title=f"L(N, D) = E + A/N^alpha + B/D^beta  ({runs.n_params.size} runs)"))
     print()
@@ -69,6 +72,8 @@ def run(args) -> int:
     print(format_table(analysis.optimum_rows(), title="compute-optimal allocation"))
     for note in analysis.notes:
         print(f"note: {note}")
+    for warning in analysis.warnings:
+        print(f"WARNING: {warning}")
     print("\nwrote " + ", ".join(str(p) for p in paths.values()))
     print(f"next: leanscale plan --flops <budget> --law {paths['law']}")
     return 0

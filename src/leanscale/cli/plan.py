@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
+from leanscale.core.errors import InvalidParameterError
 from leanscale.core.io import to_jsonable
 from leanscale.report.table import format_table
 from leanscale.scaling.flops import GPU_PEAK_FLOPS
+from leanscale.scaling.laws import ScalingWarning
 from leanscale.scaling.planning import plan
 
 EPILOG = """\
@@ -35,7 +38,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--law", default="epoch",
                    help="'chinchilla' (Hoffmann 2022), 'epoch' (Besiroglu 2024, default) or a law.json from `leanscale fit`")
     p.add_argument("--gpu", help=f"accelerator for GPU-hours: {', '.join(GPU_PEAK_FLOPS)}")
-    p.add_argument("--mfu", type=float, default=0.4, help="model-FLOPs utilisation (default 0.4)")
+    p.add_argument("--mfu", type=float, default=None, help="model-FLOPs utilisation, with --gpu (default 0.4)")
     p.add_argument("--extrapolate", action="store_true",
                    help="allow models smaller than the smallest one behind the law")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -44,12 +47,24 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    result = plan(args.law, flops=args.flops, n_params=args.n_params, n_tokens=args.n_tokens,
-                  gpu=args.gpu, mfu=args.mfu, extrapolate=args.extrapolate)
+    if args.mfu is not None and args.gpu is None:
+        raise InvalidParameterError(
+            f"The '--mfu' parameter of leanscale plan is used only with '--gpu' (it turns FLOPs into GPU-hours). "
+            f"Got --mfu {args.mfu} without --gpu.")
+    mfu = 0.4 if args.mfu is None else args.mfu
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ScalingWarning)  # printed below from result.warnings
+        result = plan(args.law, flops=args.flops, n_params=args.n_params, n_tokens=args.n_tokens,
+                      gpu=args.gpu, mfu=mfu, extrapolate=args.extrapolate)
     blob = result.to_dict()
+    notes = blob.pop("warnings")
     if args.json:
+        blob["warnings"] = notes
         json.dump(to_jsonable(blob), sys.stdout, indent=2)
         print()
+        sys.stdout.flush()
+        for warning in notes:
+            print(f"WARNING: {warning}", file=sys.stderr)
         return 0
     labels = {"law": "law", "flops": "FLOPs C", "n_params": "parameters N", "n_tokens": "tokens D",
               "tokens_per_param": "tokens per parameter", "predicted_loss": "predicted loss",
@@ -57,4 +72,6 @@ def run(args) -> int:
               "gpu": "GPU", "mfu": "MFU", "gpu_hours": "GPU-hours"}
     rows = [{"quantity": labels[k], "value": v} for k, v in blob.items() if v is not None]
     print(format_table(rows, ["quantity", "value"]))
+    for warning in notes:
+        print(f"WARNING: {warning}")
     return 0

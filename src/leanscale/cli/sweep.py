@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 from leanscale.core.config import config_to_dict
 from leanscale.core.distributed import init_from_env, shutdown
@@ -87,7 +88,10 @@ def run(args: argparse.Namespace) -> int:
     started = init_from_env()
     rank = dist_info()[0]
     try:
-        result = run_sweep(config, args.out, progress=not args.no_progress)
+        with warnings.catch_warnings():
+            # A damaged task file (moved aside and trained again) is reported below, once.
+            warnings.filterwarnings("ignore", message=".*computed again", category=RuntimeWarning)
+            result = run_sweep(config, args.out, progress=not args.no_progress)
     finally:
         if started:
             shutdown()
@@ -96,14 +100,20 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         blob = {"out_dir": str(result.out_dir), "runs_csv": str(result.runs_csv),
                 "curves_csv": str(result.curves_csv), "n_trained": result.n_trained,
-                "n_skipped": result.n_skipped, "config": config_to_dict(config), "runs": result.runs}
+                "n_skipped": result.n_skipped, "config": config_to_dict(config), "runs": result.runs,
+                "warnings": result.warnings}
         json.dump(to_jsonable(blob), sys.stdout, indent=2)
         print()
+        sys.stdout.flush()
+        for warning in result.warnings:
+            print(f"WARNING: {warning}", file=sys.stderr)
         return 0
     columns = ["run_id", "n_params", "n_tokens", "flops", "loss", "train_loss", "seconds"]
     print(format_table(result.runs, columns,
                        title=f"IsoFLOP sweep: {len(result.runs)} runs ({result.n_trained} trained now, "
                        f"{result.n_skipped} already done)"))
+    for warning in result.warnings:
+        print(f"WARNING: {warning}")
     print(f"\nwrote {result.runs_csv} and {result.curves_csv}")
     print(f"next: leanscale fit {result.runs_csv}")
     return 0

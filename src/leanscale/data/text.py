@@ -28,6 +28,7 @@ import math
 import os
 import re
 import sysconfig
+import warnings
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from leanscale.core.errors import DataNotFoundError, InvalidParameterError, MissingDependencyError
-from leanscale.core.io import atomic_write_bytes, atomic_write_text
+from leanscale.core.io import atomic_write_bytes, atomic_write_text, read_npy
 from leanscale.core.validation import Interval, check_param, unknown_name_error
 from leanscale.data.paths import DATASETS, DataFormatError, cache_dir, find_file, resolve_path
 
@@ -465,7 +466,16 @@ def encode_corpus(
     key = corpus_cache_key(source, vocab_size, max_bytes, root)
     npy = cache_dir() / "tokenizers" / f"{key}.npy"
     if npy.is_file():
-        return np.load(npy, allow_pickle=False)
+        try:
+            ids = read_npy(npy, what="token cache file", ndim=1)
+            if ids.dtype in (np.uint16, np.uint32) and (ids.size == 0 or int(ids.max()) < vocab_size):
+                return ids
+            reason = f"it holds {ids.dtype} ids up to {int(ids.max()) if ids.size else 0}, not ids below {vocab_size}"
+        except DataFormatError as exc:  # truncated or damaged (e.g. a killed copy): encode again
+            reason = str(exc)
+        warnings.warn(f"the token cache {str(npy)!r} is damaged ({reason}); encoding the corpus again",
+                      RuntimeWarning, stacklevel=2)
+        npy.unlink(missing_ok=True)
     text = load_corpus(source, root, max_bytes)
     tok = _cached_tokenizer(key, vocab_size, lambda: text)
     dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,9 +12,15 @@ import numpy as np
 
 from leanscale.core.errors import InvalidParameterError
 from leanscale.core.io import atomic_write_bytes, atomic_write_json
+from leanscale.core.validation import Interval, check_param
 from leanscale.scaling.envelope import EnvelopeFit, fit_envelope
 from leanscale.scaling.isoflop import IsoFLOPFit, fit_isoflop, group_budgets
-from leanscale.scaling.laws import BootstrapResult, ParametricScalingLaw, fit_parametric
+from leanscale.scaling.laws import (
+    BootstrapResult,
+    ParametricScalingLaw,
+    ScalingWarning,
+    fit_parametric,
+)
 from leanscale.scaling.runs import Curves, Runs
 
 __all__ = ["REFERENCE_EXPONENTS", "ScalingAnalysis", "analyze_runs"]
@@ -37,6 +44,9 @@ class ScalingAnalysis:
     envelope: EnvelopeFit | None
     budget_flops: float  # budget at which N_opt and tokens per parameter are reported
     notes: list[str] = field(default_factory=list)
+    # Why a result may not be trusted (unidentifiable law, negative exponent, a point estimate
+    # outside its own interval, extrapolation): printed by `leanscale fit`, in fit.json and --json.
+    warnings: list[str] = field(default_factory=list)
 
     def exponent_rows(self) -> list[dict]:
         """a (N_opt ~ C^a) and b (D_opt ~ C^b) of each approach with intervals."""
@@ -87,6 +97,7 @@ class ScalingAnalysis:
             "reference_exponents_a": REFERENCE_EXPONENTS,
             "n_runs": int(self.runs.n_params.size),
             "notes": self.notes,
+            "warnings": self.warnings,
         }
         if self.isoflop is not None:
             out["isoflop"] = {"budgets": self.isoflop.budgets, "n_opt": self.isoflop.n_opt,
@@ -129,9 +140,35 @@ def analyze_runs(
     budget_flops: float | None = None,
 ) -> ScalingAnalysis:
     """Approach 3 with bootstrap intervals; Approach 2 when the runs form IsoFLOP profiles;
-    Approach 1 when training curves are given. Approaches 1-2 that cannot be fitted are noted."""
-    law = fit_parametric(runs.n_params, runs.n_tokens, runs.loss, method=method)
-    boot = law.bootstrap(n_resamples, seed=seed) if n_resamples else None
+    Approach 1 when training curves are given. Approaches 1-2 that cannot be fitted are noted.
+
+    What makes a result untrustworthy is collected in ``warnings`` (not raised as Python warnings):
+    an unidentifiable law (N and D collinear), a non-positive exponent, a point estimate outside its
+    bootstrap interval, refits that did not converge, a budget far outside the runs.
+    """
+    check_param("n_resamples", n_resamples, [Interval(int, 0, None)], owner="analyze_runs")
+    if n_resamples:
+        check_param("n_resamples", n_resamples, [Interval(int, 10, None)], owner="analyze_runs")
+    if budget_flops is not None:
+        check_param("budget_flops", budget_flops, [Interval("real", 0, math.inf, closed="neither")],
+                    owner="analyze_runs")
+    if not np.all(np.isfinite(runs.flops)):
+        raise InvalidParameterError(
+            "The runs' FLOPs (6 N D) must be finite. Got an overflow: n_params and n_tokens are too large "
+            "to be real runs.")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ScalingWarning)  # collected into `warnings` below
+        law = fit_parametric(runs.n_params, runs.n_tokens, runs.loss, method=method)
+        boot = law.bootstrap(n_resamples, seed=seed) if n_resamples else None
+    c = float(budget_flops) if budget_flops is not None else float(runs.flops.max())
+    found = list(law.warnings_)
+    if boot is not None:
+        found += boot.check(c)
+    lo, hi = float(runs.flops.min()), float(runs.flops.max())
+    if c > 10 * hi or c < lo / 10:
+        factor = c / hi if c > hi else lo / c
+        found.append(f"The budget {c:.3g} FLOPs is {factor:.3g}x {'beyond' if c > hi else 'below'} the runs "
+                     f"({lo:.3g}-{hi:.3g} FLOPs): N_opt and D_opt there are extrapolated.")
     notes = []
     iso = env = None
     iso_budgets = runs.budget_flops if runs.budget_flops is not None else group_budgets(runs.flops)
@@ -154,13 +191,9 @@ def analyze_runs(
                                n_resamples=min(n_resamples, 1000), seed=seed)
         except InvalidParameterError as exc:
             notes.append(f"Approach 1 not fitted: {exc}")
-    if not (law.alpha_ > 0 and law.beta_ > 0):
-        notes.append(f"Approach 3 found alpha={law.alpha_:.3g}, beta={law.beta_:.3g}: no compute-optimal "
-                     "frontier; the runs do not determine the parametric law.")
-    if boot is not None and boot.valid_fraction < 1:
+    if boot is not None and 0 < 1 - boot.valid_fraction <= (1 - boot.level) / 2:  # more: a warning
         notes.append(f"{100 * (1 - boot.valid_fraction):.1f}% of bootstrap refits had alpha or beta <= 0 (no "
-                     "frontier) and are left out of the intervals of a, b, N_opt and D_opt: the law is weakly "
-                     "determined by these runs.")
-    c = float(budget_flops) if budget_flops is not None else float(runs.flops.max())
+                     "frontier); they count at their limits (N_opt 0 or infinity) in the intervals of a, b, "
+                     "N_opt and D_opt: the law is weakly determined by these runs.")
     return ScalingAnalysis(runs=runs, law=law, bootstrap=boot, isoflop=iso, envelope=env,
-                           budget_flops=c, notes=notes)
+                           budget_flops=c, notes=notes, warnings=list(dict.fromkeys(found)))

@@ -28,14 +28,16 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from leanscale.core.errors import InvalidParameterError
-from leanscale.core.io import atomic_write_json, read_json
+from leanscale.core.errors import DataFormatError, InvalidParameterError
+from leanscale.core.io import atomic_write_json, check_file_size, read_json
 from leanscale.core.validation import (
     Interval,
     Options,
@@ -55,12 +57,29 @@ __all__ = [
     "BootstrapResult",
     "ComputeOptimal",
     "ParametricScalingLaw",
+    "ScalingWarning",
     "chinchilla_grid",
     "fit_parametric",
     "get_law",
 ]
 
 _FITTED = ("E_", "A_", "B_", "alpha_", "beta_")
+
+# A law file holds five numbers and at most the runs it was fitted on: far below this.
+MAX_LAW_FILE_BYTES = 100 * 2**20
+# Below this ratio of the singular values of the centred (log N, log D) design, N and D cannot be
+# told apart (constant D/N, a single IsoFLOP budget, a single model size or token count).
+_COLLINEAR_RATIO = 0.05
+
+
+class ScalingWarning(UserWarning):
+    """A scaling result that is legal but not to be trusted (unidentifiable law, negative exponent,
+    a point estimate outside its own interval, a plan far outside the fitted range)."""
+
+
+def _warn(messages: Sequence[str], stacklevel: int = 3) -> None:
+    for msg in messages:
+        warnings.warn(msg, ScalingWarning, stacklevel=stacklevel)
 
 
 def chinchilla_grid() -> np.ndarray:
@@ -113,10 +132,11 @@ class ParametricScalingLaw:
     def from_params(cls, E: float, A: float, B: float, alpha: float, beta: float, name: str | None = None):
         """A law with given parameters (a preset, or one read from a file)."""
         for key, val in dict(E=E, A=A, B=B, alpha=alpha, beta=beta).items():
-            check_param(key, val, [Interval("real", 0, None, closed="neither")], owner="ParametricScalingLaw")
+            check_param(key, val, [Interval("real", 0, math.inf, closed="neither")], owner="ParametricScalingLaw")
         law = cls()
         law.E_, law.A_, law.B_, law.alpha_, law.beta_ = map(float, (E, A, B, alpha, beta))
         law.name_ = name
+        law.warnings_ = []
         return law
 
     def fit(self, n_params, n_tokens, loss) -> ParametricScalingLaw:
@@ -136,13 +156,17 @@ class ParametricScalingLaw:
             i = int(np.argmin(res.f))
             theta, f = res.theta[i], float(res.f[i])
             self.optima_ = _distinct_optima(res.theta, res.f)
+            converged = bool(res.converged[i])
         if self.method == "reference":
             self.optima_ = theta[None].copy()
+            converged = True
         self._set_theta(theta)
         self.objective_ = f
         self.n_runs_ = int(n.size)
         self.n_params_, self.n_tokens_, self.loss_ = n, d, l
         self.name_ = None
+        self.warnings_ = _fit_warnings(self, n, d, l, converged)
+        _warn(self.warnings_)
         return self
 
     def _set_theta(self, theta: np.ndarray) -> None:
@@ -194,8 +218,10 @@ class ParametricScalingLaw:
         n = check_array("n_params", n_params, ndim=None, positive=True, owner="optimal_tokens")
         g = _g(self.A_, self.B_, self.alpha_, self.beta_)
         a, b = self.exponents_
-        c6 = (n / g) ** (1.0 / a)  # C/6 at which N_opt(C) = n
-        d = c6 / n
+        with np.errstate(over="ignore", under="ignore"):
+            c6 = (n / g) ** (1.0 / a)  # C/6 at which N_opt(C) = n
+            d = c6 / n
+        _check_representable("n_params", n_params, d, "optimal_tokens")
         return float(d) if d.ndim == 0 else d
 
     def optimal_params(self, n_tokens):
@@ -205,8 +231,10 @@ class ParametricScalingLaw:
         d = check_array("n_tokens", n_tokens, ndim=None, positive=True, owner="optimal_params")
         g = _g(self.A_, self.B_, self.alpha_, self.beta_)
         a, b = self.exponents_
-        c6 = (d * g) ** (1.0 / b)
-        n = c6 / d
+        with np.errstate(over="ignore", under="ignore"):
+            c6 = (d * g) ** (1.0 / b)
+            n = c6 / d
+        _check_representable("n_tokens", n_tokens, n, "optimal_params")
         return float(n) if n.ndim == 0 else n
 
     # --- uncertainty -------------------------------------------------------------------------
@@ -247,7 +275,9 @@ class ParametricScalingLaw:
         theta = res.theta[pick]
         with np.errstate(over="ignore"):  # a resample that diverged gets inf, left out of intervals
             samples = np.column_stack([np.exp(theta[:, :3]), theta[:, 3:]])  # (R, 5): E A B alpha beta
-        return BootstrapResult(law=self, samples=samples, level=level, converged=res.converged[pick])
+        result = BootstrapResult(law=self, samples=samples, level=level, converged=res.converged[pick])
+        _warn(result.check())
+        return result
 
     # --- persistence -------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -258,6 +288,7 @@ class ParametricScalingLaw:
         if getattr(self, "n_params_", None) is not None:
             out["runs"] = {"n_params": self.n_params_, "n_tokens": self.n_tokens_, "loss": self.loss_}
             out["objective"] = self.objective_
+        out["warnings"] = list(getattr(self, "warnings_", []))
         return out
 
     def save(self, path: str | Path) -> Path:
@@ -265,23 +296,15 @@ class ParametricScalingLaw:
         return atomic_write_json(path, self.to_dict())
 
     @classmethod
-    def from_dict(cls, blob: dict) -> ParametricScalingLaw:
-        missing = [k for k in ("E", "A", "B", "alpha", "beta") if k not in blob]
-        if missing:
-            raise InvalidParameterError(
-                f"A scaling-law file must have the keys E, A, B, alpha, beta. Missing {missing}; "
-                f"found {sorted(blob)}."
-            )
-        law = cls.from_params(blob["E"], blob["A"], blob["B"], blob["alpha"], blob["beta"], blob.get("name"))
-        law.huber_delta = float(blob.get("huber_delta", 1e-3))
-        runs = blob.get("runs")
-        if runs:
-            law.n_params_, law.n_tokens_, law.loss_ = _check_runs(
-                runs["n_params"], runs["n_tokens"], runs["loss"], owner="from_dict", min_runs=1
-            )
-            law.objective_ = blob.get("objective")
-            law.n_runs_ = int(law.n_params_.size)
-        return law
+    def from_dict(cls, blob: dict, source: str | os.PathLike | None = None) -> ParametricScalingLaw:
+        """A law from :meth:`to_dict` output (e.g. a parsed ``law.json``); ``source`` names its file.
+
+        Raises:
+            DataFormatError: not an object, a missing key, or a value of the wrong type or range;
+                the message names the file (when ``source`` is given) and the key.
+        """
+        where = f"The law file {str(source)!r}" if source is not None else "The law data"
+        return _law_from_blob(cls, blob, where)
 
     def __repr__(self) -> str:
         if not all(hasattr(self, a) for a in _FITTED):
@@ -323,33 +346,98 @@ class BootstrapResult:
         return (self.samples[:, 3] > 0) & (self.samples[:, 4] > 0)
 
     def _q(self, values: np.ndarray) -> tuple[float, float]:
-        values = values[np.isfinite(values)]
+        # NaN (undefined) is left out; +-inf (a limit, see _limits) is kept: dropping it would cut a
+        # tail off the bootstrap distribution and bias the interval towards the other side.
+        values = values[~np.isnan(values)]
         if values.size == 0:
             return float("nan"), float("nan")
-        lo, hi = np.quantile(values, [(1 - self.level) / 2, (1 + self.level) / 2])
+        q = [(1 - self.level) / 2, (1 + self.level) / 2]
+        if np.all(np.isfinite(values)):
+            lo, hi = np.quantile(values, q)
+        else:  # order statistics: no interpolation between a number and infinity
+            lo, hi = np.quantile(values, q, method="inverted_cdf")
         return float(lo), float(hi)
 
     def interval(self, name: str) -> tuple[float, float]:
         """Percentile interval of a parameter (E, A, B, alpha, beta, a, b)."""
         return self._q(self._values(name))
 
+    def _limits(self) -> tuple[np.ndarray, np.ndarray]:
+        """Resamples without a frontier, by side: (alpha <= 0 < beta, beta <= 0 < alpha).
+
+        With alpha <= 0 more parameters never help: the limit alpha -> 0+ of the closed form is
+        N_opt -> 0, D_opt -> inf, a -> 1, b -> 0; with beta <= 0 more tokens never help: N_opt -> inf,
+        D_opt -> 0, a -> 0, b -> 1. Such resamples enter the intervals of N_opt, D_opt, a and b at
+        these limits; leaving them out (as before) biased the interval towards the other side, away
+        from a point estimate near it. Resamples with both <= 0 are undefined and left out.
+        """
+        alpha, beta = self.samples[:, 3], self.samples[:, 4]
+        return (alpha <= 0) & (beta > 0), (beta <= 0) & (alpha > 0)
+
     def _values(self, name: str) -> np.ndarray:
         if name in self.names:
             return self.samples[:, self.names.index(name)]
-        # a and b only where the resample has a frontier (alpha, beta > 0).
-        alpha, beta = self.samples[self.valid, 3], self.samples[self.valid, 4]
-        if name == "a":
-            return beta / (alpha + beta)
-        if name == "b":
-            return alpha / (alpha + beta)
-        raise unknown_name_error("name", name, [*self.names, "a", "b"], owner="BootstrapResult.interval")
+        if name not in ("a", "b"):
+            raise unknown_name_error("name", name, [*self.names, "a", "b"], owner="BootstrapResult.interval")
+        no_n, no_d = self._limits()
+        valid = self.valid
+        alpha, beta = self.samples[valid, 3], self.samples[valid, 4]
+        out = np.full(len(self.samples), np.nan)
+        out[valid] = beta / (alpha + beta) if name == "a" else alpha / (alpha + beta)
+        out[no_n] = 1.0 if name == "a" else 0.0
+        out[no_d] = 0.0 if name == "a" else 1.0
+        return out
 
     def compute_optimal_interval(self, flops: float) -> dict[str, tuple[float, float]]:
-        """Intervals of N_opt and D_opt at a budget, from the resampled laws that have a frontier."""
+        """Intervals of N_opt and D_opt at a budget; resamples without a frontier count at their limits."""
         c = float(check_array("flops", [flops], positive=True, owner="compute_optimal_interval")[0])
-        e, a_, b_, alpha, beta = self.samples[self.valid].T
-        n_opt, d_opt = _frontier(np.full(len(e), c), a_, b_, alpha, beta)
+        valid = self.valid
+        e, a_, b_, alpha, beta = self.samples[valid].T
+        n_opt, d_opt = np.full(len(self.samples), np.nan), np.full(len(self.samples), np.nan)
+        n_opt[valid], d_opt[valid] = _frontier(np.full(len(e), c), a_, b_, alpha, beta)
+        no_n, no_d = self._limits()
+        n_opt[no_n], d_opt[no_n] = 0.0, np.inf
+        n_opt[no_d], d_opt[no_d] = np.inf, 0.0
         return {"n_params": self._q(n_opt), "n_tokens": self._q(d_opt)}
+
+    @property
+    def converged_fraction(self) -> float:
+        """Share of resamples whose refit converged (the others stopped at the iteration limit)."""
+        return float(np.mean(self.converged)) if self.converged.size else 1.0
+
+    def check(self, flops: float | None = None) -> list[str]:
+        """Warnings about these intervals: a point estimate outside its own interval, refits that did
+        not converge or have no frontier. With ``flops``, N_opt and D_opt at that budget too."""
+        out = []
+        if self.converged_fraction < 0.8:
+            out.append(f"{100 * (1 - self.converged_fraction):.1f}% of the bootstrap refits did not converge "
+                       "(they drifted along a flat direction of the objective): the law is weakly determined "
+                       "by these runs and its intervals are approximate.")
+        rows = self.summary()
+        if flops is not None and self.law.alpha_ > 0 and self.law.beta_ > 0:
+            n_pt, d_pt = self.law.compute_optimal(flops)
+            ci = self.compute_optimal_interval(flops)
+            rows += [{"parameter": f"N_opt at {flops:.3g} FLOPs", "estimate": n_pt, "low": ci["n_params"][0],
+                      "high": ci["n_params"][1]},
+                     {"parameter": f"D_opt at {flops:.3g} FLOPs", "estimate": d_pt, "low": ci["n_tokens"][0],
+                      "high": ci["n_tokens"][1]}]
+        no_frontier = 1.0 - self.valid_fraction
+        if no_frontier > (1 - self.level) / 2:
+            out.append(f"{100 * no_frontier:.1f}% of the bootstrap refits had alpha or beta <= 0 (no compute-optimal "
+                       "frontier): the intervals of N_opt and D_opt reach 0 or infinity and those of a and b "
+                       "reach 0 or 1. These runs do not pin the compute-optimal split down.")
+        for r in rows:
+            est, lo, hi = r["estimate"], r["low"], r["high"]
+            if math.isnan(lo) or math.isnan(hi):
+                out.append(f"The bootstrap interval of {r['parameter']} is undefined (no usable refit).")
+                continue
+            if not lo <= est <= hi:
+                out.append(
+                    f"The point estimate of {r['parameter']} ({est:.4g}) lies outside its own {100 * self.level:g}% "
+                    f"bootstrap interval [{lo:.4g}, {hi:.4g}]: the fit sits at the edge of what resamples of "
+                    "these runs support (a skewed or multi-modal bootstrap distribution). Do not trust either "
+                    "number; add runs.")
+        return out
 
     def summary(self) -> list[dict]:
         point = {"E": self.law.E_, "A": self.law.A_, "B": self.law.B_, "alpha": self.law.alpha_,
@@ -362,7 +450,7 @@ class BootstrapResult:
 
     @property
     def valid_fraction(self) -> float:
-        """Share of resamples with alpha, beta > 0 (used for a, b and the N_opt, D_opt intervals)."""
+        """Share of resamples with alpha, beta > 0 (a compute-optimal frontier)."""
         return float(self.valid.mean())
 
 
@@ -377,12 +465,27 @@ def _g(A, B, alpha, beta):
 
 
 def _frontier(c, A, B, alpha, beta):
+    # In log space: the closed form's factors overflow or underflow for extreme resamples (alpha or
+    # beta near 0 or large), which gave N_opt = 0 or inf where the product itself is representable.
     alpha, beta = np.asarray(alpha, np.float64), np.asarray(beta, np.float64)
-    g = _g(A, B, alpha, beta)
-    c6 = np.asarray(c, dtype=np.float64) / 6.0
-    with np.errstate(invalid="ignore", divide="ignore"):
+    A, B = np.asarray(A, np.float64), np.asarray(B, np.float64)
+    ok = (alpha > 0) & (beta > 0)
+    log_c6 = np.log(np.asarray(c, dtype=np.float64) / 6.0)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         s = alpha + beta
-        return g * c6 ** (beta / s), c6 ** (alpha / s) / g
+        log_g = (np.log(alpha) + np.log(A) - np.log(beta) - np.log(B)) / s
+        log_n = log_g + log_c6 * (beta / s)
+        log_d = log_c6 * (alpha / s) - log_g
+        n, d = np.exp(log_n), np.exp(log_d)
+    return np.where(ok, n, np.nan), np.where(ok, d, np.nan)
+
+
+def _check_representable(name: str, given, result: np.ndarray, owner: str) -> None:
+    if not np.all(np.isfinite(result) & (result > 0)):
+        raise InvalidParameterError(
+            f"The {name!r} parameter of {owner} gives a result that overflows or underflows double precision "
+            f"(the law would need {'infinitely many' if np.any(result > 1) else 'zero'} of the other). Got "
+            f"{given!r}: use a value within the range of real models.")
 
 
 def _check_frontier(law) -> None:
@@ -417,7 +520,128 @@ def _check_runs(n_params, n_tokens, loss, owner: str, min_runs: int):
             f"{owner} needs at least {min_runs} runs to fit the 5 parameters (E, A, B, alpha, beta) "
             f"with a residual to spare. Got {n.size}."
         )
+    distinct = len(set(zip(n.tolist(), d.tolist())))
+    if distinct < min_runs:
+        raise InvalidParameterError(
+            f"{owner} needs at least {min_runs} runs at distinct (n_params, n_tokens) to fit the 5 parameters "
+            f"(E, A, B, alpha, beta): repeated runs of one configuration only average its noise. Got {n.size} "
+            f"runs at {distinct} distinct (n_params, n_tokens)."
+        )
     return n, d, l
+
+
+def _collinearity(x: np.ndarray, y: np.ndarray) -> float:
+    """Smallest / largest singular value of the centred (log N, log D) design (0: collinear)."""
+    m = np.column_stack([x - x.mean(), y - y.mean()])
+    sv = np.linalg.svd(m, compute_uv=False)
+    return float(sv[-1] / sv[0]) if sv[0] > 0 else 0.0
+
+
+def _fit_warnings(law, n, d, l, converged: bool) -> list[str]:
+    """What makes a fitted law untrustworthy although the fit itself succeeded."""
+    out = []
+    x, y = np.log(n), np.log(d)
+    ratio = _collinearity(x, y)
+    if ratio < _COLLINEAR_RATIO:
+        tpp = d / n
+        how = (f"every run has D/N = {np.median(tpp):.3g} tokens per parameter" if np.ptp(np.log(tpp)) < 1e-6
+               else "a single model size" if np.ptp(x) < 1e-9
+               else "a single token count" if np.ptp(y) < 1e-9
+               else "log D is (nearly) a linear function of log N, e.g. a single IsoFLOP budget")
+        out.append(
+            f"The law is unidentifiable from these runs: {how} (collinearity {ratio:.2g} < {_COLLINEAR_RATIO}), so "
+            "the model term A/N^alpha and the data term B/D^beta cannot be separated and the compute-optimal "
+            "split (N_opt, D_opt, a, b) is arbitrary. Add runs that vary N and D independently (several "
+            "budgets, several sizes per budget).")
+    if not (law.alpha_ > 0 and law.beta_ > 0):
+        out.append(f"The fitted exponents alpha={law.alpha_:.4g}, beta={law.beta_:.4g} are not both positive: "
+                   "more parameters or more tokens would never lower the loss, so the law has no "
+                   "compute-optimal frontier. The runs do not determine the law.")
+    if not converged:
+        out.append("The optimiser stopped at its iteration limit before converging: the fitted parameters "
+                   "lie in a flat valley of the objective and are weakly determined by these runs.")
+    rows = np.column_stack([n, d, l])
+    n_dup = int(rows.shape[0] - np.unique(rows, axis=0).shape[0])
+    if n_dup:
+        out.append(f"{n_dup} run(s) repeat another run exactly (same n_params, n_tokens and loss): a copied "
+                   "row counts twice in the fit. Remove duplicates unless they are real repeats.")
+    return out
+
+
+def _number(blob: dict, key: str, where: str, *, positive: bool = True, required: bool = True,
+            default=None) -> float:
+    if key not in blob:
+        if required:
+            raise DataFormatError(f"{where} must have the key {key!r}. Found the keys {sorted(map(str, blob))}.")
+        return default
+    v = blob[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise DataFormatError(f"{where} must hold a number under {key!r}. Got {v!r} ({type(v).__name__}).")
+    v = float(v)
+    if not math.isfinite(v) or (positive and v <= 0):
+        kind = "a positive finite number" if positive else "a finite number"
+        raise DataFormatError(f"{where} must hold {kind} under {key!r}. Got {v!r}.")
+    return v
+
+
+def _law_from_blob(cls, blob, where: str):
+    if not isinstance(blob, dict):
+        raise DataFormatError(f"{where} must be a JSON object with the keys E, A, B, alpha, beta. "
+                              f"Got {type(blob).__name__}.")
+    kind = blob.get("kind", "parametric")
+    if kind != "parametric":
+        raise DataFormatError(f"{where} must have kind 'parametric'. Got {kind!r}.")
+    missing = [k for k in ("E", "A", "B", "alpha", "beta") if k not in blob]
+    if missing:
+        raise DataFormatError(
+            f"{where} must have the keys E, A, B, alpha, beta. Missing {missing}; found {sorted(map(str, blob))}."
+        )
+    vals = {k: _number(blob, k, where) for k in ("E", "A", "B")}
+    for k in ("alpha", "beta"):
+        vals[k] = _number(blob, k, where, positive=False)
+        if vals[k] <= 0:
+            raise DataFormatError(
+                f"{where} must hold a positive {k!r}: a law without a compute-optimal frontier cannot be "
+                f"planned with. Got {vals[k]!r} (the fit that wrote it found alpha or beta <= 0: the runs "
+                "did not determine the law).")
+    name = blob.get("name")
+    if name is not None and not isinstance(name, str):
+        raise DataFormatError(f"{where} must hold a string or null under 'name'. Got {name!r}.")
+    law = cls.from_params(**vals, name=name)
+    law.huber_delta = _number(blob, "huber_delta", where, required=False, default=1e-3)
+    method = blob.get("method", "fast")
+    if method not in ("fast", "exhaustive", "reference"):
+        raise DataFormatError(f"{where} must hold 'fast', 'exhaustive' or 'reference' under 'method'. "
+                              f"Got {method!r}.")
+    law.method = method
+    notes = blob.get("warnings", [])
+    if not isinstance(notes, list) or not all(isinstance(w, str) for w in notes):
+        raise DataFormatError(f"{where} must hold a list of strings under 'warnings'. Got {notes!r:.200}.")
+    law.warnings_ = list(notes)
+    runs = blob.get("runs")
+    if runs is not None:
+        if not isinstance(runs, dict):
+            raise DataFormatError(f"{where} must hold an object under 'runs'. Got {type(runs).__name__}.")
+        cols = []
+        for key in ("n_params", "n_tokens", "loss"):
+            v = runs.get(key)
+            if not isinstance(v, list) or not v or not all(
+                isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t > 0 for t in v
+            ):
+                raise DataFormatError(
+                    f"{where} must hold a non-empty list of positive finite numbers under 'runs.{key}'. "
+                    f"Got {v!r:.200}.")
+            cols.append(np.asarray(v, dtype=np.float64))
+        if len({c.size for c in cols}) != 1:
+            raise DataFormatError(f"{where} must hold lists of one length under 'runs' (n_params, n_tokens, "
+                                  f"loss). Got lengths {[c.size for c in cols]}.")
+        law.n_params_, law.n_tokens_, law.loss_ = cols
+        law.n_runs_ = int(cols[0].size)
+        obj = blob.get("objective")
+        if obj is not None:
+            obj = _number(blob, "objective", where, positive=False)
+        law.objective_ = obj
+    return law
 
 
 def _reference_fit(grid, x, y, logl, delta):
@@ -450,12 +674,23 @@ LAWS = {"chinchilla": CHINCHILLA_2022, "epoch": EPOCH_2024}
 
 def get_law(name_or_path: str | Path) -> ParametricScalingLaw:
     """A preset by name (``chinchilla``, ``epoch``) or a law saved as JSON by :meth:`save`."""
+    if not isinstance(name_or_path, (str, Path)):
+        raise InvalidParameterError(
+            f"The 'law' parameter of get_law must be a preset name or a path. Got {type(name_or_path).__name__}.")
     key = str(name_or_path)
+    if not key.strip():
+        raise unknown_name_error("law", key, [*LAWS, "<path to a fitted law .json>"], owner="get_law")
     if key.lower() in LAWS:
         return LAWS[key.lower()]
     p = Path(key)
     if p.suffix == ".json" or p.exists():
         if not p.exists():
             raise InvalidParameterError(f"The 'law' parameter names a file that does not exist: {key!r}.")
-        return ParametricScalingLaw.from_dict(read_json(p))
+        if p.is_dir():
+            raise DataFormatError(f"The law file {key!r} is a folder. Expected a law.json written by `leanscale fit`.")
+        if not p.is_file():
+            raise DataFormatError(f"The law file {key!r} is not a regular file (a device or pipe?). Expected a "
+                                  "law.json written by `leanscale fit`.")
+        check_file_size(p, MAX_LAW_FILE_BYTES, what="law file")
+        return ParametricScalingLaw.from_dict(read_json(p, what="law file"), source=p)
     raise unknown_name_error("law", key, [*LAWS, "<path to a fitted law .json>"], owner="get_law")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,6 +35,7 @@ import numpy as np
 
 from leanscale.core.config import config_from_dict, config_to_dict
 from leanscale.core.errors import (
+    DataFormatError,
     InvalidParameterError,
     LeanscaleError,
     MissingDependencyError,
@@ -429,6 +431,7 @@ class SweepResult:
     n_trained: int  # runs trained by this call
     n_skipped: int  # runs found finished in out_dir and not trained again
     results: dict[str, dict] = field(default_factory=dict, repr=False)  # run_id -> train_run dict
+    warnings: list[str] = field(default_factory=list)  # damaged task files found (and rerun), etc.
 
 
 def load_tokens(config: SweepConfig) -> np.ndarray:
@@ -446,8 +449,14 @@ def _check_same_grid(out_dir: Path, grid: Sequence[RunSpec]) -> None:
     """Write ``out_dir/grid.json``, or check that the one there equals ``grid``."""
     path = out_dir / "grid.json"
     new = _grid_blob(grid)
-    if path.is_file():
-        old = read_json(path)
+    if path.exists():
+        old = read_json(path, what="sweep grid file")
+        if not isinstance(old, list) or not all(isinstance(r, dict) for r in old):
+            raise DataFormatError(
+                f"The sweep grid file {str(path)!r} must be a JSON list of run objects. Got "
+                f"{type(old).__name__}{'' if not isinstance(old, list) else ' with other items'}: it is damaged. "
+                "Delete it to resume (finished runs are kept, each checked against the new grid), or use "
+                "another out_dir.")
         if old != new:
             old_ids = [r.get("run_id") for r in old]
             new_ids = [r["run_id"] for r in new]
@@ -471,6 +480,51 @@ def _check_same_grid(out_dir: Path, grid: Sequence[RunSpec]) -> None:
             )
     else:
         atomic_write_json(path, new)
+
+
+def _number_ok(v: Any) -> bool:
+    # to_jsonable writes non-finite floats as "nan" / "inf" strings (a diverged run's loss).
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) or v in ("nan", "inf", "-inf")
+
+
+def _task_problem(spec: RunSpec, result: Any) -> str | None:
+    """Why a saved task result cannot be a finished run of ``spec`` (None: it can)."""
+    if not isinstance(result, dict):
+        return f"Its result must be an object. Got {type(result).__name__}."
+    missing = [k for k in (*RUNS_COLUMNS, "curve") if k not in result]
+    if missing:
+        return f"Its result lacks the keys {missing}."
+    if result["run_id"] != spec.run_id:
+        return f"Its result is for run {result['run_id']!r}, not {spec.run_id!r}."
+    if result["n_params"] != spec.n_params:
+        return f"Its n_params {result['n_params']!r} is not the grid's {spec.n_params}."
+    bad = [k for k in RUNS_COLUMNS if k != "run_id" and not _number_ok(result[k])]
+    if bad:
+        return f"Its result holds non-numbers under {bad}."
+    curve = result["curve"]
+    if not isinstance(curve, list) or not curve or not all(
+        isinstance(p, dict) and all(_number_ok(p.get(k)) for k in ("loss", "train_loss"))
+        and isinstance(p.get("n_tokens"), (int, float)) and not isinstance(p.get("n_tokens"), bool)
+        for p in curve
+    ):
+        return "Its 'curve' must be a non-empty list of points with numeric n_tokens, loss, train_loss."
+    return None
+
+
+def _load_finished(state: JobState, grid: Sequence[RunSpec]) -> dict[str, dict]:
+    """The finished runs of ``grid`` in ``state``; a damaged or foreign task file is moved aside."""
+    results = {}
+    for spec in grid:
+        if not state.is_done(spec.run_id):
+            continue
+        result = state.load(spec.run_id)
+        problem = _task_problem(spec, result)
+        if problem is not None:
+            state.discard(spec.run_id, f"The task file {str(state.path(spec.run_id))!r} is not a finished run "
+                                       f"of this sweep: {problem}")
+            continue
+        results[spec.run_id] = result
+    return results
 
 
 def _tables(grid: Sequence[RunSpec], results: dict[str, dict]) -> tuple[list[dict], list[dict]]:
@@ -506,7 +560,42 @@ def _cores() -> int:
 _WORKER_TOKENS: np.ndarray | None = None
 
 
-def _init_worker(tokens: np.ndarray, n_threads: int) -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    """Make this worker process exit as soon as ``parent_pid`` (the sweep) dies, even by ``kill -9``.
+
+    A worker whose parent was killed would otherwise train on for minutes, and keep the
+    multiprocessing resource tracker alive with it. On Linux the kernel delivers SIGKILL to the
+    worker when its parent dies (``prctl(PR_SET_PDEATHSIG)``); everywhere, a daemon thread checks
+    once every 0.2 s that the parent is still ours (``os.getppid()`` changes when it dies).
+    """
+    import signal
+    import sys
+    import threading
+    import time
+
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # no libc symbol: the watchdog below still works
+            pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.2)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="leanscale-parent-watchdog", daemon=True).start()
+
+
+def _init_worker(tokens: np.ndarray, n_threads: int, parent_pid: int | None = None) -> None:
+    if parent_pid is not None:
+        _die_with_parent(parent_pid)
     import torch
 
     global _WORKER_TOKENS
@@ -546,16 +635,18 @@ def _run_serial(todo, tokens, config, record):
         torch.set_num_threads(before)
 
 
-def _run_process(todo, tokens, config, record):
+def _run_process(todo, tokens, config, record, worker: Callable = _worker_train):
+    # ``worker(spec, max_minutes)`` trains one run in a worker process (a module-level function:
+    # the tests pass a quick fake one).
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     n_threads = _worker_threads(config)
     with ProcessPoolExecutor(
         max_workers=config.n_workers, mp_context=multiprocessing.get_context("spawn"),
-        initializer=_init_worker, initargs=(tokens, n_threads),
+        initializer=_init_worker, initargs=(tokens, n_threads, os.getpid()),
     ) as pool:
-        pending = {pool.submit(_worker_train, spec, config.max_minutes): spec for spec in todo}
+        pending = {pool.submit(worker, spec, config.max_minutes): spec for spec in todo}
         try:
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -640,6 +731,9 @@ def run_sweep(
 
     Resuming: a run whose task file exists is never trained again, so a killed sweep started
     again with the same ``out_dir`` continues where it stopped and ends with the same results.
+    A task file that is damaged (not JSON, missing keys, another run's result) is moved aside to
+    ``tasks/<run_id>.json.damaged`` with a ``RuntimeWarning`` and that run is trained again; stray
+    temporary files of writes killed mid-way are removed.
 
     Under ``torchrun`` (``torch.distributed`` initialised) every rank must call this with the
     same arguments; runs are trained one after the other with DDP and only rank 0 writes.
@@ -683,17 +777,22 @@ def run_sweep(
     grid = plan_isoflop_grid(config, n_train_tokens=n_train_tokens)
 
     # Rank 0 checks the folder and decides what is left; the other ranks follow its decision.
-    error, results = None, {}
+    error, results, state, notes = None, {}, None, []
     if rank == 0:
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
             _check_same_grid(out_dir, grid)
-            state = JobState(out_dir)
+            state = JobState(out_dir)  # removes stray .tmp files of writes killed mid-way
             state.write_config(config_to_dict(config))
-            results = {s.run_id: state.load(s.run_id) for s in grid if state.is_done(s.run_id)}
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                results = _load_finished(state, grid)  # damaged task files are moved aside and rerun
+            for w in caught:  # kept for the result (and `leanscale sweep --json`), and passed on
+                notes.append(str(w.message))
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         except LeanscaleError as exc:
             error = exc
-    error, results = _broadcast((error, results), world_size)
+    error, results, notes = _broadcast((error, results, notes), world_size)
     if error is not None:
         raise error
     todo = [s for s in grid if s.run_id not in results]
@@ -706,7 +805,7 @@ def run_sweep(
     def record(spec: RunSpec, result: dict) -> None:
         results[spec.run_id] = result
         if rank == 0:
-            JobState(out_dir).save(spec.run_id, result)
+            state.save(spec.run_id, result)
             _write_tables(out_dir, *_tables(grid, results))
         bar.set_postfix(run=spec.run_id, loss=float(result["loss"]))
         bar.update(1)
@@ -720,9 +819,20 @@ def run_sweep(
         _write_tables(out_dir, runs, curves)  # also when nothing was left to train
     return SweepResult(out_dir=out_dir, runs=runs, curves=curves, runs_csv=out_dir / "runs.csv",
                        curves_csv=out_dir / "curves.csv", config=config, n_trained=len(todo),
-                       n_skipped=n_skipped, results=results)
+                       n_skipped=n_skipped, results=results, warnings=notes)
 
 
 def load_sweep_config(out_dir: str | os.PathLike) -> SweepConfig:
-    """The :class:`SweepConfig` saved in ``out_dir/config.json`` by :func:`run_sweep`."""
-    return config_from_dict(SweepConfig, read_json(Path(out_dir) / "config.json"))
+    """The :class:`SweepConfig` saved in ``out_dir/config.json`` by :func:`run_sweep`.
+
+    Raises:
+        DataNotFoundError: no config.json there.
+        DataFormatError: it is damaged, or holds an unknown key or a value of the wrong type or
+            range (the message names the file and the key).
+    """
+    path = Path(out_dir) / "config.json"
+    blob = read_json(path, what="sweep config file")
+    try:
+        return config_from_dict(SweepConfig, blob)
+    except InvalidParameterError as exc:
+        raise DataFormatError(f"The sweep config file {str(path)!r} is not a valid SweepConfig: {exc}") from None

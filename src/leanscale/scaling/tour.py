@@ -85,6 +85,8 @@ def chapter(ctx):
     report.add_table(analysis.exponent_rows(), caption="N_opt ~ C^a, D_opt ~ C^b with 95% bootstrap intervals")
     report.add_table([{"reference": k, "a": v} for k, v in REFERENCE_EXPONENTS.items()],
                      caption="Published exponents a")
+    for note in analysis.warnings:
+        report.add_note(f"warning: {note}")
     for note in analysis.notes:
         report.add_note(note)
     report.add_paragraph(
