@@ -549,10 +549,49 @@ def test_serve_warns_off_loopback_and_needs_the_objects(tmp_path, monkeypatch, c
         serve(path, host="127.0.0.1", objects=OBJECTS)
     assert not caplog.records
     with caplog.at_level("WARNING", logger="leanscale.cascade.server"):
-        serve(path, host="0.0.0.0", port=9, objects=OBJECTS)
+        serve(path, host="0.0.0.0", port=0, objects=OBJECTS)
     assert launched["config"].host == "0.0.0.0" and "no authentication" in caplog.text
     with pytest.raises(InvalidParameterError, match="objects"):
         serve(path)  # the callable stages cannot be loaded without their functions
+
+
+@pytest.fixture
+def held_port():
+    """A port on 127.0.0.1 another socket listens on (set up as a server would: SO_REUSEADDR)."""
+    import socket
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    yield sock.getsockname()[1]
+    sock.close()
+
+
+def test_serve_refuses_an_address_it_cannot_listen_on_before_loading(tmp_path, monkeypatch, held_port):
+    from leanscale.cascade.server import serve
+    from leanscale.core.errors import LeanscaleError
+
+    def never(config):
+        raise AssertionError("uvicorn started on an address serve cannot listen on")
+
+    monkeypatch.setattr(server_mod, "_run", never)
+    missing = tmp_path / "missing.json"  # the address is checked first: no cascade loaded (or needed)
+    with pytest.raises(LeanscaleError, match=rf"cannot listen on 127\.0\.0\.1:{held_port}: .*in use"):
+        serve(missing, host="127.0.0.1", port=held_port)
+    with pytest.raises(LeanscaleError, match=rf"cannot listen on localhost:{held_port}: .*in use"):
+        serve(missing, host="localhost", port=held_port)
+    # not an address (999 > 255): fails in getaddrinfo; names the host parameter
+    with pytest.raises(InvalidParameterError, match=r"cannot listen on 999\.1\.1\.1:8765: .*'host' parameter of serve"):
+        serve(missing, host="999.1.1.1", port=8765)
+    # an address of no interface here (TEST-NET-1, RFC 5737): bind fails at once, no network used
+    with pytest.raises(LeanscaleError, match=r"cannot listen on 192\.0\.2\.1:8765: "):
+        serve(missing, host="192.0.2.1", port=8765)
+    for port in (-1, 65536, 8000.5, "8000"):
+        with pytest.raises(InvalidParameterError, match="'port' parameter of serve"):
+            serve(missing, port=port)
+    with pytest.raises(InvalidParameterError, match="'host' parameter of serve"):
+        serve(missing, host=None)
 
 
 def test_missing_fastapi_names_the_extra(monkeypatch):

@@ -96,7 +96,18 @@ def test_prune_score_under_torchrun_equals_one_process(tmp_path):
     assert np.corrcoef(one, two)[0, 1] > 0.95 and np.abs(one - two).max() < 0.1
 
 
-def test_active_cli_runs_resumes_and_beats_nothing_less_than_random_labels(tmp_path, capsys):
+@pytest.fixture
+def one_thread():
+    """Tiny fits: one torch thread is ~30x faster than two fighting over a busy machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_active_cli_runs_resumes_and_beats_nothing_less_than_random_labels(tmp_path, capsys, one_thread):
     data = _npz(tmp_path / "d.npz", n=300)
     out = tmp_path / "al"
     args = ["active", "--data", str(data), "--strategy", "margin", "--budget", "60", "--batch-size", "20",
@@ -105,6 +116,7 @@ def test_active_cli_runs_resumes_and_beats_nothing_less_than_random_labels(tmp_p
     blob = json.loads(capsys.readouterr().out)
     assert [h["n_labels"] for h in blob["history"]] == [20, 40, 60]
     assert blob["history"][-1]["accuracy"] > 0.9  # well-separated blobs
+    assert blob["warnings"] == []
     hist = json.loads((out / "history.json").read_text())
     assert len(set(hist["labeled_indices"])) == 60
     # Run again: the saved state is complete, so nothing more is labelled and the history is the same.
@@ -113,3 +125,94 @@ def test_active_cli_runs_resumes_and_beats_nothing_less_than_random_labels(tmp_p
     assert again["history"] == blob["history"]
     assert main(["active", "--data", str(data), "--strategy", "marginn"]) == 2
     assert "Did you mean 'margin'" in capsys.readouterr().err
+
+
+def test_active_budget_larger_than_the_pool_is_clipped_with_a_warning(tmp_path, capsys, one_thread):
+    data = _npz(tmp_path / "d.npz", n=60)
+    assert main(["active", "--data", str(data), "--budget", "100000", "--batch-size", "20", "--initial", "20",
+                 "--json"]) == 0
+    captured = capsys.readouterr()
+    blob = json.loads(captured.out)
+    assert [h["n_labels"] for h in blob["history"]] == [20, 40, 60]  # stopped at the pool
+    assert len(blob["warnings"]) == 1
+    assert "--budget 100,000 is more than the 60 examples in the pool" in blob["warnings"][0]
+    assert f"warning: {blob['warnings'][0]}" in captured.err
+    # text output: the same warning line, before the rounds
+    assert main(["active", "--data", str(data), "--budget", "100000", "--batch-size", "20", "--initial", "20"]) == 0
+    captured = capsys.readouterr()
+    assert "warning: --budget 100,000 is more than the 60 examples" in captured.err
+    assert "60 labels" in captured.out
+
+
+def test_active_initial_larger_than_the_pool_is_refused_and_all_random_is_flagged(tmp_path, capsys, one_thread):
+    data = _npz(tmp_path / "d.npz", n=60)
+    for initial in ("5000", "61"):
+        assert main(["active", "--data", str(data), "--initial", initial, "--out", str(tmp_path / "al")]) == 2
+        err = capsys.readouterr().err
+        assert "'--initial' parameter of leanscale active must be at most the pool size (60 examples" in err
+        assert "Traceback" not in err
+    assert not (tmp_path / "al").exists()
+    # --n-train shrinks the pool: named in the message
+    assert main(["active", "--data", str(data), "--n-train", "30", "--initial", "40"]) == 2
+    assert "(30 examples in" in capsys.readouterr().err
+    # --initial >= budget: every label random; legal, but said
+    assert main(["active", "--data", str(data), "--initial", "30", "--budget", "30", "--json"]) == 0
+    blob = json.loads(capsys.readouterr().out)
+    assert [h["n_labels"] for h in blob["history"]] == [30]
+    assert any("this is random sampling" in w for w in blob["warnings"])
+
+
+def test_active_fit_warnings_are_reported_once_not_raw(tmp_path, capsys, monkeypatch, one_thread):
+    """A ConvergenceWarning of every round's fit -> one "warning: ..." line and one JSON entry (counted),
+    no raw warning with a file and line (pytest's filterwarnings=error would fail this test on one)."""
+    import warnings
+
+    from leanscale.models.linear import ConvergenceWarning, SoftmaxRegression
+
+    fit, calls, stop_at = SoftmaxRegression.fit, [], [None]
+
+    def fit_and_warn(self, X, y):
+        if len(calls) == stop_at[0]:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of a run
+        calls.append(len(y))
+        warnings.warn(f"SoftmaxRegression did not converge (largest gradient entry {len(calls)}.5e-03)",
+                      ConvergenceWarning, stacklevel=2)
+        return fit(self, X, y)
+
+    monkeypatch.setattr(SoftmaxRegression, "fit", fit_and_warn)
+    data = _npz(tmp_path / "d.npz", n=90)
+    out = tmp_path / "al"
+    args = ["active", "--data", str(data), "--budget", "60", "--batch-size", "20", "--initial", "20",
+            "--out", str(out), "--json"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    blob = json.loads(captured.out)
+    assert len(calls) == 3
+    assert blob["warnings"] == [("ConvergenceWarning: SoftmaxRegression did not converge (largest gradient "
+                                 "entry 1.5e-03) (3 times)")]
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert lines == [f"warning: {blob['warnings'][0]}"]
+    assert json.loads((out / "history.json").read_text())["warnings"] == blob["warnings"]
+    # run again: complete, nothing fitted, and the warnings of the run are still reported
+    assert main(args) == 0
+    assert len(calls) == 3 and json.loads(capsys.readouterr().out)["warnings"] == blob["warnings"]
+
+    # interrupted after 2 fits, then resumed: the warnings of both parts, counted together
+    calls.clear()
+    stop_at[0] = 2
+    out2 = tmp_path / "al2"
+    args[args.index("--out") + 1] = str(out2)
+    assert main(args) == 130
+    capsys.readouterr()
+    stop_at[0] = None
+    assert main(args) == 0
+    resumed = json.loads(capsys.readouterr().out)
+    assert [h["n_labels"] for h in resumed["history"]] == [20, 40, 60]
+    assert len(resumed["warnings"]) == 1 and resumed["warnings"][0].endswith(f"({len(calls)} times)")
+
+    # text mode: the same single line
+    assert main(["active", "--data", str(data), "--budget", "40", "--batch-size", "20", "--initial", "20"]) == 0
+    captured = capsys.readouterr()
+    assert [line for line in captured.err.splitlines() if line.strip()] == [
+        (f"warning: ConvergenceWarning: SoftmaxRegression did not converge (largest gradient entry "
+         f"{len(calls) - 1}.5e-03) (2 times)")]

@@ -36,7 +36,11 @@ def test_report_text_and_erk(capsys):
 @pytest.mark.parametrize("argv,message", [
     (["--model", "nope"], "'--model' parameter of leanscale sparse must look like 'package.module:callable'"),
     (["--model", "leanscale.models:Nope"], "must name an importable callable"),
-    (["--model", "leanscale.core.registry:list_techniques"], "must return a torch.nn.Module"),
+    (["--model", "leanscale.core.registry:list_techniques"], "must return a torch.nn.Module. Got list from"),
+    # callables that need arguments: refused before they are called (os.system is never run)
+    (["--model", "os:system"], "'--model' parameter of leanscale sparse must name a callable that takes no arguments"),
+    (["--model", "json:loads"], "Got 'json:loads', which needs arguments"),
+    (["--model", "leanscale.models:__doc__"], "Got 'leanscale.models:__doc__', a str"),
     (["--sparsity", "1.5"], "'sparsity' parameter of apply_swat must be a float in the range [0, 1). Got 1.5"),
     (["--topk-period", "0"], "'topk_period' parameter of apply_swat"),
     (["--distribution", "erdos"], "'distribution' parameter of apply_swat"),
@@ -44,6 +48,90 @@ def test_report_text_and_erk(capsys):
 def test_report_bad_input(argv, message, capsys):
     assert main(["sparse", "report", "--batch", "4", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_model_calls_failing_with_type_error_are_clean_errors(capsys, monkeypatch):
+    import os
+
+    calls = []
+    monkeypatch.setattr(os, "system", lambda command: calls.append(command))  # never reached
+    assert main(["sparse", "report", "--model", "os:system"]) == 2
+    assert calls == []
+    assert "'--model' parameter of leanscale sparse" in capsys.readouterr().err
+    import types
+
+    mod = types.ModuleType("leanscale_test_factories")
+    mod.needs_args = lambda x: x
+    mod.raises_type_error = lambda: int("1", base=[])
+    monkeypatch.setitem(__import__("sys").modules, "leanscale_test_factories", mod)
+    # needs_args: refused from its signature; raises_type_error: takes no arguments but its call
+    # fails with TypeError -> still a message naming --model, not a traceback
+    for spec, text in (("leanscale_test_factories:needs_args", "which needs arguments"),
+                       ("leanscale_test_factories:raises_type_error", "calling it with no arguments failed")):
+        assert main(["sparse", "report", "--model", spec]) == 2
+        err = capsys.readouterr().err
+        assert "'--model' parameter of leanscale sparse" in err and text in err and "Traceback" not in err
+
+
+def test_export_checks_model_before_loading(tmp_path, capsys):
+    torch.manual_seed(0)
+    ckpt = tmp_path / "swat.pt"
+    torch.save(apply_swat(BNCNN(), 0.7).state_dict(), ckpt)
+    for spec in ("os:system", "json:loads"):
+        assert main(["sparse", "export", "--checkpoint", str(ckpt), "--sparsity", "0.7", "--model", spec,
+                     "--out", str(tmp_path / "p.pt")]) == 2
+        assert "'--model' parameter of leanscale sparse must name a callable that takes no arguments" in \
+            capsys.readouterr().err
+    assert not (tmp_path / "p.pt").exists()
+
+
+@pytest.mark.parametrize("flags,text", [
+    (["--out", "{d}"], "'--out' parameter of leanscale sparse train must be a file to write. Got '{d}', which names a folder"),
+    (["--save", "{d}/afile/x.pt"], "'--save' parameter of leanscale sparse train must be a file in a folder"),
+    (["--checkpoint", "{d}/afile/sub/x.pt"], "'{d}/afile' is a file, not a folder"),
+    (["--checkpoint", "{d}/new/"], "which names a folder"),
+    (["--out", "{d}/r.json", "--save", "{d}/r.json"], "'--save' parameter of leanscale sparse train must differ from --out"),
+])
+def test_train_checks_output_paths_before_training(flags, text, tmp_path, capsys, monkeypatch):
+    import leanscale.large_batch.train as train_mod
+
+    def no_training(*a, **k):
+        raise AssertionError("training started before the output paths were checked")
+
+    monkeypatch.setattr(train_mod, "load_image_data", no_training)
+    monkeypatch.setattr(train_mod, "train_classifier", no_training)
+    (tmp_path / "afile").write_text("x")
+    d = str(tmp_path)
+    assert main(["sparse", "train", *[f.format(d=d) for f in flags]]) == 2
+    err = capsys.readouterr().err
+    assert text.format(d=d) in err and "Traceback" not in err
+    assert (tmp_path / "afile").read_text() == "x" and not (tmp_path / "new").exists()
+
+
+def test_train_output_in_a_missing_folder_is_accepted_before_training(tmp_path, monkeypatch):
+    """A folder that does not exist yet is created by the write: not refused."""
+    import leanscale.large_batch.train as train_mod
+
+    class Reached(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise Reached
+
+    monkeypatch.setattr(train_mod, "load_image_data", stop)
+    with pytest.raises(Reached):
+        main(["sparse", "train", "--out", str(tmp_path / "a" / "b" / "run.json")])
+
+
+def test_export_out_checked_before_loading(tmp_path, capsys):
+    ckpt = tmp_path / "swat.pt"
+    torch.save(apply_swat(BNCNN(), 0.7).state_dict(), ckpt)
+    before = ckpt.read_bytes()
+    assert main(["sparse", "export", "--checkpoint", str(ckpt), "--sparsity", "0.7", "--out", str(tmp_path)]) == 2
+    assert "'--out' parameter of leanscale sparse export must be a file to write" in capsys.readouterr().err
+    assert main(["sparse", "export", "--checkpoint", str(ckpt), "--sparsity", "0.7", "--out", str(ckpt)]) == 2
+    assert "must differ from --checkpoint" in capsys.readouterr().err
+    assert ckpt.read_bytes() == before
 
 
 def test_train_saves_a_pruned_model(tmp_path, capsys):

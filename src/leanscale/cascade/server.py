@@ -995,15 +995,53 @@ def serve(path_or_cascade, host: str = "127.0.0.1", port: int = 8000, objects: d
     interrupted (SIGTERM: drain, then return). ``options``: the connection options of
     :func:`server_config` (``max_connections``, ``timeout_keep_alive``, ``timeout_idle``,
     ``timeout_graceful_shutdown``, ``backlog``, ``max_header_bytes``); the rest go to
-    :func:`create_app`. Binds to loopback unless told otherwise."""
+    :func:`create_app`. Binds to loopback unless told otherwise. An address it cannot listen on
+    (an invalid host, a port in use, a privileged port) raises before the cascade is loaded."""
+    import errno
+    import socket
+
     from leanscale.cascade.cascade import Cascade
+    from leanscale.core.errors import LeanscaleError
+    from leanscale.core.validation import InstanceOf
 
     _require_uvicorn()
+    port = int(check_param("port", port, [Interval(int, 0, 65535)], "serve"))
+    host = check_param("host", host, [InstanceOf(str)], "serve")
+    # Try the bind uvicorn will do (asyncio's create_server: every address getaddrinfo gives, with
+    # SO_REUSEADDR, IPv6 sockets v6-only), so that a bad address is one clear error rather than an
+    # exit status 3 after a few INFO lines. The sockets are closed again at once.
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError, ValueError) as exc:
+        raise InvalidParameterError(
+            f"cannot listen on {where}: {exc}. The 'host' parameter of serve must be an address of this machine "
+            f"(e.g. 127.0.0.1, 0.0.0.0, ::1) or a name that resolves to one. Got {host!r}.") from None
+    held = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError:
+                continue  # an address family this machine lacks: asyncio skips it too
+            held.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == getattr(socket, "AF_INET6", None) and hasattr(socket, "IPPROTO_IPV6"):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                hint = {errno.EADDRINUSE: " (another process is listening on that port)",
+                        errno.EADDRNOTAVAIL: " (no network interface of this machine has that address)",
+                        errno.EACCES: " (ports below 1024 need privileges)"}.get(exc.errno, "")
+                raise LeanscaleError(f"cannot listen on {where}: {exc.strerror or exc}{hint}.") from None
+    finally:
+        for sock in held:
+            sock.close()
     if isinstance(path_or_cascade, (str, Path)):
         cascade = Cascade.load(path_or_cascade, objects=objects)
     else:
         cascade = path_or_cascade
-    port = int(check_param("port", port, [Interval(int, 0, 65535)], "serve"))
     server_options = {k: options.pop(k) for k in _SERVER_OPTIONS if k in options}
     app = create_app(cascade, **options)
     config = server_config(app, host=host, port=port, log_level=log_level, access_log=access_log, **server_options)

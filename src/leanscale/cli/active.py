@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+import warnings
 
 EPILOG = """\
 examples:
@@ -50,13 +52,12 @@ def run(args) -> int:
 
     import numpy as np
 
-    from leanscale.core.io import atomic_write_json, read_json
-    from leanscale.models.linear import SoftmaxRegression
-    from leanscale.pruning.active import ActiveLearner
-    from leanscale.pruning.datasets import load_pruning_data
-
     from leanscale.core.errors import LeanscaleError
-    from leanscale.core.validation import Interval, check_param
+    from leanscale.core.io import atomic_write_json, read_json
+    from leanscale.core.validation import Interval, check_param, unknown_name_error
+    from leanscale.models.linear import SoftmaxRegression
+    from leanscale.pruning.active import STRATEGIES, ActiveLearner
+    from leanscale.pruning.datasets import load_pruning_data
 
     owner = "leanscale active"
     for flag, value, rng in (("--budget", args.budget, Interval(int, 1, None)),
@@ -80,10 +81,14 @@ def run(args) -> int:
     y_eval = None if data.y_test is None else data.y_test.numpy()
     learner = ActiveLearner(SoftmaxRegression(C=args.C), strategy=args.strategy, batch_size=args.batch_size,
                             initial_size=args.initial, seed=args.seed)
+    if args.strategy not in STRATEGIES:
+        raise unknown_name_error("strategy", args.strategy, STRATEGIES, owner="ActiveLearner")
+    notes = _pool_warnings(args, len(x), owner)  # refuses --initial larger than the pool
     out = Path(args.out) if args.out else None
     settings = {"data": args.data, "n_train": args.n_train, "strategy": args.strategy, "budget": args.budget,
                 "batch_size": args.batch_size, "initial": args.initial, "C": args.C, "seed": args.seed}
     state_path = None if out is None else out / "state.json"
+    resumed: list[str] = []  # warnings of the fits of the run this one resumes
     if state_path is not None and state_path.is_file():
         # The state is only a shortcut (every label comes from the data set): a damaged one is
         # reported and the run starts over, instead of failing or resuming from garbage.
@@ -93,6 +98,10 @@ def run(args) -> int:
                 raise LeanscaleError(f"it holds a {type(saved).__name__}, not a JSON object")
             if saved.get("settings") == settings:
                 learner.load_state_dict(saved.get("learner"))
+                earlier = saved.get("warnings", [])
+                if not isinstance(earlier, list) or not all(isinstance(w, str) for w in earlier):
+                    raise LeanscaleError("its 'warnings' are not a list of strings")
+                resumed = [w[:2000] for w in earlier[:100]]
                 if learner.n_pool_ is not None and learner.n_pool_ != len(x):
                     raise LeanscaleError(f"it was saved for a pool of {learner.n_pool_} examples, not {len(x)}")
                 idx = learner.labeled_indices_
@@ -100,21 +109,31 @@ def run(args) -> int:
                                  or not np.array_equal(learner.labels_, data.y_train.numpy()[idx])):
                     raise LeanscaleError("its labels are not the data set's labels of those examples")
         except LeanscaleError as exc:
-            print(f"warning: ignoring the damaged state file {str(state_path)!r} and starting over: {exc}",
-                  file=sys.stderr)
+            resumed = []
+            notes.insert(0, f"ignoring the damaged state file {str(state_path)!r} and starting over: {exc}")
             learner = ActiveLearner(SoftmaxRegression(C=args.C), strategy=args.strategy,
                                     batch_size=args.batch_size, initial_size=args.initial, seed=args.seed)
 
     def save(lr: ActiveLearner) -> None:
         if state_path is not None:
-            atomic_write_json(state_path, {"settings": settings, "learner": lr.state_dict()})
+            atomic_write_json(state_path, {"settings": settings, "learner": lr.state_dict(),
+                                           "warnings": _dedupe(resumed, caught)})
         if not args.json:
             h = lr.history_[-1]
             acc = "" if h["accuracy"] is None else f", test accuracy {h['accuracy']:.4f}"
             print(f"  {h['n_labels']:>6,} labels{acc}", flush=True)
 
-    learner.run(x, data.y_train.numpy(), budget=args.budget, X_eval=x_eval, y_eval=y_eval, on_round=save)
-    blob = {"settings": settings, "history": learner.history_,
+    for note in notes:  # before the rounds: they say what the run below will be
+        print(f"warning: {note}", file=sys.stderr, flush=True)
+    # Warnings of the fits (a ConvergenceWarning, ...) are reported once each, not with a file and line
+    # every round.
+    with warnings.catch_warnings(record=True) as caught:  # (save reads it: it is called only in here)
+        warnings.simplefilter("always")
+        learner.run(x, data.y_train.numpy(), budget=args.budget, X_eval=x_eval, y_eval=y_eval, on_round=save)
+    raised = _dedupe(resumed, caught)
+    for note in raised:
+        print(f"warning: {note}", file=sys.stderr)
+    blob = {"settings": settings, "history": learner.history_, "warnings": notes + raised,
             "labeled_indices": learner.labeled_indices_.tolist()}
     if out is not None:
         atomic_write_json(out / "history.json", blob)
@@ -124,3 +143,49 @@ def run(args) -> int:
     elif out is not None:
         print(f"wrote {out / 'history.json'}")
     return 0
+
+
+def _pool_warnings(args, n_pool: int, owner: str) -> list[str]:
+    """What makes this run less than it asks for, said before it starts. ``--initial`` larger than
+    the pool is refused (every label would be random and the flag cannot be honoured); a budget
+    larger than the pool is clipped to it, and random labels that use up the whole budget are
+    flagged (the result is random sampling, not active learning)."""
+    from leanscale.core.errors import InvalidParameterError
+
+    if args.initial > n_pool:
+        raise InvalidParameterError(
+            f"The '--initial' parameter of {owner} must be at most the pool size ({n_pool:,} examples in "
+            f"{args.data!r}{'' if args.n_train is None else f' with --n-train {args.n_train}'}). Got {args.initial:,} "
+            f"instead: pass a smaller --initial (it is 100 unless given)."
+        )
+    notes = []
+    target = min(args.budget, n_pool)
+    if args.budget > n_pool:
+        notes.append(
+            f"--budget {args.budget:,} is more than the {n_pool:,} examples in the pool: labelling stops at "
+            f"{n_pool:,} (every example labelled)."
+        )
+    if args.initial >= target:
+        notes.append(
+            f"--initial {args.initial:,} random labels use up the whole budget of {target:,}: no label is chosen "
+            f"by the --strategy {args.strategy!r} (this is random sampling); lower --initial."
+        )
+    return notes
+
+
+def _dedupe(earlier: list[str], caught) -> list[str]:
+    """One line per distinct warning (numbers aside), with how many times it was raised: the
+    ``earlier`` lines (of the run this one resumes, as this function wrote them) and the ``caught``
+    warnings."""
+    counts: dict[str, list] = {}
+    for text in earlier:
+        times = re.search(r" \((\d+) times\)$", text)
+        base = text[:times.start()] if times else text
+        counts.setdefault(_NUMBERS.sub("#", base), [base, 0])[1] += int(times.group(1)) if times else 1
+    for w in caught:
+        text = f"{w.category.__name__}: {w.message}"
+        counts.setdefault(_NUMBERS.sub("#", text), [text, 0])[1] += 1
+    return [text if n <= 1 else f"{text} ({n} times)" for text, n in counts.values()]
+
+
+_NUMBERS = re.compile(r"[-+]?\d[\d.,]*(?:e[-+]?\d+)?")

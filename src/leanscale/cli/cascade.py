@@ -464,7 +464,7 @@ def run_eval(args) -> int:
     from leanscale.cascade.data import load_labelled_texts
     from leanscale.core.io import to_jsonable
 
-    cascade = Cascade.load(args.cascade, objects=serve_cli._objects(args.objects))
+    cascade = Cascade.load(args.cascade, objects=serve_cli._objects(args.objects, owner="leanscale cascade eval"))
     texts, y = load_labelled_texts(args.data, text_column=args.text_column, label_column=args.label_column,
                                    root=args.data_root)
     warnings: list[str] = []

@@ -26,6 +26,10 @@ in flight (up to --timeout-graceful-shutdown) and exits 0.
 """
 
 
+# uvicorn's log levels (uvicorn.config.LOG_LEVELS; not imported so that --help works without uvicorn)
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "serve", help="serve a saved cascade over HTTP (micro-batching, fallback, metrics)",
@@ -72,33 +76,51 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--objects", default=None, metavar="MODULE:NAME",
                    help="'package.module:name' of a dict (or a function returning one) mapping stage names to the "
                    "functions/models of stages saved by name (callable, rule, external model)")
-    p.add_argument("--log-level", default="info", help="uvicorn log level (info)")
+    p.add_argument("--log-level", default="info", choices=LOG_LEVELS, metavar="LEVEL",
+                   help=f"uvicorn log level: {', '.join(LOG_LEVELS)} (info)")
     p.add_argument("--access-log", action="store_true", help="log every request")
 
 
-def _objects(spec: str | None) -> dict | None:
+def _objects(spec: str | None, owner: str = "leanscale serve") -> dict | None:
+    """The stage objects ``--objects`` names: a dict of str -> object, or a callable taking no
+    arguments that returns one (never called when its signature needs arguments)."""
     if spec is None:
         return None
     import importlib
+    import inspect
 
     from leanscale.core.errors import InvalidParameterError
 
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise InvalidParameterError(
-            f"The '--objects' parameter of leanscale serve must look like 'package.module:name'. Got {spec!r} instead.")
+            f"The '--objects' parameter of {owner} must look like 'package.module:name'. Got {spec!r} instead.")
     try:
         value = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise InvalidParameterError(
-            f"The '--objects' parameter of leanscale serve must name an importable object. Got {spec!r}: {exc}."
+            f"The '--objects' parameter of {owner} must name an importable object. Got {spec!r}: {exc}."
         ) from exc
+    expected = (f"The '--objects' parameter of {owner} must name a dict of stage name -> object, or a "
+                "callable that takes no arguments and returns one.")
     if callable(value) and not isinstance(value, dict):
-        value = value()
+        try:
+            inspect.signature(value).bind()
+        except TypeError as exc:  # os:system, json:loads, ...: required arguments
+            raise InvalidParameterError(f"{expected} Got {spec!r}, which needs arguments: {exc}.") from None
+        except ValueError:  # no signature (some builtins): calling it will tell
+            pass
+        try:
+            value = value()
+        except TypeError as exc:
+            raise InvalidParameterError(
+                f"{expected} Got {spec!r}; calling it with no arguments failed: {exc}.") from None
     if not isinstance(value, dict):
+        raise InvalidParameterError(f"{expected} Got {type(value).__name__} from {spec!r}.")
+    bad = [k for k in value if not isinstance(k, str)]
+    if bad:
         raise InvalidParameterError(
-            f"The '--objects' parameter of leanscale serve must give a dict of stage name -> object. Got a "
-            f"{type(value).__name__} from {spec!r}.")
+            f"{expected} Got a dict from {spec!r} with keys that are not stage names (str): {bad[:5]!r:.200}.")
     return value
 
 

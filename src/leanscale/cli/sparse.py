@@ -13,6 +13,7 @@ import argparse
 import importlib
 import json
 import sys
+from pathlib import Path
 
 EPILOG = """\
 examples:
@@ -116,13 +117,66 @@ def _build(spec: str):
         raise InvalidParameterError(
             f"The '--model' parameter of leanscale sparse must name an importable callable. Got {spec!r}: {exc}."
         ) from exc
-    model = factory()
+    model = call_without_arguments(factory, spec, "--model", "leanscale sparse", "a torch.nn.Module")
     if not isinstance(model, nn.Module):
         raise InvalidParameterError(
             f"The '--model' parameter of leanscale sparse must return a torch.nn.Module. Got {type(model).__name__} "
             f"from {spec!r}."
         )
     return model
+
+
+def call_without_arguments(factory, spec: str, flag: str, owner: str, returns: str):
+    """``factory()`` for a ``module:name`` flag; a clear error naming ``flag`` when ``factory`` is not a
+    callable that takes no arguments (``os:system``, ``json:loads``, a string, ...)."""
+    import inspect
+
+    from leanscale.core.errors import InvalidParameterError
+
+    expected = f"The {flag!r} parameter of {owner} must name a callable that takes no arguments and returns {returns}."
+    if not callable(factory):
+        raise InvalidParameterError(f"{expected} Got {spec!r}, a {type(factory).__name__}.")
+    try:
+        inspect.signature(factory).bind()
+    except TypeError as exc:  # required arguments
+        raise InvalidParameterError(f"{expected} Got {spec!r}, which needs arguments: {exc}.") from None
+    except ValueError:  # no signature (some builtins): calling it will tell
+        pass
+    try:
+        return factory()
+    except TypeError as exc:
+        raise InvalidParameterError(f"{expected} Got {spec!r}; calling it with no arguments failed: {exc}.") from None
+
+
+def _check_out_paths(action: str, paths: dict) -> None:
+    """Refuse output paths that cannot be written *before* any work starts (as `batch train` does): a
+    folder, a path under a file, a folder that cannot be written, two outputs on one file. A missing
+    folder is fine: the writes create it."""
+    import os
+
+    from leanscale.core.errors import InvalidParameterError
+
+    seen = {}
+    for flag, value in paths.items():
+        if value is None:
+            continue
+        where = f"The {flag!r} parameter of leanscale sparse {action}"
+        path = Path(value)
+        if path.is_dir() or str(value).endswith(("/", os.sep)):
+            raise InvalidParameterError(f"{where} must be a file to write. Got {value!r}, which names a folder.")
+        folder = path.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            raise InvalidParameterError(
+                f"{where} must be a file in a folder. Got {value!r}, but {str(folder)!r} is a file, not a folder.")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise InvalidParameterError(f"{where} must be in a folder you can write. Got {value!r}.")
+        key = path.resolve()
+        if key in seen:
+            raise InvalidParameterError(
+                f"{where} must differ from {seen[key]}. Got {value!r} for both: one file would overwrite the other.")
+        seen[key] = flag
 
 
 def _settings(args) -> dict:
@@ -172,8 +226,14 @@ def run_train(args) -> int:
         load_image_data,
         train_classifier,
     )
-    from leanscale.sparse import export_pruned, save_pruned, save_swat_checkpoint, swat_summary
+    from leanscale.sparse import (
+        export_pruned,
+        save_pruned,
+        save_swat_checkpoint,
+        swat_summary,
+    )
 
+    _check_out_paths("train", {"--out": args.out, "--save": args.save, "--checkpoint": args.checkpoint})
     config = apply_overrides(TrainConfig(model=args.model, epochs=args.epochs, eval_every_epochs=args.epochs),
                              args.overrides)
     started = init_from_env()
@@ -290,6 +350,12 @@ def run_export(args) -> int:
     from leanscale.sparse import apply_swat, export_pruned, save_pruned
     from leanscale.sparse.export import check_swat_layers, load_swat_checkpoint
 
+    _check_out_paths("export", {"--out": args.out})
+    if Path(args.out).resolve() == Path(args.checkpoint).resolve():
+        raise InvalidParameterError(
+            f"The '--out' parameter of leanscale sparse export must differ from --checkpoint. Got {args.out!r} for "
+            f"both: the export would overwrite the SWAT checkpoint."
+        )
     ckpt = load_swat_checkpoint(args.checkpoint)
     source = repr(args.checkpoint)
     given, recorded = _given(args), ckpt["settings"]
