@@ -55,7 +55,8 @@ def test_bad_objects_are_clean_errors(command, spec, text, saved, objects_module
     extra = ["--data", "nope.csv"] if command[-1] == "eval" else []
     assert main([*command, saved, "--objects", spec, *extra]) == 2
     err = capsys.readouterr().err
-    assert "The '--objects' parameter of leanscale serve must name a dict of stage name -> object, or a callable " \
+    owner = "leanscale cascade eval" if command[-1] == "eval" else "leanscale serve"
+    assert f"The '--objects' parameter of {owner} must name a dict of stage name -> object, or a callable " \
            "that takes no arguments and returns one." in err
     assert text in err and "Traceback" not in err
     assert ran == [] and objects_module == []
