@@ -216,3 +216,21 @@ def test_active_fit_warnings_are_reported_once_not_raw(tmp_path, capsys, monkeyp
     assert [line for line in captured.err.splitlines() if line.strip()] == [
         (f"warning: ConvergenceWarning: SoftmaxRegression did not converge (largest gradient entry "
          f"{len(calls) - 1}.5e-03) (2 times)")]
+
+
+def test_prune_select_refuses_scores_that_do_not_belong_to_their_manifest(tmp_path, capsys):
+    """A kill between scores.npy and manifest.json (here: scores.npy replaced afterwards) must not pair
+    the new scores with the old manifest's metric silently."""
+    from leanscale.pruning import DataPruner
+
+    y = np.arange(40) % 2
+    pruner = DataPruner(metric="random", keep=0.5, seed=0).fit(None, y, scores=np.linspace(0, 1, 40))
+    manifest = json.loads(pruner.write_manifest(tmp_path).read_text())
+    import hashlib
+    assert manifest["sha256"]["scores.npy"] == hashlib.sha256((tmp_path / "scores.npy").read_bytes()).hexdigest()
+    assert main(["prune", "select", "--scores", str(tmp_path), "--keep", "10", "--json"]) == 0  # whole: fine
+    capsys.readouterr()
+    np.save(tmp_path / "scores.npy", np.linspace(1, 0, 40))  # a newer run's scores, its manifest never written
+    assert main(["prune", "select", "--scores", str(tmp_path), "--keep", "10"]) == 2
+    err = capsys.readouterr().err
+    assert "does not belong to the manifest" in err and "scores.npy" in err and "Traceback" not in err

@@ -164,8 +164,7 @@ def run_select(args) -> int:
     from pathlib import Path
 
     from leanscale.core.errors import DataFormatError, InvalidParameterError
-    from leanscale.core.io import atomic_write_json, read_json
-    from leanscale.core.io import read_npy
+    from leanscale.core.io import atomic_write_json, read_json, read_npy, sha256_file
     from leanscale.pruning.pruner import DataPruner
 
     _check_flags("leanscale prune select", **{"--seed": args.seed, "--n-train": args.n_train})
@@ -183,6 +182,13 @@ def run_select(args) -> int:
     scored = read_json(manifest_in, what="manifest") if manifest_in.is_file() else {}
     if not isinstance(scored, dict):
         raise DataFormatError(f"The manifest {str(manifest_in)!r} must be a JSON object. Got {type(scored).__name__}.")
+    recorded = scored.get("sha256", {}).get(scores_path.name) if isinstance(scored.get("sha256"), dict) else None
+    if recorded is not None and recorded != sha256_file(scores_path):
+        raise DataFormatError(
+            f"The scores file {str(scores_path)!r} does not belong to the manifest {str(manifest_in)!r} beside it "
+            f"(its SHA-256 differs from the one recorded there): a `prune score` was interrupted between the two "
+            f"writes, or one of them was changed. Run `leanscale prune score` again (it resumes) to write both."
+        )
     labels = None
     if args.data is not None:
         from leanscale.pruning.datasets import load_pruning_data

@@ -691,7 +691,13 @@ class DataPruner:
             "versions": {"leanscale": leanscale.__version__, "torch": torch.__version__, "numpy": np.__version__},
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
-        atomic_write_bytes(folder / "scores.npy", _npy_bytes(self.scores_))
-        atomic_write_bytes(folder / "kept.npy", _npy_bytes(kept))
+        # The manifest is the commit point: it records the SHA-256 of the two arrays, so a kill between the
+        # writes leaves arrays that a reader can tell do not belong to the manifest beside them.
+        digests = {}
+        for name, arr in (("scores.npy", self.scores_), ("kept.npy", kept)):
+            data = _npy_bytes(arr)
+            atomic_write_bytes(folder / name, data)
+            digests[name] = hashlib.sha256(data).hexdigest()
+        manifest["sha256"] = digests
         atomic_write_json(manifest_path, manifest)
         return manifest_path
