@@ -10,6 +10,7 @@ from leanscale.core.validation import (
     check_array,
     check_consistent_length,
     check_is_fitted,
+    check_labels,
     check_param,
     unknown_name_error,
     validate_params,
@@ -108,3 +109,10 @@ def test_check_texts():
         check_texts("texts", ["a", "b"], min_len=3)
     with pytest.raises(InvalidParameterError, match="'docs' .* Got int 3 at index 1"):
         check_texts("docs", ["a", 3])
+
+
+@pytest.mark.parametrize("bad, index", [([0.0, float("nan"), 1.0], 1), ([float("inf"), 2.0], 0)])
+def test_check_labels_refuses_a_missing_label(bad, index):
+    with pytest.raises(InvalidParameterError, match=f"'y' parameter of f must hold a label for every example. .* index {index}"):
+        check_labels("y", np.array(bad), owner="f")
+    assert check_labels("y", np.array([0.0, 1.0])).tolist() == [0.0, 1.0]  # float labels themselves are fine

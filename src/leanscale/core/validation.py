@@ -274,10 +274,15 @@ def check_labels(name: str, value: Any, *, owner: str | None = None) -> np.ndarr
     if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor, without importing torch
         value = value.detach().cpu().numpy()
     arr = np.asarray(value)
+    where = f" of {owner}" if owner else ""
     if arr.ndim != 1:
-        where = f" of {owner}" if owner else ""
         raise InvalidParameterError(
             f"The {name!r} parameter{where} must be a 1-d array of labels. Got an array of shape {arr.shape}."
+        )
+    if arr.dtype.kind in "fc" and not np.isfinite(arr).all():  # a missing label, never a class
+        bad = int(np.flatnonzero(~np.isfinite(arr))[0])
+        raise InvalidParameterError(
+            f"The {name!r} parameter{where} must hold a label for every example. Got {arr[bad]!r} at index {bad}."
         )
     return arr
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -82,6 +83,23 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) if hasattr(torch, "OutOfMemoryError") else False
 
 
+@contextlib.contextmanager
+def user_code(param: str, owner: str, context: str, hint: str):
+    """Run the user's model or loss: its shape/dtype/label errors become an
+    :class:`InvalidParameterError` naming ``param`` (the original exception chained; an
+    out-of-memory error and leanscale's own errors pass unchanged)."""
+    try:
+        yield
+    except LeanscaleError:
+        raise
+    except _USER_CODE_ERRORS as exc:
+        if _is_oom(exc):
+            raise
+        raise InvalidParameterError(
+            f"The {param!r} parameter of {owner} failed on {context}: {type(exc).__name__}: {exc}. {hint}"
+        ) from exc
+
+
 def model_loss(model: Any, loss_fn: Any, x: Any, y: Any, owner: str) -> torch.Tensor:
     """``loss_fn(model(x), y)`` as a 0-d tensor that depends on the model's parameters.
 
@@ -89,29 +107,13 @@ def model_loss(model: Any, loss_fn: Any, x: Any, y: Any, owner: str) -> torch.Te
     re-raised as :class:`InvalidParameterError` naming ``model``/``loss_fn`` and the batch's shapes,
     with the original exception chained (``LEANSCALE_DEBUG=1`` shows it in the CLI).
     """
-    try:
+    with user_code("model", owner, f"a batch of 'data' (x: {describe(x)})",
+                   "Check that the data match the model's input."):
         out = model(x)
-    except LeanscaleError:
-        raise
-    except _USER_CODE_ERRORS as exc:
-        if _is_oom(exc):
-            raise
-        raise InvalidParameterError(
-            f"The 'model' parameter of {owner} failed on a batch of 'data' (x: {describe(x)}): "
-            f"{type(exc).__name__}: {exc}. Check that the data match the model's input."
-        ) from exc
-    try:
+    with user_code("loss_fn", owner, f"the model's output ({describe(out)}) and the labels y ({describe(y)})",
+                   "Check the labels (e.g. class indices in [0, n_classes) of an integer dtype for cross-entropy) "
+                   "and the model's output size."):
         loss = loss_fn(out, y)
-    except LeanscaleError:
-        raise
-    except _USER_CODE_ERRORS as exc:
-        if _is_oom(exc):
-            raise
-        raise InvalidParameterError(
-            f"The 'loss_fn' parameter of {owner} failed on the model's output ({describe(out)}) and the "
-            f"labels y ({describe(y)}): {type(exc).__name__}: {exc}. Check the labels (e.g. class indices "
-            f"in [0, n_classes) of an integer dtype for cross-entropy) and the model's output size."
-        ) from exc
     return check_scalar_loss(loss, owner)
 
 

@@ -226,23 +226,14 @@ def _check_data(data: Any, config: TrainConfig, owner: str) -> None:
 def _check_model_output(model: nn.Module, x: torch.Tensor, num_classes: int, owner: str) -> None:
     """One forward pass in eval mode (nothing changes): an error naming 'model' unless it maps ``x``
     to ``(n, >= num_classes)`` logits."""
-    from leanscale.core.errors import LeanscaleError
-    from leanscale.large_batch._data import _USER_CODE_ERRORS, _is_oom, describe
+    from leanscale.large_batch._data import describe, user_code
 
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with user_code("model", owner, f"the training inputs (x: {describe(x)})",
+                       "Check that the data match the model's input."), torch.no_grad():
             logits = model(x)
-    except LeanscaleError:
-        raise
-    except _USER_CODE_ERRORS as exc:
-        if _is_oom(exc):
-            raise
-        raise InvalidParameterError(
-            f"The 'model' parameter of {owner} failed on the training inputs (x: {describe(x)}): "
-            f"{type(exc).__name__}: {exc}. Check that the data match the model's input."
-        ) from exc
     finally:
         model.train(was_training)
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != x.shape[0] \

@@ -65,6 +65,7 @@ from leanscale.core.validation import (
     Interval,
     Options,
     check_array,
+    check_labels,
     check_is_fitted,
     check_param,
     check_params,
@@ -369,17 +370,7 @@ class DataPruner:
         owner = "DataPruner.fit"
         n = self._n_examples(x, y, scores)
         if y is not None:
-            y_arr = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
-            if y_arr.ndim != 1:
-                raise InvalidParameterError(
-                    f"The 'y' parameter of {owner} must be a 1-d array of labels. Got shape {y_arr.shape} instead."
-                )
-            if y_arr.dtype.kind in "fc" and not np.isfinite(y_arr).all():
-                bad = int(np.flatnonzero(~np.isfinite(y_arr))[0])
-                raise InvalidParameterError(
-                    f"The 'y' parameter of {owner} must hold a label for every example. Got {y_arr[bad]!r} at "
-                    f"index {bad}."
-                )
+            y_arr = check_labels("y", y, owner=owner)  # 1-d, no NaN
             try:
                 self.classes_, labels = np.unique(y_arr, return_inverse=True)
             except TypeError:  # e.g. None next to strings

@@ -221,14 +221,8 @@ def select(
     check_param("auto_min_fraction", auto_min_fraction, [Interval(float, 0, 1, closed="right")], owner=owner)
     inverse, n_classes = None, 1
     if labels is not None:
-        labels = check_labels("labels", labels, owner=owner)
+        labels = check_labels("labels", labels, owner=owner)  # 1-d, no NaN
         check_consistent_length(owner, scores=scores, labels=labels)
-        if labels.dtype.kind in "fc" and not np.isfinite(labels).all():
-            bad = int(np.flatnonzero(~np.isfinite(labels))[0])
-            raise InvalidParameterError(
-                f"The 'labels' parameter of {owner} must hold a label for every example. Got {labels[bad]!r} at "
-                f"index {bad}."
-            )
         try:
             classes, inverse = np.unique(labels, return_inverse=True)
         except TypeError:  # e.g. None next to strings
