@@ -127,7 +127,9 @@ def test_job_state_removes_stray_temp_files_on_open(tmp_path):
     keep = [tmp_path / "notes.tmp", tmp_path / ".hidden", state.tasks / "a.json", tmp_path / "config.json"]
     keep[0].write_text("user file")
     keep[1].write_text("user file")
-    again = JobState(tmp_path)
+    worker = JobState(tmp_path)  # a worker or another rank: never deletes a write in flight
+    assert all(p.exists() for p in strays) and worker.removed_tmp == []
+    again = JobState(tmp_path, clean=True)  # the job's owner, at the start
     assert not any(p.exists() for p in strays) and sorted(again.removed_tmp) == sorted(strays)
     assert all(p.exists() for p in keep)
     assert again.keys() == ["a"]

@@ -350,7 +350,10 @@ class JobState:
     and ``result`` (a damaged disk, a hand edit, a copy cut short), counts as not done: it is
     moved aside to ``<name>.json.damaged`` with a ``RuntimeWarning`` and the task is
     computed again. Stray temporary files of atomic writes killed mid-way (``.<name>.*.tmp``) are
-    removed when the state is opened. A state folder belongs to one job at a time.
+    removed when the job's owner opens the state with ``clean=True`` -- once, at the start of the
+    job, before any worker writes: a worker or another DDP rank opening the same folder while
+    writes are in flight must leave ``clean=False`` (the default), or it would delete a temporary
+    file another process is about to rename. A state folder belongs to one job at a time.
 
     Example:
         >>> import tempfile
@@ -362,11 +365,11 @@ class JobState:
         (True, 3.1)
     """
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, *, clean: bool = False):
         self.root = Path(root)
         self.tasks = self.root / "tasks"
         self.tasks.mkdir(parents=True, exist_ok=True)
-        self.removed_tmp = self._remove_stray_tmp()
+        self.removed_tmp = self._remove_stray_tmp() if clean else []
 
     def _remove_stray_tmp(self) -> list[Path]:
         """Delete ``.<name>.*.tmp`` left by atomic writes that were killed (root and its subfolders)."""

@@ -59,7 +59,7 @@ from torch import nn
 
 from leanscale.core.distributed import rank_and_world
 from leanscale.core.errors import InvalidParameterError, LeanscaleError
-from leanscale.core.io import JobState, atomic_write_bytes, atomic_write_json, inside_folder
+from leanscale.core.io import JobState, atomic_write_bytes, atomic_write_json, inside_folder, read_npy
 from leanscale.core.validation import (
     InstanceOf,
     Interval,
@@ -72,7 +72,6 @@ from leanscale.core.validation import (
     unknown_name_error,
 )
 from leanscale.pruning import _train
-from leanscale.core.io import read_npy
 from leanscale.pruning.distributed import map_sharded
 
 __all__ = ["DEFAULT_SCORE_EPOCHS", "LABEL_METRICS", "METRICS", "DataPruner", "default_model_fn"]
@@ -168,7 +167,8 @@ class _Cache:
     """Per-result ``.npy`` files next to a JobState; rank 0 reads and writes, every rank gets it."""
 
     def __init__(self, root: Path | None):
-        self.state = JobState(root) if root is not None else None
+        # rank 0 alone writes, and cleans stray .tmp files of a killed run before its first write
+        self.state = JobState(root, clean=rank_and_world()[0] == 0) if root is not None else None
         self.hits: list[str] = []
 
     def get(self, key: str, compute: Callable[[], np.ndarray], rows: int | None = None) -> np.ndarray:

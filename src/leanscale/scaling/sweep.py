@@ -782,7 +782,7 @@ def run_sweep(
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
             _check_same_grid(out_dir, grid)
-            state = JobState(out_dir)  # removes stray .tmp files of writes killed mid-way
+            state = JobState(out_dir, clean=True)  # the job's owner, before any write: removes stray .tmp files
             state.write_config(config_to_dict(config))
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
