@@ -431,3 +431,17 @@ def test_a_missing_key_names_the_field(tmp_path, fitted):
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_predict_warns_when_a_request_got_no_answer():
+    """A None in predict's labels is not a prediction: it is said, and a fallback_label silences it."""
+    from leanscale.cascade import RuleStage, UnansweredWarning
+
+    rule = RuleStage(lambda t: "refund" if "refund" in t else None, name="rules", cost=1.0)
+    X, y = ["refund me", "refund now", "hello", "refund pls"], ["refund", "refund", "other", "refund"]
+    cascade = Cascade([rule]).fit(X, y)
+    with pytest.warns(UnansweredWarning, match="1 of 2 requests got no answer from any stage"):
+        labels = cascade.predict(["refund a", "hi"])
+    assert list(labels) == ["refund", None]
+    with_fallback = Cascade([rule], fallback_label="other").fit(X, y)
+    assert list(with_fallback.predict(["refund a", "hi"])) == ["refund", "other"]  # no warning (errors)

@@ -11,7 +11,7 @@
 See ``README.md`` in this folder (the method card).
 """
 
-from leanscale.cascade.cascade import FALLBACK, Cascade, CascadeOutput
+from leanscale.cascade.cascade import FALLBACK, Cascade, CascadeOutput, UnansweredWarning
 from leanscale.cascade.router import Router, evaluate_router
 from leanscale.cascade.rules import MinedRules, evaluate_rules, mine_rules
 from leanscale.cascade.search import FrontierResult, frontier
@@ -33,6 +33,7 @@ __all__ = [
     "CallableStage",
     "Cascade",
     "CascadeOutput",
+    "UnansweredWarning",
     "EmbeddingClassifier",
     "FrontierResult",
     "MinedRules",

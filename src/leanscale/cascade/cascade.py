@@ -41,6 +41,7 @@ import inspect
 import json
 import math
 import threading
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -73,10 +74,14 @@ from leanscale.core.validation import (
     check_params,
 )
 
-__all__ = ["FALLBACK", "Cascade", "CascadeOutput"]
+__all__ = ["FALLBACK", "Cascade", "CascadeOutput", "UnansweredWarning"]
 
 FALLBACK = "fallback"  # the "stage" of a request no stage answered
 FORMAT_VERSION = 1
+
+
+class UnansweredWarning(UserWarning):
+    """:meth:`Cascade.predict` returned ``None`` for requests that no stage answered."""
 
 
 class CascadeOutput(NamedTuple):
@@ -599,8 +604,16 @@ class Cascade:
 
     def predict(self, X: Sequence) -> np.ndarray:
         """Labels; ``fallback_label`` (``None`` unless configured) where no stage gave an answer
-        (see :meth:`predict_detailed`'s ``answered``)."""
-        return self.predict_detailed(X).labels
+        (see :meth:`predict_detailed`'s ``answered``). Without a ``fallback_label``, such requests
+        also raise a :class:`UnansweredWarning` (a ``None`` in the labels is not a prediction)."""
+        out = self.predict_detailed(X)
+        if self.fallback_label is None and not out.answered.all():
+            n_none = int((~out.answered).sum())
+            warnings.warn(
+                f"{n_none} of {len(out.answered)} requests got no answer from any stage; their label is None "
+                f"(stage errors: {dict(out.errors) or 'none'}). Use predict_detailed(...).answered to find them, "
+                f"or set fallback_label.", UnansweredWarning, stacklevel=2)
+        return out.labels
 
     def score(self, X: Sequence, y: Sequence) -> float:
         """Accuracy on ``(X, y)``."""
