@@ -86,35 +86,14 @@ def _objects(spec: str | None, owner: str = "leanscale serve") -> dict | None:
     arguments that returns one (never called when its signature needs arguments)."""
     if spec is None:
         return None
-    import importlib
-    import inspect
-
+    from leanscale.cli._spec import call_without_arguments, import_object
     from leanscale.core.errors import InvalidParameterError
 
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise InvalidParameterError(
-            f"The '--objects' parameter of {owner} must look like 'package.module:name'. Got {spec!r} instead.")
-    try:
-        value = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise InvalidParameterError(
-            f"The '--objects' parameter of {owner} must name an importable object. Got {spec!r}: {exc}."
-        ) from exc
+    value = import_object(spec, "--objects", owner)
     expected = (f"The '--objects' parameter of {owner} must name a dict of stage name -> object, or a "
                 "callable that takes no arguments and returns one.")
     if callable(value) and not isinstance(value, dict):
-        try:
-            inspect.signature(value).bind()
-        except TypeError as exc:  # os:system, json:loads, ...: required arguments
-            raise InvalidParameterError(f"{expected} Got {spec!r}, which needs arguments: {exc}.") from None
-        except ValueError:  # no signature (some builtins): calling it will tell
-            pass
-        try:
-            value = value()
-        except TypeError as exc:
-            raise InvalidParameterError(
-                f"{expected} Got {spec!r}; calling it with no arguments failed: {exc}.") from None
+        value = call_without_arguments(value, spec, expected)
     if not isinstance(value, dict):
         raise InvalidParameterError(f"{expected} Got {type(value).__name__} from {spec!r}.")
     bad = [k for k in value if not isinstance(k, str)]

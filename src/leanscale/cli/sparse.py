@@ -10,7 +10,6 @@ hard-prunes a SWAT checkpoint into a compact file with the settings the checkpoi
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -104,48 +103,18 @@ def _build(spec: str):
     """Call ``package.module:callable`` with no arguments; clear errors for a bad spec."""
     from torch import nn
 
+    from leanscale.cli._spec import call_without_arguments, import_object
     from leanscale.core.errors import InvalidParameterError
 
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise InvalidParameterError(
-            f"The '--model' parameter of leanscale sparse must look like 'package.module:callable'. Got {spec!r} instead."
-        )
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise InvalidParameterError(
-            f"The '--model' parameter of leanscale sparse must name an importable callable. Got {spec!r}: {exc}."
-        ) from exc
-    model = call_without_arguments(factory, spec, "--model", "leanscale sparse", "a torch.nn.Module")
+    factory = import_object(spec, "--model", "leanscale sparse", kind="callable")
+    model = call_without_arguments(factory, spec, "The '--model' parameter of leanscale sparse must name a callable "
+                                   "that takes no arguments and returns a torch.nn.Module.")
     if not isinstance(model, nn.Module):
         raise InvalidParameterError(
             f"The '--model' parameter of leanscale sparse must return a torch.nn.Module. Got {type(model).__name__} "
             f"from {spec!r}."
         )
     return model
-
-
-def call_without_arguments(factory, spec: str, flag: str, owner: str, returns: str):
-    """``factory()`` for a ``module:name`` flag; a clear error naming ``flag`` when ``factory`` is not a
-    callable that takes no arguments (``os:system``, ``json:loads``, a string, ...)."""
-    import inspect
-
-    from leanscale.core.errors import InvalidParameterError
-
-    expected = f"The {flag!r} parameter of {owner} must name a callable that takes no arguments and returns {returns}."
-    if not callable(factory):
-        raise InvalidParameterError(f"{expected} Got {spec!r}, a {type(factory).__name__}.")
-    try:
-        inspect.signature(factory).bind()
-    except TypeError as exc:  # required arguments
-        raise InvalidParameterError(f"{expected} Got {spec!r}, which needs arguments: {exc}.") from None
-    except ValueError:  # no signature (some builtins): calling it will tell
-        pass
-    try:
-        return factory()
-    except TypeError as exc:
-        raise InvalidParameterError(f"{expected} Got {spec!r}; calling it with no arguments failed: {exc}.") from None
 
 
 def _check_out_paths(action: str, paths: dict) -> None:
