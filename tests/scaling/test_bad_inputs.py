@@ -402,3 +402,13 @@ def test_every_refusal_is_a_leanscale_error():
     # The CLI prints these without a traceback; `except ValueError` also still works.
     for exc in (InvalidParameterError, DataFormatError):
         assert issubclass(exc, LeanscaleError) and issubclass(exc, ValueError)
+
+
+def test_a_loss_outlier_that_sends_the_fit_to_overflow_is_a_clear_error():
+    """Found by the runs-CSV fuzz test: one loss of 1e308 drove log B to 1.4e4 and exp() overflowed
+    (a bare OverflowError). The fit now says the losses cannot be described by the law."""
+    n = np.array([1e8, 1e8, 3e8, 3e8, 1e9, 1e9, 3e9, 3e9])
+    d = np.array([5e8, 4e9, 1.5e9, 1.2e10, 5e9, 4e10, 1.5e10, 1.2e11])
+    loss = np.array([1e308, 3.2536, 3.2775, 2.7889, 2.7650, 2.4504, 2.4561, 2.2456])
+    with pytest.raises(InvalidParameterError, match="'loss' parameter of fit_parametric cannot be described.*1e\\+308"):
+        fit_parametric(n, d, loss)

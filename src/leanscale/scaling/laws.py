@@ -160,6 +160,14 @@ class ParametricScalingLaw:
         if self.method == "reference":
             self.optima_ = theta[None].copy()
             converged = True
+        if not (np.all(np.isfinite(theta)) and np.all(theta[:3] < _MAX_LOG_COEF)):
+            # exp() of these would overflow a float: the runs are not described by the law at all
+            raise InvalidParameterError(
+                f"The 'loss' parameter of fit_parametric cannot be described by L = E + A/N^alpha + B/D^beta: the "
+                f"fit ran off to coefficients that overflow a float (log E, log A, log B = "
+                f"{', '.join(f'{v:.4g}' for v in theta[:3])}). Check the losses for outliers or wrong units (they "
+                f"range from {l.min():.4g} to {l.max():.4g} nats per token)."
+            )
         self._set_theta(theta)
         self.objective_ = f
         self.n_runs_ = int(n.size)
@@ -508,6 +516,9 @@ def _distinct_optima(theta: np.ndarray, f: np.ndarray, k: int = 3, rtol: float =
             if len(kept) == k:
                 break
     return np.array(kept)
+
+
+_MAX_LOG_COEF = math.log(np.finfo(np.float64).max)  # exp() of more overflows
 
 
 def _check_runs(n_params, n_tokens, loss, owner: str, min_runs: int):

@@ -1,0 +1,14 @@
+"""Test-wide settings.
+
+Property-based tests (hypothesis) run derandomized: the same examples on every run, so CI is red
+only when the code changed, never by the luck of the draw. To explore new examples locally (a
+fuzzing session), run with ``HYPOTHESIS_PROFILE=explore`` and turn what it finds into a fixed test.
+"""
+
+import os
+
+from hypothesis import settings
+
+settings.register_profile("leanscale", derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("explore", derandomize=False, deadline=None, print_blob=True, max_examples=500)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "leanscale"))
