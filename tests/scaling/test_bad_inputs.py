@@ -412,3 +412,36 @@ def test_a_loss_outlier_that_sends_the_fit_to_overflow_is_a_clear_error():
     loss = np.array([1e308, 3.2536, 3.2775, 2.7889, 2.7650, 2.4504, 2.4561, 2.2456])
     with pytest.raises(InvalidParameterError, match="'loss' parameter of fit_parametric cannot be described.*1e\\+308"):
         fit_parametric(n, d, loss)
+
+
+def test_runs_whose_compute_overflows_are_refused_in_the_api_and_in_a_law_file(tmp_path):
+    """Found by exploring the law-file fuzz test: a run with N = 6e298 made 6 N D overflow (a numpy
+    RuntimeWarning, then inf compute in the extrapolation check)."""
+    n = np.geomspace(1e8, 1e10, 8)
+    d = 20 * n * np.tile([0.5, 2.0], 4)
+    bad_n = n.copy()
+    bad_n[0] = 6e298
+    with pytest.raises(InvalidParameterError, match="finite compute 6 N D.*index 0"):
+        fit_parametric(bad_n, d, EPOCH_2024.predict(n, d))
+    law = fit_parametric(n, d, EPOCH_2024.predict(n, d))
+    path = law.save(tmp_path / "law.json")
+    blob = json.loads(path.read_text())
+    blob["runs"]["n_params"][0] = 6e298
+    path.write_text(json.dumps(blob))
+    with pytest.raises(DataFormatError, match="6 N D overflows") as info:
+        get_law(str(path))
+    assert str(path) in str(info.value)
+
+
+def test_a_grid_file_with_unhashable_run_ids_is_a_clear_error(tmp_path):
+    """Found by exploring the sweep-state fuzz test: a run_id that is a list in grid.json raised
+    TypeError (unhashable) while describing the difference."""
+    from leanscale.scaling.sweep import _check_same_grid, plan_isoflop_grid, preset_config
+
+    grid = plan_isoflop_grid(preset_config("quick"))
+    _check_same_grid(tmp_path, grid)
+    blob = json.loads((tmp_path / "grid.json").read_text())
+    blob[0]["run_id"] = ["not", "an", "id"]
+    (tmp_path / "grid.json").write_text(json.dumps(blob))
+    with pytest.raises(InvalidParameterError, match="already holds a sweep with a different grid"):
+        _check_same_grid(tmp_path, grid)

@@ -103,7 +103,7 @@ def test_damaged_law_file_never_escapes_as_a_raw_exception(law_bytes, data, caps
             rc = main(["plan", "--flops", "1e21", "--law", str(path), "--extrapolate", "--json"])
         out, err = capsys.readouterr()
         assert rc in (0, 2) and "Traceback" not in err
-        if rc == 2:
+        if rc == 2:  # the message names the file, also when its numbers fail later (e.g. overflow in plan)
             assert "law file" in err and str(path) in err
         else:
             assert json.loads(out)["n_params"] > 0

@@ -6,12 +6,13 @@ import argparse
 import json
 import sys
 import warnings
+from pathlib import Path
 
 from leanscale.core.errors import InvalidParameterError
 from leanscale.core.io import to_jsonable
 from leanscale.report.table import format_table
 from leanscale.scaling.flops import GPU_PEAK_FLOPS
-from leanscale.scaling.laws import ScalingWarning
+from leanscale.scaling.laws import LAWS, ScalingWarning
 from leanscale.scaling.planning import plan
 
 EPILOG = """\
@@ -54,8 +55,14 @@ def run(args) -> int:
     mfu = 0.4 if args.mfu is None else args.mfu
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ScalingWarning)  # printed below from result.warnings
-        result = plan(args.law, flops=args.flops, n_params=args.n_params, n_tokens=args.n_tokens,
-                      gpu=args.gpu, mfu=mfu, extrapolate=args.extrapolate)
+        try:
+            result = plan(args.law, flops=args.flops, n_params=args.n_params, n_tokens=args.n_tokens,
+                          gpu=args.gpu, mfu=mfu, extrapolate=args.extrapolate)
+        except InvalidParameterError as exc:
+            if str(args.law).lower() in LAWS or not Path(args.law).is_file() or str(args.law) in str(exc):
+                raise
+            # the numbers came from a file: say which, its coefficients may be the problem
+            raise InvalidParameterError(f"{exc} (The law came from the law file {args.law!r}.)") from None
     blob = result.to_dict()
     notes = blob.pop("warnings")
     if args.json:

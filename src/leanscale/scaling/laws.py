@@ -521,11 +521,23 @@ def _distinct_optima(theta: np.ndarray, f: np.ndarray, k: int = 3, rtol: float =
 _MAX_LOG_COEF = math.log(np.finfo(np.float64).max)  # exp() of more overflows
 
 
+def _overflowing_run(n: np.ndarray, d: np.ndarray) -> int | None:
+    """The index of the first run whose compute C = 6 N D is not a finite float, or None."""
+    with np.errstate(over="ignore"):
+        finite = np.isfinite(6.0 * n * d)
+    return None if finite.all() else int(np.flatnonzero(~finite)[0])
+
+
 def _check_runs(n_params, n_tokens, loss, owner: str, min_runs: int):
     n = check_array("n_params", n_params, positive=True, owner=owner)
     d = check_array("n_tokens", n_tokens, positive=True, owner=owner)
     l = check_array("loss", loss, positive=True, owner=owner)
     check_consistent_length(owner=owner, n_params=n, n_tokens=d, loss=l)
+    bad = _overflowing_run(n, d)
+    if bad is not None:
+        raise InvalidParameterError(
+            f"The 'n_params' and 'n_tokens' parameters of {owner} must give a finite compute 6 N D for every run. "
+            f"Got n_params={n[bad]:.3g}, n_tokens={d[bad]:.3g} at index {bad}, whose product overflows.")
     if n.size < min_runs:
         raise InvalidParameterError(
             f"{owner} needs at least {min_runs} runs to fit the 5 parameters (E, A, B, alpha, beta) "
@@ -646,6 +658,10 @@ def _law_from_blob(cls, blob, where: str):
         if len({c.size for c in cols}) != 1:
             raise DataFormatError(f"{where} must hold lists of one length under 'runs' (n_params, n_tokens, "
                                   f"loss). Got lengths {[c.size for c in cols]}.")
+        bad = _overflowing_run(cols[0], cols[1])
+        if bad is not None:
+            raise DataFormatError(f"{where} holds a run under 'runs' whose compute 6 N D overflows: n_params="
+                                  f"{cols[0][bad]:.3g}, n_tokens={cols[1][bad]:.3g} (run {bad}): not a real run.")
         law.n_params_, law.n_tokens_, law.loss_ = cols
         law.n_runs_ = int(cols[0].size)
         obj = blob.get("objective")

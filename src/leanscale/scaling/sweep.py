@@ -458,7 +458,7 @@ def _check_same_grid(out_dir: Path, grid: Sequence[RunSpec]) -> None:
                 "Delete it to resume (finished runs are kept, each checked against the new grid), or use "
                 "another out_dir.")
         if old != new:
-            old_ids = [r.get("run_id") for r in old]
+            old_ids = [repr(r.get("run_id")) if not isinstance(r.get("run_id"), str) else r["run_id"] for r in old]
             new_ids = [r["run_id"] for r in new]
             detail = ""
             if old_ids != new_ids:
