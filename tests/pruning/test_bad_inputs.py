@@ -87,6 +87,8 @@ def test_non_finite_inputs_of_active_learning_and_scoring_functions():
     with pytest.raises(InvalidParameterError, match=r"'X_pool' parameter of ActiveLearner.run must contain only "
                                                     r"finite values\. Got nan in example 7"):
         learner.run(X_NAN, Y, budget=10)
+    with pytest.raises(InvalidParameterError, match=r"'X_pool' parameter of ActiveLearner.run .* example 7"):
+        learner.run(X_NAN.tolist(), Y, budget=10)  # plain nested lists too
     with pytest.raises(InvalidParameterError, match=r"'X_eval' parameter of ActiveLearner.run .* example 7"):
         ActiveLearner(train_fn, initial_size=4).run(X, Y, budget=10, X_eval=X_NAN, y_eval=Y)
     with pytest.raises(InvalidParameterError, match=r"'oracle' parameter of ActiveLearner.run must hold a label"):

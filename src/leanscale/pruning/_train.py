@@ -84,6 +84,12 @@ def check_finite(x: Any, name: str, owner: str) -> None:
             return
         flat = int(np.flatnonzero(bad.reshape(-1))[0])
         value = x.reshape(-1)[flat].item()
+    elif isinstance(x, (list, tuple)) and x and not isinstance(x[0], str):
+        try:  # nested lists of numbers; texts and ragged lists are not numeric data: they pass
+            arr = np.asarray(x, dtype=np.float64)
+        except (TypeError, ValueError):
+            return
+        return check_finite(arr, name, owner)
     else:
         return
     per_row = max(1, math.prod(x.shape[1:])) if x.ndim > 1 else 1
