@@ -712,7 +712,8 @@ class Cascade:
         (type, range, consistency with the other fields) before anything is built; an arrays file
         must lie in the JSON's folder and match the sha256 recorded at save time, and the sizes it
         declares must match the model's meta before any array is allocated; regex patterns run on
-        RE2 (or are refused); a TF-IDF model's tokenizer runs on RE2. Whatever is wrong raises one
+        RE2 (or are refused); a TF-IDF model's token pattern must be scikit-learn's default (the
+        loaded model uses leanscale's own constant, never the file's string). Whatever is wrong raises one
         :class:`~leanscale.core.errors.DataFormatError` naming the file and the field.
 
         Raises:
