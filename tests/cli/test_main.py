@@ -258,3 +258,11 @@ def test_real_commands_with_unusable_output_paths_fail_cleanly(tmp_path, capsys,
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "error:" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["batch", "prune", "sparse", "cascade"])
+def test_a_command_without_its_action_is_a_usage_error(command, capsys):
+    """One dispatch (leanscale.cli.run_action) for every command with actions: help on stderr, exit 2."""
+    assert main([command]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and f"usage: leanscale {command}" in err and "<action>" in err

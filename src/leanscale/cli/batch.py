@@ -15,6 +15,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from leanscale.cli import run_action
 from leanscale.core.errors import InvalidParameterError
 
 EPILOG = """\
@@ -85,13 +86,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def run(args) -> int:
-    """Dispatch to the action; without one, print the help."""
-    action = getattr(args, "action_func", None)
-    if action is None:
-        args.print_help()
-        return 0
-    return action(args)
+run = run_action  # the action chosen, or the help and exit status 2
 
 
 def _recipe(args):

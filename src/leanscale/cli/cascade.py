@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from leanscale.cli import run_action
 from leanscale.cli import serve as serve_cli
 
 EPILOG = """\
@@ -122,12 +123,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def run(args) -> int:
-    action = getattr(args, "action_func", None)
-    if action is None:  # `leanscale cascade` alone: a usage error
-        args.print_help(file=sys.stderr)
-        return 2
-    return action(args)
+run = run_action  # the action chosen, or the help and exit status 2
 
 
 # ------------------------------------------------------------------------------------ helpers

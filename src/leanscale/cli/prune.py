@@ -12,6 +12,8 @@ import argparse
 import json
 import sys
 
+from leanscale.cli import run_action
+
 EPILOG = """\
 examples:
   leanscale prune score --data fashion-mnist --metric el2n --seeds 2 --out prune/el2n
@@ -75,12 +77,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def run(args) -> int:
-    func = getattr(args, "action_func", None)
-    if func is None:
-        args.print_help()
-        return 0
-    return func(args)
+run = run_action  # the action chosen, or the help and exit status 2
 
 
 def _labels(data):

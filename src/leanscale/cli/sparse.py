@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from leanscale.cli import run_action
+
 EPILOG = """\
 examples:
   leanscale sparse report                                   the BatchNorm CNN at 80% (SWAT-U)
@@ -91,12 +93,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def run(args) -> int:
-    action = getattr(args, "action_func", None)
-    if action is None:
-        args.print_help()
-        return 0
-    return action(args)
+run = run_action  # the action chosen, or the help and exit status 2
 
 
 def _build(spec: str):
