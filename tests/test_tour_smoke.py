@@ -3,9 +3,12 @@
 import json
 import time
 
+import pytest
+
 from leanscale.cli.main import main
 
 
+@pytest.mark.slow  # ~90 s: the whole quick tour
 def test_quick_tour_runs_every_available_chapter(tmp_path, capsys):
     out = tmp_path / "tour-report"
     start = time.perf_counter()

@@ -14,6 +14,7 @@ def _json_out(capsys):
     return json.loads(capsys.readouterr().out)
 
 
+@pytest.mark.slow  # ~80 s: a real (tiny) sweep, fit and plan
 def test_round_trip_sweep_fit_plan(tmp_path, capsys):
     out = tmp_path / "sweep"
     # The tour's quick sweep: 2 budgets x 3 sizes, enough for a law with a frontier (~1 minute).
