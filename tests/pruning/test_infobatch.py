@@ -164,7 +164,7 @@ def test_state_dict_resume_at_an_epoch_boundary_and_mid_epoch():
     first = InfoBatch(n, num_epochs=epochs, seed=1)
     head = _run(first, range(3))
     resumed = InfoBatch(n, num_epochs=epochs, seed=1)
-    resumed.load_state_dict(_roundtrip(first.state_dict()))
+    assert resumed.load_state_dict(_roundtrip(first.state_dict())) is resumed  # returns self, as the others
     assert head + _run(resumed, range(3, epochs)) == reference
     assert resumed.history_ == uninterrupted.history_
     np.testing.assert_array_equal(resumed.losses_, uninterrupted.losses_)

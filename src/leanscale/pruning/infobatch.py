@@ -392,7 +392,7 @@ class InfoBatch(torch.utils.data.Sampler):
             "history": [dict(h) for h in self.history_],
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> InfoBatch:
         """Restore :meth:`state_dict`. Its configuration must match this object's (not the sharding:
         a run may resume on another number of processes)."""
         if not isinstance(state, dict) or not {*_CONFIG_KEYS, "losses", "epoch", "order", "weights",
@@ -459,6 +459,7 @@ class InfoBatch(torch.utils.data.Sampler):
         self._order = order
         self._weights = weights
         self.history_ = [dict(h) for h in history]
+        return self  # as every other load_state_dict/fit of leanscale
 
     def __repr__(self) -> str:
         return (f"{_OWNER}(n_examples={self.n_examples}, num_epochs={self.num_epochs}, "
