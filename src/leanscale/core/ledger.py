@@ -208,20 +208,6 @@ def _norm_flops(module: nn.Module, inputs: tuple, output: torch.Tensor) -> tuple
     return fwd, NORM_BACKWARD_FACTOR * fwd * int(needs)
 
 
-def _causal_self_attention_flops(module: nn.Module, inputs: tuple, output: torch.Tensor) -> tuple[int, int]:
-    # x: (B, T, C). Q K^T: (B, nh, T, hs) @ (B, nh, hs, T) -> B*nh*T*T*hs MACs = B*T*T*C MACs;
-    # A V: (B, nh, T, T) @ (B, nh, T, hs) -> B*T*T*C MACs. Full T x T attention is counted, as
-    # FlopCounterMode and Chinchilla do, although a causal kernel can skip half of it; softmax is
-    # not counted. The c_attn / c_proj projections are Linear modules, counted by their rule.
-    x = inputs[0]
-    B, T, C = x.shape
-    fwd = 2 * 2 * B * T * T * C
-    # Backward: gradients of both matmuls w.r.t. both operands = 2x forward (a flash-attention
-    # kernel also recomputes Q K^T, one more matmul; that is not counted).
-    needs = _needs_grad(x) or any(_needs_grad(p) for p in module.c_attn.parameters())
-    return fwd, 2 * fwd * int(needs)
-
-
 for _cls in (nn.Linear,):
     register_flop_rule(_cls, _linear_flops)
 for _cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
@@ -741,10 +727,3 @@ class CostLedger:
         for other in others:
             check_param("others", other, [CostLedger], owner="CostLedger.merge")
         return CostLedger([e for ledger in (self, *others) for e in ledger.entries])
-
-
-# leanscale's own attention layer. Imported here rather than registered in models/transformer.py
-# so that every built-in rule is in this one file; models import nothing from the ledger.
-from leanscale.models.transformer import CausalSelfAttention  # noqa: E402
-
-register_flop_rule(CausalSelfAttention, _causal_self_attention_flops)

@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from leanscale.core.errors import InvalidParameterError
+from leanscale.core.ledger import register_flop_rule
 from leanscale.core.validation import Interval, check_param
 
 __all__ = [
@@ -128,6 +129,23 @@ class CausalSelfAttention(nn.Module):
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads: (B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+
+
+@register_flop_rule(CausalSelfAttention)  # the layer registers its own rule (core imports no model)
+def _causal_self_attention_flops(module: nn.Module, inputs: tuple, output: torch.Tensor) -> tuple[int, int]:
+    # x: (B, T, C). Q K^T: (B, nh, T, hs) @ (B, nh, hs, T) -> B*nh*T*T*hs MACs = B*T*T*C MACs;
+    # A V: (B, nh, T, T) @ (B, nh, T, hs) -> B*T*T*C MACs. Full T x T attention is counted, as
+    # FlopCounterMode and Chinchilla do, although a causal kernel can skip half of it; softmax is
+    # not counted. The c_attn / c_proj projections are Linear modules, counted by their rule.
+    x = inputs[0]
+    B, T, C = x.shape
+    fwd = 2 * 2 * B * T * T * C
+    # Backward: gradients of both matmuls w.r.t. both operands = 2x forward (a flash-attention
+    # kernel also recomputes Q K^T, one more matmul; that is not counted). Hooks run in the
+    # forward's grad mode: a gradient is computed when grad is on and x or the weights need one.
+    needs = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.c_attn.parameters()))
+    return fwd, 2 * fwd * int(needs)
 
 
 class MLP(nn.Module):
