@@ -13,7 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import leanscale.core.ledger as ledger_module
-from leanscale.core.errors import InvalidParameterError
+from leanscale.core.errors import DataFormatError, InvalidParameterError
 from leanscale.core.ledger import (
     NORM_BACKWARD_FACTOR,
     NORM_STATS_FLOPS_PER_ELEMENT,
@@ -369,7 +369,7 @@ def test_save_load_round_trip_and_merge(tmp_path):
     assert len(merged) == 4 and len(a) == 2
     merged.entries[0].meta["technique"] = "changed"
     assert a.entries[0].meta["technique"] == "large_batch"  # merge copies
-    with pytest.raises(InvalidParameterError, match="not a leanscale cost ledger"):
+    with pytest.raises(DataFormatError, match="not a leanscale cost ledger"):
         (tmp_path / "other.json").write_text("{}")
         CostLedger.load(tmp_path / "other.json")
     with pytest.raises(InvalidParameterError, match="'others' parameter of CostLedger.merge"):
@@ -381,3 +381,22 @@ def test_record_refuses_infinite_costs(field):
     """Issue #13: seconds=inf was recorded and summed into every total."""
     with pytest.raises(InvalidParameterError, match=f"'{field}' parameter of CostLedger.record"):
         CostLedger().record("x", **{field: float("inf")})
+
+
+@pytest.mark.parametrize("entries, match", [
+    ('"x"', "list under 'entries'"),
+    ('[1]', "malformed entry 0"),
+    ('[{"flops": 1}]', "malformed entry 0"),
+    ('[{"name": "a", "meta": [1]}]', "malformed entry 0"),
+    ('[{"name": "a", "seconds": -1}]', "invalid entry.*'seconds'"),
+    ('[{"name": "a", "flops": "many"}]', "invalid entry.*'flops'"),
+])
+def test_a_damaged_ledger_file_is_one_error_naming_it(tmp_path, entries, match):
+    path = tmp_path / "ledger.json"
+    path.write_text('{"format": "leanscale.cost_ledger", "entries": ' + entries + "}")
+    with pytest.raises(DataFormatError, match=match) as info:
+        CostLedger.load(path)
+    assert str(path) in str(info.value)
+    path.write_text('{"format": "leanscale.cost_ledger", "entr')  # truncated
+    with pytest.raises(DataFormatError, match="must be valid JSON"):
+        CostLedger.load(path)

@@ -60,7 +60,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from leanscale.core.errors import InvalidParameterError
+from leanscale.core.errors import DataFormatError, InvalidParameterError
 from leanscale.core.io import atomic_write_json, read_json
 from leanscale.core.validation import Interval, check_param
 
@@ -715,12 +715,26 @@ class CostLedger:
     @classmethod
     def load(cls, path: str | os.PathLike) -> CostLedger:
         """Read a ledger written by :meth:`save`."""
-        blob = read_json(path)
+        where = f"The cost ledger file {os.fspath(path)!r}"
+        blob = read_json(path, what="cost ledger file")
         if not isinstance(blob, dict) or blob.get("format") != "leanscale.cost_ledger":
-            raise InvalidParameterError(f"{os.fspath(path)!r} is not a leanscale cost ledger file.")
-        fields = set(_ENTRY_FIELDS) | {"meta"}
+            raise DataFormatError(f"{where} is not a leanscale cost ledger file (no \"format\": "
+                                  f"\"leanscale.cost_ledger\").")
         rows = blob.get("entries", [])
-        return cls(CostEntry(**{k: v for k, v in row.items() if k in fields}) for row in rows)
+        if not isinstance(rows, list):
+            raise DataFormatError(f"{where} must hold a list under 'entries'. Got {type(rows).__name__}.")
+        fields = set(_ENTRY_FIELDS) | {"meta"}
+        entries = []
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict) or not isinstance(row.get("name"), str) or \
+                    not isinstance(row.get("meta", {}), dict):
+                raise DataFormatError(f"{where} has a malformed entry {i}: expected an object with a 'name' string "
+                                      f"and an optional 'meta' object. Got {row!r:.200}.")
+            entries.append(CostEntry(**{k: v for k, v in row.items() if k in fields}))
+        try:
+            return cls(entries)
+        except InvalidParameterError as exc:  # a negative or non-numeric cost in the file
+            raise DataFormatError(f"{where} has an invalid entry: {exc}") from None
 
     def merge(self, *others: CostLedger) -> CostLedger:
         """A new ledger with this ledger's entries followed by each of ``others``' (copied)."""
