@@ -25,9 +25,8 @@ from typing import Any
 import numpy as np
 
 from leanscale.core.errors import DataFormatError, InvalidParameterError, LeanscaleError
-from leanscale.core.io import atomic_write_bytes, read_npz
+from leanscale.core.io import atomic_write_bytes, read_npy, read_npz
 from leanscale.core.validation import Interval, check_param
-from leanscale.core.io import read_npy
 
 __all__ = ["PruningData", "load_pruning_data", "cached_text_embeddings", "BUILTIN_DATASETS"]
 
@@ -179,7 +178,10 @@ def _wordnet(root, n_train, n_test, seed, batch_size) -> PruningData:
 
 
 def _fashion(root, n_train, n_test, seed) -> PruningData:
-    from leanscale.data.fashion_mnist import FASHION_MNIST_CLASSES, fashion_mnist_tensors
+    from leanscale.data.fashion_mnist import (
+        FASHION_MNIST_CLASSES,
+        fashion_mnist_tensors,
+    )
 
     train = fashion_mnist_tensors("train", root=root)
     test = fashion_mnist_tensors("test", root=root, n=n_test, seed=seed)

@@ -59,14 +59,20 @@ from torch import nn
 
 from leanscale.core.distributed import rank_and_world
 from leanscale.core.errors import InvalidParameterError, LeanscaleError
-from leanscale.core.io import JobState, atomic_write_bytes, atomic_write_json, inside_folder, read_npy
+from leanscale.core.io import (
+    JobState,
+    atomic_write_bytes,
+    atomic_write_json,
+    inside_folder,
+    read_npy,
+)
 from leanscale.core.validation import (
     InstanceOf,
     Interval,
     Options,
     check_array,
-    check_labels,
     check_is_fitted,
+    check_labels,
     check_param,
     check_params,
     unknown_name_error,
