@@ -7,8 +7,22 @@ fuzzing session), run with ``HYPOTHESIS_PROFILE=explore`` and turn what it finds
 
 import os
 
+import pytest
 from hypothesis import settings
 
 settings.register_profile("leanscale", derandomize=True, deadline=None, print_blob=True)
 settings.register_profile("explore", derandomize=False, deadline=None, print_blob=True, max_examples=500)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "leanscale"))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models and fits run faster on one torch thread (and do not stall when other jobs share
+    the 2-core machine); the thread count is restored afterwards. Modules that want it for every
+    test say ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -4,7 +4,6 @@ import zlib
 
 import numpy as np
 import pytest
-import torch
 
 from leanscale.cascade import text_models
 from leanscale.cascade.stages import ModelStage
@@ -27,13 +26,7 @@ KEYWORDS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny fits are faster on one thread, and do not stall when other jobs share the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def keyword_task(n, seed):

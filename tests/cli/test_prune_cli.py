@@ -96,17 +96,6 @@ def test_prune_score_under_torchrun_equals_one_process(tmp_path):
     assert np.corrcoef(one, two)[0, 1] > 0.95 and np.abs(one - two).max() < 0.1
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny fits: one torch thread is ~30x faster than two fighting over a busy machine."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_active_cli_runs_resumes_and_beats_nothing_less_than_random_labels(tmp_path, capsys, one_thread):
     data = _npz(tmp_path / "d.npz", n=300)
     out = tmp_path / "al"

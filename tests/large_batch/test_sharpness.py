@@ -13,13 +13,7 @@ from leanscale.large_batch.sharpness import SharpnessResult, sharpness
 sharpness_module = importlib.import_module("leanscale.large_batch.sharpness")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and do not stall when other jobs share the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class Quadratic(nn.Module):

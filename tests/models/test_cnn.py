@@ -13,15 +13,6 @@ from leanscale.core.errors import InvalidParameterError
 from leanscale.models import BNCNN, MLPClassifier
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models train faster on one thread, and do not stall when other jobs share the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_doctests():
     result = doctest.testmod(cnn_module)
     assert result.attempted > 0 and result.failed == 0

@@ -23,15 +23,6 @@ from leanscale.models import (
 TINY = dict(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models train faster on one thread, and do not stall when other jobs share the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_doctests():
     result = doctest.testmod(transformer_module)
     assert result.attempted > 0 and result.failed == 0

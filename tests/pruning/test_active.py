@@ -15,13 +15,7 @@ from leanscale.models.linear import SoftmaxRegression
 from leanscale.pruning.active import STRATEGIES, ActiveLearner
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny fits are faster on one thread, and do not stall when other jobs share the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_doctests():

@@ -48,16 +48,24 @@ def _paths(obj, prefix=()):
         yield from _paths(v, (*prefix, k))
 
 
-@st.composite
-def damaged_json(draw, raw: bytes) -> bytes:
-    how = draw(st.sampled_from(["truncate", "random", "flip", "delete", "replace", "replace"]))
+BYTE_DAMAGE = ("truncate", "random", "flip")
+
+
+def _damage_bytes(draw, raw: bytes, how: str) -> bytes:
+    """What a disk or a copy does to any file: cut short, replaced by garbage, one byte changed."""
     if how == "truncate":
         return raw[: draw(st.integers(0, len(raw) - 1))]
     if how == "random":
         return draw(st.binary(max_size=300))
-    if how == "flip":
-        i = draw(st.integers(0, len(raw) - 1))
-        return raw[:i] + bytes([draw(st.integers(0, 255))]) + raw[i + 1:]
+    i = draw(st.integers(0, len(raw) - 1))
+    return raw[:i] + bytes([draw(st.integers(0, 255))]) + raw[i + 1:]
+
+
+@st.composite
+def damaged_json(draw, raw: bytes) -> bytes:
+    how = draw(st.sampled_from(["truncate", "random", "flip", "delete", "replace", "replace"]))
+    if how in BYTE_DAMAGE:
+        return _damage_bytes(draw, raw, how)
     obj = json.loads(raw)
     path = draw(st.sampled_from(list(_paths(obj))))
     parent = obj
@@ -121,13 +129,8 @@ CELLS = st.sampled_from(["nan", "inf", "-inf", "-1", "0", "1e400", "1e-400", "ab
 def damaged_csv(draw) -> bytes:
     raw = RUNS_CSV.encode()
     how = draw(st.sampled_from(["truncate", "random", "flip", "cell", "cell", "column", "extra"]))
-    if how == "truncate":
-        return raw[: draw(st.integers(0, len(raw) - 1))]
-    if how == "random":
-        return draw(st.binary(max_size=300))
-    if how == "flip":
-        i = draw(st.integers(0, len(raw) - 1))
-        return raw[:i] + bytes([draw(st.integers(0, 255))]) + raw[i + 1:]
+    if how in BYTE_DAMAGE:
+        return _damage_bytes(draw, raw, how)
     lines = [line.split(",") for line in RUNS_CSV.splitlines()]
     if how == "cell":
         r, c = draw(st.integers(1, len(lines) - 1)), draw(st.integers(0, 2))
