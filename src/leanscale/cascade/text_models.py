@@ -584,8 +584,8 @@ def tfidf_from_state(meta: Mapping[str, Any], idf: np.ndarray, owner: str = "tfi
     uses leanscale's own constant :data:`DEFAULT_TOKEN_PATTERN`, never the file's string. That
     pattern runs in linear time on ``re``: ``findall`` tries each maximal run of word characters
     once, ``\w+`` takes the whole run and the closing ``\b`` then holds, so nothing backtracks.
-    (RE2 would also do, but its Python ``findall`` is ~10x slower: 3.7 s vs 0.39 s to tokenise
-    20,000 texts of 25 words.)
+    (RE2 would also do, but its Python ``findall`` was about 10x slower in a one-off check while
+    writing this, 20,000 short texts; not a committed benchmark.)
     """
     TfidfVectorizer, _ = _sklearn()
     if not isinstance(meta, Mapping):
