@@ -4,14 +4,9 @@ import pytest
 import torch
 
 from leanscale.core.errors import InvalidParameterError
-from leanscale.large_batch.train import (
-    TrainConfig,
-    _interpolate_target,
-    evaluate,
-    lr_factor,
-    train_classifier,
-    with_overrides,
-)
+from leanscale.large_batch.train import TrainConfig, train_classifier, with_overrides
+from leanscale.train.classifier import _interpolate_target, evaluate
+from leanscale.train.schedules import lr_factor
 
 
 def synthetic(n=256, n_test=128, seed=0):
@@ -29,17 +24,16 @@ def synthetic(n=256, n_test=128, seed=0):
 
 
 def test_lr_factor_warmup_then_step_decay():
-    cfg = TrainConfig(milestones=(0.5, 0.75), gamma=0.1, warmup_epochs=1.0, warmup_start_factor=0.25)
     total, warm = 100, 10
-    assert lr_factor(0, total, warm, cfg) == pytest.approx(0.25)  # the first step at the start factor
-    assert lr_factor(5, total, warm, cfg) == pytest.approx(0.25 + 0.75 * 5 / 10)
-    assert lr_factor(10, total, warm, cfg) == pytest.approx(1.0)  # the peak after warmup_steps
-    assert lr_factor(49, total, warm, cfg) == 1.0
-    assert lr_factor(50, total, warm, cfg) == pytest.approx(0.1)
-    assert lr_factor(75, total, warm, cfg) == pytest.approx(0.01)
-    cos = TrainConfig(decay="cosine", milestones=())
-    assert lr_factor(50, 100, 0, cos) == pytest.approx(0.5)
-    assert lr_factor(100, 100, 0, cos) == pytest.approx(0.0, abs=1e-12)
+    kw = dict(warmup_steps=warm, warmup_start=0.25, decay="step", milestones=(50, 75), gamma=0.1)
+    assert lr_factor(0, total, **kw) == pytest.approx(0.25)  # the first step at the start factor
+    assert lr_factor(5, total, **kw) == pytest.approx(0.25 + 0.75 * 5 / 10)
+    assert lr_factor(10, total, **kw) == pytest.approx(1.0)  # the peak after warmup_steps
+    assert lr_factor(49, total, **kw) == 1.0
+    assert lr_factor(50, total, **kw) == pytest.approx(0.1)
+    assert lr_factor(75, total, **kw) == pytest.approx(0.01)
+    assert lr_factor(50, 100, decay="cosine") == pytest.approx(0.5)
+    assert lr_factor(100, 100, decay="cosine") == pytest.approx(0.0, abs=1e-12)
 
 
 def test_interpolated_steps_to_target():

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanscale.core.errors import InvalidParameterError
-from leanscale.pruning._train import epoch_batches, train_scoring_model
+from leanscale.pruning._train import train_scoring_model
+from leanscale.train.batches import epoch_batches
 
 
 def _data(n=40, d=5, k=3, seed=0):

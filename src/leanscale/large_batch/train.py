@@ -18,25 +18,26 @@ Example:
 
 from __future__ import annotations
 
-import gc
 import math
-import time
-import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from leanscale.core.distributed import rank_and_world
 from leanscale.core.errors import InvalidParameterError
 from leanscale.core.ledger import CostLedger, count_flops
-from leanscale.core.progress import progress
 from leanscale.core.validation import Interval, Options, check_param
+from leanscale.train.classifier import (
+    check_classification_data,
+    check_model_output,
+    fit_classifier,
+)
+from leanscale.train.distributed import release
 
-__all__ = ["TrainConfig", "TrainResult", "build_model", "evaluate", "load_image_data", "train_classifier"]
+__all__ = ["TrainConfig", "TrainResult", "build_model", "load_image_data", "train_classifier"]
 
 _DATASETS = ("fashion-mnist",)
 _MODELS = ("bncnn", "mlp")
@@ -174,75 +175,11 @@ def _check_config(c: TrainConfig) -> None:
 
 def _check_data(data: Any, config: TrainConfig, owner: str) -> None:
     """``data`` is ``(x_train, y_train, x_test, y_test)``: tensors, finite inputs, integer labels."""
-    if not isinstance(data, (tuple, list)) or len(data) != 4 or not all(isinstance(t, torch.Tensor) for t in data):
-        got = (f"a {type(data).__name__} of {len(data)} item(s)" if isinstance(data, (tuple, list))
-               else type(data).__name__)
-        if isinstance(data, (tuple, list)) and len(data) == 4:
-            got = "items of types " + ", ".join(type(t).__name__ for t in data)
-        raise InvalidParameterError(
-            f"The 'data' parameter of {owner} must be a tuple (x_train, y_train, x_test, y_test) of torch "
-            f"tensors. Got {got} instead."
-        )
-    for split, x, y in (("train", data[0], data[1]), ("test", data[2], data[3])):
-        if not x.is_floating_point():
-            raise InvalidParameterError(
-                f"The 'data' parameter of {owner} must hold floating-point inputs x_{split}. Got dtype {x.dtype}."
-            )
-        if y.ndim != 1 or y.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-            raise InvalidParameterError(
-                f"The 'data' parameter of {owner} must hold y_{split} as a 1-d tensor of integer class "
-                f"indices. Got shape {tuple(y.shape)} and dtype {y.dtype}."
-            )
-        if x.ndim < 2 or x.shape[0] != y.shape[0]:
-            raise InvalidParameterError(
-                f"The 'data' parameter of {owner} must hold one label per example of x_{split}. Got x_{split} "
-                f"of shape {tuple(x.shape)} and y_{split} of shape {tuple(y.shape)}."
-            )
-        if x.shape[0] == 0:
-            raise InvalidParameterError(f"The 'data' parameter of {owner} must hold at least one {split} example. Got 0.")
-        bad = ~torch.isfinite(x).reshape(x.shape[0], -1).all(1)
-        if bool(bad.any()):
-            raise InvalidParameterError(
-                f"The 'data' parameter of {owner} must hold only finite inputs. Got NaN or inf in x_{split} "
-                f"(example {int(bad.nonzero()[0, 0])} and {int(bad.sum()) - 1} more): remove or impute them "
-                f"before training."
-            )
-        if int(y.min()) < 0:
-            raise InvalidParameterError(
-                f"The 'data' parameter of {owner} must hold class indices >= 0 in y_{split}. Got {int(y.min())}."
-            )
-    if data[0].shape[1:] != data[2].shape[1:]:
-        raise InvalidParameterError(
-            f"The 'data' parameter of {owner} must have train and test examples of the same shape. Got "
-            f"{tuple(data[0].shape[1:])} and {tuple(data[2].shape[1:])}."
-        )
+    check_classification_data(data, owner)
     if config.model == "bncnn" and data[0].ndim != 4:
         raise InvalidParameterError(
             f"The 'data' parameter of {owner} must hold images (n, channels, height, width) for model='bncnn'. "
             f"Got x_train of shape {tuple(data[0].shape)}; use model='mlp' for flat features."
-        )
-
-
-def _check_model_output(model: nn.Module, x: torch.Tensor, num_classes: int, owner: str) -> None:
-    """One forward pass in eval mode (nothing changes): an error naming 'model' unless it maps ``x``
-    to ``(n, >= num_classes)`` logits."""
-    from leanscale.large_batch._data import describe, user_code
-
-    was_training = model.training
-    model.eval()
-    try:
-        with user_code("model", owner, f"the training inputs (x: {describe(x)})",
-                       "Check that the data match the model's input."), torch.no_grad():
-            logits = model(x)
-    finally:
-        model.train(was_training)
-    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != x.shape[0] \
-            or logits.shape[1] < num_classes:
-        raise InvalidParameterError(
-            f"The 'model' parameter of {owner} must map a batch of n examples to (n, n_classes) logits with "
-            f"n_classes >= {num_classes} (the largest label + 1). Got "
-            + (f"an output of shape {tuple(logits.shape)}." if isinstance(logits, torch.Tensor)
-               else f"{type(logits).__name__}.")
         )
 
 
@@ -285,59 +222,6 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     return LAMB(groups, lr=config.lr, betas=(config.momentum, 0.999))
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int, config: TrainConfig) -> float:
-    """Multiplier of the peak LR at optimizer step ``step`` (0-based): linear warmup, then decay."""
-    from leanscale.large_batch.schedules import warmup_factor
-
-    if warmup_steps > 0 and step < warmup_steps:
-        return warmup_factor(step, warmup_steps, config.warmup_start_factor)
-    if config.decay == "step":
-        return config.gamma ** sum(step >= round(m * total_steps) for m in config.milestones)
-    if config.decay == "cosine":
-        span = max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup_steps) / span)))
-    return 1.0
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> tuple[float, float]:
-    """``(accuracy, mean cross-entropy)`` of ``model`` in eval mode on ``(x, y)``; mode restored."""
-    was_training = model.training
-    model.eval()
-    correct, loss = 0, 0.0
-    try:
-        for i in range(0, len(y), batch_size):
-            logits = model(x[i:i + batch_size])
-            loss += F.cross_entropy(logits, y[i:i + batch_size], reduction="sum").item()
-            correct += (logits.argmax(1) == y[i:i + batch_size]).sum().item()
-    finally:
-        model.train(was_training)
-    return correct / len(y), loss / len(y)
-
-
-def _dist() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _interpolate_target(history: list[dict[str, Any]], target: float, key: str = "test_accuracy") -> float | None:
-    """Steps at which ``key`` (test accuracy) first reaches ``target``, linear in log(steps)
-    between the last evaluation below and the first at or above it."""
-    prev = None
-    for row in history:
-        if row[key] >= target:
-            if prev is None or prev["step"] <= 0:
-                return float(row["step"])
-            a0, a1 = prev[key], row[key]
-            t = (target - a0) / (a1 - a0) if a1 > a0 else 1.0
-            return float(math.exp(math.log(prev["step"]) + t * (math.log(row["step"]) - math.log(prev["step"]))))
-        prev = row
-    return None
-
-
 def train_classifier(
     config: TrainConfig,
     *,
@@ -377,7 +261,7 @@ def train_classifier(
     check_param("keep_model", keep_model, [bool], owner=owner)
     if data is not None:
         _check_data(data, config, owner)
-    rank, world = _dist()
+    _, world = rank_and_world()
     if config.batch_size % world:
         raise InvalidParameterError(
             f"The 'batch_size' parameter of TrainConfig must be divisible by the number of processes "
@@ -411,12 +295,12 @@ def train_classifier(
             f"The 'batch_size' parameter of TrainConfig must be at most the number of training "
             f"examples ({n}). Got {config.batch_size} instead."
         )
-    num_classes = int(max(y_train.max(), y_test.max())) + 1
+    n_classes = int(max(y_train.max(), y_test.max())) + 1
     if model is None:
-        model = build_model(config, tuple(x_train.shape[1:]), num_classes)
+        model = build_model(config, tuple(x_train.shape[1:]), n_classes)
     else:
         torch.manual_seed(config.seed)
-    _check_model_output(model, x_train[:2], num_classes, owner)
+    check_model_output(model, x_train[:2], n_classes, owner)
     model.train()
     # Ghost BatchNorm does the same arithmetic as BatchNorm: count before the surgery, on 2
     # examples (BatchNorm needs more than one).
@@ -426,127 +310,30 @@ def train_classifier(
 
         apply_ghost_batchnorm(model, config.ghost_batch_size)
     optimizer = build_optimizer(model, config)
-    net: nn.Module = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(model)
-
-    steps_per_epoch = n // config.batch_size
-    total_steps = max(1, int(config.epochs * n // config.batch_size))
-    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
-    if config.target_accuracy is not None and config.eval_growth is not None:
-        eval_steps, s = set(), 1.0
-        while s < total_steps:
-            eval_steps.add(math.ceil(s))
-            s *= config.eval_growth
-        eval_steps.add(total_steps)
-    else:
-        every = max(1, round(config.eval_every_epochs * steps_per_epoch))
-        eval_steps = set(range(every, total_steps + 1, every)) | {total_steps}
-
-    gen = torch.Generator().manual_seed(config.seed)
-    ledger = CostLedger()
-    history: list[dict[str, Any]] = []
-    train_loss_sum, train_loss_n, examples = 0.0, 0, 0
-    t_train, reached, steps_done = 0.0, None, 0
-    perm, pos = torch.randperm(n, generator=gen), 0
-    bar = progress(range(total_steps), desc=f"train B={config.batch_size}", disable=None if progress_bar and rank == 0 else True)
-    t0 = time.perf_counter()
-    for step in bar:
-        if pos + config.batch_size > n:
-            perm, pos = torch.randperm(n, generator=gen), 0
-        idx = perm[pos:pos + config.batch_size][rank * local_batch:(rank + 1) * local_batch]  # (local_batch,)
-        pos += config.batch_size
-        factor = lr_factor(step, total_steps, warmup_steps, config)
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * factor
-        optimizer.zero_grad(set_to_none=True)
-        if micro is None or micro == local_batch:
-            loss = F.cross_entropy(net(x_train[idx]), y_train[idx])
-            loss.backward()
-        else:
-            # mean loss of the whole batch = sum over micro-batches of (micro mean) * micro / local;
-            # DDP all-reduces only on the last backward.
-            from leanscale.large_batch.ghost_bn import accumulate_running_stats
-
-            parts = idx.split(micro)
-            loss = 0.0
-            with accumulate_running_stats(model):
-                for j, part in enumerate(parts):
-                    sync = nullcontext() if j == len(parts) - 1 or world == 1 else net.no_sync()
-                    with sync:
-                        part_loss = F.cross_entropy(net(x_train[part]), y_train[part]) * (len(part) / local_batch)
-                        part_loss.backward()
-                    loss = loss + part_loss.detach()
-        if config.clip_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
-        optimizer.step()
-        steps_done = step + 1
-        examples += config.batch_size
-        train_loss_sum += loss.item()
-        train_loss_n += 1
-        if on_step is not None:
-            on_step(steps_done, model, optimizer)
-        if steps_done in eval_steps:
-            t_train += time.perf_counter() - t0
-            acc, test_loss = evaluate(model, x_test, y_test)
-            if world > 1:  # the train loss of the global batches: mean of the ranks' local means
-                import torch.distributed as dist
-
-                t = torch.tensor([train_loss_sum], dtype=torch.float64)
-                dist.all_reduce(t)
-                train_loss_sum = t.item() / world
-            history.append({
-                "step": steps_done, "epoch": examples / n, "examples": examples, "lr": config.lr * factor,
-                "train_loss": train_loss_sum / train_loss_n, "test_loss": test_loss, "test_accuracy": acc,
-                "seconds": t_train,
-            })
-            train_loss_sum, train_loss_n = 0.0, 0
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(acc=f"{acc:.3f}")
-            k = config.target_smoothing
-            smoothed = sum(h["test_accuracy"] for h in history[-k:]) / len(history[-k:])
-            history[-1]["smoothed_accuracy"] = smoothed
-            t0 = time.perf_counter()
-            if config.target_accuracy is not None and smoothed >= config.target_accuracy:
-                reached = True
-                break
-            if config.max_examples is not None and examples >= config.max_examples:
-                break
-    else:
-        t_train += time.perf_counter() - t0
-    if hasattr(bar, "close"):
-        bar.close()
-    if config.target_accuracy is not None and reached is None:
-        reached = False
-    last = history[-1]
-    cautions = []
-    diverged = [h for h in history if not (math.isfinite(h["train_loss"]) and math.isfinite(h["test_loss"]))]
-    if diverged:
-        cautions.append(
-            f"training diverged: the loss was not finite from step {diverged[0]['step']} on (train loss "
-            f"{diverged[0]['train_loss']!r}, test loss {diverged[0]['test_loss']!r}); the accuracy is not a "
-            f"result of training. Lower the LR (or use warmup, clipping or LARS/LAMB)."
+    accumulate = None
+    if micro is not None and micro < local_batch:
+        from leanscale.large_batch.ghost_bn import (
+            accumulate_running_stats as accumulate,
         )
-    for c in cautions:
-        warnings.warn(f"{owner}: {c}", RuntimeWarning, stacklevel=2)
-    ledger.record(
-        "train", flops=flops_per_example * examples, seconds=t_train, n_examples=examples,
-        technique="large_batch", batch_size=config.batch_size, steps=steps_done, world_size=world,
+    run = fit_classifier(
+        model, (x_train, y_train, x_test, y_test), optimizer, batch_size=config.batch_size, epochs=config.epochs,
+        lr=config.lr, seed=config.seed, decay=config.decay, milestones=config.milestones, gamma=config.gamma,
+        warmup_epochs=config.warmup_epochs, warmup_start=config.warmup_start_factor,
+        clip_grad_norm=config.clip_grad_norm, micro_batch_size=micro, accumulate_context=accumulate,
+        eval_every_epochs=config.eval_every_epochs, target_accuracy=config.target_accuracy,
+        eval_growth=config.eval_growth, max_examples=config.max_examples, target_smoothing=config.target_smoothing,
+        flops_per_example=flops_per_example, on_step=on_step, progress_bar=progress_bar, technique="large_batch",
+        owner=owner,
     )
-    result = TrainResult(
-        config=config, history=history, test_accuracy=last["test_accuracy"], test_loss=last["test_loss"],
-        train_loss=last["train_loss"], steps=steps_done, examples=examples, seconds=t_train,
-        steps_to_target=(_interpolate_target(history, config.target_accuracy, "smoothed_accuracy")
-                         if config.target_accuracy is not None else None),
-        reached_target=reached, flops_per_example=flops_per_example, world_size=world, ledger=ledger,
-        model=model if keep_model else None, warnings=cautions,
+    del optimizer
+    release()
+    return TrainResult(
+        config=config, history=run.history, test_accuracy=run.test_accuracy, test_loss=run.test_loss,
+        train_loss=run.train_loss, steps=run.steps, examples=run.examples, seconds=run.seconds,
+        steps_to_target=run.steps_to_target, reached_target=run.reached_target,
+        flops_per_example=run.flops_per_example, world_size=run.world_size, ledger=run.ledger,
+        model=model if keep_model else None, warnings=run.warnings,
     )
-    if world > 1:
-        del net, optimizer
-        gc.collect()
-    return result
 
 
 def with_overrides(config: TrainConfig, **changes: Any) -> TrainConfig:

@@ -20,7 +20,7 @@ averaged over the ranks so every rank holds the same model for scoring.
 
 from __future__ import annotations
 
-import gc
+import itertools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -33,8 +33,19 @@ from torch import nn
 from leanscale.core.distributed import rank_and_world
 from leanscale.core.errors import InvalidParameterError
 from leanscale.core.validation import Interval, check_param
+from leanscale.train import (
+    StepOutput,
+    fit,
+    lr_factor,
+    param_groups,
+    rank_slice,
+    release,
+    seeded,
+    sync_buffers,
+)
+from leanscale.train.batches import epoch_batches
 
-__all__ = ["as_float_tensor", "as_label_tensor", "check_finite", "epoch_batches", "train_scoring_model"]
+__all__ = ["as_float_tensor", "as_label_tensor", "check_finite", "train_scoring_model"]
 
 _OWNER = "train_scoring_model"
 
@@ -115,36 +126,6 @@ def as_label_tensor(y: Any, n: int, name: str = "y", owner: str = _OWNER) -> tor
     return torch.as_tensor(arr.astype(np.int64))
 
 
-def epoch_batches(n: int, batch_size: int, epoch: int, seed: int) -> list[torch.Tensor]:
-    """The global batches of one epoch: a seeded permutation cut into ``max(1, n // batch_size)``
-    nearly equal parts (int64 index tensors). The same ``(n, batch_size, epoch, seed)`` always
-    gives the same batches, on every rank."""
-    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)  # 100_003: a prime, seeds never collide for epoch < 1e5
-    perm = torch.randperm(n, generator=gen)  # (n,)
-    return list(torch.tensor_split(perm, max(1, n // batch_size)))
-
-
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    # Weight decay on weights of rank >= 2 (conv, linear); none on biases and norm scales.
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    other = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0})
-            if g["params"]]
-
-
-def _sync_buffers(model: nn.Module) -> None:
-    """Average floating buffers (BatchNorm running mean/var) over the ranks; broadcast the rest."""
-    import torch.distributed as dist
-
-    world = dist.get_world_size()
-    for buf in model.buffers():
-        if buf.is_floating_point():
-            dist.all_reduce(buf)
-            buf.div_(world)
-        else:
-            dist.broadcast(buf, 0)
-
-
 def train_scoring_model(
     model_fn: Callable[[], nn.Module],
     x: Any,
@@ -203,9 +184,40 @@ def train_scoring_model(
     n_batches = max(1, n // batch_size)
     total_steps = max(1, round(epochs * n_batches))
     device = xt.device
-    fork_devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=fork_devices):
-        torch.manual_seed(seed)
+    batches = (batch for epoch in itertools.count() for batch in epoch_batches(n, batch_size, epoch, seed))
+    checked = False
+
+    def loss_fn(net: nn.Module, batch: torch.Tensor):
+        nonlocal checked
+        idx = rank_slice(batch, rank, world).to(device)  # (b,) this rank's slice of the global batch
+        if checked:
+            logits = net(xt[idx])  # (b, k)
+        else:  # a model that does not fit x fails here: say which parameter
+            try:
+                logits = net(xt[idx])  # (b, k)
+            except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+                raise InvalidParameterError(
+                    f"The 'model_fn' parameter of {_OWNER} must build a model that accepts x: a batch "
+                    f"of shape {tuple(xt[idx].shape)} failed in its forward ({type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0][:200]})."
+                ) from exc
+            # checked once, against ALL labels: every rank decides alike (no rank waits alone)
+            if logits.ndim != 2 or logits.shape[0] != len(idx) or y_max >= logits.shape[1]:
+                raise InvalidParameterError(
+                    f"The 'model_fn' parameter of {_OWNER} must build a model returning logits (b, k) "
+                    f"with k > every label. Got output of shape {tuple(logits.shape)} for {len(idx)} "
+                    f"examples with labels up to {y_max}."
+                )
+            checked = True
+        # sum * world / B: DDP divides by world -> the mean over the global batch of B
+        loss = F.cross_entropy(logits, yt[idx], reduction="sum") * (world / len(batch))
+        return loss, (idx, logits)
+
+    def after_step(out: StepOutput) -> None:
+        idx, logits = out.extra
+        on_batch(idx, logits.detach(), yt[idx])
+
+    with seeded(seed, device):
         model = model_fn()
         if not isinstance(model, nn.Module):
             raise InvalidParameterError(
@@ -213,50 +225,11 @@ def train_scoring_model(
                 f"{type(model).__name__} instead."
             )
         model.to(device).train()
-        optimizer = torch.optim.SGD(_param_groups(model, weight_decay), lr=lr, momentum=momentum)
-        net: nn.Module = model
-        if world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            net = DistributedDataParallel(model)
-        step, epoch = 0, 0
-        while step < total_steps:
-            for batch in epoch_batches(n, batch_size, epoch, seed):
-                if step == total_steps:
-                    break
-                start, stop = rank * len(batch) // world, (rank + 1) * len(batch) // world
-                idx = batch[start:stop].to(device)  # (b,) this rank's slice of the global batch
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
-                optimizer.zero_grad(set_to_none=True)
-                if step == 0:  # a model that does not fit x fails here: say which parameter
-                    try:
-                        logits = net(xt[idx])  # (b, k)
-                    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
-                        raise InvalidParameterError(
-                            f"The 'model_fn' parameter of {_OWNER} must build a model that accepts x: a batch "
-                            f"of shape {tuple(xt[idx].shape)} failed in its forward ({type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0][:200]})."
-                        ) from exc
-                    # checked once, against ALL labels: every rank decides alike (no rank waits alone)
-                    if logits.ndim != 2 or logits.shape[0] != len(idx) or y_max >= logits.shape[1]:
-                        raise InvalidParameterError(
-                            f"The 'model_fn' parameter of {_OWNER} must build a model returning logits (b, k) "
-                            f"with k > every label. Got output of shape {tuple(logits.shape)} for {len(idx)} "
-                            f"examples with labels up to {y_max}."
-                        )
-                else:
-                    logits = net(xt[idx])  # (b, k)
-                # sum * world / B: DDP divides by world -> the mean over the global batch of B
-                loss = F.cross_entropy(logits, yt[idx], reduction="sum") * (world / len(batch))
-                loss.backward()
-                optimizer.step()
-                if on_batch is not None:
-                    on_batch(idx, logits.detach(), yt[idx])
-                step += 1
-            epoch += 1
-        if world > 1:
-            del net, optimizer
-            gc.collect()
-            _sync_buffers(model)
+        optimizer = torch.optim.SGD(param_groups(model, weight_decay), lr=lr, momentum=momentum)
+        fit(model, optimizer, batches, loss_fn, n_steps=total_steps, lr=lr,
+            schedule=lambda step: lr_factor(step, total_steps),
+            on_step=after_step if on_batch is not None else None)
+        del optimizer
+        release()
+        sync_buffers(model)
     return model

@@ -8,22 +8,21 @@ from leanscale.core.io import read_json
 
 __all__ = ["chapter", "headline"]
 
-_RESULTS = Path(__file__).resolve().parents[3] / "benchmarks" / "results" / "sparse"
+from leanscale.core.registry import results_dir
+_RESULTS = results_dir("sparse")  # the shipped copy when installed, else the checkout's benchmarks/results
 _MAIN_BENCHMARK = "swat_bncnn.json"
 
 
 def chapter(ctx):
     import torch
 
-    from leanscale.large_batch.train import (
-        TrainConfig,
-        build_model,
-        load_image_data,
-        train_classifier,
-    )
+    from leanscale.data.fashion_mnist import fashion_mnist_tensors
+    from leanscale.models.cnn import BNCNN
+    from leanscale.train import param_groups, seeded
+    from leanscale.train.classifier import fit_classifier
     from leanscale.sparse import apply_swat
     from leanscale.sparse.report import swat_report
-    from leanscale.tour import ChapterResult
+    from leanscale.report.chapter import ChapterResult
 
     report = ctx.report
     report.add_paragraph(
@@ -37,17 +36,23 @@ def chapter(ctx):
     # conv dense. SWAT needs steps: with fewer, pruned weights have no time to regrow (method card).
     n_train, epochs = (6000, 2.0) if ctx.quick else (20000, 3.0)
     sparsity = 0.8
-    cfg = TrainConfig(width=8, epochs=epochs, n_train=n_train, n_test=2000, decay="cosine", warmup_epochs=0.1,
-                      milestones=(), seed=ctx.seed, eval_every_epochs=epochs)
-    data = load_image_data(cfg)
+    train = fashion_mnist_tensors("train", n=n_train, seed=ctx.seed)
+    test = fashion_mnist_tensors("test", n=2000, seed=0)
+    data = (train.x, train.y, test.x, test.y)
     rows, measured = [], {}
     for label in ctx.progress(["dense", f"SWAT-U {sparsity:.0%}"], desc="sparse: training"):
-        torch.manual_seed(ctx.seed)
-        model = build_model(cfg, (1, 28, 28), 10)
+        with seeded(ctx.seed):
+            model = BNCNN(10, in_channels=1, width=8)
         if label != "dense":
             apply_swat(model, sparsity)
-        result = train_classifier(cfg, data=data, model=model, keep_model=True)
-        measured[label] = result.model
+        model.train()
+        # SGD, momentum 0.9, weight decay 5e-4, LR 0.1 with a 0.1-epoch warmup and a cosine (the
+        # large-batch chapter's baseline); one evaluation at the end
+        optimizer = torch.optim.SGD(param_groups(model, 5e-4), lr=0.1, momentum=0.9)
+        result = fit_classifier(model, data, optimizer, batch_size=128, epochs=epochs, lr=0.1, seed=ctx.seed,
+                                decay="cosine", milestones=(), warmup_epochs=0.1, eval_every_epochs=epochs,
+                                technique="sparse")
+        measured[label] = model
         rows.append({"model": label, "test accuracy": result.test_accuracy, "seconds": result.seconds,
                      "steps": result.steps})
         if ctx.ledger is not None:
@@ -96,7 +101,8 @@ def _moe_section(ctx) -> list[dict]:
 
     from leanscale.data.text import TokenStream, encode_corpus
     from leanscale.models.transformer import GPT, GPTConfig
-    from leanscale.scaling._train import RunSpec, train_run
+    from leanscale.train import seeded
+    from leanscale.train.lm import train_lm
     from leanscale.sparse import apply_moe, moe_aux_loss, moe_stats
 
     report = ctx.report
@@ -114,14 +120,7 @@ def _moe_section(ctx) -> list[dict]:
     stream = TokenStream(np.asarray(tokens), 0.05)
     cfg = GPTConfig(vocab_size=512, block_size=seq, n_layer=n_layer, n_head=n_embd // 8, n_embd=n_embd)
     n_params = GPT(cfg).n_params()
-    spec = RunSpec(
-        run_id="tour", budget_flops=6.0 * n_params * n_tokens, n_layer=n_layer, n_head=n_embd // 8,
-        n_embd=n_embd, seq_len=seq, vocab_size=512, n_params=n_params, n_params_non_embedding=n_params,
-        n_tokens=n_tokens, flops=6.0 * n_params * n_tokens, flops_appendix_f=0.0,
-        lr=5e-3 * (32 / n_embd) ** 1.5, batch_size=16, warmup_fraction=0.05, min_lr_ratio=0.1, weight_decay=0.1,
-        grad_clip=1.0, n_curve_points=4, val_batches=8, val_fraction=0.05, corpus="gcide", max_bytes=None,
-        seed=ctx.seed,
-    )
+    batch_size = 16
     rows, stats = [], {}
     for label in ctx.progress(["dense", "MoE, 8 experts, top-1"], desc="sparse: MoE"):
         moe = label != "dense"
@@ -131,14 +130,19 @@ def _moe_section(ctx) -> list[dict]:
             last["stats"] = moe_stats(model)
             return moe_aux_loss(model)
 
-        result = train_run(spec, stream, prepare_model=(lambda m: apply_moe(m, 8, every=2)) if moe else None,
-                           aux_loss=aux if moe else None)
+        with seeded(ctx.seed):
+            model = GPT(cfg)
+            if moe:
+                model = apply_moe(model, 8, every=2)
+        # the sweep's optimisation (AdamW, warmup + cosine to 10%, clipping at 1)
+        run = train_lm(model, stream, n_steps=n_tokens // (batch_size * seq), batch_size=batch_size, seq_len=seq,
+                       lr=5e-3 * (32 / n_embd) ** 1.5, seed=ctx.seed, extra_loss=aux if moe else None, label=label)
         stats[label] = last.get("stats")
-        rows.append({"model": label, "parameters": result["n_params"], "validation loss": result["loss"],
-                     "tokens / s": result["tokens_per_second"], "seconds": result["seconds"]})
+        rows.append({"model": label, "parameters": model.n_params(), "validation loss": run.loss,
+                     "tokens / s": run.n_tokens / run.seconds, "seconds": run.seconds})
         if ctx.ledger is not None:
-            ctx.ledger.record(f"sparse: GPT {label}", flops=6.0 * n_params * result["n_tokens"],
-                              seconds=result["seconds"], n_examples=int(result["n_tokens"]))
+            ctx.ledger.record(f"sparse: GPT {label}", flops=6.0 * n_params * run.n_tokens,
+                              seconds=run.seconds, n_examples=int(run.n_tokens))
     report.add_table(rows, caption=f"{n_tokens:,} tokens each, same optimiser and seed; the MoE's FLOPs per token "
                      "are the dense model's plus the router's")
     layers = stats["MoE, 8 experts, top-1"] or []
