@@ -120,3 +120,27 @@ def test_lars_and_lamb_train_the_reference_model(optimizer, lr):
     # ln(10) = 2.30 at chance; both optimizers at least halve it in 24 steps (LARS needs a large
     # global LR: its trust coefficient 1e-3 scales every layer's step).
     assert losses[0] > losses[-1] and losses[-1] < 0.5 * 2.303
+
+
+def test_a_run_with_a_checkpoint_resumes_after_a_crash_and_ends_as_an_uninterrupted_one(tmp_path):
+    data = synthetic()
+    cfg = TrainConfig(width=4, batch_size=32, lr=0.1, epochs=2.0, eval_every_epochs=0.5, milestones=(0.6,),
+                      warmup_epochs=0.25)
+    straight = train_classifier(cfg, data=data, keep_model=True)
+
+    def crash(step, model, optimizer):
+        if step == 11:
+            raise KeyboardInterrupt
+
+    ck = tmp_path / "run.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        train_classifier(cfg, data=data, checkpoint=ck, checkpoint_every=5, on_step=crash)
+    assert ck.is_file()
+    resumed = train_classifier(cfg, data=data, checkpoint=ck, checkpoint_every=5, keep_model=True)
+    assert not ck.exists()
+    drop = {"seconds"}
+    assert [{k: v for k, v in h.items() if k not in drop} for h in resumed.history] == \
+        [{k: v for k, v in h.items() if k not in drop} for h in straight.history]
+    assert resumed.steps == straight.steps and resumed.examples == straight.examples
+    for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)

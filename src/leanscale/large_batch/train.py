@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -192,14 +193,14 @@ def load_image_data(config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, to
     return train.x, train.y, test.x, test.y
 
 
-def build_model(config: TrainConfig, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+def build_model(config: TrainConfig, in_shape: tuple[int, ...], n_classes: int) -> nn.Module:
     """The configured reference model, initialised from ``config.seed``."""
     from leanscale.models.cnn import BNCNN, MLPClassifier
 
     torch.manual_seed(config.seed)
     if config.model == "bncnn":
-        return BNCNN(num_classes=num_classes, in_channels=in_shape[0], width=config.width)
-    return MLPClassifier(math.prod(in_shape), 8 * config.width, num_classes)
+        return BNCNN(n_classes=n_classes, in_channels=in_shape[0], width=config.width)
+    return MLPClassifier(math.prod(in_shape), 8 * config.width, n_classes)
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -230,6 +231,8 @@ def train_classifier(
     progress_bar: bool = False,
     on_step: Callable[[int, nn.Module, torch.optim.Optimizer], None] | None = None,
     keep_model: bool = False,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 100,
 ) -> TrainResult:
     """Train ``config``'s model on ``config``'s data and return the :class:`TrainResult`.
 
@@ -242,6 +245,9 @@ def train_classifier(
         on_step: Called after every optimizer step with ``(step, model, optimizer)``; e.g. to
             update a :class:`~leanscale.large_batch.noise_scale.GradientNoiseScale`.
         keep_model: Return the trained model in ``result.model``.
+        checkpoint: Save the run to this file every ``checkpoint_every`` steps; started again with
+            the same file (after a crash or ``kill -9``) it resumes there and ends as an
+            uninterrupted run would. Removed when the run finishes.
 
     Under ``torchrun`` (an initialised process group) the model is wrapped in DDP and every rank
     trains on its slice of each global batch; ``batch_size`` must be divisible by the world size.
@@ -259,6 +265,8 @@ def train_classifier(
     check_param("on_step", on_step, [None, callable], owner=owner)
     check_param("progress_bar", progress_bar, [bool], owner=owner)
     check_param("keep_model", keep_model, [bool], owner=owner)
+    check_param("checkpoint", checkpoint, [None, str, os.PathLike], owner=owner)
+    check_param("checkpoint_every", checkpoint_every, [Interval(int, 1, None)], owner=owner)
     if data is not None:
         _check_data(data, config, owner)
     _, world = rank_and_world()
@@ -323,7 +331,7 @@ def train_classifier(
         eval_every_epochs=config.eval_every_epochs, target_accuracy=config.target_accuracy,
         eval_growth=config.eval_growth, max_examples=config.max_examples, target_smoothing=config.target_smoothing,
         flops_per_example=flops_per_example, on_step=on_step, progress_bar=progress_bar, technique="large_batch",
-        owner=owner,
+        checkpoint=checkpoint, checkpoint_every=checkpoint_every, owner=owner,
     )
     del optimizer
     release()

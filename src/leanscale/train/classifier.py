@@ -15,6 +15,7 @@ process and N processes see the same batches (``batch_size`` must be divisible b
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -31,7 +32,7 @@ from leanscale.core.ledger import CostLedger, count_flops
 from leanscale.core.progress import progress
 from leanscale.train.batches import permutation_batches
 from leanscale.train.distributed import all_reduce_floats
-from leanscale.train.loop import MicroBatches, StepOutput, fit
+from leanscale.train.loop import Checkpoint, MicroBatches, StepOutput, fit
 from leanscale.train.schedules import lr_factor
 from leanscale.train.user_data import describe, user_code
 
@@ -193,6 +194,8 @@ def fit_classifier(
     on_step: Callable[[int, nn.Module, torch.optim.Optimizer], None] | None = None,
     progress_bar: bool = False,
     technique: str | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 100,
     owner: str = "fit_classifier",
 ) -> ClassifierRun:
     """Train ``model`` (in train mode, seeded and prepared by the caller) with ``optimizer``.
@@ -220,6 +223,10 @@ def fit_classifier(
         on_step: called after every optimizer step with ``(step, model, optimizer)``.
         progress_bar: show a progress bar (rank 0 only).
         technique: the cost ledger's technique column.
+        checkpoint: a file to save the run to every ``checkpoint_every`` steps (model, optimizer,
+            history, RNG): started again with the same file after a crash or ``kill -9``, the run
+            resumes there and ends with the weights and history of an uninterrupted run. The file
+            is removed when the run finishes. None: no checkpoint.
         owner: the function named in warnings (the public caller).
     """
     x_train, y_train, x_test, y_test = data
@@ -285,9 +292,19 @@ def fit_classifier(
             return True
         return max_examples is not None and state["examples"] >= max_examples
 
+    def save_state() -> dict:
+        return {"history": history, "state": {k: v for k, v in state.items() if k != "t0"}}
+
+    def load_state(saved: dict) -> None:
+        history[:] = saved["history"]
+        state.update(saved["state"])
+
+    ck = None if checkpoint is None else Checkpoint(checkpoint, every=checkpoint_every, state=save_state,
+                                                    load_state=load_state)
     try:
         result = fit(model, optimizer, batches(), loss_fn, n_steps=total_steps, lr=lr, schedule=schedule,
-                     clip_grad_norm=clip_grad_norm, on_step=after_step, accumulate_context=accumulate_context)
+                     clip_grad_norm=clip_grad_norm, on_step=after_step, accumulate_context=accumulate_context,
+                     checkpoint=ck)
     finally:
         if hasattr(bar, "close"):
             bar.close()
