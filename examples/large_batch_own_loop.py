@@ -29,7 +29,7 @@ from leanscale.large_batch import (
     LargeBatchRecipe,
     accumulate_running_stats,
 )
-from leanscale.large_batch.train import evaluate
+from leanscale.train.classifier import evaluate
 from leanscale.models import BNCNN
 
 
@@ -94,7 +94,7 @@ def main() -> None:
     if rank == 0:
         print(f"test accuracy {accuracy:.4f} after {total_steps} steps of {args.batch}")
         if gns.n_updates:
-            print(gns.advise(base_lr=0.1, base_batch=128))
+            print(gns.advise(base_lr=0.1, base_batch_size=128))
     if started:
         del net, optimizer  # the torchrun exit rule: no DDP objects alive at shutdown
         shutdown()

@@ -108,7 +108,7 @@ def main() -> None:
     kept_t = torch.as_tensor(kept)
 
     # 3. Train on the kept examples, with InfoBatch on top; and on all data for comparison.
-    ib = InfoBatch(len(kept), num_epochs=args.epochs, prune_ratio=0.5, delta=0.875, seed=0)
+    ib = InfoBatch(len(kept), epochs=args.epochs, prune_ratio=0.5, delta=0.875, seed=0)
     pruned = train(x[kept_t], y[kept_t], args.epochs, seed=2, infobatch=ib)
     full = train(x, y, args.epochs, seed=2)
     if rank == 0:

@@ -52,19 +52,20 @@ from benchmarks.common import RESULTS, machine
 from leanscale.cascade import (
     CallableStage,
     Cascade,
+    EmbeddingClassifier,
     ModelStage,
     StageOutput,
+    TfidfClassifier,
     mine_rules,
 )
 from leanscale.cascade.router import Router, evaluate_router
 from leanscale.cascade.search import evaluate_config
 from leanscale.cascade.stacking import StackedEncoder, cross_fitted_logp
-from leanscale.cascade.text_models import EmbeddingClassifier, TfidfClassifier
 from leanscale.core.errors import InvalidParameterError
 from leanscale.core.io import JobState, atomic_write_csv, atomic_write_json
 from leanscale.data._sampling import stratified_indices
+from leanscale.data.embeddings import cached_text_embeddings
 from leanscale.data.wordnet import load_wordnet_glosses
-from leanscale.pruning.datasets import cached_text_embeddings
 
 OUT = RESULTS / "cascade"
 
@@ -245,7 +246,7 @@ def main() -> None:
             uo = uc.predict_detailed(list(t_idx))
             try:
                 gc = Cascade(lookup_stages(), target_accuracy=g_target, guarantee=True, delta=args.delta,
-                             random_state=s).fit(list(c_idx), y_pool[c_idx])
+                             seed=s).fit(list(c_idx), y_pool[c_idx])
             except InvalidParameterError:  # nothing certified: the cascade refuses (no claim made)
                 trials.append({"split": s, "refused": True,
                                "uncertified_test_accuracy": float(np.mean(uo.labels == y_pool[t_idx])),

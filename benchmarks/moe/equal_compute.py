@@ -34,7 +34,7 @@ import torch
 
 from benchmarks.common import RESULTS, machine
 from leanscale.core.io import JobState, atomic_write_json
-from leanscale.core.ledger import count_flops
+from leanscale.core.flops import count_flops
 from leanscale.data.text import TokenStream, encode_corpus
 from leanscale.models.transformer import GPT
 from leanscale.scaling._train import RunSpec, model_config, train_run

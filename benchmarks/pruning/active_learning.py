@@ -63,8 +63,8 @@ TOL = 1e-5  # L-BFGS gradient tolerance: the accuracy does not change below it
 def wordnet_features(n_pool: int, n_test: int) -> dict:
     """MiniLM embeddings of a stratified subsample of WordNet's train and test splits."""
     from leanscale.data._sampling import stratified_indices
+    from leanscale.data.embeddings import cached_text_embeddings
     from leanscale.data.wordnet import load_wordnet_glosses, train_test_split
-    from leanscale.pruning.datasets import cached_text_embeddings
 
     glosses = load_wordnet_glosses()
     labels = np.asarray(glosses.labels)

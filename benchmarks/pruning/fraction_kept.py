@@ -55,7 +55,7 @@ def model_factory(kind: str, data, width: int):
     shape = tuple(data.x_train.shape[1:])
     k = data.n_classes
     if kind == "bncnn":
-        return lambda: BNCNN(num_classes=k, in_channels=shape[0], width=width)
+        return lambda: BNCNN(n_classes=k, in_channels=shape[0], width=width)
     return lambda: MLPClassifier(int(np.prod(shape)), width, k)
 
 
@@ -115,7 +115,8 @@ def prototype_task(data, args, state: JobState, out: Path) -> dict:
         return state.load(key)
     t0 = time.perf_counter()
     if data.kind == "image":
-        from leanscale.pruning.embed import embed_images, train_ssl_encoder
+        from leanscale.models.encoders import embed_images
+        from leanscale.pruning.embed import train_ssl_encoder
 
         encoder = train_ssl_encoder(data.x_train, seed=0, time_budget_s=args.ssl_budget)
         emb = embed_images(encoder, data.x_train)

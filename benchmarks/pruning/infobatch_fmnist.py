@@ -69,9 +69,9 @@ def train(arm: str, seed: int, epochs: int, width: int, data) -> dict:
     x, y, x_test, y_test = data
     n = len(y)
     torch.manual_seed(seed)
-    model = BNCNN(num_classes=10, in_channels=1, width=width)
+    model = BNCNN(n_classes=10, in_channels=1, width=width)
     opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=MOMENTUM, nesterov=True, weight_decay=WEIGHT_DECAY)
-    ib = InfoBatch(n, num_epochs=epochs, prune_ratio=PRUNE_RATIO, delta=DELTA, seed=seed) if arm == "infobatch" \
+    ib = InfoBatch(n, epochs=epochs, prune_ratio=PRUNE_RATIO, delta=DELTA, seed=seed) if arm == "infobatch" \
         else None
     load_start = os.getloadavg()
     wall = cpu = bookkeeping = 0.0

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from benchmarks.common import RESULTS, machine
 from leanscale.core.io import atomic_write_json
 from leanscale.data.fashion_mnist import fashion_mnist_tensors
-from leanscale.pruning.embed import ConvEncoder, embed_images, train_ssl_encoder
+from leanscale.models.encoders import ConvEncoder, embed_images
+from leanscale.pruning.embed import train_ssl_encoder
 
 K_NEIGHBOURS = 20
 PROBE_L2 = 1e-4  # weight of 0.5 * |W|^2 added to the mean cross entropy of the probe

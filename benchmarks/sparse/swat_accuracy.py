@@ -32,7 +32,7 @@ from torch import nn
 
 from benchmarks.common import RESULTS, machine
 from leanscale.core.io import JobState, atomic_write_csv, atomic_write_json
-from leanscale.core.ledger import count_flops
+from leanscale.core.flops import count_flops
 from leanscale.large_batch.train import (
     TrainConfig,
     build_model,

@@ -12,20 +12,15 @@ Output, written atomically under ``out_dir``: ``index.html`` (self-contained, fi
 ``summary.json`` and, when chapters recorded costs in ``ctx.ledger``, ``ledger.json``; a chapter
 may keep files in ``ctx.chapter_dir`` (``out_dir/<name>/``).
 
-A chapter looks like::
+A chapter is a function ``chapter(ctx: TourContext) -> ChapterResult`` (an example is in
+:mod:`leanscale.report.chapter`). The tour already writes the technique's ``<h2>`` heading, its
+papers, the summary table and the time taken; use ``ctx.report.add_section(..., level=3)`` for
+subsections.
 
-    def chapter(ctx: TourContext) -> ChapterResult:
-        ctx.report.add_paragraph("What this chapter shows and why.")
-        for n in ctx.progress(sizes, desc="scaling: fits"):
-            ...
-        ctx.report.add_figure(fig, caption="Loss against compute")
-        return ChapterResult(
-            title="Compute-optimal scaling",
-            summary_rows=[{"metric": "tokens per parameter", "value": 19.6, "paper": 20.0}],
-        )
-
-The tour already writes the technique's ``<h2>`` heading, its papers, the summary table and the
-time taken; use ``ctx.report.add_section(..., level=3)`` for subsections.
+This module only runs the tour. The chapter types (:class:`TourContext`, :class:`ChapterResult`,
+:class:`ChapterOutcome`, :class:`TourResult`) live in :mod:`leanscale.report.chapter` and
+:func:`status_label` in :mod:`leanscale.core.registry`; a chapter imports them from there (a
+technique never imports this module, which loads the chapters). They stay importable from here.
 """
 
 from __future__ import annotations
@@ -34,8 +29,8 @@ import functools
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,120 +38,13 @@ from leanscale import __version__
 from leanscale.core.errors import InvalidParameterError
 from leanscale.core.io import atomic_write_json
 from leanscale.core.progress import progress as _progress
-from leanscale.core.registry import TechniqueInfo, list_techniques, load_object
+from leanscale.core.registry import TechniqueInfo, list_techniques, load_object, status_label
 from leanscale.core.validation import Interval, check_param, unknown_name_error
+from leanscale.report.chapter import ChapterOutcome, ChapterResult, TourContext, TourResult
 from leanscale.report.html import HTMLReport
 from leanscale.report.table import format_table
 
 __all__ = ["TourContext", "ChapterResult", "ChapterOutcome", "TourResult", "run_tour", "status_label"]
-
-
-@dataclass
-class TourContext:
-    """What a chapter gets: where to write, how long to run, the shared report and ledger."""
-
-    out_dir: Path  # the tour's output folder
-    quick: bool  # True: a short version (CI, `--quick`): fewer sizes, fewer steps
-    seed: int  # seed every random generator of the chapter from this
-    report: HTMLReport  # add the chapter's text, tables and figures here
-    ledger: Any = None  # leanscale.core.ledger.CostLedger shared by all chapters (None if absent)
-    progress: Callable[..., Any] = _progress  # progress(iterable, total=, desc=) -> bar
-    technique: TechniqueInfo | None = None  # the technique whose chapter is running
-    echo: bool = True  # False: chapters stay quiet (ctx.log prints nothing)
-
-    @property
-    def chapter_dir(self) -> Path:
-        """``out_dir/<technique name>/``, created on first use, for the chapter's own files."""
-        name = self.technique.name if self.technique is not None else "chapter"
-        path = self.out_dir / name
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-
-    def log(self, message: str) -> None:
-        """One line on stderr, prefixed with the technique's name."""
-        if self.echo:
-            name = self.technique.name if self.technique is not None else "tour"
-            print(f"  [{name}] {message}", file=sys.stderr, flush=True)
-
-
-@dataclass
-class ChapterResult:
-    """What a chapter returns. Its HTML is already in ``ctx.report``."""
-
-    title: str  # the chapter's title, for the summary
-    summary_rows: list[dict[str, Any]] = field(default_factory=list)  # metric / value / paper
-    seconds: float | None = None  # filled in by the tour: wall time of the chapter
-
-
-@dataclass
-class ChapterOutcome:
-    """One technique in the tour summary."""
-
-    name: str  # technique name
-    title: str  # chapter title (the technique's title when the chapter did not run)
-    status: str  # "ok", "failed", "planned", "skipped" (no chapter) or "interrupted"
-    label: str  # shown to people: "ok", "failed", "planned (issue #3)", ...
-    seconds: float | None = None
-    summary_rows: list[dict[str, Any]] = field(default_factory=list)
-    error: str | None = None  # "ValueError: ..." when the chapter failed
-    traceback: str | None = None
-    papers: tuple[str, ...] = ()
-    issues: tuple[int, ...] = ()
-
-
-@dataclass
-class TourResult:
-    """What :func:`run_tour` returns."""
-
-    out_dir: Path
-    index_html: Path
-    summary_json: Path
-    chapters: list[ChapterOutcome]
-    seconds: float  # wall time of the whole tour
-    quick: bool
-    seed: int
-    ledger: Any = None  # the CostLedger every chapter recorded into (None without core.ledger)
-    ledger_json: Path | None = None  # out_dir/ledger.json, written when the ledger has entries
-
-    @property
-    def failed(self) -> list[ChapterOutcome]:
-        return [c for c in self.chapters if c.status in ("failed", "interrupted")]
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "leanscale_version": __version__,
-            "quick": self.quick,
-            "seed": self.seed,
-            "seconds": self.seconds,
-            "failed": [c.name for c in self.failed],
-            "ledger": self.ledger_json.name if self.ledger_json is not None else None,
-            "chapters": [
-                {
-                    "name": c.name,
-                    "title": c.title,
-                    "status": c.status,
-                    "label": c.label,
-                    "seconds": c.seconds,
-                    "summary_rows": c.summary_rows,
-                    "error": c.error,
-                    "traceback": c.traceback,
-                    "papers": list(c.papers),
-                    "issues": list(c.issues),
-                }
-                for c in self.chapters
-            ],
-        }
-
-
-def status_label(technique: TechniqueInfo) -> str:
-    """``available``, or ``planned (issue #3)`` / ``planned (issue #5, #6)``."""
-    if technique.status == "planned" and technique.issues:
-        return f"planned (issue {', '.join(f'#{i}' for i in technique.issues)})"
-    return technique.status
 
 
 def _new_ledger() -> Any:

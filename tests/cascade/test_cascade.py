@@ -4,6 +4,7 @@ cost, the guarantee holds on simulated data, fallback never loses a request, sav
 from __future__ import annotations
 
 import itertools
+import json
 import time
 
 import numpy as np
@@ -160,7 +161,7 @@ def test_guarantee_holds_on_simulated_data():
         st = [CallableStage(lambda its: [(1 if right1[i] else 0, conf1[i]) for i in its], name="cheap", cost=1.0,
                             batched=True),
               CallableStage(lambda its: [(1, 1.0) for _ in its], name="big", cost=10.0, batched=True)]
-        c = Cascade(st, target_accuracy=target, guarantee=True, delta=delta, random_state=trial).fit(X, y)
+        c = Cascade(st, target_accuracy=target, guarantee=True, delta=delta, seed=trial).fit(X, y)
         t = c.thresholds_["cheap"]
         # the true accuracy of the chosen setting on the whole pool
         _, acc, _ = evaluate_config((t,), answered, conf, correct, costs)
@@ -291,11 +292,62 @@ def test_get_set_params():
     assert c.set_params(delta=0.1) is c and c.delta == 0.1
     with pytest.raises(InvalidParameterError, match="Did you mean 'delta'"):
         c.set_params(deltaa=0.1)
+    assert list(c.get_params()) == ["stages", "target_accuracy", "budget", "guarantee", "delta", "guarantee_split",
+                                    "calibrate", "max_thresholds", "fallback_label", "seed"]
+    assert repr(Cascade([RuleStage(lambda t: None, name="r")], seed=3)) == \
+        "Cascade(stages=[RuleStage(name='r', cost=None)], seed=3)"
+    from sklearn.base import clone
+
+    twin = clone(c.set_params(seed=5))
+    assert twin is not c and twin.get_params()["seed"] == 5 and twin.delta == 0.1
+
+
+def test_random_state_is_renamed_seed_and_works_for_one_release(tmp_path):
+    """``Cascade(random_state=)`` -> ``seed=`` (as Router and the rest): the old name warns and
+    still sets the seed (None included: unseeded), both names at once are refused, and files saved
+    with "random_state" load without a warning."""
+    X, y = make_task(200)
+    with pytest.warns(FutureWarning, match="'random_state' parameter was renamed to 'seed'"):
+        old = Cascade(stages(), target_accuracy=0.6, guarantee=True, random_state=3)
+    new = Cascade(stages(), target_accuracy=0.6, guarantee=True, seed=3)
+    assert old.seed == 3 and "random_state" not in old.get_params()
+    assert list(old.fit(X, y).predict(X)) == list(new.fit(X, y).predict(X))
+    assert old.guarantee_ == new.guarantee_
+    with pytest.warns(FutureWarning, match="pass seed=None"):
+        assert Cascade(stages(), random_state=None).seed is None
+    with pytest.raises(InvalidParameterError, match="pass only 'seed'"):
+        Cascade(stages(), random_state=1, seed=2)
+    with pytest.warns(FutureWarning, match="renamed"):
+        assert Cascade(stages()).set_params(random_state=4).seed == 4
+    with pytest.warns(FutureWarning, match="renamed"):
+        assert new.random_state == 3
+    with pytest.raises(InvalidParameterError, match="'seed' parameter of Cascade"):
+        Cascade(stages(), seed=-1).fit(X, y)
+
+    # a file written before the rename stores "random_state"
+    objects = {"small": small_model, "big": big_model}
+    path = new.save(tmp_path / "c.json")
+    doc = json.loads(path.read_text())
+    assert doc["params"]["seed"] == 3 and "random_state" not in doc["params"]
+    doc["params"]["random_state"] = doc["params"].pop("seed")
+    path.write_text(json.dumps(doc))
+    loaded = Cascade.load(path, objects=objects)  # no FutureWarning: filterwarnings = error
+    assert loaded.seed == 3 and list(loaded.predict(X)) == list(new.predict(X))
+    doc["params"]["seed"] = 3  # both names: refused
+    path.write_text(json.dumps(doc))
+    with pytest.raises(DataFormatError, match="'params' must be an object with keys among"):
+        Cascade.load(path, objects=objects)
+    doc["version"] = 2  # a file of a newer leanscale
+    path.write_text(json.dumps(doc))
+    with pytest.raises(DataFormatError, match="has version 2: it was written by a newer leanscale"):
+        Cascade.load(path, objects=objects)
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"stages": []}, "'stages'.*non-empty"),
-    ({"stages": ["x"]}, "'stages'.*item 0 is str"),
+    ({"stages": []}, "The 'stages' parameter of Cascade must not be empty. Got 0 stages."),
+    ({"stages": ["x"]}, "'stages'.*must be a sequence of Stage objects.*Got str 'x' at index 0"),
+    ({"stages": RegexStage([("a", "x")])}, "'stages'.*Got RegexStage instead"),
+    ({"stages": (s for s in stages())}, "'stages'.*Got generator instead"),
     ({"target_accuracy": 1.5}, "'target_accuracy'.*range \\[0, 1\\] or None. Got 1.5"),
     ({"target_accuracy": -0.1}, "'target_accuracy'"),
     ({"budget": -1}, "'budget'"),

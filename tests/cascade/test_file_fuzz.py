@@ -13,9 +13,16 @@ import shutil
 import numpy as np
 import pytest
 
-from leanscale.cascade import Cascade, ModelStage, RegexStage, Router, mine_rules
+from leanscale.cascade import (
+    Cascade,
+    EmbeddingClassifier,
+    ModelStage,
+    RegexStage,
+    Router,
+    TfidfClassifier,
+    mine_rules,
+)
 from leanscale.cascade.rules import MinedRules
-from leanscale.cascade.text_models import EmbeddingClassifier, TfidfClassifier
 from leanscale.core.errors import LeanscaleError
 
 WORDS = {"billing": ["refund", "invoice"], "tech": ["crash", "error"], "sales": ["price", "quote"]}

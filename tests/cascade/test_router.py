@@ -6,8 +6,8 @@ import pytest
 
 from leanscale.cascade import router as router_mod
 from leanscale.cascade.router import Router, evaluate_router, quality_curve
-from leanscale.cascade.text_models import load_model
 from leanscale.core.errors import InvalidParameterError, NotFittedError
+from leanscale.core.persistence import load_fitted
 
 COSTS = {"weak": 1.0, "strong": 20.0}
 
@@ -182,7 +182,7 @@ def test_state_round_trip_and_save_load(fitted, tmp_path):
     for name in p0:
         assert np.array_equal(p0[name], p1[name])
     folder = fitted.save(tmp_path / "router")
-    for loaded in (Router.load(folder), load_model(folder)):
+    for loaded in (Router.load(folder), load_fitted(folder)):
         assert isinstance(loaded, Router)
         assert loaded.costs_ == fitted.costs_ and loaded.models_ == fitted.models_
         assert np.array_equal(loaded.route(texts, strong_fraction=0.3), fitted.route(texts, strong_fraction=0.3))
@@ -217,8 +217,11 @@ def test_bad_inputs(fitted):
         Router().fit(texts, {"weak": weak, "strong": strong}, {"weak": 0.0, "strong": 5.0})
     with pytest.raises(InvalidParameterError, match="0/1"):
         Router().fit(texts, {"weak": weak.astype(int) * 2, "strong": strong}, COSTS)
-    with pytest.raises(InvalidParameterError, match="'features'"):
+    with pytest.raises(InvalidParameterError, match="'features' parameter of Router must be one of 'minilm', "
+                                                    "'tfidf' or a callable. Got 'bert'"):
         Router(features="bert").fit(texts, {"weak": weak, "strong": strong}, COSTS)
+    with pytest.raises(InvalidParameterError, match="'ngram_range' parameter of Router must be a pair"):
+        Router(ngram_range=(2, 1)).fit(texts, {"weak": weak, "strong": strong}, COSTS)
     with pytest.raises(NotFittedError):
         Router().route(texts, strong_fraction=0.5)
     with pytest.raises(InvalidParameterError, match="Exactly one.*Got both"):
@@ -237,3 +240,18 @@ def test_bad_inputs(fitted):
         evaluate_router(np.zeros(50), None, weak, strong, costs={"wek": 1.0, "strong": 2.0})
     with pytest.raises(InvalidParameterError, match="'n_points'"):
         evaluate_router(np.zeros(50), None, weak, strong, n_points=1)
+
+
+def test_parameters_follow_the_estimator_contract(fitted):
+    from sklearn.base import clone
+
+    r = Router(C=0.5, max_features=100)
+    assert repr(r) == "Router(C=0.5, max_features=100)"
+    assert r.get_params() == {"features": "tfidf", "C": 0.5, "seed": 0, "max_features": 100, "ngram_range": (1, 2)}
+    assert r.set_params(seed=2) is r and r.seed == 2
+    with pytest.raises(InvalidParameterError, match="Did you mean 'seed'"):
+        r.set_params(sed=1)
+    twin = clone(fitted)
+    assert twin.get_params() == fitted.get_params() and not hasattr(twin, "coef_")
+    meta, _ = fitted.get_state()
+    assert meta["params"] == {**fitted.get_params(), "ngram_range": [1, 2]}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from leanscale.cascade import EmbeddingClassifier, TfidfClassifier
 from leanscale.cascade.stacking import STACK_SCALE, StackedEncoder, cross_fitted_logp
-from leanscale.cascade.text_models import EmbeddingClassifier, TfidfClassifier
 
 
 def toy(n=300, seed=0):

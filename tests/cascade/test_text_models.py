@@ -5,19 +5,10 @@ import zlib
 import numpy as np
 import pytest
 
-from leanscale.cascade import text_models
+from leanscale.cascade import EmbeddingClassifier, TfidfClassifier, _shared, embedding_head, text_models, tfidf
 from leanscale.cascade.stages import ModelStage
-from leanscale.cascade.text_models import (
-    EmbeddingClassifier,
-    TfidfClassifier,
-    load_arrays,
-    load_model,
-    load_state,
-    model_from_state,
-    save_arrays,
-    save_state,
-)
 from leanscale.core.errors import InvalidParameterError, NotFittedError
+from leanscale.core.persistence import load_fitted, load_state
 
 KEYWORDS = {
     "sport": ["football", "tennis", "marathon", "goalkeeper", "stadium"],
@@ -58,8 +49,24 @@ def hashed_bow(texts, dim=16):
     return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
 
-def test_doctests():
-    assert doctest.testmod(text_models, raise_on_error=False).failed == 0
+@pytest.mark.parametrize("module", [tfidf, embedding_head, _shared])
+def test_doctests(module):
+    assert doctest.testmod(module, raise_on_error=False).failed == 0
+
+
+def test_the_old_module_still_imports_the_moved_names():
+    """``leanscale.cascade.text_models`` keeps the names it had for one release."""
+    from leanscale.core import persistence
+
+    with pytest.warns(FutureWarning, match="moved to leanscale.cascade.tfidf.TfidfClassifier"):
+        assert text_models.TfidfClassifier is TfidfClassifier
+    with pytest.warns(FutureWarning):
+        assert text_models.TfidfClassifier is TfidfClassifier and text_models.EmbeddingClassifier is EmbeddingClassifier
+        assert text_models.load_model is persistence.load_fitted
+        assert text_models.model_from_state is persistence.fitted_from_state
+        assert text_models.save_state is persistence.save_state and text_models.load_arrays is persistence.load_arrays
+    with pytest.raises(AttributeError):
+        text_models.not_there  # noqa: B018
 
 
 # ---------------------------------------------------------------------------------- TF-IDF
@@ -87,7 +94,7 @@ def test_tfidf_learns_keyword_task_and_round_trips_exactly(tmp_path):
 
     folder = clf.save(tmp_path / "tfidf")
     assert (folder / "meta.json").is_file() and len(list(folder.glob("arrays-*.safetensors"))) == 1
-    for loaded in (TfidfClassifier.load(folder), load_model(folder)):
+    for loaded in (TfidfClassifier.load(folder), load_fitted(folder)):
         assert isinstance(loaded, TfidfClassifier)
         assert np.array_equal(loaded.predict_proba(test_texts), P)
         assert np.array_equal(loaded.predict(test_texts), clf.predict(test_texts))
@@ -166,7 +173,7 @@ def test_embedding_classifier_learns_with_toy_encoder_and_round_trips(tmp_path):
     clone = EmbeddingClassifier.from_state(meta, arrays, encoder=hashed_bow)
     assert np.array_equal(clone.predict_proba(test_texts), P)
     folder = clf.save(tmp_path / "emb")
-    again = load_model(folder, encoder=hashed_bow)
+    again = load_fitted(folder, encoder=hashed_bow)
     assert isinstance(again, EmbeddingClassifier)
     assert np.array_equal(again.predict_proba(test_texts), P)
     headless = EmbeddingClassifier.load(folder)
@@ -211,30 +218,30 @@ def test_embedding_classifier_minilm_state_round_trip(tmp_path):
     assert np.array_equal(clone.predict_proba(texts), clf.predict_proba(texts))
 
 
-# ---------------------------------------------------------------------------------- arrays
+def test_parameters_follow_the_estimator_contract(tmp_path):
+    from sklearn.base import clone
 
+    from leanscale.core.estimator import Estimator
 
-def test_save_and_load_arrays_safetensors_and_npz(tmp_path):
-    arrays = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([True, False]),
-              "c": np.array([1, 2], dtype=np.int64)}
-    for name in ("x.safetensors", "x.npz"):
-        path = save_arrays(tmp_path / name, arrays)
-        assert path == tmp_path / name
-        back = load_arrays(path)
-        assert set(back) == set(arrays)
-        for k, value in arrays.items():
-            assert back[k].dtype == value.dtype
-            np.testing.assert_array_equal(back[k], value)
-    assert (tmp_path / "x.npz").read_bytes()[:2] == b"PK"
-    assert (tmp_path / "x.safetensors").read_bytes()[:2] != b"PK"
-    with pytest.raises(InvalidParameterError, match="JSON meta"):
-        save_arrays(tmp_path / "y.safetensors", {"s": np.array(["a", "b"])})
-    with pytest.raises(InvalidParameterError, match="keys"):
-        save_arrays(tmp_path / "y.safetensors", {1: np.zeros(2)})
-    save_state(tmp_path / "st", {"class": "Nothing"}, {"w": np.zeros(3)})
-    meta, back = load_state(tmp_path / "st")
-    assert meta == {"class": "Nothing"} and back["w"].shape == (3,)
-    with pytest.raises(InvalidParameterError, match="'class'"):
-        model_from_state(meta, back)
-    with pytest.raises(FileNotFoundError, match="meta.json"):
-        load_state(tmp_path / "missing")
+    texts, y = keyword_task(60, seed=9)
+    clf = TfidfClassifier(min_df=1, C=2.0)
+    assert isinstance(clf, Estimator)
+    assert repr(clf) == "TfidfClassifier(C=2.0, min_df=1)"
+    assert repr(EmbeddingClassifier(encoder=None, hidden=0)) == "EmbeddingClassifier(encoder=None, hidden=0)"
+    with pytest.raises(InvalidParameterError, match="Did you mean 'min_df'"):
+        clf.set_params(min_dff=3)
+    with pytest.raises(InvalidParameterError, match="'solver' parameter of TfidfClassifier must be one of 'lbfgs', "
+                                                    "'saga'. Got 'sag'"):
+        TfidfClassifier(solver="sag").fit(texts, y)
+    with pytest.raises(InvalidParameterError, match="'encoder' parameter of EmbeddingClassifier must be one of "
+                                                    "'minilm', None or a callable. Got 'bert'"):
+        EmbeddingClassifier(encoder="bert").fit(texts, y)
+    fitted = clf.fit(texts, y)
+    twin = clone(fitted)
+    assert twin.get_params() == fitted.get_params() and not hasattr(twin, "classes_")
+    assert np.array_equal(twin.fit(texts, y).predict_proba(texts), fitted.predict_proba(texts))
+    # a keyword for another kind is refused, not ignored
+    folder = fitted.save(tmp_path / "tfidf")
+    with pytest.raises(InvalidParameterError, match="'encoder' parameter of load_fitted does not apply to a saved "
+                                                    "'TfidfClassifier'"):
+        load_fitted(folder, encoder=hashed_bow)

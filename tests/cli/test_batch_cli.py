@@ -20,6 +20,20 @@ def test_batch_plan_json(capsys):
     assert blob["lr"] == pytest.approx(0.8) and blob["warmup_epochs"] == 2 and blob["ghost_batch_size"] == 128
 
 
+def test_batch_plan_rule_default_is_the_library_default():
+    """#14: one LR-rule default; the parser writes it out (it must not import torch)."""
+    import argparse
+
+    from leanscale.cli.batch import add_parser
+    from leanscale.large_batch import LargeBatchRecipe
+    from leanscale.large_batch.schedules import DEFAULT_LR_RULE
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="cmd"))
+    args = parser.parse_args(["batch", "plan", "--batch", "1024"])
+    assert args.rule == DEFAULT_LR_RULE == LargeBatchRecipe(batch_size=1024).lr_rule == "sqrt"
+
+
 def test_batch_bad_input_is_a_clean_error(capsys):
     assert main(["batch", "plan", "--batch", "1024", "--rule", "cubic"]) == 2
     err = capsys.readouterr().err

@@ -16,6 +16,7 @@ from leanscale.cascade import Cascade
 from leanscale.cascade.data import load_labelled_texts
 from leanscale.cli import serve as serve_cli
 from leanscale.cli.main import build_parser, main
+from leanscale.core.errors import InvalidParameterError
 
 KEYWORDS = {"billing": ["refund", "invoice"], "tech": ["crash", "error"], "sales": ["price", "quote"]}
 FILLER = ["please", "help", "me", "with", "my", "account", "today", "thanks", "the", "of", "this", "that", "order",
@@ -281,7 +282,7 @@ def test_fit_out_naming_a_folder_is_a_clean_error(data, capsys):
 def test_evaluate_counts_and_reports_requests_no_stage_answered():
     """A request no stage answered is counted as wrong AND reported (not a silent 'accuracy 0.5')."""
     from leanscale.cascade import Cascade, RuleStage
-    from leanscale.cli.cascade import evaluate
+    from leanscale.cascade.evaluation import evaluate_cascade as evaluate
 
     # the last stage answers "refund" texts and abstains on everything else
     stage = RuleStage(lambda t: "refund" if "refund" in t else None, name="rules", cost=1.0)
@@ -291,3 +292,26 @@ def test_evaluate_counts_and_reports_requests_no_stage_answered():
     assert summary["accuracy"] == 0.5
     assert summary["unanswered"] == 2
     assert any("2 of 4 requests got no answer from any stage" in w for w in summary["warnings"])
+
+
+def test_the_cli_default_stages_are_the_apis():
+    """The CLI writes the stage names out once (its module imports nothing heavy at start-up); the
+    names themselves are checked by the API's check, so the two cannot disagree on what is valid."""
+    from leanscale.cascade import evaluation
+    from leanscale.cli import cascade as cascade_cli
+
+    assert cascade_cli.DEFAULT_STAGES == ",".join(evaluation.TEXT_STAGES)
+    assert not hasattr(cascade_cli, "VALID_STAGES") and not hasattr(cascade_cli, "MIN_EXAMPLES")
+
+
+@pytest.mark.parametrize("text, message", [
+    (",", r"The '--stages' parameter of leanscale cascade fit must name at least one of rules, tfidf, minilm\. Got ','"),
+    ("rules,bert", r"'--stages'.*bert"),
+    ("rules,tfidf,rules", r"The '--stages' parameter of leanscale cascade fit repeats rules\. Got 'rules,tfidf,rules'"),
+])
+def test_stage_names_are_checked_by_the_api_with_the_flag_named(text, message):
+    from leanscale.cli.cascade import _parse_stages
+
+    with pytest.raises(InvalidParameterError, match=message):
+        _parse_stages(text)
+    assert _parse_stages(" tfidf , rules ") == ["tfidf", "rules"]

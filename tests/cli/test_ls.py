@@ -1,11 +1,14 @@
 """`leanscale ls` (leanscale.cli.ls)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from leanscale.cli.main import main
 from leanscale.core import registry
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_json_parses_and_matches_the_registry(capsys):
@@ -63,3 +66,14 @@ def test_json_and_markdown_are_exclusive(capsys):
 def test_bad_status_choice(capsys):
     assert main(["ls", "--status", "done"]) == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_json_says_where_each_technique_reads_its_results(capsys):
+    assert main(["ls", "--json"]) == 0
+    blob = json.loads(capsys.readouterr().out)
+    for t, row in zip(registry.list_techniques(), blob, strict=True):
+        expected = registry.results_dir(t.benchmarks) if t.benchmarks else None
+        assert row["results"] == (str(expected) if expected is not None else None)
+        if t.status == "available":  # a checkout (editable install) reads benchmarks/results/<name>
+            assert row["results"] == str(ROOT / "benchmarks" / "results" / t.benchmarks)
+            assert list(Path(row["results"]).glob("*.json")), f"no results for {t.name}"

@@ -266,3 +266,44 @@ def test_a_command_without_its_action_is_a_usage_error(command, capsys):
     assert main([command]) == 2
     out, err = capsys.readouterr()
     assert out == "" and f"usage: leanscale {command}" in err and "<action>" in err
+
+
+def test_print_json_keeps_stdout_parseable_and_warnings_on_stderr(capsys):
+    import json
+
+    import numpy as np
+
+    from leanscale.cli import print_json
+
+    assert print_json({"x": np.float32(1.5), "n": np.arange(2)}, ["careful", "twice"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"x": 1.5, "n": [0, 1]}  # through to_jsonable
+    assert err.splitlines() == ["WARNING: careful", "WARNING: twice"]
+
+
+def test_torchrun_rank_without_torchrun_is_rank_0_and_starts_nothing(monkeypatch):
+    import torch.distributed as dist
+
+    from leanscale.cli import torchrun_rank
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with torchrun_rank() as rank:
+        assert rank == 0 and not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="inside"):  # an error in the body goes through
+        with torchrun_rank():
+            raise RuntimeError("inside")
+
+
+def test_add_command_and_add_actions_make_the_usual_parsers(capsys):
+    from leanscale.cli import add_actions, add_command, run_action
+
+    parser = argparse.ArgumentParser(prog="leanscale")
+    p = add_command(parser.add_subparsers(dest="command"), "demo", help="h", description="d",
+                    epilog="examples:\n  leanscale demo go")
+    q = add_command(add_actions(p), "go", help="g", description="go", epilog="")
+    q.set_defaults(action_func=lambda args: 7)
+    assert p.formatter_class is argparse.RawDescriptionHelpFormatter  # the epilog is printed as written
+    args = parser.parse_args(["demo", "go"])
+    assert args.func is run_action and args.func(args) == 7
+    args = parser.parse_args(["demo"])
+    assert args.func(args) == 2 and "usage: leanscale demo" in capsys.readouterr().err

@@ -91,3 +91,23 @@ def test_an_address_it_cannot_listen_on_is_one_clear_error(saved, capsys):
     for port in ("65536", "-1"):
         assert main(["serve", saved, "--port", port]) == 2
         assert "'port' parameter of serve must be an int in the range [0, 65535]" in capsys.readouterr().err
+
+
+def test_the_flags_defaults_are_the_servers():
+    """`leanscale serve` with no flags serves exactly as create_app/server_config would by default."""
+    import inspect
+
+    from leanscale.cascade.server import create_app, server_config
+    from leanscale.cli.main import build_parser
+
+    args = build_parser().parse_args(["serve", "c.json"])
+    api = {**{k: p.default for k, p in inspect.signature(create_app).parameters.items()},
+           **{k: p.default for k, p in inspect.signature(server_config).parameters.items()}}
+    renamed = {"request_timeout": "request_timeout_s", "body_timeout": "body_timeout_s",
+               "max_queue_age": "max_queue_age_s"}
+    from leanscale.cli import serve as serve_cli
+
+    for flag, kind, default, text in serve_cli._LIMITS:
+        dest = flag[2:].replace("-", "_")
+        assert getattr(args, dest) == default == api[renamed.get(dest, dest)], flag
+        assert isinstance(getattr(args, dest), kind) and text.endswith(f"({default:g})" if kind is float else f"({default})"), flag

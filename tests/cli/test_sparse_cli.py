@@ -233,3 +233,20 @@ def test_train_under_torchrun(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = json.loads(out.read_text())
     assert run["world_size"] == 2 and run["distribution"] == "erk" and 0 <= run["test_accuracy"] <= 1
+
+
+def test_export_reads_the_architecture_key_written_before_the_rename(tmp_path, capsys):
+    """#14 renamed the recorded architecture's 'num_classes' to 'n_classes'; old checkpoints still export."""
+    from leanscale.sparse.export import save_swat_checkpoint
+
+    torch.manual_seed(0)
+    model = apply_swat(BNCNN(n_classes=10, width=8), 0.6)
+    ckpt = tmp_path / "old.pt"
+    save_swat_checkpoint(model, ckpt, {"sparsity": 0.6},
+                         extra={"architecture": {"model": "bncnn", "width": 8, "in_shape": [1, 28, 28],
+                                                 "num_classes": 10}})
+    out = tmp_path / "p.pt"
+    assert main(["sparse", "export", "--checkpoint", str(ckpt), "--out", str(out)]) == 0
+    capsys.readouterr()
+    pruned = load_pruned(BNCNN(width=8), out)
+    assert pruned(torch.randn(2, 1, 28, 28)).shape == (2, 10)

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from leanscale.cli.main import SUBCOMMANDS
-from leanscale.core.errors import InvalidParameterError
-from leanscale.core.registry import get_technique, list_techniques, load_object, markdown_table
+from leanscale.core import registry
+from leanscale.core.errors import DataFormatError, InvalidParameterError
+from leanscale.core.registry import get_technique, list_techniques, load_object, markdown_table, read_result
 
 ROOT = Path(__file__).resolve().parents[2]
 CARD_SECTIONS = ("## How to use", "## Suggested settings", "## When it hurts", "## Cost", "## Benchmark")
@@ -41,6 +42,27 @@ def test_available_technique_is_complete(name):
     assert jsons, f"no committed benchmark results for {name} in {results}"
     for j in jsons:
         assert '"machine"' in j.read_text(encoding="utf-8"), f"{j} does not describe its machine"
+
+
+def test_registry_rows_follow_the_layout():
+    # every available technique: package, tour chapter, headline and results folder named after it
+    for t in list_techniques("available"):
+        assert (t.tour_chapter, t.headline) == (f"leanscale.{t.name}.tour:chapter", f"leanscale.{t.name}.tour:headline")
+        assert t.benchmarks == t.name and t.cli and t.papers and t.issues
+
+
+def test_read_result(tmp_path, monkeypatch):
+    (tmp_path / "pruning").mkdir()
+    (tmp_path / "pruning" / "a.json").write_text('{"x": 1}')
+    (tmp_path / "pruning" / "bad.json").write_text('{"x": ')
+    assert read_result("pruning", "a.json", tmp_path) == {"x": 1}  # a results root of one's own
+    assert read_result("pruning", "missing.json", tmp_path) is None  # not written: None, not an error
+    with pytest.raises(DataFormatError):
+        read_result("pruning", "bad.json", tmp_path)  # written but damaged: an error
+    monkeypatch.setattr(registry, "results_root", lambda: tmp_path)  # the default: results_dir(folder)
+    assert read_result("pruning", "a.json") == {"x": 1}
+    with pytest.raises(InvalidParameterError, match="one folder name"):
+        read_result("../pruning", "a.json", tmp_path)
 
 
 def test_unknown_technique_lists_the_valid_ones():

@@ -13,7 +13,6 @@ from leanscale.core.validation import (
     check_labels,
     check_param,
     unknown_name_error,
-    validate_params,
 )
 
 
@@ -47,16 +46,6 @@ def test_invalid_parameter_error_is_a_value_error():
 def test_unknown_name_lists_valid_names_and_the_closest():
     err = unknown_name_error("law", "epok", ["chinchilla", "epoch"], owner="plan")
     assert "must be one of 'chinchilla', 'epoch'" in str(err) and "Did you mean 'epoch'?" in str(err)
-
-
-def test_validate_params_decorator_checks_every_call():
-    @validate_params({"n": [Interval(int, 1, None)]})
-    def f(n, other=None):
-        return n * 2
-
-    assert f(3) == 6
-    with pytest.raises(InvalidParameterError, match="'n' parameter of f"):
-        f(0)
 
 
 def test_check_array_reports_the_first_bad_value():
@@ -109,6 +98,25 @@ def test_check_texts():
         check_texts("texts", ["a", "b"], min_len=3)
     with pytest.raises(InvalidParameterError, match="'docs' .* Got int 3 at index 1"):
         check_texts("docs", ["a", 3])
+
+
+def test_check_items():
+    from leanscale.core.validation import check_items
+
+    kw = {"what": "ints (one per row)", "noun": "rows", "owner": "f"}
+    assert check_items("xs", (1, 2), int, **kw) == [1, 2]
+    assert check_items("xs", iter([1]), int, **kw) == [1]  # any iterable ...
+    with pytest.raises(InvalidParameterError, match="The 'xs' parameter of f must be a sequence of ints "
+                       r"\(one per row\). Got generator instead."):
+        check_items("xs", (i for i in [1]), int, reusable=True, **kw)  # ... unless it is kept and read again
+    with pytest.raises(InvalidParameterError, match="Got int instead"):
+        check_items("xs", 3, int, **kw)
+    with pytest.raises(InvalidParameterError, match="The 'xs' parameter of f must not be empty. Got 0 rows."):
+        check_items("xs", [], int, **kw)
+    with pytest.raises(InvalidParameterError, match="must hold at least 2 rows. Got 1."):
+        check_items("xs", [1], int, min_len=2, **kw)
+    with pytest.raises(InvalidParameterError, match="Got str 'a' at index 1"):
+        check_items("xs", [1, "a"], (int, float), **kw)
 
 
 @pytest.mark.parametrize("bad, index", [([0.0, float("nan"), 1.0], 1), ([float("inf"), 2.0], 0)])

@@ -119,7 +119,7 @@ def test_recipe_warmup_longer_than_the_run_is_refused(warmup, batch):
 @settings(max_examples=30, deadline=None)
 @given(st.one_of(st.integers(-3, 0), st.booleans(), st.floats(allow_nan=True), st.none()))
 def test_scale_lr_bad_batch(batch):
-    with pytest.raises(InvalidParameterError, match="'batch' parameter of scale_lr"):
+    with pytest.raises(InvalidParameterError, match="'batch_size' parameter of scale_lr"):
         scale_lr(0.1, 128, batch)
 
 

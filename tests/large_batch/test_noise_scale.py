@@ -499,7 +499,7 @@ def test_measure_noise_scale_bad_data_model_and_loss():
 # ---------------------------------------------------------------------------------- advice
 def test_advise_matches_mccandlish_formulas():
     b_noise, base_lr, base_batch = 300.0, 0.1, 64
-    a = advise(b_noise, base_lr=base_lr, base_batch=base_batch)
+    a = advise(b_noise, base_lr=base_lr, base_batch_size=base_batch)
     assert isinstance(a, BatchAdvice)
     assert a.batch_size == 256  # log2(300) = 8.2 -> 2^8
     assert a.steps_factor == pytest.approx(1 + b_noise / 256)  # S / S_min
@@ -522,10 +522,10 @@ def test_advise_matches_mccandlish_formulas():
 
 
 def test_advise_reduces_to_the_linear_rule_far_below_the_noise_scale():
-    a = advise(1e9, base_lr=0.1, base_batch=32, max_batch=256)
+    a = advise(1e9, base_lr=0.1, base_batch_size=32, max_batch=256)
     assert a.batch_size == 256
     assert a.lr == pytest.approx(0.1 * 256 / 32, rel=1e-6)
-    inf = advise(math.inf, base_lr=0.1, base_batch=32, max_batch=256)
+    inf = advise(math.inf, base_lr=0.1, base_batch_size=32, max_batch=256)
     assert (inf.batch_size, inf.lr, inf.examples_factor) == (256, pytest.approx(0.8), 1.0)
     assert "inf" in str(inf)
 
@@ -533,12 +533,28 @@ def test_advise_reduces_to_the_linear_rule_far_below_the_noise_scale():
 def test_advise_rounding_caps_and_devices():
     assert advise(300.0, power_of_two=False).batch_size == 300
     assert advise(0.3).batch_size == 1
-    assert advise(0.0, base_lr=0.1, base_batch=8).lr == pytest.approx(0.1)  # no noise: eps_max at any B
+    assert advise(0.0, base_lr=0.1, base_batch_size=8).lr == pytest.approx(0.1)  # no noise: eps_max at any B
     assert advise(3000.0, max_batch=1000).batch_size == 1000
     assert advise(3000.0, max_batch=1000, n_devices=3).batch_size == 999
     assert advise(1.0, n_devices=8).batch_size == 8
     gns = GradientNoiseScale().update(3.0, 8, 1.25, 64)  # B_simple = 16
-    assert gns.advise(base_lr=0.1, base_batch=8).batch_size == 16
+    assert gns.advise(base_lr=0.1, base_batch_size=8).batch_size == 16
+
+
+def test_advise_old_base_batch_keyword_warns_and_gives_the_same_advice():
+    new = advise(300.0, base_lr=0.1, base_batch_size=64)
+    assert new.base_batch_size == 64
+    with pytest.warns(FutureWarning, match="advise: the 'base_batch' parameter was renamed to 'base_batch_size'"):
+        old = advise(300.0, base_lr=0.1, base_batch=64)
+    assert old == new
+    gns = GradientNoiseScale().update(3.0, 8, 1.25, 64)  # the measurements pass it through
+    with pytest.warns(FutureWarning, match="'base_batch' parameter was renamed"):
+        assert gns.advise(base_lr=0.1, base_batch=8) == gns.advise(base_lr=0.1, base_batch_size=8)
+    with pytest.warns(FutureWarning, match="BatchAdvice.base_batch was renamed"):
+        assert new.base_batch == 64
+    assert "base_batch_size" in new.to_dict() and "base_batch" not in new.to_dict()
+    with pytest.raises(InvalidParameterError, match="'base_batch' parameter of advise was renamed.*Got both"):
+        advise(300.0, base_lr=0.1, base_batch=64, base_batch_size=32)
 
 
 @pytest.mark.parametrize(
@@ -547,9 +563,9 @@ def test_advise_rounding_caps_and_devices():
         ((math.nan,), {}, "'b_simple' parameter of advise"),
         ((-1.0,), {}, "'b_simple'"),
         ((math.inf,), {}, "'max_batch'.*b_simple is inf"),
-        ((100.0,), {"base_lr": 0.1}, "'base_batch'.*together with base_lr"),
-        ((100.0,), {"base_batch": 64}, "'base_lr'.*together with base_batch"),
-        ((100.0,), {"base_lr": 0.0, "base_batch": 64}, "'base_lr'"),
+        ((100.0,), {"base_lr": 0.1}, "'base_batch_size'.*together with base_lr"),
+        ((100.0,), {"base_batch_size": 64}, "'base_lr'.*together with base_batch_size"),
+        ((100.0,), {"base_lr": 0.0, "base_batch_size": 64}, "'base_lr'"),
         ((100.0,), {"max_batch": 2, "n_devices": 4}, "'max_batch'.*at least n_devices"),
         ((100.0,), {"n_devices": 0}, "'n_devices'"),
     ],
@@ -562,3 +578,21 @@ def test_advise_bad_arguments(args, kwargs, match):
 def test_doctests():
     result = doctest.testmod(noise_scale_module, raise_on_error=False)
     assert result.attempted >= 4 and result.failed == 0
+
+
+@pytest.mark.parametrize("name", ["estimators", "advice"])
+def test_doctests_of_the_submodules(name):
+    module = importlib.import_module(f"leanscale.large_batch.noise_scale.{name}")
+    result = doctest.testmod(module, raise_on_error=False)
+    assert result.attempted >= 2 and result.failed == 0
+
+
+def test_the_package_exports_the_public_names_from_their_modules():
+    # The split keeps `leanscale.large_batch.noise_scale.X` and `leanscale.large_batch.X` the same objects.
+    from leanscale import large_batch
+
+    for name in noise_scale_module.__all__:
+        obj = getattr(noise_scale_module, name)
+        assert getattr(large_batch, name) is obj
+        assert obj.__module__.startswith("leanscale.large_batch.noise_scale.")
+        assert obj.__doc__

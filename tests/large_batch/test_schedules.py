@@ -33,11 +33,32 @@ from leanscale.large_batch.schedules import (
     ],
 )
 def test_scale_lr_closed_form(args, rule, expected):
-    assert scale_lr(*args, rule=rule) == pytest.approx(expected, rel=1e-15)
+    assert scale_lr(*args, lr_rule=rule) == pytest.approx(expected, rel=1e-15)
+    assert scale_lr(*args, rule) == pytest.approx(expected, rel=1e-15)  # positional
 
 
-def test_scale_lr_default_rule_is_linear():
-    assert scale_lr(0.1, 256, 1024) == pytest.approx(0.4)
+def test_scale_lr_default_rule_is_sqrt_as_everywhere_and_says_it_changed():
+    """#14: one LR-rule default (sqrt, as LargeBatchRecipe, adapt_regime and the CLI); scale_lr's
+    default was linear, so leaving lr_rule out warns for one release instead of changing silently."""
+    assert schedules_module.DEFAULT_LR_RULE == "sqrt"
+    with pytest.warns(FutureWarning, match="default lr_rule of scale_lr changed from 'linear' to 'sqrt'"):
+        assert scale_lr(0.1, 256, 1024) == pytest.approx(0.2)
+    assert adapt_regime(10, (), 128, 512, base_lr=0.1).lr == pytest.approx(0.2)  # no warning: already sqrt
+
+
+def test_scale_lr_old_keywords_warn_and_still_work():
+    with pytest.warns(FutureWarning) as record:
+        lr = scale_lr(0.1, base_batch=256, batch=1024, rule="linear")
+    assert lr == pytest.approx(0.4)
+    messages = " ".join(str(w.message) for w in record)
+    for old, new in (("base_batch", "base_batch_size"), ("batch", "batch_size"), ("rule", "lr_rule")):
+        assert f"the {old!r} parameter was renamed to {new!r}" in messages
+    with pytest.raises(InvalidParameterError, match="'rule' parameter of scale_lr was renamed to 'lr_rule'.*Got both"):
+        scale_lr(0.1, 256, 1024, lr_rule="sqrt", rule="linear")
+    with pytest.raises(InvalidParameterError, match="'base_batch' parameter of scale_lr was renamed.*Got both"):
+        scale_lr(0.1, 256, 1024, base_batch=128, lr_rule="sqrt")
+    with pytest.raises(InvalidParameterError, match="'batch_size' parameter of scale_lr must be an int.*Got None"):
+        scale_lr(0.1, 256, lr_rule="sqrt")  # missing
 
 
 @pytest.mark.parametrize(
@@ -47,13 +68,13 @@ def test_scale_lr_default_rule_is_linear():
         ({"base_lr": -0.1}, r"'base_lr' parameter .* Got -0\.1 instead"),
         ({"base_lr": math.inf}, r"'base_lr' parameter .* Got inf instead"),
         ({"base_lr": math.nan}, r"'base_lr' parameter .* Got nan instead"),
-        ({"base_batch": 0}, r"'base_batch' parameter of scale_lr must be an int in the range \[1, inf\)\. Got 0 instead"),
-        ({"batch": 12.5}, r"'batch' parameter .* Got 12\.5 instead"),
-        ({"batch": True}, r"'batch' parameter .* Got True instead"),
+        ({"base_batch_size": 0}, r"'base_batch_size' parameter of scale_lr must be an int in the range \[1, inf\)\. Got 0 instead"),
+        ({"batch_size": 12.5}, r"'batch_size' parameter .* Got 12\.5 instead"),
+        ({"batch_size": True}, r"'batch_size' parameter .* Got True instead"),
     ],
 )
 def test_scale_lr_bad_numbers(kwargs, match):
-    args = {"base_lr": 0.1, "base_batch": 128, "batch": 1024} | kwargs
+    args = {"base_lr": 0.1, "base_batch_size": 128, "batch_size": 1024, "lr_rule": "linear"} | kwargs
     with pytest.raises(InvalidParameterError, match=match):
         scale_lr(**args)
 
@@ -61,12 +82,12 @@ def test_scale_lr_bad_numbers(kwargs, match):
 def test_scale_lr_unknown_rule_lists_valid_ones():
     with pytest.raises(
         InvalidParameterError,
-        match=r"The 'rule' parameter of scale_lr must be one of 'linear', 'none', 'sqrt'\. Got 'sqrtt' instead\. "
+        match=r"The 'lr_rule' parameter of scale_lr must be one of 'linear', 'none', 'sqrt'\. Got 'sqrtt' instead\. "
         r"Did you mean 'sqrt'\?",
     ):
-        scale_lr(0.1, 128, 1024, rule="sqrtt")
-    with pytest.raises(InvalidParameterError, match=r"'rule' parameter .* Got None instead"):
-        scale_lr(0.1, 128, 1024, rule=None)
+        scale_lr(0.1, 128, 1024, lr_rule="sqrtt")
+    with pytest.raises(InvalidParameterError, match=r"'lr_rule' parameter .* Got 5 instead"):
+        scale_lr(0.1, 128, 1024, lr_rule=5)
 
 
 # ---------------------------------------------------------------------------------------- warmup
@@ -201,13 +222,13 @@ def test_adapt_regime_preserves_updates_and_moves_milestones():
 
 
 def test_adapt_regime_fraction_rule_and_scaling_down():
-    r0 = adapt_regime(90, (30, 60), 256, 1024, base_lr=0.1, rule="linear", fraction=0.0)
+    r0 = adapt_regime(90, (30, 60), 256, 1024, base_lr=0.1, lr_rule="linear", fraction=0.0)
     assert (r0.epochs, r0.milestones, r0.lr) == (90.0, (30.0, 60.0), pytest.approx(0.4))
     assert r0.updates_ratio == pytest.approx(0.25)
     half = adapt_regime(90, (30, 60), 256, 1024, fraction=0.5)
     assert half.epochs == pytest.approx(90 * 2.5) and half.milestones == pytest.approx((75.0, 150.0))
     assert half.lr is None and half.base_lr is None
-    down = adapt_regime(10, (5,), 128, 64, base_lr=0.1, rule="linear", warmup_epochs=1)
+    down = adapt_regime(10, (5,), 128, 64, base_lr=0.1, lr_rule="linear", warmup_epochs=1)
     assert down.epochs == pytest.approx(5.0) and down.milestones == pytest.approx((2.5,))
     assert down.lr == pytest.approx(0.05) and down.warmup_epochs == 1.0  # warmup not multiplied
     assert down.steps(1000).warmup == 16  # 1 epoch of ceil(1000 / 64) = 16 steps
@@ -223,6 +244,19 @@ def test_regime_describe_and_frozen():
     assert r.to_dict()["epoch_multiplier"] == 16.0
     with pytest.raises(AttributeError):
         r.epochs = 1.0
+    assert r.lr_rule == "sqrt" and r.to_dict()["lr_rule"] == "sqrt"
+    with pytest.warns(FutureWarning, match="Regime.rule was renamed to Regime.lr_rule"):
+        assert r.rule == "sqrt"
+
+
+def test_adapt_regime_old_keywords_warn_and_still_work():
+    new = adapt_regime(10, (5,), base_batch_size=128, batch_size=512, base_lr=0.1, lr_rule="linear")
+    with pytest.warns(FutureWarning) as record:
+        old = adapt_regime(10, (5,), base_batch=128, batch=512, base_lr=0.1, rule="linear")
+    assert old == new and new.lr == pytest.approx(0.4)
+    assert sorted(str(w.message).split("'")[1] for w in record) == ["base_batch", "batch", "rule"]
+    with pytest.raises(InvalidParameterError, match="'batch' parameter of adapt_regime was renamed.*Got both"):
+        adapt_regime(10, (5,), 128, 512, batch=256)
 
 
 @pytest.mark.parametrize(
@@ -233,11 +267,11 @@ def test_regime_describe_and_frozen():
         ((100, (50, 150), 128, 1024), {}, r"'milestones' parameter .* Got \(50, 150\) instead"),
         ((100, 50, 128, 1024), {}, r"'milestones' parameter of adapt_regime must be a sequence of numbers\. Got 50"),
         ((0, (), 128, 1024), {}, r"'epochs' parameter of adapt_regime must be a float in the range \(0, inf\)\. Got 0 instead"),
-        ((10, (), 0, 1024), {}, r"'base_batch' parameter .* Got 0 instead"),
-        ((10, (), 128, -4), {}, r"'batch' parameter .* Got -4 instead"),
+        ((10, (), 0, 1024), {}, r"'base_batch_size' parameter .* Got 0 instead"),
+        ((10, (), 128, -4), {}, r"'batch_size' parameter .* Got -4 instead"),
         ((10, (), 128, 1024), {"base_lr": 0.0}, r"'base_lr' parameter .* Got 0\.0 instead"),
         ((10, (), 128, 1024), {"fraction": 1.5}, r"'fraction' parameter of adapt_regime must be a float in the range \[0, 1\]\. Got 1\.5"),
-        ((10, (), 128, 1024), {"rule": "cubic"}, r"'rule' parameter of adapt_regime must be one of 'linear', 'none', 'sqrt'\. Got 'cubic'"),
+        ((10, (), 128, 1024), {"lr_rule": "cubic"}, r"'lr_rule' parameter of adapt_regime must be one of 'linear', 'none', 'sqrt'\. Got 'cubic'"),
         ((10, (), 128, 256), {"warmup_epochs": 25}, r"'warmup_epochs' parameter .* \[0, 20\.0\]\. Got 25 instead"),
     ],
 )
@@ -332,3 +366,11 @@ def test_clip_gradients_bad_input():
 def test_doctests():
     result = doctest.testmod(schedules_module, raise_on_error=False)
     assert result.attempted > 10 and result.failed == 0
+
+
+def test_the_old_keyword_warning_points_at_the_callers_line():
+    from leanscale.large_batch.schedules import scale_lr
+
+    with pytest.warns(FutureWarning, match="'base_batch' parameter was renamed") as record:
+        scale_lr(0.1, base_batch=128, batch_size=256, lr_rule="linear")
+    assert record[0].filename == __file__

@@ -144,3 +144,10 @@ def test_a_run_with_a_checkpoint_resumes_after_a_crash_and_ends_as_an_uninterrup
     assert resumed.steps == straight.steps and resumed.examples == straight.examples
     for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_evaluate_moved_to_the_engine_and_the_old_name_warns():
+    import leanscale.large_batch.train as lb_train
+
+    with pytest.warns(FutureWarning, match="leanscale.train.classifier.evaluate"):
+        assert lb_train.evaluate is evaluate

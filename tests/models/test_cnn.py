@@ -24,7 +24,7 @@ def test_bncnn_shapes_and_batchnorm_layers():
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 4
     assert sum(isinstance(m, nn.BatchNorm1d) for m in model.modules()) == 1
     assert 50_000 < sum(p.numel() for p in model.parameters()) < 80_000  # "about 66k"
-    rgb = BNCNN(num_classes=3, in_channels=3, width=8)
+    rgb = BNCNN(n_classes=3, in_channels=3, width=8)
     assert rgb(torch.randn(2, 3, 32, 32)).shape == (2, 3)
 
 
@@ -50,7 +50,7 @@ def test_bncnn_fits_a_small_batch(one_thread):
 
 @pytest.mark.parametrize("batchnorm", [True, False])
 def test_mlp_classifier(batchnorm):
-    model = MLPClassifier(in_features=784, hidden=64, num_classes=10, batchnorm=batchnorm)
+    model = MLPClassifier(in_features=784, hidden=64, n_classes=10, batchnorm=batchnorm)
     assert model(torch.randn(4, 1, 28, 28)).shape == (4, 10)  # images are flattened
     assert any(isinstance(m, nn.BatchNorm1d) for m in model.modules()) is batchnorm
     with pytest.raises(InvalidParameterError, match="'hidden' parameter of MLPClassifier"):
@@ -59,7 +59,7 @@ def test_mlp_classifier(batchnorm):
 
 def test_bncnn_refuses_flat_or_wrong_channel_input():
     """Issue #13: a flat batch gave conv2d's error from deep inside the model."""
-    model = BNCNN(num_classes=3, in_channels=1, width=2)
+    model = BNCNN(n_classes=3, in_channels=1, width=2)
     with pytest.raises(InvalidParameterError, match="shape \\(batch, 1, height, width\\). Got shape \\(4, 784\\); flat"):
         model(torch.randn(4, 784))
     with pytest.raises(InvalidParameterError, match="Got shape \\(4, 3, 8, 8\\)"):
@@ -67,3 +67,20 @@ def test_bncnn_refuses_flat_or_wrong_channel_input():
     with pytest.raises(InvalidParameterError, match="at least 4x4 pixels"):
         model(torch.randn(4, 1, 2, 2))
     assert model(torch.randn(4, 1, 4, 4)).shape == (4, 3)
+
+
+def test_num_classes_is_a_deprecated_alias_of_n_classes():
+    """#14 naming pass: ``n_classes`` everywhere; ``num_classes`` works one release with a FutureWarning."""
+    with pytest.warns(FutureWarning, match="'num_classes' parameter was renamed to 'n_classes'"):
+        old = BNCNN(num_classes=3, width=2)
+    assert old.classifier.out_features == 3
+    with pytest.warns(FutureWarning, match="'num_classes'"):
+        mlp = MLPClassifier(5, 4, num_classes=7)
+    assert mlp.net[-1].out_features == 7
+    assert MLPClassifier(5, 4, 7).net[-1].out_features == 7  # positional: no warning
+    with pytest.raises(InvalidParameterError, match="'num_classes' parameter of BNCNN was renamed to 'n_classes'"):
+        BNCNN(n_classes=4, num_classes=3)
+    with pytest.raises(InvalidParameterError, match="of MLPClassifier was renamed.*Got both"):
+        MLPClassifier(5, 4, 7, num_classes=7)
+    with pytest.raises(InvalidParameterError, match="'n_classes' parameter of MLPClassifier.*Got None"):
+        MLPClassifier(5, 4)  # missing

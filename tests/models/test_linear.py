@@ -129,7 +129,8 @@ def test_bad_inputs():
     clf = SoftmaxRegression().fit(X + np.arange(4)[:, None], [0, 1, 0, 1])
     with pytest.raises(InvalidParameterError, match="2 features.*Got 3"):
         clf.predict(np.zeros((2, 3)))
-    with pytest.raises(InvalidParameterError, match="no parameter 'c'"):
+    with pytest.raises(InvalidParameterError, match="'parameter' parameter of SoftmaxRegression.set_params must be "
+                                                    "one of 'C', 'max_iter', 'tol', 'warm_start'. Got 'c'"):
         clf.set_params(c=2.0)
 
 

@@ -15,10 +15,10 @@ from leanscale.models import (
     GPT,
     MLP,
     GPTConfig,
-    chinchilla_flops,
     chinchilla_forward_flops,
     flops_per_token,
 )
+from leanscale.scaling import chinchilla_flops
 
 TINY = dict(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32)
 
@@ -209,3 +209,17 @@ def test_gpt_forward_accepts_int32_tokens_and_ignore_index_targets():
     idx = torch.tensor([[1, 2, 9]], dtype=torch.int32)
     _, loss = _tiny_gpt()(idx, torch.tensor([[2, 9, -1]]))
     assert torch.isfinite(loss)
+
+
+def test_chinchilla_flops_has_one_public_home():
+    import leanscale.models
+    import leanscale.scaling
+    from leanscale.models.transformer import chinchilla_flops as implementation
+
+    assert "chinchilla_flops" not in leanscale.models.__all__
+    assert leanscale.scaling.chinchilla_flops is implementation  # exported by scaling, one object
+    with pytest.warns(FutureWarning, match="moved to leanscale.scaling.chinchilla_flops"):
+        old = leanscale.models.chinchilla_flops
+    assert old is implementation
+    with pytest.raises(AttributeError, match="no attribute 'chinchila_flops'"):
+        leanscale.models.chinchila_flops  # noqa: B018

@@ -45,12 +45,12 @@ def main(out):
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     result = {
-        "padded": run_epochs(InfoBatch(N_EXAMPLES, num_epochs=NUM_EPOCHS, prune_ratio=0.5, seed=SEED)),
-        "drop_last": run_epochs(InfoBatch(N_EXAMPLES, num_epochs=NUM_EPOCHS, prune_ratio=0.5, seed=SEED,
+        "padded": run_epochs(InfoBatch(N_EXAMPLES, epochs=NUM_EPOCHS, prune_ratio=0.5, seed=SEED)),
+        "drop_last": run_epochs(InfoBatch(N_EXAMPLES, epochs=NUM_EPOCHS, prune_ratio=0.5, seed=SEED,
                                           drop_last=True)),
     }
     # Batches of different sizes: rank 0 records 3 examples, rank 1 records 5.
-    uneven = InfoBatch(N_EXAMPLES, num_epochs=NUM_EPOCHS)
+    uneven = InfoBatch(N_EXAMPLES, epochs=NUM_EPOCHS)
     mine = np.arange(3) if rank == 0 else np.arange(10, 15)
     uneven.update(mine, scripted_losses(mine, 0))
     result["uneven_losses"] = [None if np.isnan(v) else v for v in uneven.losses_.tolist()]

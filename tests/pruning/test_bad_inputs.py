@@ -18,6 +18,7 @@ from torch import nn
 
 from leanscale.cli.main import main
 from leanscale.core.errors import DataFormatError, DataNotFoundError, InvalidParameterError, LeanscaleError
+from leanscale.models.encoders import embed_with
 from leanscale.models.linear import SoftmaxRegression
 from leanscale.pruning import (
     ActiveLearner,
@@ -25,7 +26,6 @@ from leanscale.pruning import (
     ForgettingTracker,
     InfoBatch,
     collect_probs,
-    embed_with,
     grand_scores,
     load_pruning_data,
     select,
@@ -99,7 +99,7 @@ def test_non_finite_inputs_of_active_learning_and_scoring_functions():
     with pytest.raises(InvalidParameterError, match=r"'data' parameter of grand_scores must contain only finite"):
         grand_scores(nn.Linear(3, 2), (torch.as_tensor(X_NAN, dtype=torch.float32), torch.as_tensor(Y)))
     with pytest.raises(InvalidParameterError, match=r"'losses' parameter of InfoBatch must contain only finite"):
-        InfoBatch(4, num_epochs=2).update([0, 1], [np.nan, 1.0])
+        InfoBatch(4, epochs=2).update([0, 1], [np.nan, 1.0])
 
 
 def test_a_text_file_given_as_npz_names_the_file(tmp_path, capsys):
@@ -206,9 +206,9 @@ API_CASES = [
     (lambda: select(np.arange(4.0), 2, labels=np.array([None, "a", "b", 1], dtype=object)), "one sortable type"),
     (lambda: select([0.0, np.nan], 1), "'scores' parameter of select must not contain NaN"),
     (lambda: collect_probs(nn.Linear(3, 2), torch.zeros(4, 5)), "'data' parameter of collect_probs must fit the model"),
-    (lambda: InfoBatch(0, num_epochs=2), "'n_examples' parameter of InfoBatch"),
-    (lambda: InfoBatch(10, num_epochs=2, prune_ratio=1.0), "'prune_ratio' parameter of InfoBatch"),
-    (lambda: InfoBatch(10, num_epochs=2).load_state_dict(None), "'state' parameter of InfoBatch.load_state_dict"),
+    (lambda: InfoBatch(0, epochs=2), "'n_examples' parameter of InfoBatch"),
+    (lambda: InfoBatch(10, epochs=2, prune_ratio=1.0), "'prune_ratio' parameter of InfoBatch"),
+    (lambda: InfoBatch(10, epochs=2).load_state_dict(None), "'state' parameter of InfoBatch.load_state_dict"),
     (lambda: ActiveLearner(None).run(X, Y, budget=5), "'model' parameter of ActiveLearner"),
     (lambda: ActiveLearner(SoftmaxRegression).run(X, Y, budget=5), "'model' parameter of ActiveLearner"),
     (lambda: ActiveLearner(SoftmaxRegression(), strategy="x").run(X, Y, budget=5), "'strategy' parameter"),
@@ -385,7 +385,7 @@ def _only_leanscale_errors(load, state):
 
 
 def test_fuzz_infobatch_state_dict(tmp_path):
-    ib = InfoBatch(10, num_epochs=3, seed=1)
+    ib = InfoBatch(10, epochs=3, seed=1)
     ib.set_epoch(0)
     ib.update(np.arange(10), np.linspace(0.1, 2, 10))
     ib.set_epoch(1)
@@ -394,9 +394,9 @@ def test_fuzz_infobatch_state_dict(tmp_path):
     torch.save(state, buf)  # the documented way to save it
     buf.seek(0)
     state = torch.load(buf, weights_only=True)
-    outcomes = [_only_leanscale_errors(InfoBatch(10, num_epochs=3, seed=1).load_state_dict, s) for s in _mutations(state)]
+    outcomes = [_only_leanscale_errors(InfoBatch(10, epochs=3, seed=1).load_state_dict, s) for s in _mutations(state)]
     assert outcomes.count("refused") > 0.8 * len(outcomes)
-    fresh = InfoBatch(10, num_epochs=3, seed=1)
+    fresh = InfoBatch(10, epochs=3, seed=1)
     fresh.load_state_dict(state)  # the intact state still loads and resumes the same plan
     assert torch.equal(fresh.epoch_indices(), ib.epoch_indices())
 

@@ -1,4 +1,4 @@
-"""load_pruning_data: built-in sets, the user's .npz and folders, cached text embeddings."""
+"""load_pruning_data: built-in sets, the user's .npz and folders."""
 
 import numpy as np
 import pytest
@@ -7,7 +7,7 @@ import torch
 from leanscale.core.errors import DataFormatError, InvalidParameterError
 from leanscale.data.fashion_mnist import write_idx
 from leanscale.pruning import datasets
-from leanscale.pruning.datasets import cached_text_embeddings, load_pruning_data
+from leanscale.pruning.datasets import load_pruning_data
 
 
 def test_fashion_mnist_subset_is_stratified_and_indexed():
@@ -70,18 +70,6 @@ def test_bad_files_say_what_is_wrong(tmp_path):
         load_pruning_data(tmp_path / "empty")
 
 
-def test_text_embeddings_are_cached(tmp_path, monkeypatch):
-    monkeypatch.setenv("LEANSCALE_CACHE", str(tmp_path))
-    calls = []
-
-    def fake_embed(texts, batch_size=128):
-        calls.append(len(texts))
-        return np.arange(len(texts) * 4, dtype=np.float32).reshape(len(texts), 4)
-
-    monkeypatch.setattr("leanscale.pruning.embed.embed_texts", fake_embed)
-    a = cached_text_embeddings(["a cat", "a dog", "tax"])
-    b = cached_text_embeddings(["a cat", "a dog", "tax"])
-    c = cached_text_embeddings(["a cat", "a dog", "taxes"])
-    assert calls == [3, 3] and np.array_equal(a, b) and a.shape == (3, 4) and c.shape == (3, 4)
-    assert len(list((tmp_path / "embeddings").glob("*.npy"))) == 2
+def test_builtin_names():
     assert datasets.BUILTIN_DATASETS == ("fashion-mnist", "wordnet")
+    assert "cached_text_embeddings" not in datasets.__all__  # one home: leanscale.data.embeddings

@@ -33,7 +33,7 @@ def _mlp(seed=0):
 
 def _bncnn():
     torch.manual_seed(1)
-    model = BNCNN(num_classes=10, in_channels=1, width=4)
+    model = BNCNN(n_classes=10, in_channels=1, width=4)
     for m in model.modules():  # running statistics far from the defaults, so they matter
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.running_mean.uniform_(-0.5, 0.5)

@@ -24,7 +24,7 @@ def test_doctests():
 
 
 def test_first_epoch_yields_every_example_with_weight_one():
-    ib = InfoBatch(50, num_epochs=4, seed=1)
+    ib = InfoBatch(50, epochs=4, seed=1)
     idx = ib.epoch_indices(0)
     assert idx.dtype == torch.int64 and sorted(idx.tolist()) == list(range(50))
     assert idx.tolist() != list(range(50))  # shuffled
@@ -37,7 +37,7 @@ def test_first_epoch_yields_every_example_with_weight_one():
 def test_pruned_set_is_a_fraction_of_the_below_mean_examples(prune_ratio):
     n = 101
     losses = _scripted(n)
-    ib = InfoBatch(n, num_epochs=8, prune_ratio=prune_ratio, seed=2)
+    ib = InfoBatch(n, epochs=8, prune_ratio=prune_ratio, seed=2)
     ib.set_epoch(0)
     ib.update(np.arange(n), losses)
     kept = set(ib.epoch_indices(1).tolist())
@@ -59,7 +59,7 @@ def test_pruned_set_is_a_fraction_of_the_below_mean_examples(prune_ratio):
 def test_dataloader_iterates_the_epoch_and_the_weights_follow_the_plan():
     n = 64
     losses = _scripted(n, 3)
-    ib = InfoBatch(n, num_epochs=4, prune_ratio=0.5, seed=0)
+    ib = InfoBatch(n, epochs=4, prune_ratio=0.5, seed=0)
     ib.set_epoch(0)
     ib.update(torch.arange(n), torch.from_numpy(losses).float())
     ds = TensorDataset(torch.arange(n))
@@ -72,7 +72,7 @@ def test_dataloader_iterates_the_epoch_and_the_weights_follow_the_plan():
 
 def test_unscored_examples_are_never_pruned_and_not_in_the_mean():
     n = 40
-    ib = InfoBatch(n, num_epochs=4, prune_ratio=0.9, seed=0)
+    ib = InfoBatch(n, epochs=4, prune_ratio=0.9, seed=0)
     ib.set_epoch(0)
     scored = np.arange(0, n, 2)
     ib.update(scored, np.linspace(0.0, 1.0, scored.size))
@@ -92,7 +92,7 @@ def test_weighted_loss_is_unbiased_over_seeds():
     assert (r * below.sum()) % 1 > 0.05
     weighted, unweighted, kept_count = [], [], np.zeros(n)
     for seed in range(n_seeds):
-        ib = InfoBatch(n, num_epochs=8, prune_ratio=r, seed=seed)
+        ib = InfoBatch(n, epochs=8, prune_ratio=r, seed=seed)
         ib.set_epoch(0)
         ib.update(np.arange(n), losses)
         idx = ib.epoch_indices(1).numpy()
@@ -109,14 +109,14 @@ def test_weighted_loss_is_unbiased_over_seeds():
     np.testing.assert_allclose(freq[below], 1 - r, atol=0.04)
 
 
-@pytest.mark.parametrize(("num_epochs", "delta", "pruned_epochs"), [(8, 0.875, 7), (10, 0.875, 8), (5, 1.0, 5),
-                                                                   (4, 0.2, 0)])
-def test_annealing_epochs_use_the_full_data(num_epochs, delta, pruned_epochs):
+@pytest.mark.parametrize(("epochs", "delta", "pruned_epochs"), [(8, 0.875, 7), (10, 0.875, 8), (5, 1.0, 5),
+                                                               (4, 0.2, 0)])
+def test_annealing_epochs_use_the_full_data(epochs, delta, pruned_epochs):
     n = 60
-    ib = InfoBatch(n, num_epochs=num_epochs, prune_ratio=0.5, delta=delta, seed=0)
+    ib = InfoBatch(n, epochs=epochs, prune_ratio=0.5, delta=delta, seed=0)
     assert ib.pruned_epochs == pruned_epochs
     losses = _scripted(n)
-    for epoch in range(num_epochs):
+    for epoch in range(epochs):
         idx = ib.epoch_indices(epoch)
         ib.update(idx, losses[idx.numpy()])
         full = epoch == 0 or epoch >= pruned_epochs
@@ -124,7 +124,7 @@ def test_annealing_epochs_use_the_full_data(num_epochs, delta, pruned_epochs):
         if epoch >= pruned_epochs:
             assert torch.equal(ib.weights(torch.arange(n)), torch.ones(n))
             assert ib.history_[-1]["pruning"] is False
-    assert [h["epoch"] for h in ib.history_] == list(range(num_epochs))
+    assert [h["epoch"] for h in ib.history_] == list(range(epochs))
 
 
 def _run(ib: InfoBatch, epochs, batch: int = 7, stop_after_batches: int | None = None):
@@ -142,9 +142,9 @@ def _run(ib: InfoBatch, epochs, batch: int = 7, stop_after_batches: int | None =
 
 
 def test_same_seed_same_plans_other_seed_other_plans():
-    a = _run(InfoBatch(80, num_epochs=6, seed=5), range(6))
-    b = _run(InfoBatch(80, num_epochs=6, seed=5), range(6))
-    c = _run(InfoBatch(80, num_epochs=6, seed=6), range(6))
+    a = _run(InfoBatch(80, epochs=6, seed=5), range(6))
+    b = _run(InfoBatch(80, epochs=6, seed=5), range(6))
+    c = _run(InfoBatch(80, epochs=6, seed=6), range(6))
     assert a == b and a != c
     assert any(len(order) < 80 for order, _ in a)
 
@@ -158,22 +158,22 @@ def _roundtrip(state: dict) -> dict:
 
 def test_state_dict_resume_at_an_epoch_boundary_and_mid_epoch():
     n, epochs = 90, 8
-    uninterrupted = InfoBatch(n, num_epochs=epochs, seed=1)
+    uninterrupted = InfoBatch(n, epochs=epochs, seed=1)
     reference = _run(uninterrupted, range(epochs))
 
-    first = InfoBatch(n, num_epochs=epochs, seed=1)
+    first = InfoBatch(n, epochs=epochs, seed=1)
     head = _run(first, range(3))
-    resumed = InfoBatch(n, num_epochs=epochs, seed=1)
+    resumed = InfoBatch(n, epochs=epochs, seed=1)
     assert resumed.load_state_dict(_roundtrip(first.state_dict())) is resumed  # returns self, as the others
     assert head + _run(resumed, range(3, epochs)) == reference
     assert resumed.history_ == uninterrupted.history_
     np.testing.assert_array_equal(resumed.losses_, uninterrupted.losses_)
 
     # interrupted after 4 batches of epoch 3: the resumed run finishes epoch 3 with the same plan
-    first = InfoBatch(n, num_epochs=epochs, seed=1)
+    first = InfoBatch(n, epochs=epochs, seed=1)
     _run(first, range(3))
     _run(first, [3], stop_after_batches=4)
-    resumed = InfoBatch(n, num_epochs=epochs, seed=1)
+    resumed = InfoBatch(n, epochs=epochs, seed=1)
     resumed.load_state_dict(_roundtrip(first.state_dict()))
     assert resumed.epoch == 3
     idx = resumed.epoch_indices(3)
@@ -188,9 +188,9 @@ def test_state_dict_resume_at_an_epoch_boundary_and_mid_epoch():
 
 def test_explicit_shards_split_the_epoch_like_distributed_sampler():
     n, world = 53, 3
-    full = InfoBatch(n, num_epochs=4, seed=9)
-    shards = [InfoBatch(n, num_epochs=4, seed=9, rank=r, world_size=world) for r in range(world)]
-    cut = [InfoBatch(n, num_epochs=4, seed=9, rank=r, world_size=world, drop_last=True) for r in range(world)]
+    full = InfoBatch(n, epochs=4, seed=9)
+    shards = [InfoBatch(n, epochs=4, seed=9, rank=r, world_size=world) for r in range(world)]
+    cut = [InfoBatch(n, epochs=4, seed=9, rank=r, world_size=world, drop_last=True) for r in range(world)]
     idx = np.arange(n)
     for ib in (full, *shards, *cut):
         ib.set_epoch(0)
@@ -207,7 +207,7 @@ def test_explicit_shards_split_the_epoch_like_distributed_sampler():
 
 
 def test_weights_dtype_and_device_follow_the_indices():
-    ib = InfoBatch(10, num_epochs=2, seed=0)
+    ib = InfoBatch(10, epochs=2, seed=0)
     ib.set_epoch(0)
     w = ib.weights([1, 2, 3])
     assert w.dtype == torch.float32 and w.device.type == "cpu" and w.shape == (3,)
@@ -216,21 +216,21 @@ def test_weights_dtype_and_device_follow_the_indices():
 
 def test_bad_inputs_name_the_parameter():
     with pytest.raises(InvalidParameterError, match=r"'prune_ratio'.*\[0, 1\)"):
-        InfoBatch(10, num_epochs=2, prune_ratio=1.0)
+        InfoBatch(10, epochs=2, prune_ratio=1.0)
     for bad in (-0.1, float("nan"), "0.5"):
         with pytest.raises(InvalidParameterError, match="'prune_ratio'"):
-            InfoBatch(10, num_epochs=2, prune_ratio=bad)
+            InfoBatch(10, epochs=2, prune_ratio=bad)
     for bad in (0.0, 1.5, -1.0):
         with pytest.raises(InvalidParameterError, match=r"'delta'.*\(0, 1\]"):
-            InfoBatch(10, num_epochs=2, delta=bad)
-    with pytest.raises(InvalidParameterError, match="'num_epochs'"):
-        InfoBatch(10, num_epochs=0)
+            InfoBatch(10, epochs=2, delta=bad)
+    with pytest.raises(InvalidParameterError, match="'epochs'"):
+        InfoBatch(10, epochs=0)
     with pytest.raises(InvalidParameterError, match="'n_examples'"):
-        InfoBatch(0, num_epochs=2)
+        InfoBatch(0, epochs=2)
     with pytest.raises(InvalidParameterError, match="'rank'.*world_size=2"):
-        InfoBatch(10, num_epochs=2, rank=2, world_size=2)
+        InfoBatch(10, epochs=2, rank=2, world_size=2)
 
-    ib = InfoBatch(10, num_epochs=3)
+    ib = InfoBatch(10, epochs=3)
     with pytest.raises(InvalidParameterError, match="call set_epoch"):
         ib.weights([0])
     with pytest.raises(InvalidParameterError, match="call set_epoch"):
@@ -254,8 +254,35 @@ def test_bad_inputs_name_the_parameter():
         ib.update([0, 1], np.zeros((2, 2)))
     assert np.isnan(ib.losses_).all()  # nothing was recorded by the failed calls
 
-    other = InfoBatch(10, num_epochs=3, prune_ratio=0.3)
+    other = InfoBatch(10, epochs=3, prune_ratio=0.3)
     with pytest.raises(InvalidParameterError, match="prune_ratio=0.5.*prune_ratio=0.3"):
         other.load_state_dict(ib.state_dict())
     with pytest.raises(InvalidParameterError, match="'state'"):
         other.load_state_dict({"losses": []})
+
+
+def test_num_epochs_is_a_deprecated_alias_of_epochs_and_old_states_load():
+    """#14 naming pass: ``epochs`` as everywhere else; ``num_epochs`` works one release with a FutureWarning."""
+    with pytest.warns(FutureWarning, match="'num_epochs' parameter was renamed to 'epochs'"):
+        old = InfoBatch(10, num_epochs=3, seed=1)
+    assert old.epochs == 3 and "epochs=3" in repr(old) and "num_epochs" not in repr(old)
+    with pytest.warns(FutureWarning, match="num_epochs was renamed"):
+        assert old.num_epochs == 3
+    with pytest.raises(InvalidParameterError, match="'num_epochs' parameter of InfoBatch was renamed.*Got both"):
+        InfoBatch(10, epochs=3, num_epochs=3)
+    with pytest.raises(InvalidParameterError, match="'epochs' parameter of InfoBatch.*Got None"):
+        InfoBatch(10)  # missing
+    # a state saved before the rename (key "num_epochs") restores the same plan
+    ib = InfoBatch(10, epochs=3, seed=1)
+    ib.set_epoch(0)
+    ib.update(np.arange(10), np.linspace(0.1, 1.0, 10))
+    ib.set_epoch(1)
+    state = ib.state_dict()
+    assert state["epochs"] == 3 and "num_epochs" not in state
+    saved_before = {("num_epochs" if k == "epochs" else k): v for k, v in state.items()}
+    resumed = InfoBatch(10, epochs=3, seed=1).load_state_dict(saved_before)
+    np.testing.assert_array_equal(resumed.epoch_indices(1).numpy(), ib.epoch_indices(1).numpy())
+    with pytest.raises(InvalidParameterError, match="epochs=4, but this object has epochs=3"):
+        InfoBatch(10, epochs=3, seed=1).load_state_dict({**saved_before, "num_epochs": 4})
+    with pytest.raises(InvalidParameterError, match="both 'epochs'.*'num_epochs'"):
+        InfoBatch(10, epochs=3, seed=1).load_state_dict({**state, "num_epochs": 4})

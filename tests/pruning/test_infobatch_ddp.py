@@ -25,7 +25,7 @@ WORLD = 2
 
 def _single_process_reference(drop_last: bool) -> dict:
     """One process, world 1, fed each global batch = rank 0's batch then rank 1's batch."""
-    ib = InfoBatch(N_EXAMPLES, num_epochs=NUM_EPOCHS, prune_ratio=0.5, seed=SEED)
+    ib = InfoBatch(N_EXAMPLES, epochs=NUM_EPOCHS, prune_ratio=0.5, seed=SEED)
     orders, weights = [], []
     for epoch in range(NUM_EPOCHS):
         order = ib.epoch_indices(epoch).numpy()  # (n_kept,)

@@ -8,12 +8,23 @@ import pytest
 import torch
 from torch import nn
 
-from leanscale.core.errors import InvalidParameterError, NotFittedError
+from leanscale.core.errors import (
+    DataFormatError,
+    DataNotFoundError,
+    InvalidParameterError,
+    NotFittedError,
+)
+from leanscale.models import encoders
 from leanscale.pruning import _train, embed
 from leanscale.pruning.forgetting import ForgettingTracker
 from leanscale.pruning.grand import grand_scores
 from leanscale.pruning.prototypes import prototype_scores
-from leanscale.pruning.pruner import DataPruner, default_model_fn
+from leanscale.pruning.pruner import (
+    MANIFEST_FORMAT_VERSION,
+    DataPruner,
+    default_model_fn,
+    read_pruning_manifest,
+)
 from leanscale.pruning.scores import collect_probs, el2n_scores, uncertainty_scores
 from leanscale.pruning.select import AUTO_MIN_FRACTION, resolve_strategy, select
 
@@ -171,7 +182,7 @@ def test_prototype_metrics_with_array_callable_and_default_embeddings():
         return np.asarray(batch)[:, :2] * 3.0
 
     called = DataPruner(metric="prototypes", embedding=fn, seed=2).fit(x, y)  # n_clusters: the 3 classes
-    np.testing.assert_allclose(called.scores_, prototype_scores(embed.embed_with(fn, x), 3, metric="cosine", seed=2))
+    np.testing.assert_allclose(called.scores_, prototype_scores(encoders.embed_with(fn, x), 3, metric="cosine", seed=2))
     flat = DataPruner(metric="prototypes", n_clusters=3).fit(x)  # 2-d x is its own embedding
     np.testing.assert_allclose(flat.scores_, prototype_scores(x, 3, metric="cosine", seed=0))
     sup = DataPruner(metric="supervised_prototypes", embedding=emb).fit(x, y)
@@ -191,7 +202,7 @@ def test_images_without_embedding_train_a_self_supervised_encoder_once(tmp_path,
 
     monkeypatch.setattr(embed, "train_ssl_encoder", fake_ssl)
     pruner = DataPruner(metric="prototypes", n_clusters=3, seed=4, out_dir=tmp_path).fit(images)
-    expected = prototype_scores(embed.embed_images(fake_ssl(images), images), 3, metric="cosine", seed=4)
+    expected = prototype_scores(encoders.embed_images(fake_ssl(images), images), 3, metric="cosine", seed=4)
     np.testing.assert_allclose(pruner.scores_, expected, rtol=1e-6)
     assert calls[0] == {"seed": 4}
     again = DataPruner(metric="prototypes", n_clusters=3, seed=4, out_dir=tmp_path).fit(images)
@@ -207,7 +218,7 @@ def test_texts_without_embedding_use_minilm(monkeypatch):
         seen.append(list(batch))
         return np.array([[len(t), t.count("1") + 1.0, 1.0] for t in batch], dtype=np.float32)
 
-    monkeypatch.setattr(embed, "embed_texts", fake_embed_texts)
+    monkeypatch.setattr(encoders, "embed_texts", fake_embed_texts)
     pruner = DataPruner(metric="prototypes", n_clusters=2, keep=4).fit(texts)
     assert seen == [texts]
     np.testing.assert_allclose(pruner.scores_, prototype_scores(fake_embed_texts(texts), 2, metric="cosine"))
@@ -325,6 +336,89 @@ def test_write_manifest_defaults_to_out_dir_and_needs_a_folder(tmp_path):
     assert json.loads((tmp_path / "manifest.json").read_text())["per_class"]["0"]["n"] == 20
     with pytest.raises(InvalidParameterError, match="'out_dir'"):
         DataPruner(metric="random").fit(x, y).write_manifest()
+
+
+def test_manifest_is_versioned_and_records_the_hash_of_both_arrays(tmp_path):
+    import hashlib
+
+    x, y = _data()
+    pruner = DataPruner(metric="random", keep=0.5, seed=1).fit(x, y)
+    m = json.loads(pruner.write_manifest(tmp_path).read_text())
+    assert MANIFEST_FORMAT_VERSION == 1 and m["format_version"] == 1 and next(iter(m)) == "format_version"
+    assert m["files"] == {"scores": "scores.npy", "kept": "kept.npy"}
+    for name in ("scores.npy", "kept.npy"):
+        assert m["sha256"][name] == hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
+    # the arrays are plain .npy files (np.load works, no pickle), bit-identical to the fitted attributes
+    np.testing.assert_array_equal(np.load(tmp_path / "scores.npy", allow_pickle=False), pruner.scores_)
+    assert np.load(tmp_path / "kept.npy", allow_pickle=False).dtype == np.int64
+
+
+def _written(tmp_path):
+    x, y = _data()
+    DataPruner(metric="random", keep=0.5, seed=1).fit(x, y).write_manifest(tmp_path)
+    return tmp_path / "manifest.json"
+
+
+def _edit(path, **changes):
+    doc = json.loads(path.read_text())
+    for k, v in changes.items():
+        if v is ...:
+            doc.pop(k)
+        else:
+            doc[k] = v
+    path.write_text(json.dumps(doc))
+
+
+def test_read_pruning_manifest_round_trips_and_refuses_a_newer_format(tmp_path):
+    path = _written(tmp_path)
+    written = json.loads(path.read_text())
+    assert read_pruning_manifest(tmp_path) == written == read_pruning_manifest(str(path))  # folder or file
+    _edit(path, format_version=MANIFEST_FORMAT_VERSION + 1)
+    with pytest.raises(DataFormatError, match=r"manifest '.*manifest.json' has format_version 2: it was written by a "
+                                              r"newer leanscale.*Upgrade"):
+        read_pruning_manifest(tmp_path)
+    for bad in ("1", 0, True, None, 1.5):
+        _edit(path, format_version=bad)
+        with pytest.raises(DataFormatError, match="format_version .*expected an int >= 1"):
+            read_pruning_manifest(tmp_path)
+    _edit(path, format_version=..., sha256=...)  # a manifest of leanscale 0.1: no version, no hashes
+    assert read_pruning_manifest(tmp_path)["n_kept"] == 30
+
+
+def test_read_pruning_manifest_refuses_arrays_that_do_not_belong_to_it(tmp_path):
+    path = _written(tmp_path)
+    np.save(tmp_path / "kept.npy", np.arange(3))  # a later write killed before its manifest
+    with pytest.raises(DataFormatError, match=r"kept file '.*kept.npy' does not belong to the manifest"):
+        read_pruning_manifest(tmp_path)
+    assert read_pruning_manifest(tmp_path, verify=("scores.npy",))["n_examples"] == N  # scores are intact
+    assert read_pruning_manifest(tmp_path, verify=False)["n_examples"] == N
+    (tmp_path / "scores.npy").unlink()
+    with pytest.raises(DataNotFoundError, match=r"scores file '.*scores.npy' recorded in the manifest"):
+        read_pruning_manifest(tmp_path, verify=("scores.npy",))
+    _edit(path, sha256={"scores.npy": "zz"})
+    with pytest.raises(DataFormatError, match="malformed sha256"):
+        read_pruning_manifest(tmp_path)
+
+
+@pytest.mark.parametrize(("content", "error", "match"), [
+    (None, DataNotFoundError, "does not exist"),
+    (b"[1, 2]", DataFormatError, "must hold a JSON object"),
+    (b"{", DataFormatError, "must be valid JSON"),
+    (b'{"sha256": [1]}', DataFormatError, "'sha256' as an object"),
+])
+def test_read_pruning_manifest_bad_files_name_the_file(tmp_path, content, error, match):
+    if content is not None:
+        (tmp_path / "manifest.json").write_bytes(content)
+    with pytest.raises(error, match=match) as info:
+        read_pruning_manifest(tmp_path)
+    assert "manifest.json" in str(info.value)
+
+
+def test_read_pruning_manifest_bad_parameters():
+    with pytest.raises(InvalidParameterError, match="'path' parameter of read_pruning_manifest"):
+        read_pruning_manifest(3)
+    with pytest.raises(InvalidParameterError, match="'verify' parameter of read_pruning_manifest"):
+        read_pruning_manifest(".", verify=("x.npy",))
 
 
 def test_docstring_examples_run():

@@ -156,6 +156,24 @@ def test_bad_input(kwargs, match):
         fit_parametric(**base)
 
 
+def test_law_is_an_estimator_with_params_checked_at_fit(exact_runs):
+    from leanscale.core.estimator import Estimator
+
+    law = ParametricScalingLaw(method="exhaustive")
+    assert isinstance(law, Estimator)
+    assert law.get_params() == {"huber_delta": 1e-3, "method": "exhaustive", "n_starts": 64}
+    assert repr(law) == "ParametricScalingLaw(method='exhaustive')"  # unfitted: changed parameters
+    assert law.set_params(method="fast", n_starts=8) is law and law.n_starts == 8
+    with pytest.raises(InvalidParameterError, match="Did you mean 'n_starts'"):
+        law.set_params(n_start=8)
+    law.set_params(n_starts=0)  # no check until fit (scikit-learn's contract) ...
+    n, d, loss = exact_runs[:3]
+    with pytest.raises(InvalidParameterError, match="'n_starts' parameter of ParametricScalingLaw.*Got 0"):
+        law.fit(n, d, loss)  # ... which names the parameter and the class
+    fitted = law.set_params(n_starts=64).fit(n, d, loss)
+    assert repr(fitted).startswith("ParametricScalingLaw(E=")  # fitted: the law itself
+
+
 def test_unfitted_and_unknown_law():
     with pytest.raises(NotFittedError, match="call fit first"):
         ParametricScalingLaw().predict(1e9, 1e10)
@@ -188,3 +206,13 @@ def test_law_without_frontier_gives_a_clear_error_and_intervals_count_degenerate
     boot.samples[:5, 3] = -0.3  # both <= 0: undefined, left out
     assert np.isfinite(boot.compute_optimal_interval(1e21)["n_params"]).all()
     assert np.isfinite(boot.interval("a")).all()
+
+
+def test_scaling_imports_without_torch_and_loads_chinchilla_flops_on_use():
+    import subprocess
+    import sys
+
+    code = ("import sys, leanscale.scaling as s; assert 'torch' not in sys.modules; "
+            "f = s.chinchilla_flops; assert f.__module__ == 'leanscale.models.transformer'; "
+            "assert round(f(80, 8192, 32768, 64, 128, 32000, 2048, 1.4e12) / (6 * 70e9 * 1.4e12), 2) == 0.97")
+    subprocess.run([sys.executable, "-W", "error", "-c", code], check=True)

@@ -310,6 +310,23 @@ def test_docstring_examples_run():
     import doctest
 
     import leanscale.scaling._train as train_module
+    import leanscale.scaling.grid as grid_module
+    import leanscale.scaling.sweep_config as config_module
 
-    for module in (sweep_module, train_module):
+    for module in (sweep_module, train_module, config_module, grid_module):
         assert doctest.testmod(module, raise_on_error=False).failed == 0
+
+
+def test_the_front_re_exports_the_split_modules_names():
+    # `leanscale.scaling.sweep.<name>` keeps working for every public name, and is the same object.
+    import leanscale.scaling.executors as executors_module
+    import leanscale.scaling.grid as grid_module
+    import leanscale.scaling.sweep_config as config_module
+    import leanscale.scaling.sweep_state as state_module
+
+    for module in (config_module, grid_module, state_module):
+        for name in module.__all__:
+            assert name in sweep_module.__all__ and getattr(sweep_module, name) is getattr(module, name)
+    from leanscale.scaling._presets import EXECUTORS
+
+    assert set(executors_module._EXECUTORS) == set(EXECUTORS)  # every executor SweepConfig accepts runs

@@ -56,7 +56,8 @@ def test_process_workers_die_with_a_killed_parent(tmp_path):
         import numpy as np
         sys.path.insert(0, {str(HERE)!r})
         import _sleepy_worker
-        from leanscale.scaling.sweep import SweepConfig, _run_process
+        from leanscale.scaling.executors import _run_process
+        from leanscale.scaling.sweep import SweepConfig
         config = SweepConfig(executor="process", n_workers=2, n_threads=1)
         _run_process([0, 1, 2, 3], np.zeros(4, dtype=np.int64), config, lambda spec, result: None,
                      worker=_sleepy_worker.sleep_and_report)

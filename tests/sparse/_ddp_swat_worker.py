@@ -34,7 +34,7 @@ def mlp():
 
 def cnn():
     torch.manual_seed(0)
-    return apply_swat(BNCNN(num_classes=5, width=4), 0.8, distribution="erk", topk_period=2)
+    return apply_swat(BNCNN(n_classes=5, width=4), 0.8, distribution="erk", topk_period=2)
 
 
 def train(model, image, rank, world):

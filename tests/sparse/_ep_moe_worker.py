@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from leanscale.core.errors import InvalidParameterError
-from leanscale.core.ledger import count_flops
+from leanscale.core.flops import count_flops
 from leanscale.models import GPT, GPTConfig
 from leanscale.sparse import (
     ExpertParallelMoE,

@@ -372,12 +372,15 @@ def test_cli_bad_flags(argv, text, capsys, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("arch,text", [
-    ({"model": "bncnn", "width": 60000, "in_shape": [1, 28, 28], "num_classes": 10},
+    ({"model": "bncnn", "width": 60000, "in_shape": [1, 28, 28], "n_classes": 10},
      "records an architecture of"),  # ~3e10 parameters: counted on the meta device, never allocated
-    ({"model": "os:system", "width": 8, "in_shape": [1, 28, 28], "num_classes": 10}, "invalid architecture"),
+    ({"model": "bncnn", "width": 60000, "in_shape": [1, 28, 28], "num_classes": 10},
+     "records an architecture of"),  # the key before #14 is still read (and checked the same way)
+    ({"model": "os:system", "width": 8, "in_shape": [1, 28, 28], "n_classes": 10}, "invalid architecture"),
     ({"model": "bncnn", "width": 8, "in_shape": [1, 28, 28]}, "invalid architecture"),
-    ({"model": "mlp", "width": -1, "in_shape": [4], "num_classes": 3}, "invalid architecture"),
-    ({"model": "bncnn", "width": True, "in_shape": [1, 28, 28], "num_classes": 10}, "invalid architecture"),
+    ({"model": "mlp", "width": -1, "in_shape": [4], "n_classes": 3}, "invalid architecture"),
+    ({"model": "mlp", "width": 8, "in_shape": [4], "n_classes": 3, "num_classes": 3}, "invalid architecture"),
+    ({"model": "bncnn", "width": True, "in_shape": [1, 28, 28], "n_classes": 10}, "invalid architecture"),
     ("bncnn", "invalid architecture"),
 ])
 def test_export_refuses_a_damaged_recorded_architecture(arch, text, tmp_path, capsys):

@@ -75,3 +75,86 @@ def test_bad_input():
         to_sparse_kernels(pruned_mlp(), min_sparsity=1.5)
     with pytest.raises(InvalidParameterError, match=r"'module' parameter of SparseLinear.from_dense must be a torch.nn.Linear"):
         SparseLinear.from_dense(nn.Conv2d(1, 1, 1))
+
+
+# --- format versions and atomic saves ----------------------------------------------------------------
+
+
+def swat_net():
+    torch.manual_seed(0)
+    return apply_swat(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)), 0.8, dense_first_layer=False)
+
+
+def _saved_both(tmp_path):
+    from leanscale.sparse import save_swat_checkpoint
+
+    model = swat_net()
+    return (save_pruned(export_pruned(swat_net()), tmp_path / "p.pt"),
+            save_swat_checkpoint(model, tmp_path / "s.pt", {"sparsity": 0.8, "dense_first_layer": False}))
+
+
+def test_checkpoints_keep_their_format_and_record_their_version_in_the_marker(tmp_path):
+    from leanscale.sparse.export import PRUNED_FORMAT_VERSION, SWAT_FORMAT_VERSION
+
+    pruned, swat = _saved_both(tmp_path)
+    assert PRUNED_FORMAT_VERSION == SWAT_FORMAT_VERSION == 1
+    blob = torch.load(pruned, weights_only=True)  # still a plain torch file
+    assert set(blob) == {"leanscale_pruned", "state"} and blob["leanscale_pruned"] == 1
+    blob = torch.load(swat, weights_only=True)
+    # exactly the keys of version 1: a new file stays readable by the releases before this change
+    assert set(blob) == {"leanscale_swat", "settings", "layers", "extra", "state_dict"} and blob["leanscale_swat"] == 1
+
+
+@pytest.mark.parametrize("kind", ["pruned", "swat"])
+def test_a_newer_or_malformed_format_version_is_refused(tmp_path, kind):
+    from leanscale.core.errors import DataFormatError
+    from leanscale.sparse import load_swat_checkpoint
+
+    pruned, swat = _saved_both(tmp_path)
+    path, key = (pruned, "leanscale_pruned") if kind == "pruned" else (swat, "leanscale_swat")
+    load = (lambda p: load_pruned(export_pruned(swat_net()), p)) if kind == "pruned" else load_swat_checkpoint
+    blob = torch.load(path, weights_only=True)
+    blob[key] = 2
+    torch.save(blob, tmp_path / "new.pt")
+    with pytest.raises(DataFormatError, match=rf"new.pt' has {key} 2: it was written by a newer leanscale, and this "
+                                              r"one reads up to version 1\. Upgrade"):
+        load(tmp_path / "new.pt")
+    for bad in (0, "1", True, 1.0, None):
+        blob[key] = bad
+        torch.save(blob, tmp_path / "bad.pt")
+        with pytest.raises(DataFormatError, match="expected an int >= 1"):
+            load(tmp_path / "bad.pt")
+    blob[key] = 1  # the files written before this change load as before
+    torch.save(blob, tmp_path / "v1.pt")
+    assert load(tmp_path / "v1.pt") is not None
+
+
+@pytest.mark.parametrize("kind", ["pruned", "swat"])
+def test_a_failed_save_leaves_the_previous_file_whole(tmp_path, kind, monkeypatch):
+    import os
+
+    from leanscale.sparse import load_swat_checkpoint, save_swat_checkpoint
+
+    pruned, swat = _saved_both(tmp_path)
+    path = pruned if kind == "pruned" else swat
+    before = path.read_bytes()
+
+    def killed(src, dst):
+        raise KeyboardInterrupt("killed before the rename")
+
+    monkeypatch.setattr(os, "replace", killed)
+    other = swat_net()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        if kind == "pruned":
+            save_pruned(export_pruned(other), path)
+        else:
+            save_swat_checkpoint(other, path, {"sparsity": 0.8})
+    monkeypatch.undo()
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["p.pt", "s.pt"]
+    if kind == "pruned":
+        load_pruned(export_pruned(swat_net()), path)
+    else:
+        assert load_swat_checkpoint(path)["settings"] == {"sparsity": 0.8, "dense_first_layer": False}

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanscale.core.errors import InvalidParameterError
-from leanscale.core.ledger import count_flops
+from leanscale.core.flops import count_flops
 from leanscale.models import GPT, MLP, GPTConfig
 from leanscale.sparse import moe as moe_mod
 from leanscale.sparse.moe import (

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from leanscale.core.errors import InvalidParameterError
-from leanscale.core.ledger import count_flops
+from leanscale.core.flops import count_flops
 from leanscale.sparse import (
     ExpertParallelMoE,
     MoE,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanscale.core.errors import InvalidParameterError
-from leanscale.core.ledger import count_flops
+from leanscale.core.flops import count_flops
 from leanscale.models import BNCNN, MLPClassifier
 from leanscale.sparse import (
     CompactReLU,

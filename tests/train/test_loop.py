@@ -193,3 +193,26 @@ def test_resume_after_kill_9(tmp_path):
     a = torch.load(tmp_path / "a.pt.final", weights_only=True)
     b = torch.load(tmp_path / "b.pt.final", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_infobatch_plugs_in_as_the_batches_and_an_on_step_hook():
+    """A technique's sampler is just ``batches``; its bookkeeping an ``on_step`` (InfoBatch)."""
+    from leanscale.pruning import InfoBatch
+
+    x, y = _problem(n=64)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    ib = InfoBatch(64, epochs=4, prune_ratio=0.5, seed=0)
+
+    def loss_fn(net, idx):
+        losses = (net(x[idx]) - y[idx]).pow(2).reshape(-1)  # (b,) per-example losses
+        return (losses * ib.weights(idx)).mean(), losses.detach()
+
+    steps = []
+    for epoch in range(4):
+        batches = list(ib.epoch_indices(epoch).split(16))
+        r = fit(model, opt, batches, loss_fn, n_steps=len(batches),
+                on_step=lambda out: ib.update(out.batch, out.extra))
+        steps.append(r.steps)
+    assert steps[0] == 4 and steps[1] < 4  # every example in epoch 0; well-learned ones skipped after
+    assert 0 < ib.fraction_skipped_ < 1

@@ -11,49 +11,33 @@
 See ``README.md`` in this folder (the method card).
 """
 
-from leanscale.cascade.cascade import FALLBACK, Cascade, CascadeOutput, UnansweredWarning
-from leanscale.cascade.router import Router, evaluate_router
-from leanscale.cascade.rules import MinedRules, evaluate_rules, mine_rules
-from leanscale.cascade.search import FrontierResult, frontier
-from leanscale.cascade.stages import (
-    CallableStage,
-    ModelStage,
-    RegexStage,
-    RuleStage,
-    Stage,
-    StageError,
-    StageOutput,
-    check_regex_safety,
-    measure_cost,
-)
-from leanscale.cascade.text_models import EmbeddingClassifier, TfidfClassifier
+# Each module's __all__ is what this package exports from it (one list per name, kept there).
+import leanscale.cascade.cascade as _cascade
+import leanscale.cascade.embedding_head as _embedding_head
+import leanscale.cascade.evaluation as _evaluation
+import leanscale.cascade.router as _router
+import leanscale.cascade.rules as _rules
+import leanscale.cascade.search as _search
+import leanscale.cascade.stages as _stages
+import leanscale.cascade.tfidf as _tfidf
+from leanscale.cascade.cascade import *  # noqa: F403
+from leanscale.cascade.embedding_head import *  # noqa: F403
+from leanscale.cascade.evaluation import *  # noqa: F403
+from leanscale.cascade.router import *  # noqa: F403
+from leanscale.cascade.rules import *  # noqa: F403
+from leanscale.cascade.search import *  # noqa: F403
+from leanscale.cascade.stages import *  # noqa: F403
+from leanscale.cascade.tfidf import *  # noqa: F403
 
-__all__ = [
-    "FALLBACK",
-    "CallableStage",
-    "Cascade",
-    "CascadeOutput",
-    "UnansweredWarning",
-    "EmbeddingClassifier",
-    "FrontierResult",
-    "MinedRules",
-    "ModelStage",
-    "RegexStage",
-    "Router",
-    "RuleStage",
-    "Stage",
-    "StageError",
-    "StageOutput",
-    "TfidfClassifier",
-    "check_regex_safety",
-    "create_app",
-    "evaluate_router",
-    "evaluate_rules",
-    "frontier",
-    "measure_cost",
-    "mine_rules",
-    "serve",
-]
+__all__ = ["create_app", "serve"]  # leanscale.cascade.server, imported when first asked for (below)
+__all__ += _cascade.__all__
+__all__ += _stages.__all__
+__all__ += _search.__all__
+__all__ += _rules.__all__
+__all__ += _router.__all__
+__all__ += _tfidf.__all__
+__all__ += _embedding_head.__all__
+__all__ += _evaluation.__all__
 
 
 def __getattr__(name: str):

@@ -37,7 +37,6 @@ reports, per request, the label, the answering stage, its confidence and the cos
 from __future__ import annotations
 
 import concurrent.futures as cf
-import inspect
 import json
 import math
 import threading
@@ -66,15 +65,18 @@ from leanscale.core.errors import (
     LeanscaleError,
     MissingDependencyError,
 )
+from leanscale.core.deprecation import renamed_argument
+from leanscale.core.estimator import Estimator
 from leanscale.core.io import atomic_write_json, to_jsonable
+from leanscale.core.persistence import fitted_class, read_arrays_checked, read_json_file, write_arrays_addressed
 from leanscale.core.validation import (
     Interval,
     check_consistent_length,
     check_is_fitted,
-    check_params,
+    check_items,
 )
 
-__all__ = ["FALLBACK", "Cascade", "CascadeOutput", "UnansweredWarning"]
+__all__ = ["FALLBACK", "Cascade", "CascadeOutput", "UnansweredWarning"]  # re-exported by leanscale.cascade
 
 FALLBACK = "fallback"  # the "stage" of a request no stage answered
 FORMAT_VERSION = 1
@@ -172,6 +174,15 @@ _MAX_ITEMS = 1_000_000  # list lengths read from a file (classes, frontier point
 _MODEL_CLASSES = ("TfidfClassifier", "EmbeddingClassifier")
 _MAX_TIMEOUT = 7 * 86400.0  # a stage timeout read from a file (threading refuses ~1e308)
 _MISSING = object()
+_UNSET = object()  # Cascade(random_state=) not given
+
+
+class _NoneArg:  # the value None passed under the old name random_state= (renamed_argument reads None as absent)
+    def __repr__(self) -> str:
+        return "None"
+
+
+_NONE = _NoneArg()
 
 
 def _short(v: Any, n: int = 100) -> str:
@@ -255,7 +266,7 @@ def _arrays_files_of(path: Path) -> set[str]:
         return set()
 
 
-class Cascade:
+class Cascade(Estimator):
     """See the module docstring. Learned attributes: ``thresholds_`` (stage name -> threshold or
     ``None`` for off; the last stage has none), ``costs_``, ``frontier_`` (a
     :class:`~leanscale.cascade.search.FrontierResult` on all calibration data), ``choice_`` (index
@@ -271,13 +282,14 @@ class Cascade:
         "guarantee_split": [Interval("real", 0, 1, closed="neither")],
         "calibrate": [bool],
         "max_thresholds": [Interval(int, 2, None), None],
-        "random_state": [Interval(int, 0, None), None],
+        "seed": [Interval(int, 0, None), None],
     }
+    _renamed = {"random_state": "seed"}  # the old name works for one release, with a FutureWarning
 
     def __init__(self, stages: Sequence[Stage], *, target_accuracy: float | None = None,
                  budget: float | None = None, guarantee: bool = False, delta: float = 0.05,
                  guarantee_split: float = 0.5, calibrate: bool = False, max_thresholds: int | None = None,
-                 fallback_label: Any = None, random_state: int | None = 0):
+                 fallback_label: Any = None, seed: int | None = 0, random_state: Any = _UNSET):
         self.stages = stages
         self.target_accuracy = target_accuracy
         self.budget = budget
@@ -287,41 +299,34 @@ class Cascade:
         self.calibrate = calibrate
         self.max_thresholds = max_thresholds
         self.fallback_label = fallback_label
-        self.random_state = random_state
+        if random_state is not _UNSET:  # the old name; None (unseeded) is a value here, not "absent"
+            seed = renamed_argument("Cascade", "random_state", "seed",
+                                    _NONE if random_state is None else random_state, seed, 0)
+            seed = None if seed is _NONE else seed
+        self.seed = seed
         self._lock = threading.Lock()
         # per stage name: a semaphore bounding its calls in flight (see _call); hung calls of one
         # stage hold only that stage's slots, never another stage's capacity
         self._stage_slots: dict[str, threading.BoundedSemaphore] = {}
 
-    # ------------------------------------------------------------------ sklearn-style plumbing
-    def get_params(self, deep: bool = True) -> dict:
-        names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
-        return {p: getattr(self, p) for p in names}
+    # ------------------------------------------------------------------ parameters
+    @property
+    def random_state(self) -> int | None:
+        """Deprecated name of :attr:`seed` (a ``FutureWarning``; removed in the next release)."""
+        warnings.warn("Cascade.random_state was renamed to Cascade.seed and will be removed in the next release.",
+                      FutureWarning, stacklevel=2)
+        return self.seed
 
-    def set_params(self, **params) -> Cascade:
-        valid = self.get_params()
-        for k, v in params.items():
-            if k not in valid:
-                from leanscale.core.validation import unknown_name_error
-
-                raise unknown_name_error("params", k, valid, "Cascade.set_params")
-            setattr(self, k, v)
-        return self
+    @random_state.setter
+    def random_state(self, value: int | None) -> None:
+        warnings.warn("Cascade.random_state was renamed to Cascade.seed and will be removed in the next release.",
+                      FutureWarning, stacklevel=2)
+        self.seed = value
 
     def _validate(self) -> list[Stage]:
-        check_params({k: getattr(self, k) for k in self._parameter_constraints}, self._parameter_constraints,
-                     "Cascade")
-        stages = self.stages
-        if isinstance(stages, Stage) or not isinstance(stages, Sequence) or len(stages) == 0:
-            raise InvalidParameterError(
-                f"The 'stages' parameter of Cascade must be a non-empty list of Stage objects. Got {stages!r} instead."
-            )
-        for i, s in enumerate(stages):
-            if not isinstance(s, Stage):
-                raise InvalidParameterError(
-                    f"The 'stages' parameter of Cascade must hold Stage objects (RegexStage, RuleStage, ModelStage, "
-                    f"CallableStage); item {i} is {type(s).__name__}."
-                )
+        self._validate_params()
+        stages = check_items("stages", self.stages, Stage, owner="Cascade", reusable=True, noun="stages",
+                             what="Stage objects (RegexStage, RuleStage, ModelStage, CallableStage)")
         names = [s.name for s in stages]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
@@ -357,7 +362,7 @@ class Cascade:
         if len(X) < 2:
             raise InvalidParameterError(f"The 'X' parameter of Cascade.fit must hold at least 2 requests. Got {len(X)}.")
         n = len(X)
-        rng = np.random.default_rng(self.random_state)
+        rng = np.random.default_rng(self.seed)
         if self.guarantee:
             perm = rng.permutation(n)
             n_sel = int(round(self.guarantee_split * n))
@@ -674,8 +679,6 @@ class Cascade:
             elif isinstance(s, ModelStage):
                 d.update(classes=s.classes.tolist(), temperature=s.temperature, batch_size=s.batch_size)
                 if hasattr(s.model, "get_state") and s.transform is None:
-                    from leanscale.cascade.text_models import write_arrays_addressed
-
                     meta, arrays = s.model.get_state()
                     name, digest = write_arrays_addressed(folder, f"{path.stem}.{s.name}.", arrays, suffix=".arrays")
                     written.add(name)
@@ -727,8 +730,6 @@ class Cascade:
                 f"The 'objects' parameter of Cascade.load must be a dict of stage name -> object. "
                 f"Got {type(objects).__name__} instead.")
         objects = dict(objects or {})
-        from leanscale.cascade.text_models import read_json_file
-
         doc = read_json_file(path, "cascade file", MAX_CASCADE_BYTES)
         if not isinstance(doc, dict) or doc.get("format") != "leanscale.cascade":
             raise DataFormatError(
@@ -745,7 +746,12 @@ class Cascade:
     @classmethod
     def _from_doc(cls, path: Path, doc: dict, objects: dict) -> Cascade:
         v = _SavedDoc(path)
-        if doc.get("version") != FORMAT_VERSION:
+        version = doc.get("version")
+        if type(version) is int and version > FORMAT_VERSION:
+            raise DataFormatError(
+                f"The cascade file {str(path)!r} has version {version}: it was written by a newer leanscale, and this "
+                f"one reads version {FORMAT_VERSION}. Upgrade leanscale to load it.")
+        if version != FORMAT_VERSION:
             raise v.error("'version'", f"{FORMAT_VERSION} (this leanscale reads version {FORMAT_VERSION})",
                           doc.get("version"))
         raw = v.lst(v.get(doc, "stages", "the file"), "'stages'", 1, 1000)
@@ -823,9 +829,12 @@ class Cascade:
             )
 
         params = v.get(doc, "params", "the file")
-        valid = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "stages")]
-        if not isinstance(params, dict) or not set(params) <= set(valid):
+        valid = [p for p in cls._get_param_names() if p != "stages"]
+        legacy = {old: new for old, new in cls._renamed.items() if isinstance(params, dict) and old in params}
+        if not isinstance(params, dict) or not set(params) <= set(valid) | set(legacy) \
+                or any(new in params for new in legacy.values()):
             raise v.error("'params'", f"an object with keys among {valid}", params)
+        params = {legacy.get(k, k): p for k, p in params.items()}  # files of 0.1 store "random_state"
         if "fallback_label" in params:
             v.label(params["fallback_label"], "'params'['fallback_label']", none=True)
         self = cls(stages, **params)
@@ -909,18 +918,15 @@ class Cascade:
 
     @staticmethod
     def _saved_model(v: _SavedDoc, path: Path, where: str, m: Any):
-        from leanscale.cascade import text_models
-
         klass_name = v.get(m, "class", f"{where}['model']")
         if klass_name not in _MODEL_CLASSES:
             raise v.error(f"{where}['model']['class']", f"'external' or one of {list(_MODEL_CLASSES)}", klass_name)
         meta = v.get(m, "meta", f"{where}['model']")
         name = v.get(m, "arrays", f"{where}['model']")
         digest = m.get("sha256")  # absent in saves before content addressing
-        arrays = text_models.read_arrays_checked(path.parent, name, digest,
-                                                 what=f"arrays file of stage {where} of {str(path)!r}")
+        arrays = read_arrays_checked(path.parent, name, digest, what=f"arrays file of stage {where} of {str(path)!r}")
         try:
-            return getattr(text_models, klass_name).from_state(meta, arrays)
+            return fitted_class(klass_name).from_state(meta, arrays)
         except (MissingDependencyError, DataNotFoundError):
             raise
         except LeanscaleError as exc:

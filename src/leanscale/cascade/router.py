@@ -37,36 +37,42 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from leanscale.cascade.text_models import (
-    _STATE_VERSION,
-    _check_meta,
-    _check_texts,
-    _finite_array,
-    _fit_logistic,
-    _meta_int,
-    _meta_params,
-    _sklearn,
-    from_state_of_file,
-    load_state,
-    save_state,
+from leanscale.cascade._shared import (
+    NGRAM_RANGE,
+    STATE_VERSION,
+    check_meta,
+    finite_array,
+    fit_logistic,
+    meta_int,
+    meta_params,
+    refuse_callable,
+    sklearn_text,
+    texts_arg,
     tfidf_from_state,
     tfidf_state,
 )
 from leanscale.core.errors import InvalidParameterError
+from leanscale.core.estimator import Estimator
+from leanscale.core.persistence import (
+    Fitted,
+    from_state_of_file,
+    load_state,
+    register_fitted,
+)
 from leanscale.core.validation import (
     Interval,
+    Options,
     check_is_fitted,
     check_param,
     closest_name,
     unknown_name_error,
 )
 
-__all__ = ["Router", "evaluate_router", "quality_curve"]
+__all__ = ["Router", "evaluate_router"]  # re-exported by leanscale.cascade; quality_curve is importable from here
 
 _FEATURES = ("tfidf", "minilm")
 
@@ -101,7 +107,8 @@ def _check_outcome(name: str, value: Any, owner: str) -> np.ndarray:
     )
 
 
-class Router:
+@register_fitted("Router")
+class Router(Estimator, Fitted):
     """Route each request to one of several models before calling any, from its text alone.
 
     Parameters:
@@ -130,6 +137,14 @@ class Router:
         n_features_in_: feature dimension.
     """
 
+    _parameter_constraints = {
+        "features": [Options(_FEATURES), callable],
+        "C": [Interval("real", 0, None, closed="neither")],
+        "seed": [Interval(int, 0, None)],
+        "max_features": [None, Interval(int, 1, None)],
+        "ngram_range": [NGRAM_RANGE],
+    }
+
     def __init__(self, features: str | Callable[[list[str]], Any] = "tfidf", C: float = 1.0, seed: int = 0,
                  *, max_features: int | None = 50_000, ngram_range: tuple[int, int] = (1, 2)):
         self.features = features
@@ -137,25 +152,6 @@ class Router:
         self.seed = seed
         self.max_features = max_features
         self.ngram_range = ngram_range
-
-    def __repr__(self) -> str:
-        return f"Router(features={self.features!r}, C={self.C!r}, seed={self.seed!r})"
-
-    # -- parameters ---------------------------------------------------------------------------
-
-    def _validate(self) -> None:
-        owner = "Router"
-        if not callable(self.features) and self.features not in _FEATURES:
-            raise unknown_name_error("features", self.features, _FEATURES, owner=owner)
-        check_param("C", self.C, [Interval("real", 0, None, closed="neither")], owner)
-        check_param("seed", self.seed, [Interval(int, 0, None)], owner)
-        check_param("max_features", self.max_features, [None, Interval(int, 1, None)], owner)
-        ng = self.ngram_range
-        if (not isinstance(ng, (tuple, list)) or len(ng) != 2
-                or not all(isinstance(v, int) and not isinstance(v, bool) for v in ng) or not 1 <= ng[0] <= ng[1]):
-            raise InvalidParameterError(
-                f"The 'ngram_range' parameter of Router must be a pair (lo, hi) of ints with 1 <= lo <= hi. Got {ng!r}."
-            )
 
     def _check_models(self, texts: list, outcomes: Any, costs: Any) -> tuple[list[str], dict, dict]:
         owner = "Router.fit"
@@ -226,14 +222,14 @@ class Router:
                     f"The 'texts' parameter of {owner} must hold at least {min_len} request(s). Got {len(texts)}."
                 )
             return texts
-        return _check_texts(texts, owner, min_len=min_len)
+        return texts_arg(texts, owner, min_len=min_len)
 
     def _embed(self, texts: list) -> np.ndarray:
         if self.features == "minilm":
-            from leanscale.pruning.embed import embed_texts
+            from leanscale.models.encoders import embed_texts
 
             return embed_texts(texts).astype(np.float64)
-        from leanscale.pruning.embed import embed_with
+        from leanscale.models.encoders import embed_with
 
         return embed_with(self.features, texts, batch_size=max(1, len(texts))).astype(np.float64)
 
@@ -262,11 +258,11 @@ class Router:
             costs: ``{model name: cost per request}`` (> 0, any unit, the same for all), one
                 per model of ``outcomes``.
         """
-        self._validate()
+        self._validate_params()
         texts = self._check_request_texts(texts, "Router.fit")
         names, outs, costs_ = self._check_models(texts, outcomes, costs)
         if self.features == "tfidf":
-            TfidfVectorizer, LogisticRegression = _sklearn()
+            TfidfVectorizer, LogisticRegression = sklearn_text()
             vec = TfidfVectorizer(max_features=self.max_features, ngram_range=tuple(self.ngram_range),
                                   sublinear_tf=True, min_df=1, dtype=np.float64)
             try:
@@ -274,7 +270,7 @@ class Router:
             except ValueError as exc:  # empty vocabulary
                 raise InvalidParameterError(f"Router.fit found no words in 'texts' ({exc}).") from None
         else:
-            _, LogisticRegression = _sklearn()
+            _, LogisticRegression = sklearn_text()
             vec, X = None, self._embed(texts)
         n, d = X.shape
         coef = np.zeros((len(names), d))
@@ -285,7 +281,7 @@ class Router:
             k = int(y.sum())
             base[name] = k / n
             if 0 < k < n:
-                lr, ok = _fit_logistic(LogisticRegression, X, y.astype(np.int64), C=float(self.C), solver="lbfgs",
+                lr, ok = fit_logistic(LogisticRegression, X, y.astype(np.int64), C=float(self.C), solver="lbfgs",
                                        max_iter=1000, random_state=self.seed)
                 coef[j] = lr.coef_[0]
                 intercept[j] = lr.intercept_[0]
@@ -429,17 +425,13 @@ class Router:
             InvalidParameterError: ``features`` is a user callable (code is not saved).
         """
         check_is_fitted(self, ["coef_", "models_"])
-        if callable(self.features):
-            raise InvalidParameterError(
-                "The 'features' parameter of Router is a user callable, which cannot be saved without pickle. "
-                "Only features='tfidf' or 'minilm' can be saved; pass your callable again to "
-                "Router.from_state(meta, arrays, features=fn) after saving with features set to 'callable'."
-            )
+        refuse_callable(self.features, "features", "Router", "features='tfidf' or 'minilm'",
+                        "pass your callable again to Router.from_state(meta, arrays, features=fn) after "
+                        "saving with features set to 'callable'")
         meta: dict[str, Any] = {
             "class": "Router",
-            "version": _STATE_VERSION,
-            "params": {"features": self.features, "C": self.C, "seed": self.seed,
-                       "max_features": self.max_features, "ngram_range": list(self.ngram_range)},
+            "version": STATE_VERSION,
+            "params": {**self.get_params(), "ngram_range": list(self.ngram_range)},
             "models": list(self.models_),
             "costs": dict(self.costs_),
             "weak": self.weak_,
@@ -460,8 +452,8 @@ class Router:
         """Rebuild a fitted router from :meth:`get_state` (identical predictions).
         ``features`` overrides the saved feature kind (for a callable of your own)."""
         owner = "Router.from_state"
-        arrays = _check_meta(meta, arrays, "Router", ("coef", "intercept"))
-        params = _meta_params(meta, ("features", "C", "seed", "max_features", "ngram_range"), owner)
+        arrays = check_meta(meta, arrays, "Router", ("coef", "intercept"))
+        params = meta_params(meta, cls._get_param_names(), owner)
         if "features" in params and params["features"] not in _FEATURES:
             raise InvalidParameterError(
                 f"The 'meta' parameter of {owner} has features {params['features']!r}; a saved router uses one of "
@@ -471,7 +463,7 @@ class Router:
         if features is not None:
             params["features"] = features
         self = cls(**params)
-        self._validate()
+        self._validate_params()
         names = meta.get("models")
         if (not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) and n for n in names)
                 or len(set(names)) != len(names)):
@@ -488,9 +480,9 @@ class Router:
             if meta.get(key) not in names:
                 raise InvalidParameterError(
                     f"The 'meta' parameter of {owner} must name the {key} model among {names}. Got {meta.get(key)!r}.")
-        d = _meta_int(meta, "n_features_in", owner, 1, 1 << 24)
-        coef = _finite_array(arrays, "coef", (len(names), d), owner).astype(np.float64)
-        intercept = _finite_array(arrays, "intercept", (len(names),), owner).astype(np.float64)
+        d = meta_int(meta, "n_features_in", owner, 1, 1 << 24)
+        coef = finite_array(arrays, "coef", (len(names), d), owner).astype(np.float64)
+        intercept = finite_array(arrays, "intercept", (len(names),), owner).astype(np.float64)
         base_rates = meta.get("base_rates", {})
         converged = meta.get("converged", {})
         if not isinstance(base_rates, Mapping) or not all(
@@ -520,11 +512,6 @@ class Router:
         self.converged_ = dict(converged)
         self.n_features_in_ = d
         return self
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write ``meta.json`` and a content-addressed ``arrays-<sha256>.safetensors`` into the folder ``path``."""
-        meta, arrays = self.get_state()
-        return save_state(path, meta, arrays)
 
     @classmethod
     def load(cls, path: str | os.PathLike, features: Any = None) -> Router:

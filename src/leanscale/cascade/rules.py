@@ -64,7 +64,7 @@ from leanscale.core.validation import (
     check_texts,
 )
 
-__all__ = ["MinedRules", "evaluate_rules", "mine_rules", "precision_lower_bound"]
+__all__ = ["MinedRules", "evaluate_rules", "mine_rules"]  # re-exported by leanscale.cascade (precision_lower_bound: here)
 
 _TOKEN = re.compile(r"\b\w\w+\b")
 _MAX_LENGTH = 10_000  # RegexStage's default max_length: mining sees what the stage will see

@@ -35,14 +35,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = [
-    "FrontierResult",
-    "binomial_p_value",
-    "evaluate_config",
-    "fixed_sequence_test",
-    "frontier",
-    "pareto_mask",
-]
+# re-exported by leanscale.cascade; binomial_p_value, evaluate_config, fixed_sequence_test and
+# pareto_mask are importable from here
+__all__ = ["FrontierResult", "frontier"]
 
 OFF = None  # a stage that is not called
 

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from leanscale.cascade.text_models import TfidfClassifier
+from leanscale.cascade.tfidf import TfidfClassifier
 
 __all__ = ["STACK_SCALE", "StackedEncoder", "cross_fitted_logp"]
 
@@ -44,7 +44,7 @@ class StackedEncoder:
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         if self.embed is None:
-            from leanscale.pruning.embed import embed_texts
+            from leanscale.models.encoders import embed_texts
 
             emb = embed_texts(list(texts))
         else:

@@ -51,8 +51,7 @@ __all__ = [
     "StageOutput",
     "check_regex_safety",
     "measure_cost",
-    "softmax_with_temperature",
-]
+]  # re-exported by leanscale.cascade; softmax_with_temperature is importable from here
 
 
 class StageError(LeanscaleError, RuntimeError):

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
-from leanscale.core.io import read_json
+from leanscale.core.registry import read_result
 
 __all__ = ["chapter", "headline"]
 
-_RESULTS = Path(__file__).resolve().parents[3] / "benchmarks" / "results" / "cascade"
 _MAIN_BENCHMARK = "wordnet.json"
 
 
@@ -29,18 +26,19 @@ def chapter(ctx):
 
     from leanscale.cascade import (
         Cascade,
+        EmbeddingClassifier,
         ModelStage,
         Router,
+        TfidfClassifier,
         evaluate_router,
         mine_rules,
     )
     from leanscale.cascade.stacking import StackedEncoder, cross_fitted_logp
-    from leanscale.cascade.text_models import EmbeddingClassifier, TfidfClassifier
     from leanscale.core.errors import InvalidParameterError
     from leanscale.data._sampling import stratified_indices
+    from leanscale.data.embeddings import cached_text_embeddings
     from leanscale.data.wordnet import load_wordnet_glosses
-    from leanscale.pruning.datasets import cached_text_embeddings
-    from leanscale.tour import ChapterResult
+    from leanscale.report.chapter import ChapterResult
 
     report = ctx.report
     report.add_paragraph(
@@ -167,9 +165,8 @@ def chapter(ctx):
          "value": " / ".join(f"{np.mean(out.stage == k):.0%}" for k in ("rules", "tfidf", "big")), "paper": ""},
         {"metric": "router APGR (random 0.5)", "value": f"{ev['apgr']:.3f}", "paper": "RouteLLM metric"},
     ]
-    bench = _RESULTS / _MAIN_BENCHMARK
-    if bench.is_file():
-        d = read_json(bench)
+    d = read_result("cascade", _MAIN_BENCHMARK)
+    if d is not None:
         f = d["frontier"]
         summary.append({"metric": "benchmark: measured speed-up vs big model, accuracy gap",
                         "value": f"{f['measured']['speedup']:.1f}x, {f['accuracy_gap_points']:.2f} points less",
@@ -179,11 +176,9 @@ def chapter(ctx):
 
 def headline(results_root=None) -> str:
     """One line for the README table, from the committed benchmark results."""
-    root = Path(results_root) / "cascade" if results_root else _RESULTS
-    bench = root / _MAIN_BENCHMARK
-    if not bench.is_file():
+    d = read_result("cascade", _MAIN_BENCHMARK, results_root)
+    if d is None:
         return ""
-    d = read_json(bench)
     f, gr = d["frontier"], d["guarantee"]
     text = (f"WordNet cascade (rules -> TF-IDF -> MiniLM head): {f['measured']['speedup']:.1f}x the big model's "
             f"requests/s at {f['accuracy_gap_points']:.2f} points less accuracy")

@@ -10,10 +10,11 @@ it stopped when started again with the same arguments.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import warnings
+
+from leanscale.cli import add_command, print_json
 
 EPILOG = """\
 examples:
@@ -26,11 +27,11 @@ strategies: random, margin (default), entropy, least_confidence, diversity (clus
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "active", help="pool-based active learning: label the examples that teach the most",
+    p = add_command(
+        subparsers, "active", help="pool-based active learning: label the examples that teach the most",
         description="Active learning: start from a few random labels, then repeatedly fit the model and "
         "ask for the labels of the most uncertain (or most uncertain and diverse) pool examples.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
     )
     p.add_argument("--data", default="fashion-mnist", help="fashion-mnist (default), wordnet, .npz or a data folder")
     p.add_argument("--data-root", default=None, help="folder of a built-in data set's files")
@@ -138,8 +139,7 @@ def run(args) -> int:
     if out is not None:
         atomic_write_json(out / "history.json", blob)
     if args.json:
-        json.dump({k: v for k, v in blob.items() if k != "labeled_indices"}, sys.stdout, indent=2)
-        print()
+        print_json({k: v for k, v in blob.items() if k != "labeled_indices"})
     elif out is not None:
         print(f"wrote {out / 'history.json'}")
     return 0

@@ -9,13 +9,11 @@ Fashion-MNIST with a recipe (single process or under ``torchrun``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import warnings
 from pathlib import Path
 
-from leanscale.cli import run_action
+from leanscale.cli import add_actions, add_command, print_json, run_action, torchrun_rank
 from leanscale.core.errors import InvalidParameterError
 
 EPILOG = """\
@@ -33,14 +31,14 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "batch", help="large-batch recipe, noise scale and training",
+    p = add_command(
+        subparsers, "batch", help="large-batch recipe, noise scale and training",
         description="Large batches without the generalization gap: plan a large-batch run from a "
         "small-batch one (Hoffer et al. 2017, Goyal et al. 2017), measure the gradient noise scale "
         "(McCandlish et al. 2018), train with the recipe.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
     )
-    sub = p.add_subparsers(dest="action", title="actions", metavar="<action>")
+    sub = add_actions(p)
 
     def recipe_args(q):
         q.add_argument("--batch", type=int, required=True, help="the large (global) batch")
@@ -48,7 +46,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         q.add_argument("--base-lr", type=float, default=0.1, help="small-batch learning rate (0.1)")
         q.add_argument("--epochs", type=float, default=1.0, help="small-batch epochs (1)")
         q.add_argument("--milestones", type=_floats, default=(), help="small-batch LR-drop epochs, e.g. 5,8")
-        q.add_argument("--rule", default="sqrt", help="LR scaling: sqrt (Hoffer, default), linear (Goyal), none")
+        # large_batch.schedules.DEFAULT_LR_RULE, written out: the parser must not import torch
+        q.add_argument("--rule", default="sqrt",
+                       help="LR scaling: sqrt (Hoffer, default), linear (Goyal; add --warmup-epochs), none")
         q.add_argument("--ghost-batch", type=int, default=None, help="ghost batch (default: the base batch; 0: off)")
         q.add_argument("--regime", type=float, default=1.0,
                        help="regime adaptation: 1 = as many updates as the small batch, 0 = as many epochs")
@@ -82,7 +82,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     q.add_argument("--out", default=None, help="write the result JSON here")
     q.add_argument("--json", action="store_true", help="print JSON")
     q.set_defaults(action_func=run_train)
-    p.set_defaults(func=run, print_help=p.print_help)
     return p
 
 
@@ -101,12 +100,9 @@ def _recipe(args):
 
 
 def run_plan(args) -> int:
-    from leanscale.core.io import to_jsonable
-
     recipe = _recipe(args)
     if args.json:
-        json.dump(to_jsonable(recipe.plan().to_dict()), sys.stdout, indent=2)
-        print()
+        print_json(recipe.plan().to_dict())
     else:
         print(recipe.describe())
     return 0
@@ -141,7 +137,6 @@ def _check_out_path(out: str | None, flag: str = "--out") -> None:
 def run_noise(args) -> int:
     import torch.nn.functional as F
 
-    from leanscale.core.io import to_jsonable
     from leanscale.core.validation import Interval, check_param
     from leanscale.large_batch.noise_scale import (
         measure_noise_scale,
@@ -179,7 +174,7 @@ def run_noise(args) -> int:
         warnings.simplefilter("ignore", RuntimeWarning)
         measured = measure_noise_scale(model, F.cross_entropy, (data[0], data[1]),
                                        batch_size=args.batch_size, n_batches=args.n_batches)
-        advice = (measured.advise(base_lr=args.base_lr, base_batch=args.base_batch, n_examples=len(data[1]))
+        advice = (measured.advise(base_lr=args.base_lr, base_batch_size=args.base_batch, n_examples=len(data[1]))
                   if measured.reliable else None)
     where = f"after {steps} warm-up steps, {args.n_batches} batches of {args.batch_size}"
     warning_list = [measured.warning] if measured.warning else list(advice.warnings if advice else ())
@@ -187,8 +182,7 @@ def run_noise(args) -> int:
         blob = {"b_simple": float(measured.b_simple) if measured.reliable else None, "reliable": measured.reliable,
                 "warnings": warning_list, "warm_steps": steps, "measurement": measured.to_dict(),
                 "advice": advice}
-        json.dump(to_jsonable(blob), sys.stdout, indent=2)
-        print()
+        print_json(blob)
     elif advice is None:
         print(f"B_simple: no reliable estimate ({where}).")
         print(f"warning: {measured.warning}")
@@ -204,8 +198,7 @@ def run_noise(args) -> int:
 
 def run_train(args) -> int:
     from leanscale.core.config import apply_overrides
-    from leanscale.core.distributed import init_from_env, rank_and_world, shutdown
-    from leanscale.core.io import atomic_write_json, to_jsonable
+    from leanscale.core.io import atomic_write_json
     from leanscale.large_batch.train import TrainConfig, train_classifier
 
     recipe = _recipe(args)
@@ -228,13 +221,8 @@ def run_train(args) -> int:
     if args.milestones:
         base = TrainConfig(**{**base.__dict__, "milestones": tuple(m / args.epochs for m in args.milestones)})
     config = recipe.train_config(base)
-    started = init_from_env()
-    rank = rank_and_world()[0]
-    try:
+    with torchrun_rank() as rank:
         result = train_classifier(config, progress_bar=not args.json)
-    finally:
-        if started:
-            shutdown()
     if rank != 0:
         return 0  # under torchrun only rank 0 reports
     blob = result.to_dict()
@@ -242,8 +230,7 @@ def run_train(args) -> int:
     if args.out:
         atomic_write_json(args.out, blob)
     if args.json:
-        json.dump(to_jsonable(blob), sys.stdout, indent=2)
-        print()
+        print_json(blob)
     else:
         print(recipe.describe())
         print(f"test accuracy {result.test_accuracy:.4f} after {result.steps} steps of {config.batch_size} "

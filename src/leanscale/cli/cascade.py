@@ -10,19 +10,19 @@ Three actions:
 * ``eval`` measures a saved cascade on data (the test split recorded at fit time when the data are
   the ones it was fit on);
 * ``serve`` is ``leanscale serve``: the same arguments and code.
+
+The protocol itself (split, stages, fit, evaluation, the eval record) is the API of
+:mod:`leanscale.cascade.evaluation`; this module parses the arguments, calls it and prints.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import math
 import sys
-import time
 from pathlib import Path
 
-from leanscale.cli import run_action
+from leanscale.cli import add_actions, add_command, print_json, run_action
 from leanscale.cli import serve as serve_cli
 
 EPILOG = """\
@@ -44,26 +44,24 @@ files written by fit (--out cascade.json):
   cascade.eval.json             train/calibration/test indices and the test summary
 """
 
-VALID_STAGES = ("rules", "tfidf", "minilm")
+# Every built-in stage, cheapest first (leanscale.cascade.evaluation.TEXT_STAGES, written out: this
+# module imports nothing heavy at start-up; the stage names are checked by the API's check).
 DEFAULT_STAGES = "rules,tfidf,minilm"
 WORDNET_MAX_EXAMPLES = 20_000
-FRACTIONS = (0.6, 0.2, 0.2)
-EVAL_FORMAT = "leanscale.cascade.eval"
-MIN_EXAMPLES = 10
 
 _FIT = "leanscale cascade fit"
 _EVAL = "leanscale cascade eval"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "cascade", help="train, evaluate and serve a cascade: rules -> TF-IDF -> MiniLM",
+    p = add_command(
+        subparsers, "cascade", help="train, evaluate and serve a cascade: rules -> TF-IDF -> MiniLM",
         description="Filters and simpler models first: train a cascade of keyword rules, TF-IDF and a MiniLM head on "
         "labelled texts, choose its thresholds from the exact cost-accuracy frontier (target accuracy, budget or a "
         "finite-sample guarantee), evaluate it and serve it over HTTP.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
     )
-    sub = p.add_subparsers(dest="action", title="actions", metavar="<action>")
+    sub = add_actions(p)
 
     def data_args(q):
         q.add_argument("--data", required=True, metavar="wordnet|PATH",
@@ -72,16 +70,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         q.add_argument("--label-column", default="label", help="column or key of the label (label)")
         q.add_argument("--data-root", default=None, help="folder of the WordNet files (default: the system's)")
 
-    q = sub.add_parser("fit", help="train the stages, choose the thresholds, evaluate and save",
-                       description="Split the data 60/20/20 into train/calibration/test (stratified), train the stages "
-                       "on train, fit the cascade's thresholds on calibration, report on test, save.",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    q = add_command(sub, "fit", help="train the stages, choose the thresholds, evaluate and save",
+                    description="Split the data 60/20/20 into train/calibration/test (stratified), train the stages "
+                    "on train, fit the cascade's thresholds on calibration, report on test, save.",
+                    epilog=EPILOG)
     data_args(q)
     q.add_argument("--max-examples", type=int, default=None,
                    help=f"stratified subsample of the data (default: {WORDNET_MAX_EXAMPLES} for wordnet, all rows of a file)")
     q.add_argument("--out", required=True, help="the cascade JSON to write")
     q.add_argument("--stages", default=DEFAULT_STAGES,
-                   help=f"comma-separated, cheapest first, from {', '.join(VALID_STAGES)} ({DEFAULT_STAGES})")
+                   help=f"comma-separated, cheapest first, from {DEFAULT_STAGES.replace(',', ', ')} ({DEFAULT_STAGES})")
     q.add_argument("--min-precision", type=float, default=0.9,
                    help="lower confidence bound on the precision of each mined rule (0.9)")
     goal = q.add_mutually_exclusive_group()
@@ -100,10 +98,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0, help="subsample, split and training seed (0)")
     q.set_defaults(action_func=run_fit)
 
-    q = sub.add_parser("eval", help="accuracy, per-stage share and mean cost of a saved cascade on data",
-                       description="Evaluate a saved cascade. When --data are the data it was fit on (checked against "
-                       "<stem>.eval.json), only the recorded test split is used, unless --all.",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    q = add_command(sub, "eval", help="accuracy, per-stage share and mean cost of a saved cascade on data",
+                    description="Evaluate a saved cascade. When --data are the data it was fit on (checked against "
+                    "<stem>.eval.json), only the recorded test split is used, unless --all.",
+                    epilog=EPILOG)
     q.add_argument("cascade", help="the cascade JSON written by fit (or Cascade.save)")
     data_args(q)
     q.add_argument("--all", action="store_true", help="evaluate on every example, even the ones fit on")
@@ -112,14 +110,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print JSON")
     q.set_defaults(action_func=run_eval)
 
-    q = sub.add_parser("serve", help="serve a saved cascade over HTTP (the same as `leanscale serve`)",
-                       description="Serve a saved cascade: POST /v1/predict, GET /healthz, GET /metrics, GET /openapi.json "
-                       "(GET /docs with --docs); "
-                       "exactly `leanscale serve`.",
-                       epilog=serve_cli.EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    q = add_command(sub, "serve", help="serve a saved cascade over HTTP (the same as `leanscale serve`)",
+                    description="Serve a saved cascade: POST /v1/predict, GET /healthz, GET /metrics, GET /openapi.json "
+                    "(GET /docs with --docs); "
+                    "exactly `leanscale serve`.",
+                    epilog=serve_cli.EPILOG)
     serve_cli.add_arguments(q)
     q.set_defaults(action_func=serve_cli.run)
-    p.set_defaults(func=run, print_help=p.print_help)
     return p
 
 
@@ -130,20 +127,10 @@ run = run_action  # the action chosen, or the help and exit status 2
 
 
 def _parse_stages(text: str) -> list[str]:
-    from leanscale.core.errors import InvalidParameterError
-    from leanscale.core.validation import unknown_name_error
+    from leanscale.cascade.evaluation import check_stage_names
 
     names = [t.strip() for t in str(text).split(",") if t.strip()]
-    if not names:
-        raise InvalidParameterError(
-            f"The '--stages' parameter of {_FIT} must name at least one of {', '.join(VALID_STAGES)}. Got {text!r}.")
-    for name in names:
-        if name not in VALID_STAGES:
-            raise unknown_name_error("--stages", name, VALID_STAGES, owner=_FIT)
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise InvalidParameterError(f"The '--stages' parameter of {_FIT} repeats {', '.join(dup)}. Got {text!r}.")
-    return names
+    return check_stage_names(names, _FIT, param="--stages", given=text)
 
 
 def _parse_costs(text: str | None, stages: list[str]) -> dict[str, float]:
@@ -173,6 +160,7 @@ def _parse_costs(text: str | None, stages: list[str]) -> dict[str, float]:
 
 
 def _check_args(args) -> None:
+    from leanscale.cascade.evaluation import MIN_EXAMPLES
     from leanscale.core.errors import InvalidParameterError
     from leanscale.core.validation import Interval, check_param
 
@@ -194,88 +182,6 @@ def _source_name(data: str) -> str:
     return "wordnet" if data.lower() == "wordnet" else str(Path(data).resolve())
 
 
-def _fingerprint(texts, labels, idx) -> str:
-    h = hashlib.sha256()
-    for i in idx:
-        h.update(texts[i].encode("utf-8", "surrogatepass"))
-        h.update(b"\x00")
-        h.update(str(labels[i]).encode("utf-8", "surrogatepass"))
-        h.update(b"\x01")
-    return h.hexdigest()
-
-
-def eval_path(cascade_path: str | Path) -> Path:
-    """``<stem>.eval.json`` beside the cascade JSON."""
-    p = Path(cascade_path)
-    return p.parent / f"{p.stem}.eval.json"
-
-
-def evaluate(cascade, texts, labels) -> dict:
-    """Accuracy, per-stage share and accuracy, mean cost and the last stage alone, on ``(texts, labels)``."""
-    import numpy as np
-
-    from leanscale.cascade import FALLBACK
-    from leanscale.cascade.stages import StageError
-
-    y = np.asarray(labels, dtype=object)
-    t0 = time.perf_counter()
-    out = cascade.predict_detailed(texts)
-    seconds = time.perf_counter() - t0
-    correct = np.array([a == b for a, b in zip(out.labels, y)], dtype=bool)
-    per_stage = {}
-    for name in [s.name for s in cascade.stages] + [FALLBACK]:
-        sel = out.stage == name
-        per_stage[name] = {"n": int(sel.sum()), "fraction": float(sel.mean()),
-                           "accuracy": float(correct[sel].mean()) if sel.any() else None}
-    last = cascade.stages[-1]
-    warnings = []
-    unanswered = int((~np.asarray(out.answered, dtype=bool)).sum())
-    if unanswered:
-        given = "no label" if cascade.fallback_label is None else f"the fallback label {cascade.fallback_label!r}"
-        warnings.append(f"{unanswered} of {len(texts)} requests got no answer from any stage (they got {given} "
-                        f"and count as wrong); stage errors: {dict(out.errors) or 'none'}")
-    try:
-        alone = last.predict(texts)
-        last_acc = float(np.mean([a and lab == t for a, lab, t in zip(alone.answered, alone.labels, y)]))
-    except StageError as exc:
-        last_acc = None
-        warnings.append(f"the last stage alone could not be measured: {exc}")
-    last_cost = float(cascade.costs_[last.name])
-    mean_cost = float(out.cost.mean())
-    fr = cascade.frontier_
-    return {
-        "n": len(texts), "accuracy": float(correct.mean()), "mean_cost": mean_cost, "stages": per_stage,
-        "last_stage": {"name": last.name, "accuracy": last_acc, "cost": last_cost},
-        "speedup_vs_last_stage": last_cost / mean_cost if mean_cost > 0 else None,
-        "errors": dict(out.errors), "unanswered": unanswered, "seconds": seconds,
-        "calibration": {"accuracy": float(cascade.expected_accuracy_), "mean_cost": float(cascade.expected_cost_)},
-        "frontier": {"points": len(fr), "exact": bool(fr.exact)},
-        "warnings": warnings,
-    }
-
-
-def format_summary(s: dict, title: str) -> str:
-    last = s["last_stage"]
-    speed = s["speedup_vs_last_stage"]
-    lines = [f"{title}: {s['n']:,} examples",
-             f"  accuracy {s['accuracy']:.4f} at mean cost {s['mean_cost']:.6g} per request",
-             f"  {last['name']} alone: accuracy "
-             + ("unknown" if last["accuracy"] is None else f"{last['accuracy']:.4f}")
-             + f" at {last['cost']:.6g} per request"
-             + (f"; the cascade is {speed:.2f}x cheaper" if speed is not None else "")]
-    width = max(len(k) for k in s["stages"])
-    lines.append(f"  {'stage':<{width}}  answered  accuracy")
-    for name, d in s["stages"].items():
-        acc = "-" if d["accuracy"] is None else f"{d['accuracy']:.4f}"
-        lines.append(f"  {name:<{width}}  {d['fraction']:>8.1%}  {acc:>8}")
-    if s["errors"]:
-        lines.append("  stage errors (requests passed on): " + ", ".join(f"{k} {v}" for k, v in s["errors"].items()))
-    fr = s["frontier"]
-    lines.append(f"  frontier: {fr['points']} Pareto-optimal setting(s) ({'exact' if fr['exact'] else 'subsampled'}); "
-                 f"calibration accuracy {s['calibration']['accuracy']:.4f} at {s['calibration']['mean_cost']:.6g}")
-    return "\n".join(lines)
-
-
 def _say(text: str) -> None:
     print(text, flush=True)
 
@@ -284,14 +190,14 @@ def _say(text: str) -> None:
 
 
 def run_fit(args) -> int:
-    import numpy as np
-
-    from leanscale.cascade import Cascade, ModelStage, mine_rules
-    from leanscale.cascade.data import load_labelled_texts, split_three
-    from leanscale.cascade.text_models import EmbeddingClassifier, TfidfClassifier
+    from leanscale.cascade.data import load_labelled_texts
+    from leanscale.cascade.evaluation import (
+        fit_text_cascade,
+        format_evaluation,
+        save_text_cascade,
+        split_labelled,
+    )
     from leanscale.core.errors import InvalidParameterError
-    from leanscale.core.io import atomic_write_json, to_jsonable
-    from leanscale.data._sampling import stratified_indices
 
     _check_args(args)
     names = _parse_stages(args.stages)
@@ -307,83 +213,30 @@ def run_fit(args) -> int:
 
     texts, y = load_labelled_texts(args.data, text_column=args.text_column, label_column=args.label_column,
                                    root=args.data_root)
-    n_total = len(texts)
     is_wordnet = args.data.lower() == "wordnet"
     max_examples = args.max_examples if args.max_examples is not None else (WORDNET_MAX_EXAMPLES if is_wordnet else None)
-    if max_examples is not None and max_examples < n_total:
-        pool = stratified_indices(y, max_examples, args.seed).astype(np.int64)
-    else:
-        pool = np.arange(n_total, dtype=np.int64)
-    n_classes = len(set(y[pool].tolist()))
-    if len(pool) < MIN_EXAMPLES or n_classes < 2:
-        raise InvalidParameterError(
-            f"The '--data' parameter of {_FIT} must hold at least {MIN_EXAMPLES} examples of at least 2 labels "
-            f"to split into train, calibration and test. Got {len(pool)} example(s) of {n_classes} label(s) "
-            f"in {args.data!r}.")
-    tr, ca, te = (pool[ix] for ix in split_three(len(pool), FRACTIONS, seed=args.seed, labels=y[pool]))
-    _say(f"data: {args.data}, {len(pool):,} examples" + (f" (stratified sample of {n_total:,})" if len(pool) < n_total
-                                                        else "")
-         + f", {n_classes} labels; train {len(tr):,} / calibration {len(ca):,} / test {len(te):,}")
+    split = split_labelled(y, max_examples=max_examples, seed=args.seed)
+    n_total, n_pool = split.n_examples, len(split.pool)
+    _say(f"data: {args.data}, {n_pool:,} examples" + (f" (stratified sample of {n_total:,})" if n_pool < n_total
+                                                     else "")
+         + f", {split.n_classes} labels; train {len(split.train):,} / calibration {len(split.calibration):,} / "
+         f"test {len(split.test):,}")
 
-    def sub(ix):
-        return [texts[i] for i in ix]
-
-    X_tr, y_tr = sub(tr), y[tr]
-    stages = []
-    for name in names:
-        t0 = time.perf_counter()
-        if name == "rules":
-            mined = mine_rules(X_tr, y_tr, min_precision=args.min_precision)
-            if len(mined) == 0:
-                _say(f"rules: no keyword rule reached precision {args.min_precision} with enough support on "
-                     f"{len(tr):,} training examples; stage skipped (lower --min-precision or add data)")
-                continue
-            stage = mined.to_stage(name="rules", cost=costs.get("rules"))
-            what = f"{len(mined)} rule(s) mined (precision lower bound >= {args.min_precision})"
-        elif name == "tfidf":
-            stage = ModelStage(TfidfClassifier(seed=args.seed).fit(X_tr, y_tr), name="tfidf", cost=costs.get("tfidf"))
-            what = "TF-IDF + logistic regression trained"
-        else:
-            _say(f"minilm: embedding {len(tr):,} training texts with all-MiniLM-L6-v2 ...")
-            stage = ModelStage(EmbeddingClassifier("minilm", seed=args.seed).fit(X_tr, y_tr), name="minilm",
-                               cost=costs.get("minilm"))
-            what = "MiniLM-embedding head trained"
-        _say(f"{name}: {what} in {time.perf_counter() - t0:.1f} s")
-        stages.append(stage)
-    if not stages:
-        raise InvalidParameterError(
-            f"The '--stages' parameter of {_FIT} left no stage to run: no rule passed --min-precision "
-            f"{args.min_precision}. Add tfidf or minilm to --stages, or lower --min-precision.")
-
-    cascade = Cascade(stages, target_accuracy=args.target_accuracy, budget=args.budget, guarantee=args.guarantee,
-                      delta=args.delta, calibrate=args.calibrate, random_state=args.seed)
-    cascade.fit(sub(ca), y[ca])
+    result = fit_text_cascade(
+        texts, y, stages=names, split=split, min_precision=args.min_precision, costs=costs,
+        target_accuracy=args.target_accuracy, budget=args.budget, guarantee=args.guarantee, delta=args.delta,
+        calibrate=args.calibrate, seed=args.seed, log=_say,
+    )
     _say("")
-    _say(cascade.explain())
+    _say(result.cascade.explain())
     _say("")
-    summary = evaluate(cascade, sub(te), y[te])
-    _say(format_summary(summary, "test split"))
+    summary = result.test_summary
+    _say(format_evaluation(summary, "test split"))
     for w in summary["warnings"]:
         _say(f"WARNING: {w}")
 
-    cascade.save(out)
-    from leanscale.core.io import sha256_file
-
-    doc = {
-        "format": EVAL_FORMAT, "version": 1, "cascade": out.name,
-        # the save this split belongs to: `eval` refuses the split for any other cascade file
-        "cascade_sha256": sha256_file(out),
-        "data": {"source": _source_name(args.data), "text_column": args.text_column,
-                 "label_column": args.label_column, "n_examples": n_total,
-                 "test_fingerprint": _fingerprint(texts, y, te)},
-        "max_examples": max_examples, "seed": args.seed, "fractions": list(FRACTIONS),
-        "stages_requested": names, "stages": [s.name for s in stages], "costs_declared": costs,
-        "settings": {"target_accuracy": args.target_accuracy, "budget": args.budget, "guarantee": args.guarantee,
-                     "delta": args.delta, "calibrate": args.calibrate, "min_precision": args.min_precision},
-        "indices": {"train": tr, "calibration": ca, "test": te},
-        "test": summary,
-    }
-    ev = atomic_write_json(eval_path(out), to_jsonable(doc))
+    ev = save_text_cascade(result, out, source=_source_name(args.data), text_column=args.text_column,
+                           label_column=args.label_column)
     _say(f"\nsaved: {out} (load with leanscale.cascade.Cascade.load); split and test summary: {ev}")
     return 0
 
@@ -391,97 +244,22 @@ def run_fit(args) -> int:
 # --------------------------------------------------------------------------------------- eval
 
 
-def _recorded_test(cascade_path: str, texts, y, warnings: list) -> tuple[list[int] | None, str]:
-    """The recorded test indices when the eval JSON exists, belongs to this cascade file and
-    matches these data, with a note; anything doubtful is appended to ``warnings``.
-
-    Raises:
-        DataFormatError: the eval JSON records these data but another save of the cascade (a fit
-            was interrupted between the two files): its test split may hold training examples.
-    """
-    from leanscale.core.errors import DataFormatError
-    from leanscale.core.io import read_json, sha256_file
-
-    path = eval_path(cascade_path)
-    if not path.is_file():
-        warnings.append(f"no {path.name} beside the cascade: every example is used, including any it was "
-                        "trained or calibrated on")
-        return None, f"no {path.name} beside the cascade: every example is used"
-    try:
-        doc = read_json(path, what="eval split file")
-        te = [int(i) for i in doc["indices"]["test"]]
-        data = doc["data"]
-        n_recorded, fp = int(data["n_examples"]), data["test_fingerprint"]
-        recorded_hash = doc.get("cascade_sha256")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        warnings.append(f"{path.name} cannot be read ({exc}): every example is used, including any the cascade "
-                        "was trained or calibrated on")
-        return None, f"{path.name} cannot be read: every example is used"
-    if doc.get("format") != EVAL_FORMAT or n_recorded != len(texts) or not te or max(te) >= len(texts) \
-            or min(te) < 0 or _fingerprint(texts, y, te) != fp:
-        return None, f"these data are not the ones recorded in {path.name}: every example is used"
-    if recorded_hash is None:
-        warnings.append(f"{path.name} does not record which save of the cascade it belongs to (written by an older "
-                        "leanscale): its test split is used unchecked")
-    elif recorded_hash != sha256_file(cascade_path):
-        raise DataFormatError(
-            f"The eval split file {str(path)!r} belongs to another save of {str(cascade_path)!r} (the cascade's "
-            f"sha256 is not the one recorded): the fit that wrote this cascade did not finish, so its test split is "
-            f"unknown and the recorded one may hold examples it was trained on. Re-run `{_FIT}`, or pass --all to "
-            "evaluate on every example (training examples included).")
-    return te, f"the test split recorded in {path.name}"
-
-
-def _label_warnings(cascade, y, warnings: list) -> None:
-    """Refuse data none of whose labels the cascade knows; warn when some are unknown."""
-    from collections import Counter
-
-    from leanscale.core.errors import DataFormatError
-
-    known = set(cascade.classes_.tolist())
-    counts = Counter(y.tolist())
-    unseen = sorted((lab for lab in counts if lab not in known), key=str)
-    if not unseen:
-        return
-    shown = ", ".join(repr(v) for v in unseen[:10]) + (f", ... ({len(unseen)} in all)" if len(unseen) > 10 else "")
-    n_bad = sum(counts[lab] for lab in unseen)
-    known_shown = ", ".join(repr(v) for v in sorted(known, key=str)[:10]) + (", ..." if len(known) > 10 else "")
-    if n_bad == len(y):
-        raise DataFormatError(
-            f"The '--data' parameter of {_EVAL} holds no label the cascade knows: its labels ({shown}) are all unseen "
-            f"(the cascade's labels: {known_shown}), so the accuracy would be 0 whatever it predicts. Check "
-            "--label-column and that these are the data it was fit for (labels from files are read as strings).")
-    warnings.append(f"{n_bad:,} of {len(y):,} examples ({n_bad / len(y):.1%}) have labels the cascade never saw "
-                    f"and can never predict: {shown}; they count as wrong")
-
-
 def run_eval(args) -> int:
     from leanscale.cascade import Cascade
     from leanscale.cascade.data import load_labelled_texts
-    from leanscale.core.io import to_jsonable
+    from leanscale.cascade.evaluation import evaluate_saved_cascade, format_evaluation
 
-    cascade = Cascade.load(args.cascade, objects=serve_cli._objects(args.objects, owner="leanscale cascade eval"))
+    cascade = Cascade.load(args.cascade, objects=serve_cli._objects(args.objects, owner=_EVAL))
     texts, y = load_labelled_texts(args.data, text_column=args.text_column, label_column=args.label_column,
                                    root=args.data_root)
-    warnings: list[str] = []
-    if args.all:
-        idx, note = None, "every example (--all)"
-    else:
-        idx, note = _recorded_test(args.cascade, texts, y, warnings)
-    if idx is not None:
-        texts, y = [texts[i] for i in idx], y[idx]
-    _label_warnings(cascade, y, warnings)
-    summary = evaluate(cascade, texts, y)
-    summary["examples_used"] = note
-    summary["warnings"] = warnings + summary.pop("warnings", [])
+    summary = evaluate_saved_cascade(args.cascade, texts, y, all_examples=args.all, cascade=cascade)
     if args.json:
-        json.dump(to_jsonable(summary), sys.stdout, indent=2)
-        print()
+        print_json(summary)
     else:
         for w in summary["warnings"]:
             print(f"WARNING: {w}", file=sys.stderr, flush=True)
-        _say(f"{args.cascade} on {args.data} ({note})")
+        _say(f"{args.cascade} on {args.data} ({summary['examples_used']})")
         for w in summary["warnings"]:
             _say(f"WARNING: {w}")
-        _say(format_summary(summary, "evaluation"))
+        _say(format_evaluation(summary, "evaluation"))
     return 0

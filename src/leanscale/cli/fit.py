@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
-from leanscale.core.io import to_jsonable
+from leanscale.cli import add_command, print_json
 from leanscale.report.table import format_table
 from leanscale.scaling.analysis import REFERENCE_EXPONENTS, analyze_runs
 from leanscale.scaling.runs import read_curves, read_runs
@@ -25,12 +23,12 @@ budget_flops (IsoFLOP group) and run_id. curves.csv: run_id, n_params, n_tokens,
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "fit", help="fit L(N, D) and compute-optimal exponents to your runs",
+    p = add_command(
+        subparsers, "fit", help="fit L(N, D) and compute-optimal exponents to your runs",
         description="Fit Chinchilla's three approaches to training runs: the parametric law "
         "L(N,D) = E + A/N^alpha + B/D^beta (Approach 3, bootstrap intervals), IsoFLOP profiles "
         "(Approach 2) and the envelope of training curves (Approach 1).",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
     )
     p.add_argument("runs", help="CSV of runs (e.g. the runs.csv a `leanscale sweep` wrote)")
     p.add_argument("--curves", help="CSV of training curves (default: curves.csv next to the runs, if any)")
@@ -58,12 +56,7 @@ def run(args) -> int:
     if args.json:
         blob = analysis.to_dict()  # its "warnings" list says why a result may not be trusted
         blob["files"] = {k: str(v) for k, v in paths.items()}
-        json.dump(to_jsonable(blob), sys.stdout, indent=2)
-        print()
-        sys.stdout.flush()
-        for warning in analysis.warnings:
-            print(f"WARNING: {warning}", file=sys.stderr)
-        return 0
+        return print_json(blob, analysis.warnings)
     print(format_table(analysis.parameter_rows(), title=f"L(N, D) = E + A/N^alpha + B/D^beta  ({runs.n_params.size} runs)"))
     print()
     print(format_table(analysis.exponent_rows(), title="compute-optimal exponents: N_opt ~ C^a, D_opt ~ C^b"))

@@ -6,11 +6,12 @@ import argparse
 import dataclasses
 import json
 
+from leanscale.cli import add_command
 from leanscale.core import registry
 from leanscale.core.errors import InvalidParameterError
 from leanscale.core.io import to_jsonable
+from leanscale.core.registry import status_label
 from leanscale.report.table import format_table
-from leanscale.tour import status_label
 
 __all__ = ["add_parser", "run", "technique_rows"]
 
@@ -18,8 +19,11 @@ EPILOG = """\
 examples:
   leanscale ls                        every technique: status, commands, papers
   leanscale ls --status available     only what can be used now
-  leanscale ls --json                 the full registry as JSON (for scripts)
+  leanscale ls --json                 the full registry as JSON (for scripts), with where each
+                                      technique's benchmark results are read from
   leanscale ls --markdown             the README's technique table, with measured headlines
+                                      (from the results shipped with the package, or the checkout's
+                                      benchmarks/results/)
 """
 
 
@@ -39,13 +43,12 @@ def technique_rows(status: str | None = None) -> list[dict[str, str]]:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "ls",
+    parser = add_command(
+        subparsers, "ls",
         help="list the techniques, their status, commands and papers",
         description="List every technique of leanscale: whether it is available or planned, its "
         "subcommands and the papers it follows.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     fmt = parser.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print the registry as JSON")
@@ -66,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.json:
         blob = [
-            {**dataclasses.asdict(t), "folder": str(t.folder)}
+            {**dataclasses.asdict(t), "folder": str(t.folder),
+             "results": str(t.results) if t.results is not None else None}
             for t in registry.list_techniques(args.status)
         ]
         print(json.dumps(to_jsonable(blob), indent=2))

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import warnings
 from pathlib import Path
 
+from leanscale.cli import add_command, print_json
 from leanscale.core.errors import InvalidParameterError
-from leanscale.core.io import to_jsonable
 from leanscale.report.table import format_table
 from leanscale.scaling.flops import GPU_PEAK_FLOPS
 from leanscale.scaling.laws import LAWS, ScalingWarning
@@ -26,12 +24,12 @@ examples:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "plan", help="compute-optimal model size and tokens for a budget",
+    p = add_command(
+        subparsers, "plan", help="compute-optimal model size and tokens for a budget",
         description="Plan N (parameters), D (tokens) and C = 6ND (FLOPs) from a scaling law L(N, D) = "
         "E + A/N^alpha + B/D^beta. Give one of --flops/--params/--tokens for the compute-optimal "
         "choice, or two of them for the third.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
     )
     p.add_argument("--flops", type=float, help="training budget C in FLOPs")
     p.add_argument("--params", type=float, dest="n_params", help="model parameters N")
@@ -67,12 +65,7 @@ def run(args) -> int:
     notes = blob.pop("warnings")
     if args.json:
         blob["warnings"] = notes
-        json.dump(to_jsonable(blob), sys.stdout, indent=2)
-        print()
-        sys.stdout.flush()
-        for warning in notes:
-            print(f"WARNING: {warning}", file=sys.stderr)
-        return 0
+        return print_json(blob, notes)
     labels = {"law": "law", "flops": "FLOPs C", "n_params": "parameters N", "n_tokens": "tokens D",
               "tokens_per_param": "tokens per parameter", "predicted_loss": "predicted loss",
               "optimal": "compute-optimal", "compute_optimal_loss": "loss of the optimal split",

@@ -9,10 +9,9 @@ never modified: the kept indices refer to the rows of the training split (or of 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from leanscale.cli import run_action
+from leanscale.cli import add_actions, add_command, print_json, run_action, torchrun_rank
 
 EPILOG = """\
 examples:
@@ -33,14 +32,14 @@ def _keep(text: str) -> float | int:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "prune", help="score training examples and prune the data set",
+    p = add_command(
+        subparsers, "prune", help="score training examples and prune the data set",
         description="Data pruning (Sorscher et al. 2022; Paul et al. 2021): score every example with "
         "EL2N, GraNd, forgetting, uncertainty or (self-supervised) prototypes, then keep a fraction, "
         "hard or easy examples, class-balanced.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
     )
-    sub = p.add_subparsers(dest="action", title="actions", metavar="<action>")
+    sub = add_actions(p)
 
     def data_args(q, required=True):
         q.add_argument("--data", default="fashion-mnist" if required else None,
@@ -73,7 +72,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     q.add_argument("--out", default=None, help="folder for kept.npy and manifest.json (default: next to the scores)")
     q.add_argument("--json", action="store_true", help="print the manifest as JSON")
     q.set_defaults(action_func=run_select)
-    p.set_defaults(func=run, print_help=p.print_help)
     return p
 
 
@@ -86,8 +84,7 @@ def _labels(data):
 
 def _print(manifest: dict, as_json: bool, path) -> None:
     if as_json:
-        json.dump({k: v for k, v in manifest.items() if k != "dropped_indices"}, sys.stdout, indent=2)
-        print()
+        print_json({k: v for k, v in manifest.items() if k != "dropped_indices"})
         return
     s = manifest["strategy"]
     print(f"{manifest['metric']}: kept {manifest['n_kept']:,} of {manifest['n_examples']:,} "
@@ -114,7 +111,6 @@ def _check_flags(owner: str, **flags) -> None:
 
 
 def run_score(args) -> int:
-    from leanscale.core.distributed import init_from_env, rank_and_world, shutdown
     from leanscale.core.io import atomic_write_json, read_json
     from leanscale.pruning.datasets import load_pruning_data
     from leanscale.pruning.pruner import DataPruner
@@ -126,15 +122,11 @@ def run_score(args) -> int:
     pruner = DataPruner(metric=args.metric, keep=1.0, strategy="hard", score_epochs=args.epochs,
                         n_seeds=args.seeds, n_clusters=args.n_clusters, out_dir=args.out, seed=args.seed,
                         batch_size=args.batch_size, lr=args.lr)
-    started = init_from_env()
-    try:
+    with torchrun_rank() as rank:
         pruner.fit(data.x_train, _labels(data))
         path = pruner.write_manifest(args.out)
-    finally:
-        if started:
-            shutdown()
-    if rank_and_world()[0] != 0:
-        return 0
+    if rank != 0:
+        return 0  # under torchrun only rank 0 reports
     manifest = read_json(path, what="manifest")
     # which data was scored: `prune select` names it when it needs the labels again
     manifest["data"] = {"data": str(args.data), "data_root": args.data_root, "n_train": args.n_train}
@@ -161,7 +153,7 @@ def run_select(args) -> int:
     from pathlib import Path
 
     from leanscale.core.errors import DataFormatError, InvalidParameterError
-    from leanscale.core.io import atomic_write_json, read_json, read_npy, sha256_file
+    from leanscale.core.io import atomic_write_json, read_json, read_npy
     from leanscale.pruning.pruner import DataPruner
 
     _check_flags("leanscale prune select", **{"--seed": args.seed, "--n-train": args.n_train})
@@ -175,17 +167,16 @@ def run_select(args) -> int:
     scores = read_npy(scores_path, what="scores file", ndim=1)
     if scores.dtype.kind not in "fiu":
         raise DataFormatError(f"The scores file {str(scores_path)!r} must hold numbers. Got dtype {scores.dtype}.")
+    from leanscale.pruning.pruner import read_pruning_manifest
+
     manifest_in = scores_path.parent / "manifest.json"
-    scored = read_json(manifest_in, what="manifest") if manifest_in.is_file() else {}
-    if not isinstance(scored, dict):
-        raise DataFormatError(f"The manifest {str(manifest_in)!r} must be a JSON object. Got {type(scored).__name__}.")
-    recorded = scored.get("sha256", {}).get(scores_path.name) if isinstance(scored.get("sha256"), dict) else None
-    if recorded is not None and recorded != sha256_file(scores_path):
-        raise DataFormatError(
-            f"The scores file {str(scores_path)!r} does not belong to the manifest {str(manifest_in)!r} beside it "
-            f"(its SHA-256 differs from the one recorded there): a `prune score` was interrupted between the two "
-            f"writes, or one of them was changed. Run `leanscale prune score` again (it resumes) to write both."
-        )
+    try:  # the manifest's format version, and the scores against the SHA-256 it recorded
+        verify = ("scores.npy",) if scores_path.name == "scores.npy" else False
+        scored = read_pruning_manifest(manifest_in, verify=verify) if manifest_in.is_file() else {}
+    except DataFormatError as exc:
+        if "does not belong to the manifest" not in str(exc):
+            raise
+        raise DataFormatError(f"{exc} Run `leanscale prune score` again (it resumes) to write both.") from None
     labels = None
     if args.data is not None:
         from leanscale.pruning.datasets import load_pruning_data

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from leanscale.cli import add_command
+
 EPILOG = """\
 examples:
   leanscale serve cascade.json                              http://127.0.0.1:8000 (/docs with --docs)
@@ -29,14 +31,36 @@ in flight (up to --timeout-graceful-shutdown) and exits 0.
 # uvicorn's log levels (uvicorn.config.LOG_LEVELS; not imported so that --help works without uvicorn)
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
+# The server's limits and timeouts: (flag, type, default, help).
+_LIMITS: tuple[tuple[str, type, int | float, str], ...] = (
+    ("--max-batch", int, 64, "most texts per cascade call (64)"),
+    ("--max-wait-ms", float, 2.0, "wait at most this long after the first text for a batch to fill (2)"),
+    ("--max-queue", int, 1024, "texts waiting at most; beyond, answer 503 (1024)"),
+    ("--max-items-per-request", int, 256, "texts per request at most (256)"),
+    ("--max-text-chars", int, 10_000, "characters per text at most (10000)"),
+    ("--max-body-bytes", int, 1_000_000, "request body size at most (1000000)"),
+    ("--request-timeout", float, 30.0, "answer 504 when a request is not answered in this many seconds (30)"),
+    ("--body-timeout", float, 10.0, "answer 408 when the request body does not arrive in this many seconds (10)"),
+    ("--max-queue-age", float, 10.0,
+     "/healthz answers 503 once a request has waited longer than this, in seconds (10)"),
+    ("--max-connections", int, 1000,
+     "open connections at most; at the limit the longest idle one is closed (1000)"),
+    ("--timeout-idle", float, 10.0,
+     "close a connection that sends no complete request head in this many seconds (10)"),
+    ("--timeout-keep-alive", float, 5.0, "close an idle keep-alive connection after this many seconds (5)"),
+    ("--timeout-graceful-shutdown", float, 30.0,
+     "on SIGTERM, wait at most this many seconds for the requests in flight (30)"),
+    ("--backlog", int, 1024, "listen backlog (1024)"),
+)
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "serve", help="serve a saved cascade over HTTP (micro-batching, fallback, metrics)",
+    p = add_command(
+        subparsers, "serve", help="serve a saved cascade over HTTP (micro-batching, fallback, metrics)",
         description="Serve a saved leanscale cascade: POST /v1/predict, GET /healthz, GET /metrics (Prometheus), "
         "GET /openapi.json (and GET /docs with --docs). Requests are micro-batched; a failing stage falls back to "
         "the next one.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
     )
     add_arguments(p)
     p.set_defaults(func=run)
@@ -49,28 +73,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (127.0.0.1; the server has no authentication, so bind wider with care)")
     p.add_argument("--port", type=int, default=8000, help="port (8000)")
-    p.add_argument("--max-batch", type=int, default=64, help="most texts per cascade call (64)")
-    p.add_argument("--max-wait-ms", type=float, default=2.0,
-                   help="wait at most this long after the first text for a batch to fill (2)")
-    p.add_argument("--max-queue", type=int, default=1024, help="texts waiting at most; beyond, answer 503 (1024)")
-    p.add_argument("--max-items-per-request", type=int, default=256, help="texts per request at most (256)")
-    p.add_argument("--max-text-chars", type=int, default=10_000, help="characters per text at most (10000)")
-    p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="request body size at most (1000000)")
-    p.add_argument("--request-timeout", type=float, default=30.0,
-                   help="answer 504 when a request is not answered in this many seconds (30)")
-    p.add_argument("--body-timeout", type=float, default=10.0,
-                   help="answer 408 when the request body does not arrive in this many seconds (10)")
-    p.add_argument("--max-queue-age", type=float, default=10.0,
-                   help="/healthz answers 503 once a request has waited longer than this, in seconds (10)")
-    p.add_argument("--max-connections", type=int, default=1000,
-                   help="open connections at most; at the limit the longest idle one is closed (1000)")
-    p.add_argument("--timeout-idle", type=float, default=10.0,
-                   help="close a connection that sends no complete request head in this many seconds (10)")
-    p.add_argument("--timeout-keep-alive", type=float, default=5.0,
-                   help="close an idle keep-alive connection after this many seconds (5)")
-    p.add_argument("--timeout-graceful-shutdown", type=float, default=30.0,
-                   help="on SIGTERM, wait at most this many seconds for the requests in flight (30)")
-    p.add_argument("--backlog", type=int, default=1024, help="listen backlog (1024)")
+    for flag, kind, default, text in _LIMITS:
+        p.add_argument(flag, type=kind, default=default, help=text)
     p.add_argument("--docs", action="store_true",
                    help="serve the Swagger UI at /docs (your browser loads it from a CDN; off by default)")
     p.add_argument("--objects", default=None, metavar="MODULE:NAME",

@@ -10,11 +10,10 @@ hard-prunes a SWAT checkpoint into a compact file with the settings the checkpoi
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from leanscale.cli import run_action
+from leanscale.cli import add_actions, add_command, print_json, run_action, torchrun_rank
 
 EPILOG = """\
 examples:
@@ -37,13 +36,13 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "sparse", help="SWAT sparse training: convert, report, train, export",
+    p = add_command(
+        subparsers, "sparse", help="SWAT sparse training: convert, report, train, export",
         description="Sparse weight activation training (SWAT, Raihan & Aamodt 2020): top-K weights in the "
         "forward pass, top-K activations kept compactly for the backward pass, measured FLOPs and memory.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
     )
-    sub = p.add_subparsers(dest="action", title="actions", metavar="<action>")
+    sub = add_actions(p)
 
     def swat_args(q, export=False):
         # export: every default None, so an unset flag takes the checkpoint's recorded value
@@ -89,7 +88,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output file (load with leanscale.sparse.load_pruned)")
     swat_args(q, export=True)
     q.set_defaults(action_func=run_export)
-    p.set_defaults(func=run, print_help=p.print_help)
     return p
 
 
@@ -163,7 +161,6 @@ def run_report(args) -> int:
     import torch
 
     from leanscale.core.errors import InvalidParameterError
-    from leanscale.core.io import to_jsonable
     from leanscale.sparse.report import swat_report
 
     if args.batch < 2:
@@ -175,8 +172,7 @@ def run_report(args) -> int:
     x = torch.randn(args.batch, *args.input_shape)
     report = swat_report(dense, swat, x)
     if args.json:
-        json.dump(to_jsonable(report), sys.stdout, indent=2)
-        print()
+        print_json(report)
     else:
         print(report["text"])
     return 0
@@ -184,8 +180,7 @@ def run_report(args) -> int:
 
 def run_train(args) -> int:
     from leanscale.core.config import apply_overrides
-    from leanscale.core.distributed import init_from_env, rank_and_world, shutdown
-    from leanscale.core.io import atomic_write_json, to_jsonable
+    from leanscale.core.io import atomic_write_json
     from leanscale.large_batch.train import (
         TrainConfig,
         build_model,
@@ -202,18 +197,13 @@ def run_train(args) -> int:
     _check_out_paths("train", {"--out": args.out, "--save": args.save, "--checkpoint": args.checkpoint})
     config = apply_overrides(TrainConfig(model=args.model, epochs=args.epochs, eval_every_epochs=args.epochs),
                              args.overrides)
-    started = init_from_env()
-    rank = rank_and_world()[0]
-    try:
+    with torchrun_rank() as rank:
         data = load_image_data(config)
         import torch
 
         torch.manual_seed(config.seed)
         model = _apply(build_model(config, tuple(data[0].shape[1:]), int(data[1].max()) + 1), args)
         result = train_classifier(config, data=data, model=model, keep_model=True, progress_bar=not args.json)
-    finally:
-        if started:
-            shutdown()
     if rank != 0:
         return 0  # under torchrun only rank 0 reports
     blob = result.to_dict()
@@ -223,15 +213,14 @@ def run_train(args) -> int:
     if args.checkpoint:
         # the SWAT model in training form, with what made it: `sparse export` rebuilds exactly this
         architecture = {"model": config.model, "width": config.width, "in_shape": list(data[0].shape[1:]),
-                        "num_classes": int(data[1].max()) + 1}
+                        "n_classes": int(data[1].max()) + 1}
         save_swat_checkpoint(result.model, args.checkpoint, _settings(args), extra={"architecture": architecture})
     if args.save:
         save_pruned(export_pruned(result.model), args.save)
     if args.out:
         atomic_write_json(args.out, blob)
     if args.json:
-        json.dump(to_jsonable(blob), sys.stdout, indent=2)
-        print()
+        print_json(blob)
     else:
         wrote = "".join(f"; {what} -> {path}" for what, path in (("SWAT checkpoint", args.checkpoint),
                                                                 ("pruned model", args.save)) if path)
@@ -288,19 +277,22 @@ def _recorded_model(arch, source: str, state: dict):
     def small_int(v, hi):
         return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= hi
 
-    ok = (isinstance(arch, dict) and set(arch) == {"model", "width", "in_shape", "num_classes"}
+    if isinstance(arch, dict) and "num_classes" in arch and "n_classes" not in arch:  # written before #14
+        arch = {("n_classes" if k == "num_classes" else k): v for k, v in arch.items()}
+    ok = (isinstance(arch, dict) and set(arch) == {"model", "width", "in_shape", "n_classes"}
           and arch["model"] in ("bncnn", "mlp") and small_int(arch["width"], 2**16)
-          and small_int(arch["num_classes"], 2**24) and isinstance(arch["in_shape"], list)
+          and small_int(arch["n_classes"], 2**24) and isinstance(arch["in_shape"], list)
           and 1 <= len(arch["in_shape"]) <= 3 and all(small_int(d, 2**16) for d in arch["in_shape"])
           and (arch["model"] != "bncnn" or len(arch["in_shape"]) == 3))
     if not ok:
         raise DataFormatError(
             f"The SWAT checkpoint {source} records an invalid architecture {arch!r:.200}: it must be "
-            f"{{'model': 'bncnn' or 'mlp', 'width': int, 'in_shape': [ints], 'num_classes': int}}."
+            f"{{'model': 'bncnn' or 'mlp', 'width': int, 'in_shape': [ints], 'n_classes': int}} ('num_classes' in older "
+            f"checkpoints)."
         )
     config = TrainConfig(model=arch["model"], width=arch["width"])
     with torch.device("meta"):  # count the parameters without allocating them
-        probe = build_model(config, tuple(arch["in_shape"]), arch["num_classes"])
+        probe = build_model(config, tuple(arch["in_shape"]), arch["n_classes"])
     need = sum(math.prod(t.shape) for t in probe.state_dict().values())
     have = sum(t.numel() for t in state.values())
     if need > have:
@@ -308,7 +300,7 @@ def _recorded_model(arch, source: str, state: dict):
             f"The SWAT checkpoint {source} records an architecture of {need:,} values but holds tensors of "
             f"only {have:,}: it is damaged."
         )
-    return build_model(config, tuple(arch["in_shape"]), arch["num_classes"])
+    return build_model(config, tuple(arch["in_shape"]), arch["n_classes"])
 
 
 def run_export(args) -> int:

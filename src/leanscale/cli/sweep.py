@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import warnings
 
+from leanscale.cli import add_command, print_json, torchrun_rank
 from leanscale.core.config import config_to_dict
-from leanscale.core.distributed import init_from_env, shutdown
 from leanscale.core.errors import InvalidParameterError
-from leanscale.core.io import to_jsonable
 from leanscale.report.table import format_table
 from leanscale.scaling._presets import EXECUTORS, PRESETS
 
@@ -34,13 +31,13 @@ A sweep is resumable: run the same command again with the same --out and finishe
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "sweep", help="train an IsoFLOP grid of small Transformers (runs.csv for `fit`)",
+    p = add_command(
+        subparsers, "sweep", help="train an IsoFLOP grid of small Transformers (runs.csv for `fit`)",
         description="Train, for each compute budget C, several decoder-only Transformers of "
         "sizes N spaced evenly in log N around the expected compute-optimal size, each for D = C / (6 N) "
         "tokens of a local text corpus (single epoch), and write runs.csv (final validation "
         "loss per run) and curves.csv (loss curves) for `leanscale fit`.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
     )
     p.add_argument("--out", required=True, help="results folder (resumes when it holds the same sweep)")
     p.add_argument("--preset", default="default", choices=tuple(PRESETS),
@@ -81,20 +78,13 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from leanscale.scaling._train import dist_info
     from leanscale.scaling.sweep import run_sweep
 
     config = config_from_args(args)
-    started = init_from_env()
-    rank = dist_info()[0]
-    try:
-        with warnings.catch_warnings():
-            # A damaged task file (moved aside and trained again) is reported below, once.
-            warnings.filterwarnings("ignore", message=".*computed again", category=RuntimeWarning)
-            result = run_sweep(config, args.out, progress=not args.no_progress)
-    finally:
-        if started:
-            shutdown()
+    with torchrun_rank() as rank, warnings.catch_warnings():
+        # A damaged task file (moved aside and trained again) is reported below, once.
+        warnings.filterwarnings("ignore", message=".*computed again", category=RuntimeWarning)
+        result = run_sweep(config, args.out, progress=not args.no_progress)
     if rank != 0:
         return 0  # under torchrun only rank 0 reports
     if args.json:
@@ -102,12 +92,7 @@ def run(args: argparse.Namespace) -> int:
                 "curves_csv": str(result.curves_csv), "n_trained": result.n_trained,
                 "n_skipped": result.n_skipped, "config": config_to_dict(config), "runs": result.runs,
                 "warnings": result.warnings}
-        json.dump(to_jsonable(blob), sys.stdout, indent=2)
-        print()
-        sys.stdout.flush()
-        for warning in result.warnings:
-            print(f"WARNING: {warning}", file=sys.stderr)
-        return 0
+        return print_json(blob, result.warnings)
     columns = ["run_id", "n_params", "n_tokens", "flops", "loss", "train_loss", "seconds"]
     print(format_table(result.runs, columns,
                        title=f"IsoFLOP sweep: {len(result.runs)} runs ({result.n_trained} trained now, "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from leanscale.cli import add_command
+
 __all__ = ["add_parser", "run"]
 
 EPILOG = """\
@@ -19,14 +21,13 @@ exit status: 0 every chapter ran, 1 a chapter failed (the others still ran; see 
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "tour",
+    parser = add_command(
+        subparsers, "tour",
         help="run every technique on built-in data and write an HTML report",
         description="Run the tour chapter of every available technique, in registry order, on "
         "built-in data. Each chapter puts our measured numbers next to the paper's. The report is "
         "one self-contained HTML file with a JSON summary beside it.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--quick", action="store_true", help="run the short version of each chapter")
     parser.add_argument("--out", default="tour-report", metavar="DIR",
@@ -39,9 +40,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from leanscale.tour import (
-        run_tour,  # the tour imports more than `leanscale --help` needs
-    )
+    from leanscale.tour import run_tour  # the tour imports more than `leanscale --help` needs
 
     result = run_tour(out_dir=args.out, quick=args.quick, chapters=args.only, seed=args.seed)
     return 1 if result.failed else 0

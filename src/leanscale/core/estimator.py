@@ -10,7 +10,7 @@ may be in ``_parameter_constraints``; ``fit`` (or whatever starts the work) call
 - ``repr`` shows the parameters that differ from their defaults, as scikit-learn does;
 - renamed parameters keep working for one release: ``_renamed = {"old": "new"}`` makes
   ``set_params(old=...)`` set ``new`` with a ``FutureWarning`` (the constructor takes the old
-  name through :func:`renamed_argument`).
+  name through :func:`leanscale.core.deprecation.renamed_argument`).
 
 Example:
     >>> class Scaler(Estimator):
@@ -30,33 +30,9 @@ import inspect
 import warnings
 from typing import Any, ClassVar
 
-from leanscale.core.validation import Interval, check_param, unknown_name_error
+from leanscale.core.validation import check_param, unknown_name_error
 
-__all__ = ["Estimator", "renamed_argument"]
-
-def renamed_argument(owner: str, old: str, new: str, old_value: Any, new_value: Any, default: Any) -> Any:
-    """The value of a renamed argument during its one-release grace period.
-
-    ``old_value`` is what the caller passed under the old name (None when absent).
-    Passing the old name warns (``FutureWarning``); passing both names (the new one not at its
-    default) is refused.
-    """
-    from leanscale.core.errors import InvalidParameterError
-
-    if old_value is None:
-        return new_value
-    if new_value is not default and new_value != default:
-        raise InvalidParameterError(
-            f"The {old!r} parameter of {owner} was renamed to {new!r}; pass only {new!r}. Got both "
-            f"{old}={old_value!r} and {new}={new_value!r}."
-        )
-    warnings.warn(
-        f"{owner}: the {old!r} parameter was renamed to {new!r} and will be removed in the next "
-        f"release; pass {new}={old_value!r} instead.",
-        FutureWarning, stacklevel=3,
-    )
-    return old_value
-
+__all__ = ["Estimator"]
 
 class Estimator:
     """Signature-derived ``get_params``/``set_params``/``repr`` and ``_validate_params``."""
@@ -81,8 +57,19 @@ class Estimator:
 
     def set_params(self, **params: Any):
         """Set constructor parameters and return ``self``; an unknown name lists the valid ones."""
+        from leanscale.core.errors import InvalidParameterError
+
         valid = self._get_param_names()
         owner = f"{type(self).__name__}.set_params"
+        for old, new in self._renamed.items():
+            if old in params and new in params:
+                raise InvalidParameterError(
+                    f"The {old!r} parameter of {owner} was renamed to {new!r}; pass only {new!r}. Got both "
+                    f"{old}={params[old]!r} and {new}={params[new]!r}."
+                )
+        for key in params:  # all or nothing: an unknown name changes no parameter
+            if self._renamed.get(key, key) not in valid:
+                raise unknown_name_error("parameter", key, valid, owner=owner)
         for key, value in params.items():
             if key in self._renamed:
                 new = self._renamed[key]

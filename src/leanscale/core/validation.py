@@ -7,21 +7,24 @@ A function or estimator declares its constraints once::
         "method": [Options({"fast", "reference"})],
     }
 
-and :func:`validate_params` / :func:`check_param` produce messages such as::
+and :func:`check_param` / :func:`check_params` (estimators: ``Estimator._validate_params`` of
+:mod:`leanscale.core.estimator`) produce messages such as::
 
     The 'huber_delta' parameter of fit_parametric must be a float in the range (0, inf). Got -1.0 instead.
 
 Unknown names list the valid ones and the closest match. Nothing here uses ``assert``.
+
+Functions check their arguments with :func:`check_param` calls at their top, in the order of the
+signature, followed by the checks that relate several arguments (there is no decorator: #14
+removed the unused ``validate_params``, which could check neither those nor renamed arguments).
 """
 
 from __future__ import annotations
 
 import difflib
-import functools
-import inspect
 import math
 import numbers
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -34,11 +37,11 @@ __all__ = [
     "InstanceOf",
     "check_param",
     "check_params",
-    "validate_params",
     "check_array",
     "check_consistent_length",
     "check_is_fitted",
     "check_labels",
+    "check_items",
     "check_texts",
     "unknown_name_error",
     "closest_name",
@@ -163,25 +166,6 @@ def check_params(params: dict, constraints: dict, owner: str | None = None) -> N
             check_param(key, value, constraints[key], owner)
 
 
-def validate_params(constraints: dict) -> Callable:
-    """Decorator: check a function's arguments against ``constraints`` on every call."""
-
-    def decorator(func):
-        sig = inspect.signature(func)
-
-        @functools.wraps(func)
-        def wrapper(*args, **kwargs):
-            bound = sig.bind(*args, **kwargs)
-            bound.apply_defaults()
-            check_params(dict(bound.arguments), constraints, owner=func.__name__)
-            return func(*args, **kwargs)
-
-        wrapper._parameter_constraints = constraints  # type: ignore[attr-defined]
-        return wrapper
-
-    return decorator
-
-
 def closest_name(value: str, valid: Iterable[str]) -> str | None:
     """The valid name closest to ``value`` (difflib), or None when nothing is close."""
     match = difflib.get_close_matches(str(value), [str(v) for v in valid], n=1, cutoff=0.5)
@@ -287,28 +271,50 @@ def check_labels(name: str, value: Any, *, owner: str | None = None) -> np.ndarr
     return arr
 
 
+def check_items(
+    name: str,
+    value: Any,
+    item_type: type | tuple[type, ...],
+    *,
+    what: str,
+    noun: str,
+    owner: str | None = None,
+    min_len: int = 1,
+    reusable: bool = False,
+) -> list:
+    """``value`` as a list of at least ``min_len`` items, each an ``item_type``; the error names ``name``.
+
+    Any iterable but a single ``str``/``bytes`` is accepted; with ``reusable=True`` only a
+    :class:`~collections.abc.Sequence` (for a value that is kept and read again, which a one-off
+    iterator such as a generator cannot be). ``what`` describes the items in the messages
+    (``"strings (a list of str, one per item)"``), ``noun`` counts them (``"texts"``).
+    """
+    where = f" of {owner}" if owner else ""
+    iterable = isinstance(value, Sequence) if reusable else hasattr(value, "__iter__")
+    if isinstance(value, (str, bytes)) or not iterable:
+        raise InvalidParameterError(
+            f"The {name!r} parameter{where} must be a sequence of {what}. Got {type(value).__name__} instead."
+        )
+    items = list(value)
+    if len(items) < min_len:
+        if min_len == 1:
+            raise InvalidParameterError(f"The {name!r} parameter{where} must not be empty. Got 0 {noun}.")
+        raise InvalidParameterError(
+            f"The {name!r} parameter{where} must hold at least {min_len} {noun}. Got {len(items)}."
+        )
+    for i, item in enumerate(items):
+        if not isinstance(item, item_type):
+            raise InvalidParameterError(
+                f"The {name!r} parameter{where} must be a sequence of {what}. "
+                f"Got {type(item).__name__} {item!r} at index {i}."
+            )
+    return items
+
+
 def check_texts(name: str, value: Any, *, owner: str | None = None, min_len: int = 1) -> list[str]:
     """``value`` as a list of str (one per example or request); the error names ``name``.
 
     Any iterable but a single ``str``/``bytes`` is accepted; ``min_len=0`` allows an empty list.
     """
-    where = f" of {owner}" if owner else ""
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-        raise InvalidParameterError(
-            f"The {name!r} parameter{where} must be a sequence of strings (a list of str, one per item). "
-            f"Got {type(value).__name__} instead."
-        )
-    texts = list(value)
-    if len(texts) < min_len:
-        if min_len == 1:
-            raise InvalidParameterError(f"The {name!r} parameter{where} must not be empty. Got 0 texts.")
-        raise InvalidParameterError(
-            f"The {name!r} parameter{where} must hold at least {min_len} texts. Got {len(texts)}."
-        )
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise InvalidParameterError(
-                f"The {name!r} parameter{where} must be a sequence of strings (a list of str). "
-                f"Got {type(t).__name__} {t!r} at index {i}."
-            )
-    return texts
+    return check_items(name, value, str, what="strings (a list of str, one per item)", noun="texts", owner=owner,
+                       min_len=min_len)

@@ -35,9 +35,8 @@ __all__ = [
     "CACHE_ENV",
     "list_datasets",
     "resolve_path",
-    "find_file",
     "cache_dir",
-]
+]  # re-exported by leanscale.data; find_file is importable from here
 
 DATA_ROOT_ENV = "LEANSCALE_DATA_ROOT"  # overrides the default locations of all data sets
 CACHE_ENV = "LEANSCALE_CACHE"  # where tokenizers and encoded corpora are cached

@@ -44,16 +44,14 @@ __all__ = [
     "CORPORA",
     "DOCUMENT_SEPARATOR",
     "SPECIAL_TOKENS",
-    "USER_TEXT_SUFFIXES",
     "load_corpus",
-    "clean_gcide",
     "corpus_cache_key",
     "train_bpe_tokenizer",
     "encode_text",
     "encode_corpus",
     "TokenStream",
     "TokenBatches",
-]
+]  # re-exported by leanscale.data; USER_TEXT_SUFFIXES and clean_gcide are importable from here
 
 CORPORA: dict[str, str] = {
     "gcide": "Webster's Revised Unabridged Dictionary (1913) via GCIDE, Debian package dict-gcide",

@@ -31,13 +31,11 @@ from leanscale.data.paths import DataFormatError, resolve_path
 
 __all__ = [
     "LEXICOGRAPHER_FILES",
-    "WORDNET_POS",
     "WORDNET_N_GLOSSES",
     "WordNetGlosses",
-    "parse_data_line",
     "load_wordnet_glosses",
     "train_test_split",
-]
+]  # re-exported by leanscale.data; WORDNET_POS and parse_data_line are importable from here
 
 # The 45 lexicographer files of WordNet 3.0, indexed by lex_filenum (lexnames(5WN)).
 LEXICOGRAPHER_FILES: tuple[str, ...] = (

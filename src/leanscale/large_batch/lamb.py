@@ -64,7 +64,12 @@ import torch
 
 from leanscale.core.errors import InvalidParameterError
 from leanscale.core.validation import InstanceOf, Interval, check_param, check_params
-from leanscale.large_batch.lars import _check_dense, _check_group_keys, _norm, check_params_argument
+from leanscale.large_batch.lars import (
+    _check_group_keys,
+    _norm,
+    _TrustRatioOptimizer,
+    check_params_argument,
+)
 
 __all__ = ["LAMB"]
 
@@ -94,7 +99,7 @@ def _check_betas(betas: Any, owner: str) -> None:
         check_param(f"betas[{i}]", beta, [_BETA], owner=owner)
 
 
-class LAMB(torch.optim.Optimizer):
+class LAMB(_TrustRatioOptimizer):
     """Adam with a layer-wise trust ratio (You et al. 2019, arXiv 1904.00962, Algorithm 2).
 
     The update rule and suggested settings are in the module docstring.
@@ -149,27 +154,14 @@ class LAMB(torch.optim.Optimizer):
                 _check_betas(param_group["betas"], f"LAMB (param group {index})")
         super().add_param_group(param_group)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:  # pickles from before a key existed
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
-
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         """One LAMB step; ``closure`` (optional) re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
+        loss = self._closure_loss(closure)
         for index, group in enumerate(self.param_groups):
             beta1, beta2 = group["betas"]
             weight_decay = group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                _check_dense(p, "LAMB", index)
+            for p in self._with_grad(group, index):
                 grad = p.grad
                 state = self.state[p]
                 if not state:

@@ -180,6 +180,31 @@ def check_params_argument(params: Any, owner: str) -> list:
     return items
 
 
+class _TrustRatioOptimizer(torch.optim.Optimizer):
+    """What LARS and LAMB share around their update rules: old pickles, and the closure."""
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # pickles from before a key existed
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    @staticmethod
+    def _closure_loss(closure: Callable[[], torch.Tensor] | None) -> torch.Tensor | None:
+        """The loss ``closure`` returns (evaluated with gradients on), or None without one."""
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
+    def _with_grad(self, group: dict[str, Any], index: int):
+        """The parameters of param group ``index`` that have a gradient (dense and real, checked)."""
+        for p in group["params"]:
+            if p.grad is not None:
+                _check_dense(p, type(self).__name__, index)
+                yield p
+
+
 def _check_nesterov(nesterov: bool, momentum: float, dampening: float, owner: str) -> None:
     if nesterov and (momentum <= 0 or dampening != 0):
         raise InvalidParameterError(
@@ -188,7 +213,7 @@ def _check_nesterov(nesterov: bool, momentum: float, dampening: float, owner: st
         )
 
 
-class LARS(torch.optim.Optimizer):
+class LARS(_TrustRatioOptimizer):
     """SGD with momentum and a layer-wise trust ratio (You, Gitman & Ginsburg 2017, arXiv 1708.03888).
 
     The update rule and suggested settings are in the module docstring.
@@ -250,29 +275,16 @@ class LARS(torch.optim.Optimizer):
             _check_nesterov(merged["nesterov"], merged["momentum"], merged["dampening"], f"LARS (param group {index})")
         super().add_param_group(param_group)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:  # pickles from before a key existed
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
-
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         """One LARS step; ``closure`` (optional) re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
+        loss = self._closure_loss(closure)
         for index, group in enumerate(self.param_groups):
             lr = group["lr"]
             momentum = group["momentum"]
             dampening = group["dampening"]
             weight_decay = group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                _check_dense(p, "LARS", index)
+            for p in self._with_grad(group, index):
                 grad = p.grad
                 # d = g + beta * w  (a new tensor: p.grad is left untouched)
                 d = grad.add(p, alpha=weight_decay) if weight_decay != 0 else grad

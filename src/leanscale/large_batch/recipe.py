@@ -34,10 +34,10 @@ from torch import nn
 
 from leanscale.core.errors import InvalidParameterError
 from leanscale.core.validation import Interval, Options, check_param
+from leanscale.large_batch.schedules import DEFAULT_LR_RULE, LR_RULES
 
 __all__ = ["LargeBatchPlan", "LargeBatchRecipe"]
 
-_RULES = ("sqrt", "linear", "none")
 _OPTIMIZERS = ("sgd", "lars", "lamb")
 
 
@@ -71,7 +71,9 @@ class LargeBatchRecipe:
         base_lr: Learning rate of the small-batch run.
         base_epochs: Epochs of the small-batch run.
         base_milestones: LR-drop epochs of the small-batch run.
-        lr_rule: ``"sqrt"`` (Hoffer, default), ``"linear"`` (Goyal) or ``"none"``.
+        lr_rule: ``"sqrt"`` (Hoffer; the default, as everywhere in leanscale:
+            :data:`~leanscale.large_batch.schedules.DEFAULT_LR_RULE`), ``"linear"`` (Goyal; pair it
+            with ``warmup_epochs``) or ``"none"``.
         ghost_batch_size: Ghost batch per device; ``None`` uses ``base_batch_size``; ``0``
             disables Ghost BatchNorm.
         regime_adaptation: 1.0 trains for as many updates as the small batch (Hoffer: epochs and
@@ -89,7 +91,7 @@ class LargeBatchRecipe:
     base_lr: float = 0.1
     base_epochs: float = 1.0
     base_milestones: tuple[float, ...] = ()
-    lr_rule: str = "sqrt"
+    lr_rule: str = DEFAULT_LR_RULE
     ghost_batch_size: int | None = None
     regime_adaptation: float = 1.0
     warmup_epochs: float = 0.0
@@ -104,7 +106,7 @@ class LargeBatchRecipe:
         check_param("base_batch_size", self.base_batch_size, [Interval(int, 1, None)], owner=owner)
         check_param("base_lr", self.base_lr, positive, owner=owner)
         check_param("base_epochs", self.base_epochs, positive, owner=owner)
-        check_param("lr_rule", self.lr_rule, [Options(set(_RULES))], owner=owner)
+        check_param("lr_rule", self.lr_rule, [Options(set(LR_RULES))], owner=owner)
         check_param("ghost_batch_size", self.ghost_batch_size, [None, Interval(int, 0, None)], owner=owner)
         check_param("regime_adaptation", self.regime_adaptation, [Interval(float, 0, 1)], owner=owner)
         check_param("warmup_epochs", self.warmup_epochs, [Interval(float, 0, math.inf, closed="left")], owner=owner)
@@ -151,7 +153,7 @@ class LargeBatchRecipe:
 
         k = self.batch_size / self.base_batch_size
         reasons = []
-        lr = scale_lr(self.base_lr, self.base_batch_size, self.batch_size, rule=self.lr_rule)
+        lr = scale_lr(self.base_lr, self.base_batch_size, self.batch_size, lr_rule=self.lr_rule)
         if not math.isfinite(lr):
             raise InvalidParameterError(
                 f"The 'base_lr' parameter of LargeBatchRecipe gives a scaled LR of {lr!r} at batch "

@@ -13,15 +13,22 @@ What the papers found, as plain functions (no trainer needed):
   decays in steps (or along a cosine). A ``torch.optim.lr_scheduler.LambdaLR`` stepped once per
   optimizer step.
 * :func:`adapt_regime` / :class:`Regime` -- Hoffer's *regime adaptation*: train for as many
-  *updates* as the small-batch run did (epochs and LR-drop epochs times ``batch / base_batch``).
+  *updates* as the small-batch run did (epochs and LR-drop epochs times ``batch_size / base_batch_size``).
 * :func:`clip_gradients` -- global gradient-norm clipping as Hoffer's reference code does it (see
   the function for what we could and could not confirm).
 
 Suggested settings (ImageNet/CIFAR-style SGD with momentum; starting points, not laws):
 
-* up to ~8k examples per batch on ImageNet: ``rule="linear"`` with 5 warmup epochs starting at the
-  small-batch LR (Goyal et al.); for moderate batches on CIFAR, ``rule="sqrt"`` with regime
-  adaptation (Hoffer et al.).
+* up to ~8k examples per batch on ImageNet: ``lr_rule="linear"`` with 5 warmup epochs starting at
+  the small-batch LR (Goyal et al.); for moderate batches on CIFAR, ``lr_rule="sqrt"`` (the
+  default, :data:`DEFAULT_LR_RULE`) with regime adaptation (Hoffer et al.).
+
+The default rule is ``"sqrt"`` everywhere (:func:`scale_lr`, :func:`adapt_regime`,
+:class:`~leanscale.large_batch.recipe.LargeBatchRecipe`, ``leanscale batch``): it is safe without
+warmup (the recipe's default is no warmup) and for Adam-type optimizers, while the linear rule
+needs warmup to not diverge early at large ``k`` (and tuning beyond the critical batch). Before
+#14 ``scale_lr`` alone defaulted to ``"linear"``; for one release it warns when ``lr_rule`` is
+left out.
 * a cap on the LR (``min(scale_lr(...), max_lr)``) beyond the critical batch size: the linear rule
   breaks down there (Goyal et al. saw it past 8k; McCandlish et al. 2018, arXiv 1812.06162).
 
@@ -31,9 +38,9 @@ adaptation multiplies the compute by ``k`` and so gives up the wall-clock gain o
 ``fraction`` trades the two.
 
 Example:
-    >>> scale_lr(0.1, 256, 8192, rule="linear")
+    >>> scale_lr(0.1, 256, 8192, lr_rule="linear")
     3.2
-    >>> scale_lr(0.1, 128, 2048, rule="sqrt")
+    >>> scale_lr(0.1, 128, 2048, lr_rule="sqrt")
     0.4
     >>> regime = adapt_regime(10, (5, 8), 128, 2048, base_lr=0.1)
     >>> regime.epochs, regime.milestones, regime.lr
@@ -62,10 +69,13 @@ import torch
 from torch import nn
 
 from leanscale.core.errors import InvalidParameterError
+from leanscale.core.deprecation import renamed_argument
 from leanscale.core.validation import Interval, check_param, unknown_name_error
+from leanscale.train.schedules import DECAYS, lr_factor
 
 __all__ = [
     "DECAYS",
+    "DEFAULT_LR_RULE",
     "LR_RULES",
     "Regime",
     "RegimeSteps",
@@ -77,7 +87,11 @@ __all__ = [
 ]
 
 LR_RULES = ("linear", "sqrt", "none")
-DECAYS = ("step", "cosine", "none")
+# The one default LR rule of scale_lr, adapt_regime, LargeBatchRecipe and `leanscale batch` (#14):
+# Hoffer's square root. It needs no warmup (the recipe's default is none) and suits Adam-type
+# optimizers too; Goyal's linear rule is for SGD with warmup (pass lr_rule="linear" then).
+DEFAULT_LR_RULE = "sqrt"
+# DECAYS (step, cosine, none) is the engine's: warmup_schedule's factor is leanscale.train's lr_factor
 _NONFINITE = ("raise", "warn", "ignore")
 
 _POSITIVE = Interval(float, 0, math.inf, closed="neither")  # finite and > 0
@@ -87,7 +101,7 @@ _STEPS = Interval(int, 0, None)
 
 def _check_rule(rule, owner: str) -> str:
     if not isinstance(rule, str) or rule not in LR_RULES:
-        raise unknown_name_error("rule", rule, LR_RULES, owner=owner)
+        raise unknown_name_error("lr_rule", rule, LR_RULES, owner=owner)
     return rule
 
 
@@ -112,11 +126,32 @@ def _check_milestones(milestones, *, upper: float | None, upper_name: str, owner
     return ms
 
 
-# ----------------------------------------------------------------------------------------- LR rules
-def scale_lr(base_lr: float, base_batch: int, batch: int, rule: str = "linear") -> float:
-    """The learning rate for ``batch`` given one tuned for ``base_batch``.
+def _batch_args(owner: str, new: tuple, old: tuple, rule_default: str | None) -> tuple:
+    """``(base_batch_size, batch_size, lr_rule)`` of :func:`scale_lr` / :func:`adapt_regime`, each
+    from its deprecated name (``base_batch``, ``batch``, ``rule``; a ``FutureWarning``) when given
+    that way, and the two batch sizes checked (a missing one, None, is refused here)."""
+    base_batch_size = renamed_argument(owner, "base_batch", "base_batch_size", old[0], new[0], None, stacklevel=4)
+    batch_size = renamed_argument(owner, "batch", "batch_size", old[1], new[1], None, stacklevel=4)
+    lr_rule = renamed_argument(owner, "rule", "lr_rule", old[2], new[2], rule_default, stacklevel=4)
+    check_param("base_batch_size", base_batch_size, [_SIZE], owner=owner)
+    check_param("batch_size", batch_size, [_SIZE], owner=owner)
+    return base_batch_size, batch_size, lr_rule
 
-    With ``k = batch / base_batch``:
+
+# ----------------------------------------------------------------------------------------- LR rules
+def scale_lr(
+    base_lr: float,
+    base_batch_size: int | None = None,
+    batch_size: int | None = None,
+    lr_rule: str | None = None,
+    *,
+    base_batch: int | None = None,
+    batch: int | None = None,
+    rule: str | None = None,
+) -> float:
+    """The learning rate for ``batch_size`` given one tuned for ``base_batch_size``.
+
+    With ``k = batch_size / base_batch_size``:
 
     * ``"linear"``: ``base_lr * k`` (Goyal et al. 2017, arXiv 1706.02677). ``k`` steps of SGD with
       the small batch move the weights about as far as one step with a batch ``k`` times larger and
@@ -127,34 +162,46 @@ def scale_lr(base_lr: float, base_batch: int, batch: int, rule: str = "linear") 
       ``1/batch``), i.e. the diffusion of the random walk Hoffer et al. model.
     * ``"none"``: ``base_lr``.
 
-    ``batch < base_batch`` is allowed and scales the LR down by the same rule.
+    ``batch_size < base_batch_size`` is allowed and scales the LR down by the same rule.
 
     Args:
-        base_lr: LR tuned for ``base_batch`` (> 0).
-        base_batch: The batch size ``base_lr`` was tuned for (>= 1).
-        batch: The batch size to train with (>= 1).
-        rule: ``"linear"``, ``"sqrt"`` or ``"none"``.
+        base_lr: LR tuned for ``base_batch_size`` (> 0).
+        base_batch_size: The batch size ``base_lr`` was tuned for (>= 1).
+        batch_size: The batch size to train with (>= 1).
+        lr_rule: ``"sqrt"``, ``"linear"`` or ``"none"``; None: :data:`DEFAULT_LR_RULE`
+            (``"sqrt"``). Until #14 the default was ``"linear"``: leaving ``lr_rule`` out warns
+            (``FutureWarning``) for one release.
+        base_batch, batch, rule: Deprecated names of ``base_batch_size``, ``batch_size`` and
+            ``lr_rule`` (a ``FutureWarning``; removed in the next release).
 
     Returns:
         The scaled learning rate.
 
     Raises:
-        InvalidParameterError: Non-positive LR or batch sizes, or an unknown ``rule`` (the message
-            lists the valid ones).
+        InvalidParameterError: Non-positive LR or batch sizes, or an unknown ``lr_rule`` (the
+            message lists the valid ones).
 
     Example:
-        >>> scale_lr(0.1, 256, 1024), scale_lr(0.1, 256, 1024, rule="sqrt")
+        >>> scale_lr(0.1, 256, 1024, lr_rule="linear"), scale_lr(0.1, 256, 1024, lr_rule="sqrt")
         (0.4, 0.2)
     """
     owner = "scale_lr"
     check_param("base_lr", base_lr, [_POSITIVE], owner=owner)
-    check_param("base_batch", base_batch, [_SIZE], owner=owner)
-    check_param("batch", batch, [_SIZE], owner=owner)
-    _check_rule(rule, owner)
-    k = batch / base_batch
-    if rule == "linear":
+    base_batch_size, batch_size, lr_rule = _batch_args(
+        owner, (base_batch_size, batch_size, lr_rule), (base_batch, batch, rule), None)
+    if lr_rule is None:
+        warnings.warn(
+            f"The default lr_rule of scale_lr changed from 'linear' to {DEFAULT_LR_RULE!r} (the default of "
+            f"adapt_regime, LargeBatchRecipe and `leanscale batch`); pass lr_rule explicitly to silence this "
+            f"warning (lr_rule='linear' for the old result).",
+            FutureWarning, stacklevel=2,
+        )
+        lr_rule = DEFAULT_LR_RULE
+    _check_rule(lr_rule, owner)
+    k = batch_size / base_batch_size
+    if lr_rule == "linear":
         return float(base_lr * k)
-    if rule == "sqrt":
+    if lr_rule == "sqrt":
         return float(base_lr * math.sqrt(k))
     return float(base_lr)
 
@@ -166,7 +213,7 @@ def warmup_factor(step: int, warmup_steps: int, start_factor: float = 0.0) -> fl
     ``start_factor + (1 - start_factor) * step / warmup_steps`` for ``step < warmup_steps``, then
     1. The first step uses exactly ``lr * start_factor`` and step ``warmup_steps`` the peak ``lr``.
     Goyal et al. (arXiv 1706.02677, Sec. 2.2) start from the small-batch LR, i.e.
-    ``start_factor = base_batch / batch = 1 / k`` with the linear rule; ``0`` (the default) starts
+    ``start_factor = base_batch_size / batch_size = 1 / k`` with the linear rule; ``0`` (the default) starts
     from zero as ``transformers``' linear warmup does, which spends the first update on a zero LR.
     A ``start_factor > 1`` gives a linear ramp *down* (it can happen when a batch is scaled down).
 
@@ -178,13 +225,7 @@ def warmup_factor(step: int, warmup_steps: int, start_factor: float = 0.0) -> fl
     check_param("step", step, [_STEPS], owner=owner)
     check_param("warmup_steps", warmup_steps, [_STEPS], owner=owner)
     check_param("start_factor", start_factor, [Interval(float, 0, math.inf, closed="left")], owner=owner)
-    return _warmup(step, warmup_steps, start_factor)
-
-
-def _warmup(step: int, warmup_steps: int, start_factor: float) -> float:
-    if warmup_steps == 0 or step >= warmup_steps:
-        return 1.0
-    return start_factor + (1.0 - start_factor) * step / warmup_steps
+    return lr_factor(step, warmup_steps, warmup_steps=warmup_steps, warmup_start=start_factor, decay="none")
 
 
 class _ScheduleFactor:
@@ -200,15 +241,11 @@ class _ScheduleFactor:
         self.decay = decay
 
     def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return _warmup(step, self.warmup_steps, self.start_factor)
-        if self.decay == "step":
-            return self.gamma ** sum(step >= m for m in self.milestones)
-        if self.decay == "cosine":
-            span = self.total_steps - self.warmup_steps
-            progress = min(1.0, (step - self.warmup_steps) / span)
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return 1.0
+        # the one warmup + step/cosine formula (leanscale.train.schedules); milestones are step
+        # counts there too, and the cosine decays to 0 (floor=0) at total_steps
+        n_steps = 0 if self.total_steps is None else self.total_steps  # None: no cosine, unused
+        return lr_factor(step, n_steps, warmup_steps=self.warmup_steps, warmup_start=self.start_factor,
+                         decay=self.decay, milestones=self.milestones, gamma=self.gamma)
 
 
 def warmup_schedule(
@@ -229,7 +266,7 @@ def warmup_schedule(
 
     * ``t < warmup_steps``: :func:`warmup_factor` -- linear from ``peak * start_factor`` to the peak
       (Goyal et al. 2017, arXiv 1706.02677: 5 epochs, from the small-batch LR, i.e.
-      ``start_factor = base_batch / batch``);
+      ``start_factor = base_batch_size / batch_size``);
     * ``decay="step"``: ``gamma ** (number of milestones <= t)``; milestones count optimizer steps
       from the start of training (warmup included), e.g. ``round(30 * steps_per_epoch)``;
     * ``decay="cosine"``: ``0.5 * (1 + cos(pi * (t - warmup_steps) / (total_steps - warmup_steps)))``,
@@ -319,9 +356,16 @@ class Regime:
     base_milestones: tuple[float, ...]
     base_batch_size: int
     base_lr: float | None
-    rule: str
+    lr_rule: str
     fraction: float
     epoch_multiplier: float  # epochs / base_epochs = 1 + fraction * (k - 1)
+
+    @property
+    def rule(self) -> str:
+        """Deprecated name of :attr:`lr_rule` (a ``FutureWarning``; removed in the next release)."""
+        warnings.warn("Regime.rule was renamed to Regime.lr_rule and will be removed in the next release.",
+                      FutureWarning, stacklevel=2)
+        return self.lr_rule
 
     @property
     def batch_ratio(self) -> float:
@@ -368,7 +412,7 @@ class Regime:
             + (f", {self.warmup_epochs:g} warmup epochs" if self.warmup_epochs else ""),
         ]
         if self.lr is not None:
-            lines.append(f"LR {self.base_lr:g} -> {self.lr:.4g} ({self.rule} rule)")
+            lines.append(f"LR {self.base_lr:g} -> {self.lr:.4g} ({self.lr_rule} rule)")
         lines.append(
             f"regime adaptation {self.fraction:.0%}: updates x{self.updates_ratio:.3g} of the small-batch "
             f"run, examples processed x{self.compute_ratio:.3g}"
@@ -382,38 +426,43 @@ class Regime:
 def adapt_regime(
     epochs: float,
     milestones: Sequence[float],
-    base_batch: int,
-    batch: int,
+    base_batch_size: int | None = None,
+    batch_size: int | None = None,
     *,
     base_lr: float | None = None,
-    rule: str = "sqrt",
+    lr_rule: str = DEFAULT_LR_RULE,
     fraction: float = 1.0,
     warmup_epochs: float = 0.0,
+    base_batch: int | None = None,
+    batch: int | None = None,
+    rule: str | None = None,
 ) -> Regime:
     """Hoffer et al.'s regime adaptation: as many updates with the large batch as with the small.
 
     Hoffer, Hubara & Soudry 2017 ("Train longer, generalize better", arXiv 1705.08741, Sec. 4)
     found that the generalization gap of large batches comes from the smaller *number of updates*,
     not from the batch size: multiply the epochs -- and the epochs of the LR drops -- by
-    ``k = batch / base_batch`` and the gap closes. With ``fraction < 1`` the epoch multiplier is
+    ``k = batch_size / base_batch_size`` and the gap closes. With ``fraction < 1`` the epoch multiplier is
     ``1 + fraction * (k - 1)``: ``0`` keeps the epochs (fast, the usual gap), ``1`` keeps the
     updates (``k`` times the compute of the small-batch run, no wall-clock gain per example); values
     in between are a compute-budget knob. Their code multiplies by ``ceil(k)``; we use ``k`` itself
     (fractional epochs are fine: :meth:`Regime.steps` rounds to whole steps).
 
-    If ``base_lr`` is given it is scaled with :func:`scale_lr` (``rule="sqrt"`` as in the paper).
+    If ``base_lr`` is given it is scaled with :func:`scale_lr` (``lr_rule="sqrt"`` as in the paper).
     ``warmup_epochs`` are epochs of the *new* run and are not multiplied (Goyal's 5 epochs).
-    ``batch < base_batch`` is allowed: the run gets shorter in epochs with the same updates.
+    ``batch_size < base_batch_size`` is allowed: the run gets shorter in epochs with the same updates.
 
     Args:
         epochs: Epochs of the small-batch run (> 0).
         milestones: Its LR-drop epochs, strictly increasing in ``(0, epochs)``.
-        base_batch: Its batch size.
-        batch: The new batch size.
+        base_batch_size: Its batch size.
+        batch_size: The new batch size.
         base_lr: Its LR (optional).
-        rule: LR rule for ``base_lr``: ``"sqrt"``, ``"linear"`` or ``"none"``.
+        lr_rule: LR rule for ``base_lr``: ``"sqrt"`` (default), ``"linear"`` or ``"none"``.
         fraction: Share of the adaptation in ``[0, 1]``.
         warmup_epochs: Warmup of the new run, in ``[0, adapted epochs]``.
+        base_batch, batch, rule: Deprecated names of ``base_batch_size``, ``batch_size`` and
+            ``lr_rule`` (a ``FutureWarning``; removed in the next release).
 
     Returns:
         The adapted :class:`Regime` (see :meth:`Regime.describe`, :meth:`Regime.steps`).
@@ -429,28 +478,28 @@ def adapt_regime(
     """
     owner = "adapt_regime"
     check_param("epochs", epochs, [_POSITIVE], owner=owner)
-    check_param("base_batch", base_batch, [_SIZE], owner=owner)
-    check_param("batch", batch, [_SIZE], owner=owner)
+    base_batch_size, batch_size, lr_rule = _batch_args(
+        owner, (base_batch_size, batch_size, lr_rule), (base_batch, batch, rule), DEFAULT_LR_RULE)
     check_param("base_lr", base_lr, [None, _POSITIVE], owner=owner)
-    _check_rule(rule, owner)
+    _check_rule(lr_rule, owner)
     check_param("fraction", fraction, [Interval(float, 0, 1)], owner=owner)
     ms = _check_milestones(milestones, upper=float(epochs), upper_name="epochs", owner=owner, kind=float)
-    k = batch / base_batch
+    k = batch_size / base_batch_size
     multiplier = 1.0 + fraction * (k - 1.0)
     new_epochs = float(epochs * multiplier)
     check_param("warmup_epochs", warmup_epochs, [Interval(float, 0, new_epochs)], owner=owner)
-    lr = None if base_lr is None else scale_lr(base_lr, base_batch, batch, rule=rule)
+    lr = None if base_lr is None else scale_lr(base_lr, base_batch_size, batch_size, lr_rule=lr_rule)
     return Regime(
         epochs=new_epochs,
         milestones=tuple(float(m * multiplier) for m in ms),
-        batch_size=batch,
+        batch_size=batch_size,
         lr=lr,
         warmup_epochs=float(warmup_epochs),
         base_epochs=float(epochs),
         base_milestones=tuple(float(m) for m in ms),
-        base_batch_size=base_batch,
+        base_batch_size=base_batch_size,
         base_lr=None if base_lr is None else float(base_lr),
-        rule=rule,
+        lr_rule=lr_rule,
         fraction=float(fraction),
         epoch_multiplier=multiplier,
     )

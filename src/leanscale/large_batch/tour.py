@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
-from leanscale.core.io import read_json
+from leanscale.core.registry import read_result
 
 __all__ = ["chapter", "headline"]
-
-_RESULTS = Path(__file__).resolve().parents[3] / "benchmarks" / "results" / "large_batch"
 
 
 def _accuracy_figure(rows):
@@ -37,7 +34,7 @@ def chapter(ctx):
         load_image_data,
         train_classifier,
     )
-    from leanscale.tour import ChapterResult
+    from leanscale.report.chapter import ChapterResult
 
     report = ctx.report
     report.add_paragraph(
@@ -90,9 +87,8 @@ def chapter(ctx):
         f"(the gradient shrinks faster than its noise), so a measurement after the LR drops is larger than "
         f"one early in training."
     )
-    critical = _RESULTS / "critical_batch.json"
-    if critical.is_file():
-        d = read_json(critical)
+    d = read_result("large_batch", "critical_batch.json")
+    if d is not None:
         measured = ", ".join(f"{r['b_simple']:.0f} {r['label']}" for r in d.get("b_simple", []))
         report.add_paragraph(
             f"The benchmark (critical_batch.json): B_crit = {d['fit']['b_crit']:.0f} from steps and examples "
@@ -108,9 +104,9 @@ def chapter(ctx):
         {"metric": "B_simple of the small-batch model",
          "value": f"{b_simple:.0f}" if b_simple_reliable else "unreliable", "paper": "McCandlish: ~B_crit"},
     ]
-    table1 = _RESULTS / "hoffer_table1.json"
-    if table1.is_file():
-        gap = read_json(table1).get("gap_sb_minus_all_fixes_points")
+    table1 = read_result("large_batch", "hoffer_table1.json")
+    if table1 is not None:
+        gap = table1.get("gap_sb_minus_all_fixes_points")
         if gap is not None:
             summary.append({"metric": "benchmark: gap with all fixes, batch 2048 vs 128, 3 seeds",
                             "value": f"{gap:.2f} points", "paper": "goal <= 0.3"})
@@ -119,19 +115,16 @@ def chapter(ctx):
 
 def headline(results_root=None) -> str:
     """One line for the README table, from the committed benchmark results."""
-    root = Path(results_root) / "large_batch" if results_root else _RESULTS
     parts = []
-    t1 = root / "hoffer_table1.json"
-    if t1.is_file():
-        d = read_json(t1)
+    d = read_result("large_batch", "hoffer_table1.json", results_root)
+    if d is not None:
         by = {r["column"]: r for r in d["table"]}
         if "SB" in by and "+RA" in by and "LB" in by:
             parts.append(f"Fashion-MNIST, batch 2048 vs 128: {by['LB']['test_accuracy_mean']:.1f}% naive, "
                          f"{by['+RA']['test_accuracy_mean']:.1f}% with all fixes vs {by['SB']['test_accuracy_mean']:.1f}% "
                          f"({by['SB']['n_seeds']} seeds)")
-    cb = root / "critical_batch.json"
-    if cb.is_file():
-        d = read_json(cb)
+    d = read_result("large_batch", "critical_batch.json", results_root)
+    if d is not None:
         early = next((r["b_simple"] for r in d.get("b_simple", []) if r["fraction_of_steps"] == 0.1), None)
         text = f"B_crit {d['fit']['b_crit']:.0f}"
         if early is not None:

@@ -21,17 +21,19 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
 from torch import nn
 
+from leanscale.core.deprecation import moved_attributes
 from leanscale.core.distributed import rank_and_world
 from leanscale.core.errors import InvalidParameterError
-from leanscale.core.ledger import CostLedger, count_flops
+from leanscale.core.flops import count_flops
 from leanscale.core.validation import Interval, Options, check_param
 from leanscale.train.classifier import (
+    ClassifierRun,
     check_classification_data,
     check_model_output,
     fit_classifier,
@@ -92,24 +94,13 @@ class TrainConfig:
 
 
 @dataclass
-class TrainResult:
-    """What :func:`train_classifier` returns. ``history`` has one dict per evaluation."""
+class TrainResult(ClassifierRun):
+    """What :func:`train_classifier` returns: the engine's :class:`~leanscale.train.classifier.ClassifierRun`
+    (``history`` has one dict per evaluation) with the run's ``config`` and, with
+    ``keep_model=True``, the trained ``model``."""
 
-    config: TrainConfig
-    history: list[dict[str, Any]]
-    test_accuracy: float
-    test_loss: float
-    train_loss: float
-    steps: int
-    examples: int
-    seconds: float
-    steps_to_target: float | None = None  # interpolated (log steps) at target_accuracy
-    reached_target: bool | None = None
-    flops_per_example: float | None = None  # forward + backward, from the cost ledger's rules
-    world_size: int = 1
-    ledger: CostLedger = field(default_factory=CostLedger)
+    config: TrainConfig = field(kw_only=True)
     model: nn.Module | None = None
-    warnings: list[str] = field(default_factory=list)  # why the result is not to be trusted as is
 
     def to_dict(self) -> dict[str, Any]:
         from leanscale.core.config import config_to_dict
@@ -335,13 +326,8 @@ def train_classifier(
     )
     del optimizer
     release()
-    return TrainResult(
-        config=config, history=run.history, test_accuracy=run.test_accuracy, test_loss=run.test_loss,
-        train_loss=run.train_loss, steps=run.steps, examples=run.examples, seconds=run.seconds,
-        steps_to_target=run.steps_to_target, reached_target=run.reached_target,
-        flops_per_example=run.flops_per_example, world_size=run.world_size, ledger=run.ledger,
-        model=model if keep_model else None, warnings=run.warnings,
-    )
+    return TrainResult(**{f.name: getattr(run, f.name) for f in fields(run)}, config=config,
+                       model=model if keep_model else None)
 
 
 def with_overrides(config: TrainConfig, **changes: Any) -> TrainConfig:
@@ -349,3 +335,7 @@ def with_overrides(config: TrainConfig, **changes: Any) -> TrainConfig:
     new = replace(config, **changes)
     _check_config(new)
     return new
+
+
+# moved to the shared engine in #14; the old import keeps working for one release
+__getattr__ = moved_attributes(__name__, {"evaluate": "leanscale.train.classifier:evaluate"})

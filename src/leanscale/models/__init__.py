@@ -1,7 +1,16 @@
-"""Reference models shared by the techniques: a nanoGPT-like Transformer, BatchNorm classifiers and a
-softmax regression (L-BFGS) for features."""
+"""Reference models shared by the techniques: a nanoGPT-like Transformer, BatchNorm classifiers, a
+softmax regression (L-BFGS) for features, and encoders (MiniLM-L6 text embeddings, a small conv
+image encoder, batch-wise embedding of any function)."""
 
+from leanscale.core.deprecation import moved_attributes
 from leanscale.models.cnn import BNCNN, MLPClassifier
+from leanscale.models.encoders import (
+    TEXT_EMBEDDING_DIM,
+    ConvEncoder,
+    embed_images,
+    embed_texts,
+    embed_with,
+)
 from leanscale.models.linear import SoftmaxRegression
 from leanscale.models.transformer import (
     GPT,
@@ -10,7 +19,6 @@ from leanscale.models.transformer import (
     CausalSelfAttention,
     ChinchillaFlops,
     GPTConfig,
-    chinchilla_flops,
     chinchilla_forward_flops,
     flops_per_token,
 )
@@ -23,9 +31,18 @@ __all__ = [
     "MLP",
     "ChinchillaFlops",
     "chinchilla_forward_flops",
-    "chinchilla_flops",
     "flops_per_token",
     "BNCNN",
     "MLPClassifier",
     "SoftmaxRegression",
+    "TEXT_EMBEDDING_DIM",
+    "ConvEncoder",
+    "embed_texts",
+    "embed_with",
+    "embed_images",
 ]
+
+
+
+# chinchilla_flops is exported by leanscale.scaling only (#14: one home per public name)
+__getattr__ = moved_attributes(__name__, {"chinchilla_flops": "leanscale.scaling:chinchilla_flops"})

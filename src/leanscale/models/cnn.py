@@ -6,7 +6,7 @@ them with Ghost BatchNorm (Hoffer et al. 2017, arXiv 1705.08741) through
 
 Example:
     >>> import torch
-    >>> model = BNCNN(num_classes=10, in_channels=1, width=8)
+    >>> model = BNCNN(n_classes=10, in_channels=1, width=8)
     >>> tuple(model(torch.randn(4, 1, 28, 28)).shape)
     (4, 10)
 """
@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from leanscale.core.errors import InvalidParameterError
+from leanscale.core.deprecation import renamed_argument
 from leanscale.core.validation import Interval, check_param
 
 __all__ = ["BNCNN", "MLPClassifier"]
@@ -32,26 +33,29 @@ class BNCNN(nn.Module):
 
     Shapes for a 28x28 input: ``(B, in, 28, 28)`` -> stage 1 (``width`` channels) -> max-pool
     ``(B, width, 14, 14)`` -> stage 2 (``2 * width`` channels) -> max-pool ``(B, 2w, 7, 7)`` ->
-    global average pool ``(B, 2w)`` -> BatchNorm1d -> Linear ``(B, num_classes)``.
+    global average pool ``(B, 2w)`` -> BatchNorm1d -> Linear ``(B, n_classes)``.
     With ``width=32`` it has about 66k parameters; on Fashion-MNIST it reached 91.3% test
     accuracy after two epochs in our run (SGD, Nesterov momentum 0.9, one-cycle learning rate
     peaking at 0.1, weight decay 5e-4, batch 128, standardised pixels, seed 0; 86.4% after one).
 
     Args:
-        num_classes: Number of output logits.
+        n_classes: Number of output logits.
         in_channels: Channels of the input image (1 for Fashion-MNIST).
         width: Channels of the first stage; the second stage has twice as many.
+        num_classes: Deprecated name of ``n_classes`` (a ``FutureWarning``; removed in the next
+            release).
     """
 
     _parameter_constraints = {
-        "num_classes": [Interval(int, 1, None)],
+        "n_classes": [Interval(int, 1, None)],
         "in_channels": [Interval(int, 1, None)],
         "width": [Interval(int, 1, None)],
     }
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 32):
+    def __init__(self, n_classes: int = 10, in_channels: int = 1, width: int = 32, *, num_classes: int | None = None):
         super().__init__()
-        for name, value in dict(num_classes=num_classes, in_channels=in_channels, width=width).items():
+        n_classes = renamed_argument("BNCNN", "num_classes", "n_classes", num_classes, n_classes, 10)
+        for name, value in dict(n_classes=n_classes, in_channels=in_channels, width=width).items():
             check_param(name, value, self._parameter_constraints[name], owner="BNCNN")
         w = width
         self.features = nn.Sequential(
@@ -64,7 +68,7 @@ class BNCNN(nn.Module):
         )
         self.pool = nn.AdaptiveAvgPool2d(1)  # global average pool: works for any input size
         self.bn = nn.BatchNorm1d(2 * w)
-        self.classifier = nn.Linear(2 * w, num_classes)
+        self.classifier = nn.Linear(2 * w, n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_channels = getattr(self.features[0], "in_channels", None)
@@ -80,7 +84,7 @@ class BNCNN(nn.Module):
             )
         x = self.features(x)  # (B, 2w, H/4, W/4)
         x = self.pool(x).flatten(1)  # (B, 2w)
-        return self.classifier(self.bn(x))  # (B, num_classes)
+        return self.classifier(self.bn(x))  # (B, n_classes)
 
 
 class MLPClassifier(nn.Module):
@@ -89,20 +93,24 @@ class MLPClassifier(nn.Module):
     Args:
         in_features: Width of the input vectors; images are flattened first.
         hidden: Width of the hidden layer.
-        num_classes: Number of output logits.
+        n_classes: Number of output logits.
         batchnorm: Put a ``BatchNorm1d`` after the hidden Linear layer.
+        num_classes: Deprecated name of ``n_classes`` (a ``FutureWarning``; removed in the next
+            release).
     """
 
-    def __init__(self, in_features: int, hidden: int, num_classes: int, batchnorm: bool = True):
+    def __init__(self, in_features: int, hidden: int, n_classes: int | None = None, batchnorm: bool = True, *,
+                 num_classes: int | None = None):
         super().__init__()
-        for name, value in dict(in_features=in_features, hidden=hidden, num_classes=num_classes).items():
+        n_classes = renamed_argument("MLPClassifier", "num_classes", "n_classes", num_classes, n_classes, None)
+        for name, value in dict(in_features=in_features, hidden=hidden, n_classes=n_classes).items():
             check_param(name, value, [Interval(int, 1, None)], owner="MLPClassifier")
         check_param("batchnorm", batchnorm, [bool], owner="MLPClassifier")
         layers: list[nn.Module] = [nn.Linear(in_features, hidden, bias=not batchnorm)]
         if batchnorm:
             layers.append(nn.BatchNorm1d(hidden))
-        layers += [nn.ReLU(inplace=True), nn.Linear(hidden, num_classes)]
+        layers += [nn.ReLU(inplace=True), nn.Linear(hidden, n_classes)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.flatten(1))  # (B, in_features) -> (B, num_classes)
+        return self.net(x.flatten(1))  # (B, in_features) -> (B, n_classes)

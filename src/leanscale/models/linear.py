@@ -52,12 +52,12 @@ import torch
 import torch.nn.functional as F
 
 from leanscale.core.errors import InvalidParameterError
+from leanscale.core.estimator import Estimator
 from leanscale.core.validation import (
     Interval,
     check_array,
     check_consistent_length,
     check_is_fitted,
-    check_params,
 )
 
 __all__ = ["ConvergenceWarning", "SoftmaxRegression"]
@@ -73,7 +73,7 @@ class ConvergenceWarning(UserWarning):
     """L-BFGS stopped at ``max_iter`` before the gradient reached ``tol``."""
 
 
-class SoftmaxRegression:
+class SoftmaxRegression(Estimator):
     """Multinomial logistic regression with an L2 penalty, fitted by L-BFGS in float64.
 
     Args:
@@ -109,23 +109,6 @@ class SoftmaxRegression:
         self.tol = tol
         self.warm_start = warm_start
 
-    def get_params(self, deep: bool = True) -> dict:
-        return {"C": self.C, "max_iter": self.max_iter, "tol": self.tol, "warm_start": self.warm_start}
-
-    def set_params(self, **params) -> SoftmaxRegression:
-        for key, value in params.items():
-            if key not in self._parameter_constraints:
-                raise InvalidParameterError(
-                    f"{_OWNER} has no parameter {key!r}; its parameters are "
-                    f"{', '.join(map(repr, self._parameter_constraints))}."
-                )
-            setattr(self, key, value)
-        return self
-
-    def __repr__(self) -> str:
-        extra = ", warm_start=True" if self.warm_start else ""
-        return f"SoftmaxRegression(C={self.C!r}, max_iter={self.max_iter!r}, tol={self.tol!r}{extra})"
-
     # ------------------------------------------------------------------------------------- fit
     def fit(self, X, y) -> SoftmaxRegression:
         """Fit on ``X`` (n, d) and labels ``y`` (n,) of any sortable type; return ``self``.
@@ -134,7 +117,7 @@ class SoftmaxRegression:
             InvalidParameterError: a bad ``C``/``max_iter``/``tol``; ``X`` not 2-d or not finite;
                 ``y`` not 1-d or of another length; fewer than 2 distinct labels.
         """
-        check_params(self.get_params(), self._parameter_constraints, owner=_OWNER)
+        self._validate_params()
         X = _as_float64(X, "X")  # (n, d)
         y = np.asarray(y.detach().cpu() if isinstance(y, torch.Tensor) else y)
         if y.ndim != 1:

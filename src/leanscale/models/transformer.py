@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from leanscale.core.errors import InvalidParameterError
-from leanscale.core.ledger import register_flop_rule
+from leanscale.core.flops import register_flop_rule
 from leanscale.core.validation import Interval, check_param
 
 __all__ = [
@@ -373,7 +373,8 @@ def chinchilla_flops(
     """Total training FLOPs (forward + backward) for ``n_tokens`` tokens, Appendix F.
 
     Backward is counted as twice the forward, so the total is 3x the forward FLOPs per token
-    times ``n_tokens``.
+    times ``n_tokens``. Public as :func:`leanscale.scaling.chinchilla_flops` (the compute ``C`` of
+    a scaling law); it lives here, next to the per-layer rules it sums.
 
     Example:
         Chinchilla itself (70B parameters, 1.4T tokens) is within a few percent of ``6 N D``:

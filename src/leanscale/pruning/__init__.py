@@ -6,18 +6,20 @@ arXiv 1812.05159 (forgetting events); Qin et al. 2024, arXiv 2303.04947 (InfoBat
 README.md here.
 
 Every score is one float per example, higher = harder. The pieces compose: a score function ->
-:func:`select` -> kept indices; :class:`DataPruner` does both and writes a manifest.
+:func:`select` -> kept indices; :class:`DataPruner` does both and writes a manifest. The encoders
+(``embed_texts``, ``embed_images``, ``embed_with``) live in :mod:`leanscale.models.encoders`.
 """
 
+from leanscale.core.deprecation import moved_attributes
 from leanscale.pruning.active import ActiveLearner
 from leanscale.pruning.datasets import PruningData, load_pruning_data
-from leanscale.pruning.embed import embed_images, embed_texts, embed_with, train_ssl_encoder
+from leanscale.pruning.embed import train_ssl_encoder
 from leanscale.pruning.forgetting import ForgettingTracker
 from leanscale.pruning.grand import grand_scores
 from leanscale.pruning.infobatch import InfoBatch
 from leanscale.pruning.kmeans import KMeans
 from leanscale.pruning.prototypes import prototype_scores
-from leanscale.pruning.pruner import DataPruner
+from leanscale.pruning.pruner import DataPruner, read_pruning_manifest
 from leanscale.pruning.scores import collect_probs, el2n_scores, uncertainty_scores
 from leanscale.pruning.select import resolve_strategy, select
 
@@ -30,9 +32,6 @@ __all__ = [
     "PruningData",
     "collect_probs",
     "el2n_scores",
-    "embed_images",
-    "embed_texts",
-    "embed_with",
     "grand_scores",
     "load_pruning_data",
     "prototype_scores",
@@ -40,4 +39,10 @@ __all__ = [
     "select",
     "train_ssl_encoder",
     "uncertainty_scores",
+    "read_pruning_manifest",
 ]
+
+# Moved to leanscale.models.encoders; importable from here, with a FutureWarning, for one release.
+# the encoders moved to leanscale.models.encoders (#14); the old names work one release
+__getattr__ = moved_attributes(__name__, {n: f"leanscale.models.encoders:{n}"
+                                          for n in ("embed_images", "embed_texts", "embed_with")})

@@ -61,6 +61,7 @@ import numpy as np
 import torch
 
 from leanscale.core.errors import InvalidParameterError, NotFittedError
+from leanscale.core.estimator import Estimator
 from leanscale.core.validation import (
     Interval,
     check_consistent_length,
@@ -79,7 +80,7 @@ _OWNER = "ActiveLearner"
 _STATE_KEYS = ("labeled_indices", "labels", "history", "n_pool")
 
 
-class ActiveLearner:
+class ActiveLearner(Estimator):
     """Pool-based, batch-mode active learning with uncertainty and diversity strategies.
 
     Args:
@@ -128,14 +129,9 @@ class ActiveLearner:
         self.seed = seed
         self.diversity_pool = diversity_pool
 
-    def get_params(self, deep: bool = True) -> dict:
-        return {"model": self.model, "strategy": self.strategy, "batch_size": self.batch_size,
-                "initial_size": self.initial_size, "seed": self.seed, "diversity_pool": self.diversity_pool}
-
     # ------------------------------------------------------------------------------ validation
     def _validate(self) -> None:
-        for name, constraints in self._parameter_constraints.items():
-            check_param(name, getattr(self, name), constraints, owner=_OWNER)
+        self._validate_params()
         if not isinstance(self.strategy, str) or self.strategy not in STRATEGIES:
             raise unknown_name_error("strategy", self.strategy, STRATEGIES, owner=_OWNER)
         model = self.model

@@ -1,4 +1,4 @@
-"""Data for pruning and active learning: built-in sets, the user's own files, cached text embeddings.
+"""Data for pruning and active learning: built-in sets and the user's own files.
 
 Three sources give one :class:`PruningData`:
 
@@ -7,7 +7,7 @@ Three sources give one :class:`PruningData`:
   L2-normalised; needs ``pip install 'leanscale[encoders]'``); a stratified 80/20 split. Only
   the rows used are embedded (MiniLM-L6 runs at a few hundred glosses a second on 2 cores, so
   all 117,659 take several minutes), once: they are cached under ``cache_dir()/embeddings``
-  keyed by a hash of the texts.
+  keyed by a hash of the texts (:func:`leanscale.data.embeddings.cached_text_embeddings`).
 - a path: an ``.npz`` file with ``x`` (images ``(n, C, H, W)`` or features ``(n, d)``), optional
   ``y``, and optional ``x_test``/``y_test``; or a folder holding Fashion-MNIST IDX files or the
   WordNet ``data.*`` files (the same formats as the built-in sets).
@@ -15,8 +15,6 @@ Three sources give one :class:`PruningData`:
 
 from __future__ import annotations
 
-import hashlib
-import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from leanscale.core.errors import DataFormatError, InvalidParameterError, LeanscaleError
-from leanscale.core.io import atomic_write_bytes, read_npy, read_npz
+from leanscale.core.errors import DataFormatError, InvalidParameterError
+from leanscale.core.io import read_npz
 from leanscale.core.validation import Interval, check_param
+from leanscale.data.embeddings import cached_text_embeddings
 
-__all__ = ["PruningData", "load_pruning_data", "cached_text_embeddings", "BUILTIN_DATASETS"]
+__all__ = ["BUILTIN_DATASETS", "PruningData", "load_pruning_data"]
 
 BUILTIN_DATASETS = ("fashion-mnist", "wordnet")
 WORDNET_TEST_FRACTION = 0.2  # stratified; seed 0 -> the same split everywhere (benchmarks, CLI, tour)
@@ -71,28 +70,6 @@ def _subset(n_total: int, labels: np.ndarray | None, n: int | None, seed: int) -
         rng = np.random.default_rng(seed)
         return np.sort(rng.choice(n_total, size=n, replace=False)).astype(np.int64)
     return np.sort(stratified_indices(labels, n, seed)).astype(np.int64)
-
-
-def cached_text_embeddings(texts: list[str], *, batch_size: int = 128, cache: bool = True) -> np.ndarray:
-    """MiniLM embeddings ``(n, 384)`` of ``texts``, computed once and cached on disk."""
-    from leanscale.data.paths import cache_dir
-    from leanscale.pruning.embed import embed_texts
-
-    digest = hashlib.sha1("\x00".join(texts).encode()).hexdigest()[:16]
-    path = cache_dir() / "embeddings" / f"minilm-l6-{len(texts)}-{digest}.npy"
-    if cache and path.exists():
-        try:
-            emb = read_npy(path, what="cached embedding file", ndim=2)
-        except LeanscaleError:
-            emb = None  # a damaged cache entry is recomputed
-        if emb is not None and emb.shape[0] == len(texts) and np.isfinite(emb).all():
-            return emb
-    emb = np.asarray(embed_texts(texts, batch_size=batch_size), dtype=np.float32)
-    if cache:
-        buf = io.BytesIO()
-        np.save(buf, emb, allow_pickle=False)
-        atomic_write_bytes(path, buf.getvalue())
-    return emb
 
 
 def _float_array(name: str, key: str, value: Any):

@@ -40,6 +40,7 @@ from leanscale.core.validation import (
     check_consistent_length,
     check_param,
 )
+from leanscale.train.distributed import all_gather_rows
 
 __all__ = ["ForgettingTracker"]
 
@@ -53,24 +54,9 @@ def _to_numpy(value: Any) -> Any:
 
 def _all_gather_pairs(indices: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every rank's ``(indices, correct)``, concatenated in rank order (slices may differ in size)."""
-    import torch.distributed as dist
-
-    # NCCL only moves CUDA tensors; gloo (and the CPU side of a mixed backend) takes CPU tensors.
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    world = dist.get_world_size()
-    size = torch.tensor([len(indices)], dtype=torch.int64, device=device)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
-    counts = [int(s.item()) for s in sizes]
-    width = max(counts)
-    # one (width, 2) int64 block per rank: column 0 the index, column 1 the correctness (0/1),
-    # padded to the largest slice because all_gather needs equal shapes
-    local = torch.zeros((width, 2), dtype=torch.int64, device=device)
-    local[: len(indices), 0] = torch.from_numpy(indices).to(device)
-    local[: len(indices), 1] = torch.from_numpy(correct.astype(np.int64)).to(device)
-    blocks = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(blocks, local)
-    rows = torch.cat([b[:c] for b, c in zip(blocks, counts)]).cpu().numpy()  # (global batch, 2)
+    # one int64 row per example: column 0 the index, column 1 the correctness (0/1)
+    local = np.stack([indices.astype(np.int64, copy=False), correct.astype(np.int64)], axis=1)  # (b, 2)
+    rows = all_gather_rows(torch.from_numpy(local)).numpy()  # (global batch, 2)
     return rows[:, 0], rows[:, 1].astype(bool)
 
 

@@ -15,7 +15,7 @@ start of epoch ``e``:
    of that size. So every well-learned example is skipped with probability exactly ``r``.
 3. the well-learned examples that are kept get loss weight ``1 / (1 - r)``, all others ``1``. The
    expected weighted gradient of the epoch equals the full-data gradient (the paper's Theorem).
-4. annealing: only the first ``floor(delta * num_epochs)`` epochs are pruned; the remaining
+4. annealing: only the first ``floor(delta * epochs)`` epochs are pruned; the remaining
    ``(1 - delta)`` of the epochs use the full data with weight 1 (the paper's ``delta = 0.875``).
 
 Pruned examples are not seen, so their recorded loss stays that of the last epoch they were seen
@@ -25,7 +25,7 @@ Differences from the authors' code (``NUS-HPC-AI-Lab/InfoBatch``): their code ke
 ``int((1 - r) * n_wl)`` well-learned examples and weights them ``1 / (1 - r)``, which is slightly
 biased unless ``(1 - r) * n_wl`` is an integer; the stochastic rounding above removes that bias.
 Their code starts every loss at 3 (so the first epoch keeps all examples by a tie); here unscored
-examples are simply kept. Their first epoch after pruning stops uses ``e + 1 > delta * num_epochs``:
+examples are simply kept. Their first epoch after pruning stops uses ``e + 1 > delta * epochs``:
 the same count of pruned epochs as here.
 
 **Using it in any loop.** Iterate the indices of an epoch (``sampler(epoch)`` is a
@@ -47,7 +47,7 @@ rank must call it the same number of times.
 
 Example:
     >>> import torch
-    >>> ib = InfoBatch(6, num_epochs=4, prune_ratio=0.5, seed=0)
+    >>> ib = InfoBatch(6, epochs=4, prune_ratio=0.5, seed=0)
     >>> len(ib.epoch_indices(0))  # never scored: every example
     6
     >>> ib.update(torch.arange(6), torch.tensor([0.1, 0.1, 0.1, 0.1, 2.0, 2.0]))
@@ -68,12 +68,14 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
+from leanscale.core.deprecation import renamed_argument
 from leanscale.core.distributed import rank_and_world
 from leanscale.core.errors import InvalidParameterError
 from leanscale.core.validation import (
@@ -82,12 +84,13 @@ from leanscale.core.validation import (
     check_consistent_length,
     check_param,
 )
+from leanscale.train.distributed import all_gather_rows
 
 __all__ = ["InfoBatch"]
 
 _OWNER = "InfoBatch"
 # Keys of state_dict() that must match the receiving object: a plan is only valid for these.
-_CONFIG_KEYS = ("n_examples", "num_epochs", "prune_ratio", "delta", "seed")
+_CONFIG_KEYS = ("n_examples", "epochs", "prune_ratio", "delta", "seed")
 
 
 def _as_index_array(name: str, value: Any, n: int) -> np.ndarray:
@@ -122,25 +125,6 @@ def _as_index_array(name: str, value: Any, n: int) -> np.ndarray:
     return arr
 
 
-def _all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's ``(b_r, 2)`` float64 rows in rank order (``b_r`` may differ)."""
-    import torch.distributed as dist
-
-    world = dist.get_world_size()
-    # NCCL only moves CUDA tensors; gloo (and others) take CPU tensors.
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    rows = rows.to(device)
-    size = torch.tensor([rows.shape[0]], dtype=torch.int64, device=device)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
-    counts = [int(s.item()) for s in sizes]
-    padded = torch.zeros(max(counts), 2, dtype=torch.float64, device=device)  # (b_max, 2)
-    padded[: rows.shape[0]] = rows
-    gathered = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(gathered, padded)
-    return torch.cat([g[:c] for g, c in zip(gathered, counts)]).cpu()  # (sum b_r, 2)
-
-
 class InfoBatch(torch.utils.data.Sampler):
     """Dynamic, unbiased data pruning by loss (InfoBatch), usable in any training loop.
 
@@ -149,9 +133,9 @@ class InfoBatch(torch.utils.data.Sampler):
 
     Args:
         n_examples: Size of the training set; indices are ``0 .. n_examples - 1``.
-        num_epochs: Number of epochs of the training run (the annealing is a fraction of them).
+        epochs: Number of epochs of the training run (the annealing is a fraction of them).
         prune_ratio: ``r`` in ``[0, 1)``: probability that a well-learned example is skipped.
-        delta: In ``(0, 1]``: the first ``floor(delta * num_epochs)`` epochs are pruned, the rest
+        delta: In ``(0, 1]``: the first ``floor(delta * epochs)`` epochs are pruned, the rest
             use the full data. ``delta=1`` prunes every epoch (no annealing).
         seed: Seed of the epoch plans; the plan of epoch ``e`` depends only on ``(seed, e)`` and
             the loss table, so it is the same on every rank and after a resume.
@@ -159,6 +143,7 @@ class InfoBatch(torch.utils.data.Sampler):
         world_size: Number of shards; None: the process group's size, else 1.
         drop_last: With several shards, drop the tail of the epoch's order instead of padding it
             to a multiple of ``world_size`` (see the module docstring).
+        num_epochs: Deprecated name of ``epochs`` (a ``FutureWarning``; removed in the next release).
 
     Attributes:
         losses_: ``(n_examples,)`` float64, the last recorded loss of each example; NaN if never
@@ -172,7 +157,7 @@ class InfoBatch(torch.utils.data.Sampler):
         A ``DataLoader`` loop (the dataset returns the index as well)::
 
             ds = TensorDataset(x, y, torch.arange(len(y)))
-            ib = InfoBatch(len(y), num_epochs=epochs)
+            ib = InfoBatch(len(y), epochs=epochs)
             for epoch in range(epochs):
                 for xb, yb, idx in DataLoader(ds, batch_size=128, sampler=ib.sampler(epoch)):
                     losses = F.cross_entropy(model(xb), yb, reduction="none")  # (b,)
@@ -183,7 +168,7 @@ class InfoBatch(torch.utils.data.Sampler):
 
     _parameter_constraints: ClassVar[dict[str, list]] = {
         "n_examples": [Interval(int, 1, None)],
-        "num_epochs": [Interval(int, 1, None)],
+        "epochs": [Interval(int, 1, None)],
         "prune_ratio": [Interval(float, 0, 1, closed="left")],
         "delta": [Interval(float, 0, 1, closed="right")],
         "seed": [Interval(int, 0, None)],
@@ -196,15 +181,17 @@ class InfoBatch(torch.utils.data.Sampler):
         self,
         n_examples: int,
         *,
-        num_epochs: int,
+        epochs: int | None = None,
         prune_ratio: float = 0.5,
         delta: float = 0.875,
         seed: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
         drop_last: bool = False,
+        num_epochs: int | None = None,
     ):
-        params = {"n_examples": n_examples, "num_epochs": num_epochs, "prune_ratio": prune_ratio,
+        epochs = renamed_argument(_OWNER, "num_epochs", "epochs", num_epochs, epochs, None)
+        params = {"n_examples": n_examples, "epochs": epochs, "prune_ratio": prune_ratio,
                   "delta": delta, "seed": seed, "rank": rank, "world_size": world_size, "drop_last": drop_last}
         for name, value in params.items():
             check_param(name, value, self._parameter_constraints[name], owner=_OWNER)
@@ -217,7 +204,7 @@ class InfoBatch(torch.utils.data.Sampler):
                 f"(world_size={world_size}). Got {rank!r} instead."
             )
         self.n_examples = int(n_examples)
-        self.num_epochs = int(num_epochs)
+        self.epochs = int(epochs)
         self.prune_ratio = float(prune_ratio)
         self.delta = float(delta)
         self.seed = int(seed)
@@ -230,12 +217,19 @@ class InfoBatch(torch.utils.data.Sampler):
         self._order: np.ndarray | None = None  # (n_kept,) int64, the global order of this epoch
         self._weights: np.ndarray | None = None  # (n,) float64 loss weights of this epoch
 
+    @property
+    def num_epochs(self) -> int:
+        """Deprecated name of :attr:`epochs` (a ``FutureWarning``; removed in the next release)."""
+        warnings.warn(f"{_OWNER}.num_epochs was renamed to {_OWNER}.epochs and will be removed in the next "
+                      f"release.", FutureWarning, stacklevel=2)
+        return self.epochs
+
     # ------------------------------------------------------------------------------ the plan
     @property
     def pruned_epochs(self) -> int:
-        """How many epochs (the first ones) are pruned: ``floor(delta * num_epochs)``."""
+        """How many epochs (the first ones) are pruned: ``floor(delta * epochs)``."""
         # The tolerance keeps e.g. 0.875 * 8 = 7 from becoming 6.999... in binary.
-        return math.floor(self.delta * self.num_epochs + 1e-9)
+        return math.floor(self.delta * self.epochs + 1e-9)
 
     @property
     def keep_weight(self) -> float:
@@ -278,7 +272,7 @@ class InfoBatch(torch.utils.data.Sampler):
         Setting the current epoch again keeps its plan (a re-iterated epoch yields the same
         indices); setting another epoch plans it afresh.
         """
-        check_param("epoch", epoch, [Interval(int, 0, self.num_epochs - 1)], owner=_OWNER)
+        check_param("epoch", epoch, [Interval(int, 0, self.epochs - 1)], owner=_OWNER)
         epoch = int(epoch)
         if epoch != self.epoch or self._order is None:
             self._plan(epoch)
@@ -365,7 +359,7 @@ class InfoBatch(torch.utils.data.Sampler):
                 and torch.distributed.get_world_size() > 1:
             # Indices travel as float64 next to the losses: exact below 2**53 examples.
             rows = torch.from_numpy(np.stack([idx.astype(np.float64), values], axis=1))  # (b, 2)
-            rows = _all_gather_rows(rows).numpy()
+            rows = all_gather_rows(rows).numpy()
             idx, values = rows[:, 0].astype(np.int64), rows[:, 1]
         self.losses_[idx] = values
 
@@ -383,7 +377,7 @@ class InfoBatch(torch.utils.data.Sampler):
         Plain tensors, numbers and lists only, so ``torch.load(..., weights_only=True)`` reads it.
         """
         return {
-            "n_examples": self.n_examples, "num_epochs": self.num_epochs, "prune_ratio": self.prune_ratio,
+            "n_examples": self.n_examples, "epochs": self.epochs, "prune_ratio": self.prune_ratio,
             "delta": self.delta, "seed": self.seed,
             "losses": torch.from_numpy(self.losses_.copy()),
             "epoch": -1 if self.epoch is None else self.epoch,
@@ -394,7 +388,16 @@ class InfoBatch(torch.utils.data.Sampler):
 
     def load_state_dict(self, state: dict[str, Any]) -> InfoBatch:
         """Restore :meth:`state_dict`. Its configuration must match this object's (not the sharding:
-        a run may resume on another number of processes)."""
+        a run may resume on another number of processes). A state saved before the rename of
+        ``num_epochs`` to ``epochs`` (its key ``"num_epochs"``) loads too."""
+        if isinstance(state, dict) and "num_epochs" in state:  # saved by the release before #14
+            old = state["num_epochs"]
+            if "epochs" in state and state["epochs"] != old:
+                raise InvalidParameterError(
+                    f"The 'state' parameter of {_OWNER}.load_state_dict holds both 'epochs' ({state['epochs']!r:.40}) "
+                    f"and its old name 'num_epochs' ({old!r:.40}) with different values."
+                )
+            state = {**{k: v for k, v in state.items() if k != "num_epochs"}, "epochs": old}
         if not isinstance(state, dict) or not {*_CONFIG_KEYS, "losses", "epoch", "order", "weights",
                                                 "history"} <= set(state):
             raise InvalidParameterError(
@@ -428,7 +431,7 @@ class InfoBatch(torch.utils.data.Sampler):
         if np.isinf(losses).any():  # NaN means "never recorded"
             raise InvalidParameterError(f"{where} must hold finite losses (NaN: not recorded yet).")
         epoch = state["epoch"]
-        if not isinstance(epoch, numbers.Integral) or isinstance(epoch, bool) or not -1 <= epoch < self.num_epochs:
+        if not isinstance(epoch, numbers.Integral) or isinstance(epoch, bool) or not -1 <= epoch < self.epochs:
             raise InvalidParameterError(f"{where} holds an invalid epoch {epoch!r:.80}.")
         order = weights = None
         if (state["order"] is None) != (state["weights"] is None) or (epoch < 0) != (state["order"] is None):
@@ -462,6 +465,6 @@ class InfoBatch(torch.utils.data.Sampler):
         return self  # as every other load_state_dict/fit of leanscale
 
     def __repr__(self) -> str:
-        return (f"{_OWNER}(n_examples={self.n_examples}, num_epochs={self.num_epochs}, "
+        return (f"{_OWNER}(n_examples={self.n_examples}, epochs={self.epochs}, "
                 f"prune_ratio={self.prune_ratio}, delta={self.delta}, seed={self.seed}, "
                 f"rank={self.rank}, world_size={self.world_size}, drop_last={self.drop_last})")

@@ -68,11 +68,11 @@ import torch
 import torch.nn.functional as F
 
 from leanscale.core.errors import InvalidParameterError, MissingDependencyError
+from leanscale.core.estimator import Estimator
 from leanscale.core.validation import (
     Interval,
     check_array,
     check_is_fitted,
-    check_params,
     unknown_name_error,
 )
 
@@ -132,7 +132,7 @@ def _as_rows(name: str, X: Any, owner: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
-class KMeans:
+class KMeans(Estimator):
     """k-means (Lloyd) with k-means++ seeding, chunked distances and an optional faiss backend.
 
     Args:
@@ -193,29 +193,9 @@ class KMeans:
         self.chunk_size = chunk_size
         self.backend = backend
 
-    def get_params(self, deep: bool = True) -> dict[str, Any]:
-        """The constructor parameters (``deep`` is accepted for scikit-learn compatibility)."""
-        return {name: getattr(self, name) for name in (
-            "n_clusters", "metric", "max_iter", "tol", "n_init", "seed", "chunk_size", "backend")}
-
-    def set_params(self, **params: Any) -> KMeans:
-        """Set constructor parameters; an unknown name lists the valid ones."""
-        valid = list(self.get_params())
-        for key, value in params.items():
-            if key not in valid:
-                raise unknown_name_error("parameter", key, valid, owner="KMeans.set_params")
-            setattr(self, key, value)
-        return self
-
-    def __repr__(self) -> str:
-        defaults = {"n_clusters": 8, "metric": "euclidean", "max_iter": 100, "tol": 1e-4, "n_init": 1,
-                    "seed": 0, "chunk_size": 8192, "backend": "auto"}
-        changed = [f"{k}={v!r}" for k, v in self.get_params().items() if v != defaults[k]]
-        return f"KMeans({', '.join(changed)})"
-
     # ------------------------------------------------------------------------------ validation
     def _check_params(self) -> None:
-        check_params(self.get_params(), self._parameter_constraints, owner="KMeans")
+        self._validate_params()
         if not (isinstance(self.metric, str) and self.metric in METRICS):
             raise unknown_name_error("metric", self.metric, METRICS, owner="KMeans")
         if not (isinstance(self.backend, str) and self.backend in BACKENDS):

@@ -6,7 +6,9 @@ scarce; Paul et al. (2021, arXiv 2107.07075) score with EL2N or GraNd after a fe
 training, Toneva et al. (2019, arXiv 1812.05159) with forgetting events. :class:`DataPruner` is
 the estimator around the score functions of this package and :func:`~leanscale.pruning.select.select`:
 ``fit`` computes ``scores_`` and the kept indices, ``transform`` returns those indices,
-``write_manifest`` writes scores, kept indices and a JSON manifest. The data is never modified.
+``write_manifest`` writes scores, kept indices and a JSON manifest (through
+:func:`leanscale.core.persistence.write_with_manifest`: versioned, hashed, manifest last), and
+:func:`read_pruning_manifest` reads one back, checked. The data is never modified.
 
 Metrics (higher = harder, always):
 
@@ -43,8 +45,6 @@ from __future__ import annotations
 import datetime
 import functools
 import hashlib
-import inspect
-import io
 import math
 import numbers
 import os
@@ -59,12 +59,18 @@ from torch import nn
 
 from leanscale.core.distributed import rank_and_world
 from leanscale.core.errors import InvalidParameterError, LeanscaleError
+from leanscale.core.estimator import Estimator
 from leanscale.core.io import (
     JobState,
     atomic_write_bytes,
-    atomic_write_json,
     inside_folder,
     read_npy,
+)
+from leanscale.core.persistence import (
+    npy_bytes,
+    read_manifest,
+    verify_recorded_file,
+    write_with_manifest,
 )
 from leanscale.core.validation import (
     InstanceOf,
@@ -74,13 +80,21 @@ from leanscale.core.validation import (
     check_is_fitted,
     check_labels,
     check_param,
-    check_params,
     unknown_name_error,
 )
 from leanscale.pruning import _train
 from leanscale.pruning.distributed import map_sharded
+from leanscale.train.distributed import broadcast_object
 
-__all__ = ["DEFAULT_SCORE_EPOCHS", "LABEL_METRICS", "METRICS", "DataPruner", "default_model_fn"]
+__all__ = [
+    "DEFAULT_SCORE_EPOCHS",
+    "LABEL_METRICS",
+    "MANIFEST_FORMAT_VERSION",
+    "METRICS",
+    "DataPruner",
+    "default_model_fn",
+    "read_pruning_manifest",
+]
 
 METRICS = (
     "el2n", "grand", "forgetting", "margin", "entropy", "least_confidence", "prototypes",
@@ -102,6 +116,12 @@ DEFAULT_MLP_HIDDEN = 128  # hidden units of the MLP for flat features
 # (activations of a smaller batch stay in cache; measured on 6,000 Fashion-MNIST images, 1 thread).
 _EVAL_BATCH = 256
 
+# Version of the manifest.json layout written by DataPruner.write_manifest ("format_version"; a
+# manifest without one is version 1). A reader refuses a newer one instead of misreading it.
+MANIFEST_FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+_OUTPUT_FILES = ("scores.npy", "kept.npy")
+
 _FITTED = ("scores_", "kept_indices_", "n_examples_", "strategy_", "strategy_reason_", "class_balanced_", "warnings_")
 
 
@@ -111,7 +131,7 @@ def default_model_fn(x_shape: tuple[int, ...], n_classes: int) -> Callable[[], n
     from leanscale.models.cnn import BNCNN, MLPClassifier
 
     if len(x_shape) == 4:
-        return functools.partial(BNCNN, num_classes=n_classes, in_channels=int(x_shape[1]), width=DEFAULT_CNN_WIDTH)
+        return functools.partial(BNCNN, n_classes=n_classes, in_channels=int(x_shape[1]), width=DEFAULT_CNN_WIDTH)
     return functools.partial(MLPClassifier, math.prod(x_shape[1:]), DEFAULT_MLP_HIDDEN, n_classes)
 
 
@@ -125,24 +145,6 @@ def _check_model_fn(model_fn: Any) -> None:
             f"the class or a lambda, e.g. model_fn={type(model_fn).__name__} or model_fn=lambda: "
             f"{type(model_fn).__name__}(...)."
         )
-
-
-def _broadcast(obj: Any) -> Any:
-    """``obj`` of rank 0 on every rank (identity without a process group)."""
-    rank, world = rank_and_world()
-    if world == 1:
-        return obj
-    import torch.distributed as dist
-
-    box = [obj if rank == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _npy_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    return buf.getvalue()
 
 
 def _fn_name(fn: Any) -> str:
@@ -186,13 +188,13 @@ class _Cache:
             self.state.discard(key, f"The state entry {key!r} holds {arr.shape[0] if arr.ndim else 0} rows, not the "
                                     f"{rows} examples it was computed for.")
             arr = None  # not this data's result (a damaged or edited state): recompute
-        if _broadcast(arr is not None):
+        if broadcast_object(arr is not None):
             self.hits.append(key)
-            return _broadcast(arr)
+            return broadcast_object(arr)
         arr = np.asarray(compute())
         if rank == 0:
             path = self.state.root / "arrays" / f"{self.state.path(key).stem}.npy"
-            atomic_write_bytes(path, _npy_bytes(arr))  # the array first: a saved key implies its file
+            atomic_write_bytes(path, npy_bytes(arr))  # the array first: a saved key implies its file
             self.state.save(key, {"file": str(path.relative_to(self.state.root)), "shape": list(arr.shape),
                                   "dtype": arr.dtype.str})
         return arr
@@ -228,7 +230,7 @@ class _Cache:
         return arr
 
 
-class DataPruner:
+class DataPruner(Estimator):
     """Score examples with ``metric`` and keep ``keep`` of them, as a scikit-learn estimator.
 
     Args:
@@ -246,9 +248,11 @@ class DataPruner:
             :data:`DEFAULT_SCORE_EPOCHS`. Forgetting needs at least 1 (every example seen).
         n_seeds: Scoring runs from different initialisations, averaged (Paul et al. used 10).
         embedding: For the prototype metrics: an array ``(n, d)``; a callable applied batch-wise
-            (:func:`~leanscale.pruning.embed.embed_with`); or None: a self-supervised encoder
-            trained on 4-d images (:func:`~leanscale.pruning.embed.train_ssl_encoder`), MiniLM
-            for a list of texts, the rows of ``x`` themselves for 2-d features.
+            (:func:`~leanscale.models.encoders.embed_with`); or None: a self-supervised encoder
+            trained on 4-d images (:func:`~leanscale.pruning.embed.train_ssl_encoder`, embedded
+            with :func:`~leanscale.models.encoders.embed_images`), MiniLM
+            (:func:`~leanscale.models.encoders.embed_texts`) for a list of texts, the rows of ``x``
+            themselves for 2-d features.
         n_clusters: k-means clusters of ``"prototypes"``; None: the number of classes of ``y``.
         out_dir: Folder of the resumable scoring state (``out_dir/state``) and the default of
             :meth:`write_manifest`; None: nothing is written.
@@ -310,35 +314,11 @@ class DataPruner:
         self.lr = lr
         _check_model_fn(model_fn)
 
-    # --- scikit-learn plumbing -----------------------------------------------------------------
-    @classmethod
-    def _param_names(cls) -> list[str]:
-        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-
-    def get_params(self, deep: bool = True) -> dict[str, Any]:
-        """The constructor parameters (``deep`` is accepted for scikit-learn compatibility)."""
-        return {name: getattr(self, name) for name in self._param_names()}
-
-    def set_params(self, **params: Any) -> DataPruner:
-        """Set constructor parameters; an unknown name lists the valid ones."""
-        valid = self._param_names()
-        for key, value in params.items():
-            if key not in valid:
-                raise unknown_name_error("parameter", key, valid, owner="DataPruner.set_params")
-            setattr(self, key, value)
-        return self
-
-    def __repr__(self) -> str:
-        defaults = {p.name: p.default for p in inspect.signature(type(self).__init__).parameters.values()}
-        changed = [f"{k}={v!r}" for k, v in self.get_params().items()
-                   if not (v is defaults[k] or (type(v) is type(defaults[k]) and v == defaults[k]))]
-        return f"DataPruner({', '.join(changed)})"
-
     def _check_params(self) -> None:
         if not (isinstance(self.metric, str) and self.metric in METRICS):
             raise unknown_name_error("metric", self.metric, METRICS, owner="DataPruner")
         _check_model_fn(self.model_fn)
-        check_params(self.get_params(), self._parameter_constraints, owner="DataPruner")
+        self._validate_params()
         if self.out_dir is not None and os.path.exists(self.out_dir) and not os.path.isdir(self.out_dir):
             raise InvalidParameterError(
                 f"The 'out_dir' parameter of DataPruner must be a folder (it is created when missing). Got "
@@ -563,7 +543,7 @@ class DataPruner:
         return np.mean(per_seed, axis=0).astype(np.float64)  # grand, forgetting: mean over seeds
 
     def _embeddings(self, x: Any, n: int, cache: _Cache, digest: str) -> np.ndarray:
-        from leanscale.pruning import embed
+        from leanscale.models import encoders
 
         emb, owner = self.embedding, "DataPruner"
         if isinstance(emb, (np.ndarray, torch.Tensor)):
@@ -581,18 +561,20 @@ class DataPruner:
         if callable(emb):
             key = f"embedding-{hashlib.blake2b(repr((digest, _fn_name(emb))).encode(), digest_size=6).hexdigest()}"
             if _is_texts(x):
-                return cache.get(key, lambda: embed.embed_with(emb, list(x)), rows=n)
-            return cache.get(key, lambda: map_sharded(lambda idx: embed.embed_with(emb, _span(x, idx)), n), rows=n)
+                return cache.get(key, lambda: encoders.embed_with(emb, list(x)), rows=n)
+            return cache.get(key, lambda: map_sharded(lambda idx: encoders.embed_with(emb, _span(x, idx)), n), rows=n)
         if _is_texts(x):
             key = f"embedding-minilm-{digest}"
-            return cache.get(key, lambda: embed.embed_texts(list(x)), rows=n)
+            return cache.get(key, lambda: encoders.embed_texts(list(x)), rows=n)
         xt = _train.as_float_tensor(x, owner="DataPruner.fit")
         if xt.ndim == 4:
             key = f"embedding-simclr-seed{self.seed}-{digest}"
 
             def ssl() -> np.ndarray:
+                from leanscale.pruning import embed
+
                 encoder = embed.train_ssl_encoder(xt, seed=self.seed)
-                return map_sharded(lambda idx: embed.embed_images(encoder, _span(xt, idx)), n)
+                return map_sharded(lambda idx: encoders.embed_images(encoder, _span(xt, idx)), n)
 
             return cache.get(key, ssl, rows=n)
         if xt.ndim == 2:
@@ -630,7 +612,10 @@ class DataPruner:
         The manifest says what was kept and dropped, by which metric and why: metric, strategy
         (requested, resolved, the reason), keep, counts (in total and per class), the dropped
         indices, a score summary, the settings, the scoring time, versions and the time of
-        writing. ``manifest.json`` is written last, so its presence means the folder is complete.
+        writing, the ``"format_version"`` of the layout (:data:`MANIFEST_FORMAT_VERSION`) and the
+        SHA-256 of ``scores.npy`` and ``kept.npy`` (``"sha256"``). ``manifest.json`` is written
+        last (the commit point), so its presence means the folder is complete, and arrays of an
+        interrupted later write are told apart by their hashes (:func:`read_pruning_manifest`).
         Under ``torchrun`` only rank 0 writes. The data itself is never touched.
 
         Args:
@@ -689,12 +674,45 @@ class DataPruner:
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
         # The manifest is the commit point: it records the SHA-256 of the two arrays, so a kill between the
-        # writes leaves arrays that a reader can tell do not belong to the manifest beside them.
-        digests = {}
-        for name, arr in (("scores.npy", self.scores_), ("kept.npy", kept)):
-            data = _npy_bytes(arr)
-            atomic_write_bytes(folder / name, data)
-            digests[name] = hashlib.sha256(data).hexdigest()
-        manifest["sha256"] = digests
-        atomic_write_json(manifest_path, manifest)
+        # writes leaves arrays that a reader (read_pruning_manifest) can tell do not belong to the manifest.
+        files = {"scores.npy": npy_bytes(self.scores_), "kept.npy": npy_bytes(kept)}  # (n,) float64, (n_kept,) int64
+        write_with_manifest(folder, files, manifest, manifest_name=MANIFEST_FILE, version=MANIFEST_FORMAT_VERSION)
         return manifest_path
+
+
+def read_pruning_manifest(path: str | os.PathLike, *, verify: bool | tuple[str, ...] = True) -> dict[str, Any]:
+    """Read the ``manifest.json`` of :meth:`DataPruner.write_manifest` (and of ``leanscale prune
+    score`` / ``select``), checking it before it is trusted.
+
+    The manifest is untrusted input: its size is checked before it is read, it must be a JSON
+    object, and a ``"format_version"`` above :data:`MANIFEST_FORMAT_VERSION` (a newer leanscale's
+    layout) is refused; an absent one reads as 1 (manifests of leanscale <= 0.x).
+
+    Args:
+        path: The folder ``write_manifest`` wrote, or its ``manifest.json``.
+        verify: True: ``scores.npy`` and ``kept.npy`` beside the manifest must be the files it was
+            written with (their recorded SHA-256; a manifest that records none is not checked);
+            a tuple of file names: only those; False: no file is checked.
+
+    Returns:
+        The manifest as a dict, as it is on disk (load the arrays with ``np.load``).
+
+    Raises:
+        DataNotFoundError: no manifest, or a file it records is missing.
+        DataFormatError: the manifest is damaged, too large, of a newer format, or a checked file
+            does not belong to it (a write was interrupted, or a file was changed since).
+    """
+    owner = "read_pruning_manifest"
+    check_param("path", path, [str, os.PathLike], owner=owner)
+    if not isinstance(verify, bool) and not (isinstance(verify, tuple) and all(n in _OUTPUT_FILES for n in verify)):
+        raise InvalidParameterError(
+            f"The 'verify' parameter of {owner} must be a bool or a tuple of names among {_OUTPUT_FILES}. "
+            f"Got {verify!r} instead.")
+    path = Path(path)
+    manifest_path = path / MANIFEST_FILE if path.is_dir() else path
+    manifest = read_manifest(manifest_path, current=MANIFEST_FORMAT_VERSION, what="manifest")
+    names = _OUTPUT_FILES if verify is True else () if verify is False else verify
+    for name in names:
+        verify_recorded_file(manifest_path.parent, manifest, name, what=f"{name[:-4]} file",
+                             manifest_path=manifest_path)
+    return manifest

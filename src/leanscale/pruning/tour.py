@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import functools
 import time
-from pathlib import Path
 
-from leanscale.core.io import read_json
+from leanscale.core.registry import read_result
 
 __all__ = ["chapter", "headline"]
 
-_RESULTS = Path(__file__).resolve().parents[3] / "benchmarks" / "results" / "pruning"
 _MAIN_BENCHMARK = "fraction_kept_fashion-mnist-mlp.json"
 
 
@@ -21,13 +19,13 @@ def _accuracy(model, x, y) -> float:
 
 
 def chapter(ctx):
-    from leanscale.core.ledger import count_flops
+    from leanscale.core.flops import count_flops
     from leanscale.models.cnn import MLPClassifier
     from leanscale.pruning._train import train_scoring_model
     from leanscale.pruning.datasets import load_pruning_data
     from leanscale.pruning.pruner import DataPruner
     from leanscale.pruning.select import select
-    from leanscale.tour import ChapterResult
+    from leanscale.report.chapter import ChapterResult
 
     report = ctx.report
     report.add_paragraph(
@@ -87,11 +85,10 @@ def chapter(ctx):
     summary = [{"metric": f"test accuracy, EL2N-hard {keep:.0%} vs all data ({n_train:,} images)",
                 "value": f"{100 * rows[2]['test accuracy']:.1f}% vs {100 * rows[0]['test accuracy']:.1f}%",
                 "paper": "Paul et al.: half of CIFAR-10 at no loss"}]
-    bench = _RESULTS / _MAIN_BENCHMARK
-    if bench.is_file():
+    d = read_result("pruning", _MAIN_BENCHMARK)
+    if d is not None:
         from leanscale.pruning.figures import fraction_kept_figure
 
-        d = read_json(bench)
         report.add_section("The benchmark: all of Fashion-MNIST, six metrics, keep hard and easy", level=3)
         report.add_figure(fraction_kept_figure(d), caption=(
             f"{d['model'].upper()} on {d['n_train']:,} images, {d['epochs']:g} epochs per run, {d['seeds']} seeds "
@@ -106,15 +103,15 @@ def chapter(ctx):
             summary.append({"metric": "benchmark: self-supervised prototypes vs best label metric at 70% kept",
                             "value": f"{g['ssl_gap_at_70pct_points']:+.2f} points behind",
                             "paper": "Sorscher: matches; goal <= 1"})
-    al = _RESULTS / "active_learning.json"
-    if al.is_file():
-        for name, r in _best_active(read_json(al)).items():
+    al = read_result("pruning", "active_learning.json")
+    if al is not None:
+        for name, r in _best_active(al).items():
             summary.append({"metric": f"benchmark: active learning ({r['strategy']}), labels to 95% of full "
                             f"accuracy, {name}", "value": f"{r['ratio_vs_random']:.2f}x fewer than random",
                             "paper": "goal >= 2x"})
-    ib = _RESULTS / "infobatch.json"
-    if ib.is_file():
-        s = read_json(ib)["summary"]
+    ib = read_result("pruning", "infobatch.json")
+    if ib is not None:
+        s = ib["summary"]
         summary.append({"metric": "benchmark: InfoBatch on Fashion-MNIST, examples processed saved",
                         "value": f"{s['saving_examples_percent_mean']:.0f}% at "
                                  f"{s['accuracy_infobatch_minus_full_points_mean']:+.2f} points",
@@ -134,11 +131,10 @@ def _best_active(blob) -> dict:
 
 def headline(results_root=None) -> str:
     """One line for the README table, from the committed benchmark results."""
-    root = Path(results_root) / "pruning" if results_root else _RESULTS
     parts = []
-    bench = root / _MAIN_BENCHMARK
-    if bench.is_file():
-        g = read_json(bench)["goals"]
+    bench = read_result("pruning", _MAIN_BENCHMARK, results_root)
+    if bench is not None:
+        g = bench["goals"]
         if g.get("pruned_fraction_within_0.3_points") is not None:
             best = g["most_pruned_within_0.3_points"]
             parts.append(f"Fashion-MNIST: {g['pruned_fraction_within_0.3_points']:.0%} pruned within 0.3 points "
@@ -147,9 +143,9 @@ def headline(results_root=None) -> str:
             gap = g["ssl_gap_at_70pct_points"]  # best label-using accuracy minus the label-free one
             side = "below" if gap >= 0 else "above"
             parts.append(f"label-free prototypes {abs(gap):.1f} points {side} the best label-using score at 70% kept")
-    al = root / "active_learning.json"
-    if al.is_file():
-        best = _best_active(read_json(al))
+    al = read_result("pruning", "active_learning.json", results_root)
+    if al is not None:
+        best = _best_active(al)
         if best:
             parts.append("active learning, labels to 95% of full accuracy vs random: " + ", ".join(
                 f"{r['strategy']} {r['ratio_vs_random']:.2f}x fewer ({name})" for name, r in best.items()))

@@ -5,12 +5,7 @@ Besiroglu et al. 2024, "Chinchilla Scaling: A replication attempt", arXiv 2404.1
 """
 
 from leanscale.scaling.envelope import EnvelopeFit, fit_envelope
-from leanscale.scaling.flops import (
-    GPU_PEAK_FLOPS,
-    chinchilla_flops,
-    gpu_hours,
-    training_flops,
-)
+from leanscale.scaling.flops import GPU_PEAK_FLOPS, gpu_hours, training_flops
 from leanscale.scaling.isoflop import IsoFLOPFit, fit_isoflop
 from leanscale.scaling.laws import (
     CHINCHILLA_2022,
@@ -53,3 +48,15 @@ __all__ = [
     "read_runs",
     "training_flops",
 ]
+
+
+def __getattr__(name: str):
+    # chinchilla_flops (Appendix F's exact training FLOPs) is exported here only (#14). It lives
+    # with the transformer's per-layer FLOP rules in leanscale.models.transformer, which needs torch:
+    # loaded on first use, so `import leanscale.scaling` (leanscale plan / fit) stays torch-free.
+    if name == "chinchilla_flops":
+        from leanscale.models.transformer import chinchilla_flops
+
+        globals()[name] = chinchilla_flops  # once
+        return chinchilla_flops
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,8 +3,10 @@
 C = 6 N D counts 2 FLOPs per multiply-add, one multiply-add per parameter per token in the forward
 pass, and twice that in the backward pass (Kaplan et al. 2020, arXiv 2001.08361; Hoffmann et al.
 2022, arXiv 2203.15556). The exact per-layer count of Hoffmann et al.'s Appendix F (embeddings,
-attention, dense blocks, logits; backward = 2x forward) lives with the transformer model in
-:func:`leanscale.models.transformer.chinchilla_flops` and is re-exported here.
+attention, dense blocks, logits; backward = 2x forward) is
+:func:`leanscale.models.transformer.chinchilla_flops`, next to the per-layer rules it sums; its one
+public export is ``leanscale.scaling.chinchilla_flops`` (loaded on first use: the package imports
+without torch).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from leanscale.core.validation import (
     unknown_name_error,
 )
 
-__all__ = ["GPU_PEAK_FLOPS", "chinchilla_flops", "gpu_hours", "training_flops"]
+__all__ = ["GPU_PEAK_FLOPS", "gpu_hours", "training_flops"]
 
 
 def training_flops(n_params, n_tokens):
@@ -27,13 +29,6 @@ def training_flops(n_params, n_tokens):
     d = check_array("n_tokens", n_tokens, ndim=None, positive=True, owner="training_flops")
     c = 6.0 * n * d
     return float(c) if c.ndim == 0 else c
-
-
-def chinchilla_flops(*args, **kwargs):
-    """Appendix F's exact training FLOPs; see :func:`leanscale.models.transformer.chinchilla_flops`."""
-    from leanscale.models.transformer import chinchilla_flops as _cf
-
-    return _cf(*args, **kwargs)
 
 
 # Dense peak throughput in FLOP/s, without structured sparsity, for the usual training dtype

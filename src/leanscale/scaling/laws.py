@@ -33,10 +33,12 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
 from leanscale.core.errors import DataFormatError, InvalidParameterError
+from leanscale.core.estimator import Estimator
 from leanscale.core.io import atomic_write_json, check_file_size, read_json
 from leanscale.core.validation import (
     Interval,
@@ -45,7 +47,6 @@ from leanscale.core.validation import (
     check_consistent_length,
     check_is_fitted,
     check_param,
-    check_params,
     unknown_name_error,
 )
 from leanscale.scaling._huber import huber_objective, solve_batched
@@ -103,7 +104,7 @@ class ComputeOptimal(tuple):
     n_tokens = property(lambda self: self[1])
 
 
-class ParametricScalingLaw:
+class ParametricScalingLaw(Estimator):
     """L(N, D) = E + A / N^alpha + B / D^beta, an estimator in scikit-learn's sense.
 
     Args:
@@ -116,7 +117,7 @@ class ParametricScalingLaw:
     :meth:`bootstrap`.
     """
 
-    _parameter_constraints = {
+    _parameter_constraints: ClassVar[dict[str, list]] = {
         "huber_delta": [Interval(float, 0, None, closed="neither")],
         "method": [Options({"fast", "exhaustive", "reference"})],
         "n_starts": [Interval(int, 1, None)],
@@ -141,7 +142,7 @@ class ParametricScalingLaw:
 
     def fit(self, n_params, n_tokens, loss) -> ParametricScalingLaw:
         """Fit on runs: ``n_params`` (N), ``n_tokens`` (D) and final ``loss`` (nats/token)."""
-        check_params(vars(self), self._parameter_constraints, owner=type(self).__name__)
+        self._validate_params()
         n, d, l = _check_runs(n_params, n_tokens, loss, owner="fit_parametric", min_runs=6)
         x, y, logl = np.log(n), np.log(d), np.log(l)
         grid = chinchilla_grid()
@@ -221,29 +222,26 @@ class ParametricScalingLaw:
 
     def optimal_tokens(self, n_params):
         """Tokens D for which a model of ``n_params`` is compute-optimal (inverse of the frontier)."""
-        check_is_fitted(self, _FITTED)
-        _check_frontier(self)
-        n = check_array("n_params", n_params, ndim=None, positive=True, owner="optimal_tokens")
-        g = _g(self.A_, self.B_, self.alpha_, self.beta_)
-        a, b = self.exponents_
-        with np.errstate(over="ignore", under="ignore"):
-            c6 = (n / g) ** (1.0 / a)  # C/6 at which N_opt(C) = n
-            d = c6 / n
-        _check_representable("n_params", n_params, d, "optimal_tokens")
-        return float(d) if d.ndim == 0 else d
+        return self._frontier_partner("n_params", n_params, "optimal_tokens")
 
     def optimal_params(self, n_tokens):
         """Parameters N for which ``n_tokens`` is the compute-optimal data size."""
+        return self._frontier_partner("n_tokens", n_tokens, "optimal_params")
+
+    def _frontier_partner(self, name: str, value, owner: str):
+        """The other half of the compute-optimal pair: D for N = ``value`` (``name="n_params"``)
+        or N for D = ``value`` (``name="n_tokens"``); C/6 = N D on the frontier."""
         check_is_fitted(self, _FITTED)
         _check_frontier(self)
-        d = check_array("n_tokens", n_tokens, ndim=None, positive=True, owner="optimal_params")
+        x = check_array(name, value, ndim=None, positive=True, owner=owner)
         g = _g(self.A_, self.B_, self.alpha_, self.beta_)
         a, b = self.exponents_
         with np.errstate(over="ignore", under="ignore"):
-            c6 = (d * g) ** (1.0 / b)
-            n = c6 / d
-        _check_representable("n_tokens", n_tokens, n, "optimal_params")
-        return float(n) if n.ndim == 0 else n
+            # C/6 at which N_opt(C) = x (N_opt = G (C/6)^a), or D_opt(C) = x (D_opt = (C/6)^b / G)
+            c6 = (x / g) ** (1.0 / a) if name == "n_params" else (x * g) ** (1.0 / b)
+            other = c6 / x
+        _check_representable(name, value, other, owner)
+        return float(other) if other.ndim == 0 else other
 
     # --- uncertainty -------------------------------------------------------------------------
     def bootstrap(self, n_resamples: int = 4000, seed: int = 0, level: float = 0.95) -> BootstrapResult:
@@ -316,7 +314,7 @@ class ParametricScalingLaw:
 
     def __repr__(self) -> str:
         if not all(hasattr(self, a) for a in _FITTED):
-            return f"{type(self).__name__}(huber_delta={self.huber_delta}, method={self.method!r})"
+            return super().__repr__()  # the parameters that differ from their defaults
         name = f"{self.name_}: " if getattr(self, "name_", None) else ""
         return (f"{type(self).__name__}({name}E={self.E_:.4g}, A={self.A_:.4g}, B={self.B_:.4g}, "
                 f"alpha={self.alpha_:.4g}, beta={self.beta_:.4g})")

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 
-from leanscale.core.io import read_json
+from leanscale.core.registry import read_result
 from leanscale.scaling.analysis import REFERENCE_EXPONENTS, analyze_runs
 from leanscale.scaling.laws import CHINCHILLA_2022, EPOCH_2024
 from leanscale.scaling.runs import read_curves, read_runs
 
 __all__ = ["chapter", "headline", "tour_sweep_config"]
-
-_RESULTS = Path(__file__).resolve().parents[3] / "benchmarks" / "results" / "scaling"
 
 
 def tour_sweep_config(quick: bool, seed: int = 0):
@@ -32,9 +29,9 @@ def tour_sweep_config(quick: bool, seed: int = 0):
 
 
 def chapter(ctx):
+    from leanscale.report.chapter import ChapterResult
     from leanscale.scaling.figures import contour_figure, isoflop_figure
     from leanscale.scaling.sweep import run_sweep
-    from leanscale.tour import ChapterResult
 
     report = ctx.report
     report.add_paragraph(
@@ -103,9 +100,9 @@ def chapter(ctx):
         {"metric": "tokens per parameter at our largest budget", "value": round(opt["tokens_per_param"], 1),
          "paper": "~20 (Chinchilla, Epoch)"},
     ]
-    exact = _RESULTS / "fit_exactness.json"
-    if exact.is_file():
-        s = read_json(exact)["summary"]
+    exact = read_result("scaling", "fit_exactness.json")
+    if exact is not None:
+        s = exact["summary"]
         summary.append({"metric": "fit vs reference L-BFGS (benchmark)",
                         "value": f"max rel. diff {s['fast_max_rel_diff']:.0e}, >= {s['fast_min_speedup']:.0f}x faster",
                         "paper": "goal: <= 1e-3, >= 100x"})
@@ -114,16 +111,15 @@ def chapter(ctx):
 
 def headline(results_root=None) -> str:
     """One line for the README table, from the committed benchmark results."""
-    root = Path(results_root) / "scaling" if results_root else _RESULTS
     parts = []
-    exact = root / "fit_exactness.json"
-    if exact.is_file():
-        s = read_json(exact)["summary"]
+    exact = read_result("scaling", "fit_exactness.json", results_root)
+    if exact is not None:
+        s = exact["summary"]
         parts.append(f"Approach-3 fit = reference optimum (max rel. diff {s['fast_max_rel_diff']:.0e}) "
                      f"at >= {s['fast_min_speedup']:.0f}x less wall time; 4,000 bootstrap refits in {s['bootstrap_4000_seconds']:.0f} s")
-    own = root / "own_law.json"
-    if own.is_file():
-        o = read_json(own)["summary"]
+    own = read_result("scaling", "own_law.json", results_root)
+    if own is not None:
+        o = own["summary"]
         parts.append(f"own sweep: a = {o['a']:.2f} [{o['a_low']:.2f}, {o['a_high']:.2f}] "
                      f"(Chinchilla 0.50, Kaplan 0.73)")
     return "; ".join(parts) if parts else "benchmarks not run yet"

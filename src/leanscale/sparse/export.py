@@ -17,6 +17,14 @@ offers the two things that do save:
   form together with the SWAT settings that made it, so an export can rebuild exactly that model
   (and refuse other settings, which would keep other weights).
 
+Both are single torch files (``torch.save`` format, readable with ``torch.load(weights_only=True)``),
+written atomically (temporary file + rename). Their marker key is their format version
+(``"leanscale_pruned": 1``, ``"leanscale_swat": 1``; :data:`PRUNED_FORMAT_VERSION`,
+:data:`SWAT_FORMAT_VERSION`), checked by :func:`leanscale.core.persistence.check_format_version`:
+a file of a newer leanscale is refused with "upgrade" instead of misread. (They stay torch files
+rather than :mod:`leanscale.core.persistence` folders: users open them with ``torch.load``, and
+the CSR records and settings are nested structures a flat arrays file would have to flatten.)
+
 Files are untrusted: every load uses ``torch.load(weights_only=True)`` (:func:`read_torch_file`)
 and checks names, shapes and CSR structure before expanding anything.
 """
@@ -36,10 +44,13 @@ from torch import nn
 
 from leanscale.core.errors import DataFormatError, InvalidParameterError
 from leanscale.core.io import atomic_torch_save, read_torch_file
+from leanscale.core.persistence import check_format_version
 from leanscale.core.surgery import replace_module_classes
 from leanscale.core.validation import Interval, check_param
 
 __all__ = [
+    "PRUNED_FORMAT_VERSION",
+    "SWAT_FORMAT_VERSION",
     "SWAT_SETTINGS",
     "SparseLinear",
     "check_swat_layers",
@@ -52,6 +63,14 @@ __all__ = [
     "to_sparse_kernels",
     "weight_sparsity",
 ]
+
+# Format versions of the two checkpoints, stored as the value of their marker key. Readers accept
+# 1..current and refuse newer ones. (The marker is the version field: a second key would make a new
+# file unreadable by load_swat_checkpoint of earlier releases, which checks the key set exactly.)
+PRUNED_FORMAT_VERSION = 1
+SWAT_FORMAT_VERSION = 1
+_PRUNED_KEY = "leanscale_pruned"
+_SWAT_KEY = "leanscale_swat"
 
 # CSR tensors are "beta" in PyTorch and warn on creation; the behaviour we use (creation,
 # csr @ dense, to_dense) is stable and tested here.
@@ -165,7 +184,7 @@ def save_pruned(model: nn.Module, path: str | os.PathLike, min_sparsity: float =
                           "crow": csr.crow_indices().to(torch.int32), "shape": tuple(t.shape)}
         else:
             state[key] = t
-    return atomic_torch_save({"leanscale_pruned": 1, "state": state}, path)
+    return atomic_torch_save({_PRUNED_KEY: PRUNED_FORMAT_VERSION, "state": state}, path)
 
 
 def _check_path(path: Any, owner: str) -> Path:
@@ -227,11 +246,6 @@ def _dense_from(entry: dict, key: str, expected: torch.Tensor, where: str) -> to
         ) from None
 
 
-def _version(value: Any) -> int | None:
-    """A format version read from a file: an int, or None for anything else (a tensor, ...)."""
-    return value if type(value) is int else None
-
-
 def load_pruned(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a :func:`save_pruned` checkpoint into ``model`` (dense tensors) and return it.
 
@@ -241,7 +255,8 @@ def load_pruned(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     Raises:
         InvalidParameterError: ``model`` is not a module, or the file is not a save_pruned file.
         DataNotFoundError: the file does not exist.
-        DataFormatError: the file is damaged, crafted, or was saved from another architecture.
+        DataFormatError: the file is damaged, crafted, was saved from another architecture, or by
+            a newer leanscale (format version above :data:`PRUNED_FORMAT_VERSION`).
     """
     owner = "load_pruned"
     if not isinstance(model, nn.Module):
@@ -250,10 +265,12 @@ def load_pruned(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         )
     path = _check_path(path, owner)
     blob = read_torch_file(path, what="pruned checkpoint")
-    if not (isinstance(blob, dict) and _version(blob.get("leanscale_pruned")) == 1):
+    if not (isinstance(blob, dict) and _PRUNED_KEY in blob):
         raise InvalidParameterError(
             f"The 'path' parameter of {owner} must be a file written by save_pruned. Got {str(path)!r}, which is not."
         )
+    check_format_version(blob, what=f"pruned checkpoint {str(path)!r}", current=PRUNED_FORMAT_VERSION, key=_PRUNED_KEY,
+                         default=None)
     where = f"the pruned checkpoint {str(path)!r}"
     saved = blob.get("state")
     if not isinstance(saved, dict) or not all(isinstance(k, str) for k in saved):
@@ -360,7 +377,7 @@ def save_swat_checkpoint(model: nn.Module, path: str | os.PathLike, settings: di
     check_param("extra", extra, [None, dict], owner=owner)
     _check_plain_data(extra, f"'extra' parameter of {owner}")
     root = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    blob = {"leanscale_swat": 1, "settings": settings, "layers": layers, "extra": dict(extra or {}),
+    blob = {_SWAT_KEY: SWAT_FORMAT_VERSION, "settings": settings, "layers": layers, "extra": dict(extra or {}),
             "state_dict": root.state_dict()}
     return atomic_torch_save(blob, path)
 
@@ -389,8 +406,9 @@ def load_swat_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     SWAT settings are unknown and cannot be checked. Read with ``weights_only=True``.
 
     Raises:
-        DataNotFoundError / DataFormatError: the file is missing, damaged, crafted, or its
-            recorded settings are malformed (the message names the file).
+        DataNotFoundError / DataFormatError: the file is missing, damaged, crafted, its recorded
+            settings are malformed, or it was written by a newer leanscale (format version above
+            :data:`SWAT_FORMAT_VERSION`); the message names the file.
     """
     from leanscale.sparse.swat import _LAYER_CONSTRAINTS
 
@@ -400,7 +418,7 @@ def load_swat_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     where = f"SWAT checkpoint {str(path)!r}"
     if not isinstance(blob, dict):
         raise DataFormatError(f"The {where} must hold a state_dict (a dict of tensors). Got a {type(blob).__name__}.")
-    if "leanscale_swat" not in blob or not all(isinstance(k, str) for k in blob):
+    if _SWAT_KEY not in blob or not all(isinstance(k, str) for k in blob):
         if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in blob.items()):
             raise DataFormatError(
                 f"The {where} must hold a state_dict (str keys, tensor values) or a file written by "
@@ -409,10 +427,11 @@ def load_swat_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         if not blob:
             raise DataFormatError(f"The {where} holds an empty state_dict: there is nothing to export.")
         return {"state_dict": blob, "settings": None, "layers": None, "extra": None}
-    if _version(blob.get("leanscale_swat")) != 1 or set(blob) != {"leanscale_swat", "settings", "layers", "extra", "state_dict"}:
+    version = check_format_version(blob, what=where, current=SWAT_FORMAT_VERSION, key=_SWAT_KEY, default=None)
+    if set(blob) != {_SWAT_KEY, "settings", "layers", "extra", "state_dict"}:
         raise DataFormatError(
-            f"The {where} must be a version-1 file of save_swat_checkpoint with keys extra, layers, leanscale_swat, "
-            f"settings, state_dict. Got version {_version(blob.get('leanscale_swat'))!r} with keys {sorted(map(str, blob))}."
+            f"The {where} must be a version-{version} file of save_swat_checkpoint with keys extra, layers, "
+            f"leanscale_swat, settings, state_dict. Got keys {sorted(map(str, blob))}."
         )
     state = blob["state_dict"]
     if not isinstance(state, dict) or not state or not all(isinstance(k, str) and isinstance(v, torch.Tensor)

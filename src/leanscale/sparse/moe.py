@@ -67,7 +67,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -75,7 +75,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanscale.core.errors import InvalidParameterError
-from leanscale.core.ledger import register_flop_rule
+from leanscale.core.flops import register_flop_rule
 from leanscale.core.surgery import replace_module_classes
 from leanscale.core.validation import Interval, Options, check_param, unknown_name_error
 from leanscale.models.transformer import GPT, INIT_STD, MLP
@@ -300,14 +300,30 @@ class MoE(nn.Module):
             logits = F.linear(xr, self.router.weight.float())  # (N, E)
             return logits, logits.softmax(dim=-1)
 
-    def _expert(self, e: int, xe: torch.Tensor) -> torch.Tensor:
-        h = xe @ self.w_fc[e]  # (n_e, C) @ (C, H) -> (n_e, H)
-        if self.b_fc is not None:
-            h = h + self.b_fc[e]
-        y = F.gelu(h) @ self.w_proj[e]  # (n_e, H) @ (H, C) -> (n_e, C)
-        if self.b_proj is not None:
-            y = y + self.b_proj[e]
+    def _expert(self, e: int, xe: torch.Tensor, params: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
+        """Expert ``e`` on its rows ``xe`` (n_e, C); ``params``: (w_fc, w_proj, b_fc, b_proj) to use
+        instead of the layer's own (ExpertParallelMoE passes gradient-scaled views)."""
+        w_fc, w_proj, b_fc, b_proj = (self.w_fc, self.w_proj, self.b_fc, self.b_proj) if params is None else params
+        h = xe @ w_fc[e]  # (n_e, C) @ (C, H) -> (n_e, H)
+        if b_fc is not None:
+            h = h + b_fc[e]
+        y = F.gelu(h) @ w_proj[e]  # (n_e, H) @ (H, C) -> (n_e, C)
+        if b_proj is not None:
+            y = y + b_proj[e]
         return y
+
+    def _combine(self, y: torch.Tensor, plan: _Plan, x: torch.Tensor, n_kept: int) -> MoEOutput:
+        """Gate the expert outputs ``y`` (M, C), in ``plan.kept_tokens``' order, and scatter-add
+        them onto the tokens of ``x`` (..., C); dropped assignments add nothing."""
+        C = self.n_embd
+        N, k = x.shape[:-1].numel(), self.top_k  # tokens, experts per token
+        y = y * plan.kept_gates.to(y.dtype).unsqueeze(1)  # (M, C) gated
+        out = y.new_zeros(N, C).index_add_(0, plan.kept_tokens, y)  # (N, C); dropped: 0
+        out = self.dropout(out).reshape(*x.shape[:-1], C)
+
+        self.last_counts = (N, n_kept)
+        dropped = 0.0 if k * N == 0 else (k * N - n_kept) / (k * N)
+        return MoEOutput(out, plan.load_balancing_loss, plan.z_loss, plan.load, dropped)
 
     def _check_input(self, x: Any, owner: str) -> torch.Tensor:
         """``x`` flattened to (N, C); InvalidParameterError unless it is a (..., n_embd) tensor."""
@@ -363,21 +379,13 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> MoEOutput:
         xf = self._check_input(x, "MoE.forward")  # (N, C)
-        N, k, C = xf.shape[0], self.top_k, self.n_embd
         plan = self._plan(xf)
         sizes = plan.kept_counts.tolist()  # one host sync: the slice size of each expert
-        n_kept = sum(sizes)
 
         # Experts on contiguous slices (see the timing note above _MOE_CONSTRAINTS for why a loop).
         xin = xf.index_select(0, plan.kept_tokens)  # (M, C)
         y = torch.cat([self._expert(e, xe) for e, xe in enumerate(torch.split(xin, sizes))])  # (M, C)
-        y = y * plan.kept_gates.to(y.dtype).unsqueeze(1)  # (M, C) gated
-        out = y.new_zeros(N, C).index_add_(0, plan.kept_tokens, y)  # (N, C); dropped: 0
-        out = self.dropout(out).reshape(*x.shape[:-1], C)
-
-        self.last_counts = (N, n_kept)
-        dropped = 0.0 if k * N == 0 else (k * N - n_kept) / (k * N)
-        return MoEOutput(out, plan.load_balancing_loss, plan.z_loss, plan.load, dropped)
+        return self._combine(y, plan, x, sum(sizes))
 
     def extra_repr(self) -> str:
         return (

@@ -64,6 +64,7 @@ Example (under ``torchrun --nproc_per_node=2``, gloo)::
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -73,7 +74,14 @@ from torch import nn
 from leanscale.core.errors import InvalidParameterError
 from leanscale.core.validation import Interval, check_param
 from leanscale.models.transformer import INIT_STD
-from leanscale.sparse.moe import MoE, MoEOutput, _check_moe_params, _root, moe_layers
+from leanscale.sparse.moe import (
+    _MOE_CONSTRAINTS,
+    MoE,
+    MoEOutput,
+    _check_moe_params,
+    _root,
+    moe_layers,
+)
 
 __all__ = [
     "ExpertParallelMoE",
@@ -87,6 +95,7 @@ __all__ = [
 ]
 
 EXPERT_PARAMS = ("w_fc", "w_proj", "b_fc", "b_proj")
+_MOE_SIGNATURE = inspect.signature(MoE.__init__)  # ExpertParallelMoE binds its arguments with it
 
 
 class _AllToAll(torch.autograd.Function):
@@ -171,30 +180,22 @@ class ExpertParallelMoE(MoE):
 
     def __init__(
         self,
-        n_embd: int,
-        hidden: int,
-        n_experts: int,
-        top_k: int = 1,
-        capacity_factor: float | None = 1.25,
-        jitter: float = 0.0,
-        load_balancing_coef: float = 0.01,
-        z_loss_coef: float = 1e-3,
-        bias: bool = False,
-        dropout: float = 0.0,
-        *,
+        *args: Any,
         group: Any = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        **kwargs: Any,
     ):
+        # MoE's arguments, bound as MoE binds them (the signature shown is __signature__ below).
+        try:
+            bound = _MOE_SIGNATURE.bind(self, *args, **kwargs)
+        except TypeError as err:  # as Python words it for an ordinary signature, naming the class
+            raise TypeError(f"ExpertParallelMoE() {err}") from None
+        bound.apply_defaults()
+        moe_args = {name: bound.arguments[name] for name in _MOE_CONSTRAINTS}
         owner = "ExpertParallelMoE"
-        _check_moe_params(
-            {
-                "n_embd": n_embd, "hidden": hidden, "n_experts": n_experts, "top_k": top_k,
-                "capacity_factor": capacity_factor, "jitter": jitter, "load_balancing_coef": load_balancing_coef,
-                "z_loss_coef": z_loss_coef, "bias": bias, "dropout": dropout,
-            },
-            owner=owner,
-        )
+        _check_moe_params(moe_args, owner=owner)
+        n_embd, hidden, n_experts, bias = (moe_args[k] for k in ("n_embd", "hidden", "n_experts", "bias"))
         world, rank = _group_info(group, owner)
         if n_experts % world:
             raise InvalidParameterError(
@@ -203,10 +204,7 @@ class ExpertParallelMoE(MoE):
             )
         # MoE's constructor on the meta device: its checks and attributes, no memory for all E
         # experts. The real (local) parameters are made below.
-        super().__init__(
-            n_embd, hidden, n_experts, top_k, capacity_factor, jitter, load_balancing_coef, z_loss_coef,
-            bias, dropout, device="meta", dtype=dtype,
-        )
+        super().__init__(**moe_args, device="meta", dtype=dtype)
         self.group = group
         self.world_size, self.rank = world, rank
         self.n_local_experts = n_experts // world
@@ -247,7 +245,6 @@ class ExpertParallelMoE(MoE):
 
     def forward(self, x: torch.Tensor) -> MoEOutput:
         xf = self._check_input(x, "ExpertParallelMoE.forward")  # (N, C) local tokens
-        N, k, C = xf.shape[0], self.top_k, self.n_embd
         W, El = self.world_size, self.n_local_experts
         plan = self._plan(xf)  # kept assignments grouped by expert, hence by destination rank
 
@@ -274,17 +271,8 @@ class ExpertParallelMoE(MoE):
         params = [getattr(self, n) for n in EXPERT_PARAMS]
         if W > 1:
             params = [None if p is None else _ScaleGrad.apply(p, 1.0 / W) for p in params]
-        w_fc, w_proj, b_fc, b_proj = params
-        ys = []
-        for e, xe in enumerate(torch.split(xr, expert_sizes)):
-            h = xe @ w_fc[e]  # (n_e, C) @ (C, H)
-            if b_fc is not None:
-                h = h + b_fc[e]
-            y = torch.nn.functional.gelu(h) @ w_proj[e]  # (n_e, H) @ (H, C)
-            if b_proj is not None:
-                y = y + b_proj[e]
-            ys.append(y)
-        y = torch.cat(ys)  # (R, C) expert-major
+        y = torch.cat([self._expert(e, xe, params) for e, xe in enumerate(torch.split(xr, expert_sizes))])
+        # y: (R, C) expert-major
         if perm is not None:
             inverse = torch.empty_like(perm)
             inverse[perm] = torch.arange(perm.numel(), device=perm.device)
@@ -292,13 +280,7 @@ class ExpertParallelMoE(MoE):
 
         # Combine: the rows return in the order they were sent, i.e. plan.kept_tokens' order.
         y = _AllToAll.apply(y, send_sizes, recv_sizes, self.group)  # (M, C)
-        y = y * plan.kept_gates.to(y.dtype).unsqueeze(1)
-        out = y.new_zeros(N, C).index_add_(0, plan.kept_tokens, y)  # (N, C); dropped: 0
-        out = self.dropout(out).reshape(*x.shape[:-1], C)
-
-        self.last_counts = (N, n_kept)
-        dropped = 0.0 if k * N == 0 else (k * N - n_kept) / (k * N)
-        return MoEOutput(out, plan.load_balancing_loss, plan.z_loss, plan.load, dropped)
+        return self._combine(y, plan, x, n_kept)
 
     def extra_repr(self) -> str:
         last = self.first_expert + self.n_local_experts - 1
@@ -306,6 +288,14 @@ class ExpertParallelMoE(MoE):
             f"{super().extra_repr()}, world_size={self.world_size}, rank={self.rank}, "
             f"local_experts={self.first_expert}..{last}"
         )
+
+
+# ExpertParallelMoE takes MoE's arguments plus ``group``: its signature, for help() and IDEs.
+ExpertParallelMoE.__init__.__signature__ = _MOE_SIGNATURE.replace(parameters=[
+    *(p for p in _MOE_SIGNATURE.parameters.values() if p.name not in ("device", "dtype")),
+    inspect.Parameter("group", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="Any"),
+    *(p for p in _MOE_SIGNATURE.parameters.values() if p.name in ("device", "dtype")),
+])
 
 
 def _moe_kwargs(moe: MoE) -> dict[str, Any]:

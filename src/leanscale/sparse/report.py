@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from leanscale.core.errors import InvalidParameterError
-from leanscale.core.ledger import count_flops
+from leanscale.core.flops import count_flops
 from leanscale.sparse.memory import track_saved_tensors
 from leanscale.sparse.swat import swat_layers
 

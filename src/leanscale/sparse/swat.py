@@ -45,7 +45,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from leanscale.core.errors import InvalidParameterError
-from leanscale.core.ledger import register_flop_rule
+from leanscale.core.flops import register_flop_rule
 from leanscale.core.surgery import replace_module_classes
 from leanscale.core.validation import Interval, Options, check_param, unknown_name_error
 

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from leanscale.core.io import read_json
+from leanscale.core.registry import read_result
 
 __all__ = ["chapter", "headline"]
 
-from leanscale.core.registry import results_dir
-_RESULTS = results_dir("sparse")  # the shipped copy when installed, else the checkout's benchmarks/results
 _MAIN_BENCHMARK = "swat_bncnn.json"
 
 
@@ -84,9 +80,9 @@ def chapter(ctx):
                 "value": f"{100 * rows[1]['test accuracy']:.1f}% vs {100 * rows[0]['test accuracy']:.1f}%",
                 "paper": "ResNet-50/ImageNet: -1.63 points"},
                {"metric": "training FLOPs removed (one step)", "value": f"{flops_cut:.0%}", "paper": "80%"}]
-    bench = _RESULTS / _MAIN_BENCHMARK
-    if bench.is_file():
-        g = read_json(bench)["goals_at_80pct"]
+    bench = read_result("sparse", _MAIN_BENCHMARK)
+    if bench is not None:
+        g = bench["goals_at_80pct"]
         for dist, r in g.items():
             summary.append({"metric": f"benchmark: SWAT-{'U' if dist == 'uniform' else 'ERK'} 80%, full Fashion-MNIST",
                             "value": f"{-r['accuracy_drop_points']:+.2f} points, FLOPs -{r['training_flops_reduction']:.0%}, "
@@ -160,9 +156,9 @@ def _moe_section(ctx) -> list[dict]:
             "paper": "Switch: lower loss at equal FLOPs"},
            {"metric": "MoE tokens / s vs dense", "value": f"{moe_row['tokens / s'] / dense['tokens / s']:.2f}x",
             "paper": "goal >= 0.75x"}]
-    bench = _RESULTS.parent / "moe" / "equal_compute.json"
-    if bench.is_file():
-        g = read_json(bench)["goals"]
+    bench = read_result("moe", "equal_compute.json")
+    if bench is not None:
+        g = bench["goals"]
         if g.get("steps_ratio_mean") is not None:
             out.append({"metric": "benchmark: MoE steps to the dense model's final loss",
                         "value": f"{g['steps_ratio_mean']:.2f}x", "paper": "goal <= 0.6x"})
@@ -171,11 +167,10 @@ def _moe_section(ctx) -> list[dict]:
 
 def headline(results_root=None) -> str:
     """One line for the README table, from the committed benchmark results."""
-    root = Path(results_root) / "sparse" if results_root else _RESULTS
-    bench = root / _MAIN_BENCHMARK
-    if not bench.is_file():
+    bench = read_result("sparse", _MAIN_BENCHMARK, results_root)
+    if bench is None:
         return ""
-    g = read_json(bench)["goals_at_80pct"].get("uniform")
+    g = bench["goals_at_80pct"].get("uniform")
     if not g:
         return ""
     return (f"SWAT-U 80% on Fashion-MNIST (BNCNN): {-g['accuracy_drop_points']:+.2f} points, training FLOPs "

@@ -17,6 +17,7 @@ working with every technique.
 
 from leanscale.train.batches import epoch_batches, permutation_batches
 from leanscale.train.distributed import (
+    all_gather_rows,
     all_reduce_floats,
     broadcast_object,
     rank_slice,
@@ -37,7 +38,7 @@ from leanscale.train.optim import param_groups
 from leanscale.train.schedules import cosine_factor, lr_factor
 
 __all__ = [
-    "Checkpoint", "FitResult", "MicroBatches", "StepOutput", "all_reduce_floats", "broadcast_object",
+    "Checkpoint", "FitResult", "MicroBatches", "StepOutput", "all_gather_rows", "all_reduce_floats", "broadcast_object",
     "cosine_factor", "epoch_batches", "fit", "lr_factor", "param_groups", "permutation_batches", "rank_slice", "release", "seeded", "sync_buffers",
     "train_step", "wrap_ddp",
 ]

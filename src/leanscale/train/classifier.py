@@ -28,7 +28,8 @@ from torch import nn
 
 from leanscale.core.distributed import rank_and_world
 from leanscale.core.errors import InvalidParameterError
-from leanscale.core.ledger import CostLedger, count_flops
+from leanscale.core.flops import count_flops
+from leanscale.core.ledger import CostLedger
 from leanscale.core.progress import progress
 from leanscale.train.batches import permutation_batches
 from leanscale.train.distributed import all_reduce_floats

@@ -16,7 +16,7 @@ from torch import nn
 
 from leanscale.core.distributed import rank_and_world
 
-__all__ = ["all_reduce_floats", "broadcast_object", "rank_slice", "release", "sync_buffers", "wrap_ddp"]
+__all__ = ["all_gather_rows", "all_reduce_floats", "broadcast_object", "rank_slice", "release", "sync_buffers", "wrap_ddp"]
 
 
 def wrap_ddp(model: nn.Module) -> nn.Module:
@@ -89,3 +89,27 @@ def rank_slice(batch: torch.Tensor, rank: int | None = None, world: int | None =
         rank, world = rank_and_world()
     b = len(batch)
     return batch[rank * b // world:(rank + 1) * b // world]
+
+
+def all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's rows ``(b_r, ...)`` in rank order (``b_r`` may differ), on the CPU.
+
+    Batches of different sizes per rank (InfoBatch's loss table, forgetting events). The blocks are padded to the largest one
+    (``all_gather`` needs equal shapes) and trimmed after; the dtype and trailing shape must be the
+    same on every rank.
+    """
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    # NCCL only moves CUDA tensors; gloo (and the CPU side of a mixed backend) takes CPU tensors.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    rows = rows.to(device)
+    size = torch.tensor([rows.shape[0]], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    counts = [int(s.item()) for s in sizes]
+    padded = rows.new_zeros((max(counts), *rows.shape[1:]))  # (b_max, ...)
+    padded[: rows.shape[0]] = rows
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[:c] for g, c in zip(gathered, counts)]).cpu()  # (sum b_r, ...)
