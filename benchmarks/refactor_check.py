@@ -37,10 +37,10 @@ CHECKS = {
         from leanscale.large_batch import TrainConfig, train_classifier
         out = {}
         for name, kw in {"B128": dict(batch_size=128, lr=0.1),
-                         "B1024_ghost_warmup": dict(batch_size=1024, lr=0.4, ghost_batch_size=128,
-                                                   warmup_epochs=0.5, micro_batch_size=256)}.items():
-            r = train_classifier(TrainConfig(n_train=4096, n_test=1000, width=8, epochs=2.0, seed=seed,
-                                             eval_every_epochs=2.0, **kw))
+                         "B512_ghost_warmup": dict(batch_size=512, lr=0.2, ghost_batch_size=128,
+                                                  warmup_epochs=0.5, micro_batch_size=256)}.items():
+            r = train_classifier(TrainConfig(n_train=8192, n_test=1000, width=8, epochs=3.0, seed=seed,
+                                             eval_every_epochs=3.0, **kw))
             out[name + "_test_accuracy"] = r.test_accuracy
             out[name + "_train_loss"] = r.train_loss
     """,

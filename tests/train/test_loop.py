@@ -216,3 +216,18 @@ def test_infobatch_plugs_in_as_the_batches_and_an_on_step_hook():
         steps.append(r.steps)
     assert steps[0] == 4 and steps[1] < 4  # every example in epoch 0; well-learned ones skipped after
     assert 0 < ib.fraction_skipped_ < 1
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(n_steps=-1), "'n_steps' parameter of fit"),
+    (dict(n_steps=2, clip_grad_norm=0.0), "'clip_grad_norm' parameter of fit"),
+    (dict(n_steps=2, time_limit_s=-1.0), "'time_limit_s' parameter of fit"),
+    (dict(n_steps=2, checkpoint="run.pt"), "'checkpoint' parameter of fit must be None or an instance of Checkpoint"),
+    (dict(n_steps=2, checkpoint=Checkpoint("x.pt", every=0)), "'checkpoint.every' parameter of fit"),
+])
+def test_bad_arguments_name_the_parameter(kwargs, match):
+    from leanscale.core.errors import InvalidParameterError
+
+    model = _model()
+    with pytest.raises(InvalidParameterError, match=match):
+        fit(model, torch.optim.SGD(model.parameters(), lr=0.1), [], lambda net, b: net(b).sum(), **kwargs)

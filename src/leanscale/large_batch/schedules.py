@@ -68,8 +68,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from leanscale.core.errors import InvalidParameterError
 from leanscale.core.deprecation import renamed_argument
+from leanscale.core.errors import InvalidParameterError
 from leanscale.core.validation import Interval, check_param, unknown_name_error
 from leanscale.train.schedules import DECAYS, lr_factor
 

@@ -78,7 +78,7 @@ from torch import nn
 
 from leanscale.core.errors import InvalidParameterError
 from leanscale.core.validation import Interval, check_param, unknown_name_error
-from leanscale.large_batch._data import (
+from leanscale.train.user_data import (
     check_finite_x,
     check_loss_has_grad,
     check_scalar_loss,

@@ -33,7 +33,6 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -53,6 +52,7 @@ from leanscale.scaling.sweep_state import (
     _tables,
     _write_tables,
 )
+from leanscale.train.distributed import broadcast_object
 
 __all__ = [
     "CURVES_COLUMNS",
@@ -94,17 +94,6 @@ def load_tokens(config: SweepConfig) -> np.ndarray:
     from leanscale.data.text import encode_corpus
 
     return encode_corpus(config.corpus, config.vocab_size, config.max_bytes, config.data_root)
-
-
-def _broadcast(obj: Any, world_size: int) -> Any:
-    """Rank 0's ``obj`` on every rank (identity without DDP)."""
-    if world_size == 1:
-        return obj
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def run_sweep(
@@ -188,7 +177,7 @@ def run_sweep(
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         except LeanscaleError as exc:
             error = exc
-    error, results, notes = _broadcast((error, results, notes), world_size)
+    error, results, notes = broadcast_object((error, results, notes))
     if error is not None:
         raise error
     todo = [s for s in grid if s.run_id not in results]

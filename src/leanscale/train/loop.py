@@ -42,6 +42,7 @@ from torch import nn
 
 from leanscale.core.errors import DataFormatError
 from leanscale.core.io import atomic_torch_save, read_torch_file
+from leanscale.core.validation import Interval, check_param
 from leanscale.train.distributed import all_reduce_floats, release, wrap_ddp
 
 __all__ = ["Checkpoint", "FitResult", "MicroBatches", "StepOutput", "fit", "seeded", "train_step"]
@@ -256,6 +257,12 @@ def fit(
         :class:`FitResult`. Under DDP the wrapper is released before returning (the torchrun
         exit rule); ``model`` is the trained module.
     """
+    check_param("n_steps", n_steps, [Interval(int, 0, None)], owner="fit")
+    check_param("time_limit_s", time_limit_s, [None, Interval(float, 0, None)], owner="fit")
+    check_param("clip_grad_norm", clip_grad_norm, [None, Interval(float, 0, None, closed="neither")], owner="fit")
+    check_param("checkpoint", checkpoint, [None, Checkpoint], owner="fit")
+    if checkpoint is not None:
+        check_param("checkpoint.every", checkpoint.every, [Interval(int, 1, None)], owner="fit")
     start = 0
     if checkpoint is not None:
         start = _resume(checkpoint, model, optimizer, n_steps, generators)

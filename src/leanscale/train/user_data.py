@@ -11,6 +11,9 @@ import torch
 
 from leanscale.core.errors import InvalidParameterError, LeanscaleError
 
+__all__ = ["check_finite_x", "check_loss_has_grad", "check_scalar_loss", "check_xy_pair", "describe", "is_xy_pair",
+           "iter_xy_batches", "model_loss", "user_code"]
+
 # What a user's model or loss raises on data it cannot take (wrong shape, dtype, label range).
 # Out-of-memory errors are RuntimeErrors too, but they are not about the data: they pass through.
 _USER_CODE_ERRORS = (RuntimeError, ValueError, IndexError, TypeError)

@@ -19,8 +19,8 @@ import warnings
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
-from leanscale.core.errors import InvalidParameterError
 from leanscale.core.deprecation import renamed_argument
+from leanscale.core.errors import InvalidParameterError
 from leanscale.core.validation import Interval, check_param
 
 __all__ = ["BatchAdvice", "advise"]

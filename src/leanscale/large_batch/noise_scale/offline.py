@@ -14,14 +14,6 @@ from torch import nn
 
 from leanscale.core.errors import InvalidParameterError
 from leanscale.core.validation import Interval, check_param
-from leanscale.large_batch._data import (
-    check_finite_x,
-    check_loss_has_grad,
-    check_xy_pair,
-    is_xy_pair,
-    iter_xy_batches,
-    model_loss,
-)
 from leanscale.large_batch.noise_scale.advice import BatchAdvice, _advise_measured
 from leanscale.large_batch.noise_scale.estimators import (
     _ratio,
@@ -30,6 +22,14 @@ from leanscale.large_batch.noise_scale.estimators import (
     two_batch_estimates,
 )
 from leanscale.large_batch.noise_scale.tracker import GradientNoiseScale
+from leanscale.train.user_data import (
+    check_finite_x,
+    check_loss_has_grad,
+    check_xy_pair,
+    is_xy_pair,
+    iter_xy_batches,
+    model_loss,
+)
 
 __all__ = ["NoiseScaleResult", "measure_noise_scale"]
 
