@@ -29,6 +29,9 @@ __all__ = ["EnvelopeFit", "fit_envelope"]
 
 @dataclass
 class EnvelopeFit:
+    """The lower envelope of training curves (Hoffmann et al. 2022, approach 1): the best run at each
+    FLOP value and power laws N* ~ C^a, D* ~ C^b fitted to it (:func:`fit_envelope`)."""
+
     flops: np.ndarray  # (g,) FLOP grid where the envelope is defined
     n_star: np.ndarray  # (g,) parameters of the best run at each FLOP value
     d_star: np.ndarray  # (g,) C / (6 N*)

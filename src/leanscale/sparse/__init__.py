@@ -4,11 +4,11 @@ mixture-of-experts conditional computation (Switch Transformer, Fedus et al. 202
 See ``README.md`` in this folder (the method card).
 """
 
+from leanscale.core.deprecation import moved_attributes
 from leanscale.sparse.export import (
     SparseLinear,
     load_pruned,
     load_swat_checkpoint,
-    read_torch_file,
     save_pruned,
     save_swat_checkpoint,
     to_sparse_kernels,
@@ -76,7 +76,6 @@ __all__ = [
     "moe_aux_loss",
     "moe_layers",
     "moe_stats",
-    "read_torch_file",
     "save_pruned",
     "save_swat_checkpoint",
     "set_swat_sparsity",
@@ -88,3 +87,6 @@ __all__ = [
     "track_saved_tensors",
     "weight_sparsity",
 ]
+
+# read_torch_file lives in leanscale.core.io (one home per name); the old import works one release
+__getattr__ = moved_attributes(__name__, {"read_torch_file": "leanscale.core.io:read_torch_file"})
