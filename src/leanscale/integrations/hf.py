@@ -1,0 +1,133 @@
+"""leanscale in a Hugging Face ``Trainer``: a ``TrainerCallback`` and a ``Trainer`` with the MoE loss.
+
+Example (a model of one's own, built from a config; no weights needed)::
+
+    from transformers import Trainer, TrainingArguments
+    from leanscale.integrations.hf import LeanscaleTrainerCallback, MoETrainer
+
+    callback = LeanscaleTrainerCallback(moe={"n_experts": 8, "top_k": 2}, noise_scale=True)
+    args = TrainingArguments("out", gradient_accumulation_steps=4, max_grad_norm=0.0, ...)
+    trainer = MoETrainer(model=model, args=args, train_dataset=data, callbacks=[callback])
+    trainer.train()
+    callback.noise_scale_.b_simple      # the gradient noise scale, also in the logs
+
+Where each piece plugs in (the Trainer's own hook points):
+
+- ``on_init_end`` (end of ``Trainer.__init__``, before the optimizer is built in ``train()``):
+  Ghost BatchNorm, MoE and SWAT surgery on the model, in place;
+- ``on_substep_end`` (after each micro-batch's backward but the last) and
+  ``on_pre_optimizer_step`` (after the last one): the noise-scale measurement of
+  :class:`~leanscale.large_batch.GradientNoiseScale` over the micro-batches of gradient
+  accumulation. It needs ``gradient_accumulation_steps >= 2`` and ``max_grad_norm=0``: the
+  Trainer clips before ``on_pre_optimizer_step``, which would corrupt the last micro-batch's
+  gradient (clip in your model's optimizer wrapper instead, or measure on a separate run);
+- ``on_log``: ``noise_scale/b_simple`` added to the logs;
+- :class:`MoETrainer`: ``compute_loss`` plus ``aux_loss_weight * moe_aux_loss(model)`` (the
+  load-balancing and router z-losses of every converted layer).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from leanscale.core.errors import InvalidParameterError, MissingDependencyError
+from leanscale.integrations._surgery import apply_surgery, check_options
+
+try:
+    from transformers import Trainer, TrainerCallback
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise MissingDependencyError(
+        "leanscale.integrations.hf needs Hugging Face transformers and accelerate: "
+        "pip install 'leanscale[hf]'"
+    ) from exc
+
+__all__ = ["LeanscaleTrainerCallback", "MoETrainer"]
+
+_OWNER = "LeanscaleTrainerCallback"
+
+
+class LeanscaleTrainerCallback(TrainerCallback):
+    """Model surgery and noise-scale logging inside a Hugging Face ``Trainer``.
+
+    Args:
+        ghost_batch_size: Replace BatchNorm layers by Ghost BatchNorm with this ghost batch.
+        swat: SWAT sparsity (float) or a dict of :func:`~leanscale.sparse.apply_swat` arguments.
+        moe: A dict of :func:`~leanscale.sparse.apply_moe` arguments with ``n_experts``.
+        noise_scale: Measure the gradient noise scale over the micro-batches of gradient
+            accumulation (see the module docstring for the two requirements).
+        noise_scale_beta: The estimator's moving-average decay.
+
+    After training: ``surgery_`` lists what was converted; ``noise_scale_`` is the
+    :class:`~leanscale.large_batch.GradientNoiseScale` (None without ``noise_scale``).
+    """
+
+    def __init__(self, *, ghost_batch_size: int | None = None, swat: float | dict | None = None,
+                 moe: dict | None = None, noise_scale: bool = False, noise_scale_beta: float = 0.99):
+        check_options(_OWNER, ghost_batch_size, swat, moe, noise_scale)
+        self.ghost_batch_size = ghost_batch_size
+        self.swat = swat
+        self.moe = moe
+        self.noise_scale = noise_scale
+        self.surgery_: list[str] = []
+        self.noise_scale_ = None
+        if noise_scale:
+            from leanscale.large_batch import GradientNoiseScale
+
+            self.noise_scale_ = GradientNoiseScale(beta=noise_scale_beta)
+        self._micro = None
+
+    def on_init_end(self, args, state, control, model=None, **kwargs: Any):
+        if model is not None and not self.surgery_:
+            self.surgery_ = apply_surgery(model, self.ghost_batch_size, self.swat, self.moe)
+
+    def on_train_begin(self, args, state, control, **kwargs: Any):
+        if self.noise_scale_ is None:
+            return
+        if args.gradient_accumulation_steps < 2:
+            raise InvalidParameterError(
+                f"The 'noise_scale' parameter of {_OWNER} needs gradient accumulation: the noise scale compares the "
+                f"micro-batches' gradients with their sum. Got gradient_accumulation_steps="
+                f"{args.gradient_accumulation_steps}; use >= 2 (the same batch: divide the per-device batch)."
+            )
+        if args.max_grad_norm and args.max_grad_norm > 0:
+            raise InvalidParameterError(
+                f"The 'noise_scale' parameter of {_OWNER} needs max_grad_norm=0: the Trainer clips the gradient "
+                f"before on_pre_optimizer_step, so the last micro-batch's gradient could not be told apart. Got "
+                f"max_grad_norm={args.max_grad_norm}."
+            )
+        self._micro = args.per_device_train_batch_size
+
+    def on_substep_end(self, args, state, control, model=None, **kwargs: Any):
+        if self.noise_scale_ is not None and model is not None:
+            self.noise_scale_.accumulate(model)
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs: Any):
+        if self.noise_scale_ is not None and model is not None:
+            self.noise_scale_.step(model, self._micro, step=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs: Any):
+        gns = self.noise_scale_
+        if logs is not None and gns is not None and gns.n_updates:
+            logs["noise_scale/b_simple"] = gns.b_simple  # for the loggers called after this callback
+            if state.log_history:  # the Trainer stored its copy of the logs before calling on_log
+                state.log_history[-1]["noise_scale/b_simple"] = gns.b_simple
+
+
+class MoETrainer(Trainer):
+    """A ``Trainer`` whose training loss adds ``aux_loss_weight * moe_aux_loss(model)``: the
+    load-balancing and router z-losses of every MoE layer (:func:`~leanscale.sparse.moe_aux_loss`;
+    their own coefficients are set at conversion). Evaluation losses stay the model's."""
+
+    def __init__(self, *args: Any, aux_loss_weight: float = 1.0, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.aux_loss_weight = aux_loss_weight
+
+    def compute_loss(self, model, inputs, return_outputs=False, **kwargs: Any):
+        from leanscale.sparse import moe_aux_loss
+
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        if not model.training:
+            return out
+        loss, outputs = out if return_outputs else (out, None)
+        loss = loss + self.aux_loss_weight * moe_aux_loss(self.accelerator.unwrap_model(model))
+        return (loss, outputs) if return_outputs else loss
