@@ -110,3 +110,31 @@ def test_moe_surgery_and_the_aux_loss_in_the_training_loss(tmp_path):
         plain = model(**batch)["loss"].item()  # the same forward again: the same routing
         aux = moe_aux_loss(model).item()
     assert total == pytest.approx(plain + 2.0 * aux, rel=1e-6) and aux > 0
+
+
+def test_infobatch_trainer_skips_well_learned_examples_and_reweights(tmp_path):
+    from leanscale.integrations.hf import InfoBatchTrainer
+    from leanscale.pruning import InfoBatch
+
+    torch.manual_seed(0)
+    data = _data(n=96)
+    ib = InfoBatch(96, epochs=4, prune_ratio=0.5, seed=0)
+    trainer = InfoBatchTrainer(model=Net(), args=_args(tmp_path, max_steps=-1, num_train_epochs=4,
+                                                        gradient_accumulation_steps=1, max_grad_norm=1.0),
+                               train_dataset=data, info_batch=ib)
+    trainer.train()
+    per_epoch = [h["n_kept"] for h in ib.history_]
+    assert per_epoch[0] == 96 and all(k < 96 for k in per_epoch[1:3])  # pruned while the ratio is active
+    assert 0 < ib.fraction_skipped_ < 0.5
+    full = 4 * 96 // 8
+    assert trainer.state.global_step == sum(-(-k // 8) for k in per_epoch) < full  # fewer steps than 4 full epochs
+    assert (ib.losses_ < 10).all()  # every example's loss was recorded at least once
+
+
+def test_infobatch_trainer_checks_its_sampler_covers_the_data(tmp_path):
+    from leanscale.integrations.hf import InfoBatchTrainer
+    from leanscale.pruning import InfoBatch
+
+    with pytest.raises(InvalidParameterError, match="n_examples=50 for a train_dataset of 96"):
+        InfoBatchTrainer(model=Net(), args=_args(tmp_path), train_dataset=_data(n=96),
+                         info_batch=InfoBatch(50, epochs=2))

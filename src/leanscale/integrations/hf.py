@@ -22,6 +22,8 @@ Where each piece plugs in (the Trainer's own hook points):
   Trainer clips before ``on_pre_optimizer_step``, which would corrupt the last micro-batch's
   gradient (clip in your model's optimizer wrapper instead, or measure on a separate run);
 - ``on_log``: ``noise_scale/b_simple`` added to the logs;
+- :class:`InfoBatchTrainer`: InfoBatch's sampler as the Trainer's, per-example losses weighted
+  and recorded in ``compute_loss``;
 - :class:`MoETrainer`: ``compute_loss`` plus ``aux_loss_weight * moe_aux_loss(model)`` (the
   load-balancing and router z-losses of every converted layer).
 """
@@ -29,6 +31,8 @@ Where each piece plugs in (the Trainer's own hook points):
 from __future__ import annotations
 
 from typing import Any
+
+import torch
 
 from leanscale.core.errors import InvalidParameterError, MissingDependencyError
 from leanscale.integrations._surgery import apply_surgery, check_options
@@ -41,7 +45,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "pip install 'leanscale[hf]'"
     ) from exc
 
-__all__ = ["LeanscaleTrainerCallback", "MoETrainer"]
+__all__ = ["InfoBatchTrainer", "LeanscaleTrainerCallback", "MoETrainer"]
 
 _OWNER = "LeanscaleTrainerCallback"
 
@@ -130,4 +134,105 @@ class MoETrainer(Trainer):
             return out
         loss, outputs = out if return_outputs else (out, None)
         loss = loss + self.aux_loss_weight * moe_aux_loss(self.accelerator.unwrap_model(model))
+        return (loss, outputs) if return_outputs else loss
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """The user's dataset with each example's position added as ``"index"``."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.dataset[i]
+        if not isinstance(item, dict):
+            raise InvalidParameterError(
+                f"The 'train_dataset' parameter of InfoBatchTrainer must give dict examples (the Trainer's "
+                f"convention). Got {type(item).__name__} for example {i}."
+            )
+        return {**item, "index": i}
+
+
+def _per_example_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``(b,)`` losses: cross-entropy of ``(b, k)`` logits, or the mean over the labelled tokens
+    (label != -100) of ``(b, T, V)`` logits against ``(b, T)`` labels (already shifted)."""
+    import torch.nn.functional as F
+
+    if logits.ndim == 2:
+        return F.cross_entropy(logits, labels, reduction="none")
+    tokens = F.cross_entropy(logits.flatten(0, -2), labels.flatten(), reduction="none", ignore_index=-100)
+    tokens = tokens.view(labels.shape)  # (b, T)
+    counted = (labels != -100).sum(1).clamp_min(1)
+    return tokens.sum(1) / counted
+
+
+class InfoBatchTrainer(Trainer):
+    """A ``Trainer`` that prunes well-learned examples on the fly with
+    :class:`~leanscale.pruning.InfoBatch` (Qin et al. 2024): its sampler skips part of the
+    low-loss examples each epoch and the kept ones' losses are rescaled, so the expected gradient
+    is unchanged.
+
+    Args:
+        info_batch: An ``InfoBatch(len(train_dataset), epochs=num_train_epochs, ...)``.
+        loss_fn: ``loss_fn(logits, labels) -> (b,)`` per-example losses; the default is the
+            cross-entropy of ``(b, k)`` logits, or the mean over labelled tokens of ``(b, T, V)``
+            logits (labels already aligned with the logits, -100 ignored).
+
+    The model's output needs ``logits``; the examples are dicts with ``labels``. One process only
+    (under several, accelerate would shard the batches InfoBatch already shards). Epochs with
+    pruning have fewer steps: the Trainer plans its LR schedule from the first (full) epoch, so a
+    step-based schedule ends early -- prefer a schedule of ``num_train_epochs`` with a constant or
+    slowly decaying LR, as the InfoBatch paper does.
+    """
+
+    def __init__(self, *args: Any, info_batch: Any, loss_fn: Any = None, **kwargs: Any):
+        from leanscale.pruning import InfoBatch
+
+        if not isinstance(info_batch, InfoBatch):
+            raise InvalidParameterError(
+                f"The 'info_batch' parameter of InfoBatchTrainer must be a leanscale.pruning.InfoBatch. Got "
+                f"{type(info_batch).__name__} instead."
+            )
+        if "train_dataset" in kwargs and kwargs["train_dataset"] is not None:
+            n = len(kwargs["train_dataset"])
+            if n != info_batch.n_examples:
+                raise InvalidParameterError(
+                    f"The 'info_batch' parameter of InfoBatchTrainer must cover the training set: n_examples="
+                    f"{info_batch.n_examples} for a train_dataset of {n} examples."
+                )
+            kwargs["train_dataset"] = _Indexed(kwargs["train_dataset"])
+        self.info_batch = info_batch
+        self.loss_fn = loss_fn if loss_fn is not None else _per_example_cross_entropy
+        super().__init__(*args, **kwargs)
+        if self.args.world_size > 1:
+            raise InvalidParameterError(
+                f"InfoBatchTrainer runs in one process (InfoBatch shards by rank itself). Got world_size="
+                f"{self.args.world_size}."
+            )
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        if self.info_batch.epoch is None:
+            self.info_batch.set_epoch(0)
+        return self.info_batch
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if self._signature_columns is not None and "index" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, "index"]
+
+    def compute_loss(self, model, inputs, return_outputs=False, **kwargs: Any):
+        inputs = dict(inputs)
+        index = inputs.pop("index", None)
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        logits = outputs["logits"] if isinstance(outputs, dict) or hasattr(outputs, "keys") else outputs[0]
+        losses = self.loss_fn(logits, labels)  # (b,)
+        if model.training and index is not None:
+            self.info_batch.update(index, losses.detach())
+            loss = (losses * self.info_batch.weights(index)).mean()
+        else:
+            loss = losses.mean()
         return (loss, outputs) if return_outputs else loss
