@@ -92,7 +92,9 @@ CHECKS = {
         from leanscale.models.cnn import BNCNN
         from leanscale.sparse import apply_swat
         torch.manual_seed(seed)
-        model = apply_swat(BNCNN(10, 1, 8), 0.8)
+        import inspect
+        same = {"dense_last_layer": False} if "dense_last_layer" in inspect.signature(apply_swat).parameters else {}
+        model = apply_swat(BNCNN(10, 1, 8), 0.8, **same)  # #15 keeps heads dense by default: compare like with like
         r = train_classifier(TrainConfig(n_train=4096, n_test=1000, width=8, epochs=2.0, seed=seed, decay="cosine",
                                          milestones=(), warmup_epochs=0.1, eval_every_epochs=2.0), model=model)
         out = {"test_accuracy": r.test_accuracy, "train_loss": r.train_loss}

@@ -79,7 +79,7 @@ def main() -> None:
             torch.manual_seed(0)
             model = BNCNN(width=8) if model_name == "bncnn" else lenet_300_100()
             if kw is not None:
-                apply_swat(model, sparsity, dense_first_layer=(model_name == "bncnn"), **kw)
+                apply_swat(model, sparsity, dense_first_layer=(model_name == "bncnn"), dense_last_layer=False, **kw)
             steps[label] = make_step(model, x, y)
             time_block(steps[label], args.warmup)
         times = {label: [] for label in steps}

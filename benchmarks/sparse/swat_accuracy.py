@@ -63,7 +63,8 @@ def build(model: str, cfg: TrainConfig, sparsity: float, distribution: str) -> n
     torch.manual_seed(cfg.seed)
     net = build_model(cfg, (1, 28, 28), 10) if model == "bncnn" else lenet_300_100()
     if sparsity > 0:
-        apply_swat(net, sparsity, distribution=distribution, dense_first_layer=(model == "bncnn"))
+        apply_swat(net, sparsity, distribution=distribution, dense_first_layer=(model == "bncnn"),
+                   dense_last_layer=False)  # the numbers of the committed results: the head converted too
     return net
 
 

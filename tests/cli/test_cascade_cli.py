@@ -186,16 +186,22 @@ def test_fit_bad_data_files(data, capsys):
     out = str(data["root"] / "bad.json")
     assert main(["cascade", "fit", "--data", str(data["csv"]), "--text-column", "body", "--out", out]) == 2
     err = capsys.readouterr().err
-    assert "tickets.csv, line 1: no column 'label'" in err and "'body', 'queue'" in err
+    # the messages of leanscale.data.load_dataset, the same for every command
+    assert "tickets.csv' has no column 'label'" in err and "'body', 'queue'" in err and "--label-column" in err
     empty = data["root"] / "empty.csv"
     empty.write_text("")
     assert main(["cascade", "fit", "--data", str(empty), "--out", out]) == 2
-    assert "empty.csv holds no examples" in capsys.readouterr().err
+    assert "empty.csv' is empty" in capsys.readouterr().err
+    header_only = data["root"] / "header.csv"
+    header_only.write_text("text,label\n")
+    assert main(["cascade", "fit", "--data", str(header_only), "--out", out]) == 2
+    assert "header.csv' holds no examples" in capsys.readouterr().err
     one = write_jsonl(data["root"] / "one_label.jsonl", [("a b c", "x")] * 20)
     assert main(["cascade", "fit", "--data", str(one), "--out", out]) == 2
     assert "at least 2 labels" in capsys.readouterr().err
     assert main(["cascade", "fit", "--data", "tickets.xlsx", "--out", out]) == 2
-    assert "must be 'wordnet' or the path of a .csv, .tsv or .jsonl file" in capsys.readouterr().err
+    assert "The '--data' parameter of leanscale cascade fit must be one of 'wordnet' or an existing file" in \
+        capsys.readouterr().err
 
 
 def test_both_target_and_budget_is_a_usage_error(data, capsys):

@@ -18,7 +18,7 @@ def test_report_json_counts_the_sparse_work(capsys):
     assert main(["sparse", "report", "--batch", "8", "--sparsity", "0.8", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     names = [r["layer"] for r in report["layers"]]
-    assert names == ["features.3", "features.7", "features.10", "classifier"]  # the first conv stays dense
+    assert names == ["features.3", "features.7", "features.10"]  # the first conv and the head stay dense
     for r in report["layers"]:
         assert r["weight_sparsity"] == pytest.approx(0.8, abs=0.01)
         assert r["train_flops_swat"] / r["train_flops_dense"] == pytest.approx(0.2, abs=0.02)
@@ -140,7 +140,7 @@ def test_train_saves_a_pruned_model(tmp_path, capsys):
                  "--save", str(saved), "--out", str(out)]) == 0
     assert "SWAT-U 80%: test accuracy" in capsys.readouterr().out
     run = json.loads(out.read_text())
-    assert [r["layer"] for r in run["swat_layers"]] == ["features.3", "features.7", "features.10", "classifier"]
+    assert [r["layer"] for r in run["swat_layers"]] == ["features.3", "features.7", "features.10"]  # the head stays dense (#15)
     model = load_pruned(BNCNN(width=8), saved)
     w = model.features[3].weight
     assert float((w == 0).float().mean()) == pytest.approx(0.8, abs=0.01)

@@ -151,3 +151,15 @@ def test_evaluate_moved_to_the_engine_and_the_old_name_warns():
 
     with pytest.warns(FutureWarning, match="leanscale.train.classifier.evaluate"):
         assert lb_train.evaluate is evaluate
+
+
+def test_a_model_of_ones_own_takes_flat_features_whatever_config_model_says():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 6, generator=g)
+    y = (x[:, 0] > 0).long()
+    net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    cfg = TrainConfig(batch_size=16, epochs=3.0, eval_every_epochs=3.0, milestones=())  # model="bncnn" by default
+    result = train_classifier(cfg, data=(x, y, x, y), model=net)
+    assert result.test_accuracy > 0.8
+    with pytest.raises(InvalidParameterError, match="must hold images"):
+        train_classifier(cfg, data=(x, y, x, y))  # the built-in BNCNN does need images

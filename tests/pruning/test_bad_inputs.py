@@ -441,7 +441,7 @@ CLI_CASES = [
     (["prune", "score", "--metric", "random", "--n-clusters", "0", "--out", "o"], "'--n-clusters' parameter"),
     (["prune", "score", "--metric", "random", "--seed", "-1", "--out", "o"], "'--seed' parameter"),
     (["prune", "score", "--metric", "nope", "--data", "d.npz", "--out", "o"], "'metric' parameter of DataPruner"),
-    (["prune", "score", "--data", "missing.npz", "--out", "o"], "'data' parameter of load_pruning_data"),
+    (["prune", "score", "--data", "missing.npz", "--out", "o"], "'--data' parameter of leanscale prune score must be one of 'fashion-mnist', 'wordnet' or an existing file"),
     (["prune", "select", "--scores", "s.npy", "--keep", "0"], "'keep' parameter"),
     (["prune", "select", "--scores", "s.npy", "--keep", "nan"], "'keep' parameter"),
     (["prune", "select", "--scores", "s.npy", "--keep", "0.5", "--strategy", "hardest"], "'strategy' parameter"),

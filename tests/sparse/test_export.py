@@ -41,7 +41,8 @@ def test_sparse_kernels_match_dense_and_respect_the_threshold():
 
 def test_swat_model_exports_to_sparse_kernels():
     torch.manual_seed(1)
-    model = apply_swat(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4)), 0.9, dense_first_layer=False)
+    model = apply_swat(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4)), 0.9, dense_first_layer=False,
+                       dense_last_layer=False)
     model(torch.randn(8, 32)).sum().backward()
     with pytest.raises(InvalidParameterError, match=r"still has SWAT layers: call leanscale.sparse.export_pruned"):
         to_sparse_kernels(model)

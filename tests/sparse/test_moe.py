@@ -380,7 +380,7 @@ def test_moe_rejects_bad_parameters(kwargs, match):
         ({"n_experts": 4, "every": 0}, "'every' parameter of apply_moe must be an int in the range \\[1, inf\\)"),
         ({"n_experts": 4, "every": 5}, "'every' parameter of apply_moe must be at most the number of MLP layers \\(4\\)"),
         ({"n_experts": 4, "init": "warm"}, "'init' parameter of apply_moe must be one of 'copy', 'random'"),
-        ({"n_experts": 4, "bogus": 1}, "'moe_kwargs' parameter of MoEMLP.from_dense .* Got 'bogus'"),
+        ({"n_experts": 4, "bogus": 1}, "'moe_kwargs' parameter of apply_moe .* Got 'bogus'"),
     ],
 )
 def test_apply_moe_rejects_bad_parameters_and_leaves_the_model(kwargs, match):

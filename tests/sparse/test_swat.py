@@ -297,9 +297,12 @@ def test_apply_swat_uniform_and_erk():
     assert model.features[0] is first  # the first layer stays dense
     assert [id(p) for p in model.parameters()] == params_before  # same Parameters: the optimizer still works
     assert [id(p) for g in opt.param_groups for p in g["params"]] == params_before
-    assert [n for n, _ in swat_layers(model)] == ["features.3", "features.7", "features.10", "classifier"]
+    # the first layer and the classifier head stay dense (dense_first_layer, dense_last_layer)
+    assert [n for n, _ in swat_layers(model)] == ["features.3", "features.7", "features.10"]
+    assert type(model.classifier) is nn.Linear
     assert not any(isinstance(m, nn.ReLU) for m in model.modules())
-    erk = apply_swat(BNCNN(width=8), 0.8, distribution="erk")
+    erk = apply_swat(BNCNN(width=8), 0.8, distribution="erk", dense_last_layer=False)
+    assert [n for n, _ in swat_layers(erk)] == ["features.3", "features.7", "features.10", "classifier"]
     rows = swat_summary(erk)
     numel = [math.prod(r["weight_shape"]) for r in rows]
     kept = sum((1 - r["sparsity"]) * n for r, n in zip(rows, numel))
@@ -358,6 +361,7 @@ def test_state_dict_roundtrip_resumes_the_warmup():
     ({"topk_period": 0}, r"'topk_period' parameter of apply_swat.*Got 0"),
     ({"distribution": "erdos"}, r"'distribution' parameter of apply_swat.*Got 'erdos'"),
     ({"activation_sparsity": 1.5}, r"'activation_sparsity' parameter of apply_swat.*Got 1.5"),
+    ({"dense_last_layer": "no"}, r"'dense_last_layer' parameter of apply_swat.*Got 'no'"),
 ])
 def test_apply_swat_bad_parameters(kwargs, match):
     model = BNCNN(width=4)
@@ -383,6 +387,9 @@ def test_nothing_to_convert():
         apply_swat(nn.Sequential(nn.ReLU(), nn.Conv1d(2, 2, 1)))
     with pytest.raises(InvalidParameterError, match=r"nothing to convert.*besides the first"):
         apply_swat(nn.Sequential(nn.Linear(3, 3), nn.ReLU()))
+    with pytest.raises(InvalidParameterError, match=r"nothing to convert.*besides the first.*and the output head.*"
+                                                     r"dense_last_layer=True"):
+        apply_swat(nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2)))
     model = apply_swat(BNCNN(width=4))
     with pytest.raises(InvalidParameterError, match=r"nothing to convert.*converted already"):
         apply_swat(model)

@@ -76,14 +76,21 @@ from leanscale.core.validation import (
     check_items,
 )
 
-__all__ = ["FALLBACK", "Cascade", "CascadeOutput", "UnansweredWarning"]  # re-exported by leanscale.cascade
+__all__ = ["FALLBACK", "Cascade", "CascadeOutput", "ExternalStageWarning",
+           "UnansweredWarning"]  # re-exported by leanscale.cascade
 
 FALLBACK = "fallback"  # the "stage" of a request no stage answered
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: model stages saved with skops or as an exported torch graph; 1 is still read
+_VERSION_WITHOUT_EXTERNAL_MODELS = 1  # written when no stage needs version 2 (older leanscale reads it)
 
 
 class UnansweredWarning(UserWarning):
     """:meth:`Cascade.predict` returned ``None`` for requests that no stage answered."""
+
+
+class ExternalStageWarning(UserWarning):
+    """:meth:`Cascade.save` saved a model stage by name (``"external"``): its model or transform is
+    user code, so loading, evaluating or serving the file needs it back in ``objects=``."""
 
 
 class CascadeOutput(NamedTuple):
@@ -172,6 +179,7 @@ def _check_y(y: Any, owner: str) -> np.ndarray:
 MAX_CASCADE_BYTES = 256 << 20  # a cascade JSON (vocabularies included) is at most 256 MiB
 _MAX_ITEMS = 1_000_000  # list lengths read from a file (classes, frontier points, patterns)
 _MODEL_CLASSES = ("TfidfClassifier", "EmbeddingClassifier")
+_NEW_MODEL_CLASSES = ("skops", "torch.graph")  # external_models.KINDS (that module imports torch: lazily)
 _MAX_TIMEOUT = 7 * 86400.0  # a stage timeout read from a file (threading refuses ~1e308)
 _MISSING = object()
 _UNSET = object()  # Cascade(random_state=) not given
@@ -256,14 +264,101 @@ def _arrays_files_of(path: Path) -> set[str]:
         doc = json.loads(path.read_text(encoding="utf-8"))
         out = set()
         for d in doc.get("stages", []):
-            m = d.get("model") if isinstance(d, dict) else None
-            name = m.get("arrays") if isinstance(m, dict) else None
-            if isinstance(name, str) and name == Path(name).name and name.startswith(f"{path.stem}.") \
-                    and name.endswith((".arrays", ".npz")):
-                out.add(name)
+            entries = [d.get("model"), d.get("transform")] if isinstance(d, dict) else []
+            for m in entries:
+                for key in ("arrays", "file"):
+                    name = m.get(key) if isinstance(m, dict) else None
+                    if isinstance(name, str) and name == Path(name).name and name.startswith(f"{path.stem}.") \
+                            and name.endswith((".arrays", ".npz", ".skops")):
+                        out.add(name)
         return out
     except Exception:
         return set()
+
+
+_TRANSFORM_HINT = (
+    "To save it without user code, give ModelStage a fitted scikit-learn transformer as transform= (e.g. a "
+    "TfidfVectorizer or HashingVectorizer, saved with skops), put the feature computation inside the exported torch "
+    "module or a scikit-learn Pipeline, or use a built-in text model (TfidfClassifier, EmbeddingClassifier)")
+
+
+def _external(stage: ModelStage, reason: str, hint: str = "") -> str:
+    warnings.warn(
+        f"Cascade.save: model stage {stage.name!r} is saved by name ('external') because {reason}. Loading, evaluating "
+        f"or serving the file needs it back: Cascade.load(path, objects={{{stage.name!r}: <the ModelStage, or its "
+        f"model when it has no transform>}}) or `leanscale serve --objects module:NAME`." + (f" {hint}." if hint else ""),
+        ExternalStageWarning, stacklevel=4)
+    return "external"
+
+
+def _save_model_stage(s: ModelStage, folder: Path, prefix: str, written: set[str]) -> tuple[Any, dict | None]:
+    """``(model entry, transform entry or None)`` of a model stage's JSON; the files they name are
+    written into ``folder`` (and added to ``written``). A stage that cannot be saved as data gets
+    ``("external", None)`` and an :class:`ExternalStageWarning`."""
+    if s.transform is not None and callable(s.transform):
+        return _external(s, "its transform is a Python callable (user code, which cannot be saved without pickle)",
+                         _TRANSFORM_HINT), None
+    if hasattr(s.model, "get_state") and s.transform is None:  # leanscale's own text models
+        meta, arrays = s.model.get_state()
+        name, digest = write_arrays_addressed(folder, prefix, arrays, suffix=".arrays")
+        written.add(name)
+        return {"class": type(s.model).__name__, "meta": meta, "arrays": name, "sha256": digest}, None
+    from leanscale.cascade import external_models as ext
+
+    part = "its transform"
+    try:
+        transform = None
+        if s.transform is not None:
+            data = ext.sklearn_dumps(s.transform)
+            name, digest = ext.write_file_addressed(folder, prefix + "transform.", data, ".skops")
+            written.add(name)
+            transform = {"class": ext.SKOPS_KIND, "format_version": ext.EXTERNAL_VERSION, "file": name,
+                         "sha256": digest}
+        part = "its model"
+        if s.is_torch:
+            spec, arrays = ext.torch_export(s.model, s._example_input)
+            name, digest = write_arrays_addressed(folder, prefix, arrays, suffix=".arrays")
+            model = {"class": ext.TORCH_KIND, "format_version": ext.EXTERNAL_VERSION, "graph": spec, "arrays": name,
+                     "sha256": digest}
+        elif hasattr(s.model, "get_state"):
+            meta, arrays = s.model.get_state()
+            name, digest = write_arrays_addressed(folder, prefix, arrays, suffix=".arrays")
+            model = {"class": type(s.model).__name__, "meta": meta, "arrays": name, "sha256": digest}
+        else:
+            data = ext.sklearn_dumps(s.model)
+            name, digest = ext.write_file_addressed(folder, prefix, data, ".skops")
+            model = {"class": ext.SKOPS_KIND, "format_version": ext.EXTERNAL_VERSION, "file": name, "sha256": digest}
+        written.add(name)
+    except ext.NotSavable as exc:
+        return _external(s, f"{part} ({type(s.transform if part == 'its transform' else s.model).__name__}) cannot be "
+                         f"saved as data: {exc}"), None
+    except MissingDependencyError as exc:
+        return _external(s, str(exc)), None
+    return model, transform
+
+
+def _load_external_model(v: _SavedDoc, path: Path, where: str, m: Any, n_classes: int | None) -> Any:
+    """A scikit-learn object (skops) or a torch graph named by a cascade JSON's model entry."""
+    from leanscale.cascade import external_models as ext
+    from leanscale.core.persistence import check_format_version
+
+    kind = m["class"]
+    keys = {"class", "format_version", "file", "sha256"} if kind == ext.SKOPS_KIND else \
+        {"class", "format_version", "graph", "arrays", "sha256"}
+    if set(m) != keys:
+        raise v.error(where, f"an object with exactly the keys {sorted(keys)}", sorted(m))
+    check_format_version(m, what=f"{where} entry of the cascade file {str(path)!r}", current=ext.EXTERNAL_VERSION,
+                         default=None)
+    what = f"file of {where} of {str(path)!r}"
+    if kind == ext.SKOPS_KIND:
+        data = ext.read_file_checked(path.parent, m["file"], m["sha256"], what=what, max_bytes=ext.MAX_SKOPS_BYTES)
+        return ext.sklearn_loads(data, f"{what} {m['file']!r}")
+    if not isinstance(m["sha256"], str):
+        raise v.error(f"{where}['sha256']", "a sha256 hex digest", m["sha256"])
+    arrays = read_arrays_checked(path.parent, m["arrays"], m["sha256"], what=f"arrays {what}")
+    graph = ext.torch_from_saved(m["graph"], arrays, f"torch graph of {where} in {str(path)!r}")
+    ext.probe(graph, m["graph"], n_classes, f"torch graph of {where} in {str(path)!r}")
+    return graph
 
 
 class Cascade(Estimator):
@@ -656,8 +751,13 @@ class Cascade(Estimator):
     def save(self, path: str | Path) -> Path:
         """Write ``path`` (JSON) plus one arrays file per saved model stage beside it; no pickle.
 
-        Regex stages and leanscale text models are saved whole; rule, callable and other model
-        stages are saved by name and must be passed to :meth:`load` in ``objects``.
+        Regex stages, leanscale text models, scikit-learn models (``skops``, a ``.skops`` file per
+        model) and torch modules (exported with ``torch.export``, written as an allow-listed op
+        graph in the JSON plus a safetensors arrays file) are saved whole: :meth:`load` needs no
+        user code for them. A model stage whose ``transform`` is a Python callable, or whose model
+        cannot be saved that way (a user class, a torch module that does not export), is saved by
+        name with an :class:`ExternalStageWarning` saying why; rule and callable stages are code
+        and always saved by name. Stages saved by name must be passed to :meth:`load` in ``objects``.
 
         The save is atomic as a whole. Each arrays file is named by its content
         (``<stem>.<stage>.<sha256[:16]>.arrays``) and its sha256 is recorded in the JSON, which is
@@ -670,6 +770,7 @@ class Cascade(Estimator):
         folder = path.parent
         previous = _arrays_files_of(path)
         written: set[str] = set()
+        version = _VERSION_WITHOUT_EXTERNAL_MODELS
         stages = []
         for s in self.stages:
             d: dict[str, Any] = {"kind": s.kind, "name": s.name, "cost": s.cost, "timeout": s.timeout}
@@ -678,18 +779,17 @@ class Cascade(Estimator):
                          match_timeout=s.match_timeout, max_length=s.max_length)
             elif isinstance(s, ModelStage):
                 d.update(classes=s.classes.tolist(), temperature=s.temperature, batch_size=s.batch_size)
-                if hasattr(s.model, "get_state") and s.transform is None:
-                    meta, arrays = s.model.get_state()
-                    name, digest = write_arrays_addressed(folder, f"{path.stem}.{s.name}.", arrays, suffix=".arrays")
-                    written.add(name)
-                    d.update(model={"class": type(s.model).__name__, "meta": meta, "arrays": name, "sha256": digest})
-                else:
-                    d.update(model="external")
+                model, transform = _save_model_stage(s, folder, f"{path.stem}.{s.name}.", written)
+                d.update(model=model)
+                if transform is not None:
+                    d.update(transform=transform)
+                if isinstance(model, dict) and model.get("class") in _NEW_MODEL_CLASSES or transform is not None:
+                    version = FORMAT_VERSION
             elif isinstance(s, CallableStage):
                 d.update(batched=s.batched)
             stages.append(d)
         doc = {
-            "format": "leanscale.cascade", "version": FORMAT_VERSION, "stages": stages,
+            "format": "leanscale.cascade", "version": version, "stages": stages,
             "params": {k: v for k, v in self.get_params().items() if k != "stages"},
             "thresholds": self.thresholds_, "costs": self.costs_, "temperatures": self.temperatures_,
             "expected_cost": self.expected_cost_, "expected_accuracy": self.expected_accuracy_,
@@ -709,14 +809,20 @@ class Cascade(Estimator):
     @classmethod
     def load(cls, path: str | Path, objects: dict[str, Any] | None = None) -> Cascade:
         """Rebuild a fitted cascade from :meth:`save`'s JSON. ``objects``: stage name -> the
-        predicate, function or model for stages that were saved by name.
+        predicate, function or model (or, for a model stage, the whole :class:`ModelStage`, which
+        keeps its transform) for stages that were saved by name. Stages saved as data (regex,
+        leanscale text models, scikit-learn models through skops, torch modules as an exported
+        graph) need nothing: no user code is imported or run.
 
         The file is untrusted data. Its size is checked before it is read; every field is checked
         (type, range, consistency with the other fields) before anything is built; an arrays file
         must lie in the JSON's folder and match the sha256 recorded at save time, and the sizes it
         declares must match the model's meta before any array is allocated; regex patterns run on
         RE2 (or are refused); a TF-IDF model's token pattern must be scikit-learn's default (the
-        loaded model uses leanscale's own constant, never the file's string). Whatever is wrong raises one
+        loaded model uses leanscale's own constant, never the file's string); a ``.skops`` file must
+        match its sha256 and hold only scikit-learn/numpy/scipy.sparse classes beyond skops' own
+        trusted types (``skops.io.get_untrusted_types``); a torch graph may call only allow-listed
+        ATen ops and must return ``(batch, n_classes)`` on a probe. Whatever is wrong raises one
         :class:`~leanscale.core.errors.DataFormatError` naming the file and the field.
 
         Raises:
@@ -750,9 +856,9 @@ class Cascade(Estimator):
         if type(version) is int and version > FORMAT_VERSION:
             raise DataFormatError(
                 f"The cascade file {str(path)!r} has version {version}: it was written by a newer leanscale, and this "
-                f"one reads version {FORMAT_VERSION}. Upgrade leanscale to load it.")
-        if version != FORMAT_VERSION:
-            raise v.error("'version'", f"{FORMAT_VERSION} (this leanscale reads version {FORMAT_VERSION})",
+                f"one reads versions up to {FORMAT_VERSION}. Upgrade leanscale to load it.")
+        if type(version) is not int or version < 1:
+            raise v.error("'version'", f"an integer from 1 to {FORMAT_VERSION} (the versions this leanscale reads)",
                           doc.get("version"))
         raw = v.lst(v.get(doc, "stages", "the file"), "'stages'", 1, 1000)
         names = []
@@ -804,17 +910,25 @@ class Cascade(Estimator):
                 v.num(v.get(d, "temperature", where), f"{where}['temperature']", 0, open_lo=True)
                 v.num(v.get(d, "batch_size", where), f"{where}['batch_size']", 1, 10**7, integer=True)
                 m = v.get(d, "model", where)
+                t = d.get("transform")
+                transform = None
                 if m == "external":
-                    model = need(d["name"], "the model")
+                    if t is not None:
+                        raise v.error(f"{where}['transform']", "absent for a stage saved by name", t)
+                    model = need(d["name"], "the model (or the ModelStage, with its transform)")
+                    if isinstance(model, ModelStage):
+                        model, transform = model.model, model.transform
                 else:
-                    model = cls._saved_model(v, path, where, m)
-                    n_cols = len(model.classes_)  # the stage may rename them, not change their number
-                    if len(classes) != n_cols:
+                    if t is not None:
+                        transform = cls._saved_model(v, path, where, t, transform=True)
+                    model = cls._saved_model(v, path, where, m, n_classes=len(classes))
+                    n_cols = len(model.classes_) if hasattr(model, "classes_") else len(classes)
+                    if len(classes) != n_cols:  # the stage may rename them, not change their number
                         raise v.error(f"{where}['classes']", f"a list of {n_cols} labels, one per class of its saved "
                                       "model", classes)
                     objects.pop(d["name"], None)
                 stage = cls._stage(v, where, ModelStage, model, classes=classes, temperature=d["temperature"],
-                                   batch_size=d["batch_size"], **common)
+                                   batch_size=d["batch_size"], transform=transform, **common)
             elif d["kind"] == "rule":
                 stage = cls._stage(v, where, RuleStage, need(d["name"], "the predicate"), **common)
             else:
@@ -917,10 +1031,17 @@ class Cascade(Estimator):
             raise DataFormatError(f"The cascade file {str(v.path)!r} is invalid: {where}: {exc}") from None
 
     @staticmethod
-    def _saved_model(v: _SavedDoc, path: Path, where: str, m: Any):
-        klass_name = v.get(m, "class", f"{where}['model']")
+    def _saved_model(v: _SavedDoc, path: Path, where: str, m: Any, *, transform: bool = False,
+                     n_classes: int | None = None):
+        field = "transform" if transform else "model"
+        klass_name = v.get(m, "class", f"{where}[{field!r}]")
+        if transform and klass_name != "skops":
+            raise v.error(f"{where}['transform']['class']", "'skops'", klass_name)
+        if klass_name in _NEW_MODEL_CLASSES:
+            return _load_external_model(v, path, f"{where}[{field!r}]", m, n_classes)
         if klass_name not in _MODEL_CLASSES:
-            raise v.error(f"{where}['model']['class']", f"'external' or one of {list(_MODEL_CLASSES)}", klass_name)
+            raise v.error(f"{where}['model']['class']", f"'external' or one of {list(_MODEL_CLASSES + _NEW_MODEL_CLASSES)}",
+                          klass_name)
         meta = v.get(m, "meta", f"{where}['model']")
         name = v.get(m, "arrays", f"{where}['model']")
         digest = m.get("sha256")  # absent in saves before content addressing

@@ -475,9 +475,14 @@ def softmax_with_temperature(proba: np.ndarray, temperature: float) -> np.ndarra
 class ModelStage(Stage):
     """A classifier: ``model.predict_proba(features)`` or a torch module returning logits.
 
-    ``transform`` maps the batch of requests to the model's input (default: the list itself, which
-    suits scikit-learn text pipelines). ``classes``: class labels in column order (default
-    ``model.classes_``; required for torch modules). ``temperature``: divides the log-probabilities
+    ``transform`` maps the batch of requests (a list) to the model's input; default: the list
+    itself, which suits scikit-learn text pipelines. It is either a Python callable
+    ``transform(batch)`` (user code: a cascade holding it saves the stage by name, and loading
+    needs the stage back in ``objects=``) or a fitted scikit-learn transformer such as a
+    ``TfidfVectorizer`` (its ``transform(batch)`` is used, turned into a dense float32 tensor for
+    a torch module; saved with the cascade through skops, no user code needed to load it). A torch
+    module takes one tensor whose first dimension is the batch. ``classes``: class labels in column
+    order (default ``model.classes_``; required for torch modules). ``temperature``: divides the log-probabilities
     before the confidence is taken (set by ``Cascade.fit(..., calibrate=True)``). ``batch_size``
     splits large batches.
 
@@ -505,7 +510,12 @@ class ModelStage(Stage):
             raise InvalidParameterError(
                 "The 'classes' parameter of ModelStage is required when the model has no classes_ attribute."
             )
+        if transform is not None and not callable(transform) and not callable(getattr(transform, "transform", None)):
+            raise InvalidParameterError(
+                "The 'transform' parameter of ModelStage must be None, a callable (batch -> model input) or a fitted "
+                f"scikit-learn transformer (with a transform method). Got {type(transform).__name__} instead.")
         self.model, self.transform, self.is_torch = model, transform, is_torch
+        self._example_input = None  # the first tensor a torch module was given (the example to export it on)
         self.classes = np.asarray(list(classes), dtype=object)
         self.temperature = float(check_param("temperature", temperature,
                                              [Interval("real", 0, None, closed="neither")], "ModelStage"))
@@ -517,7 +527,7 @@ class ModelStage(Stage):
         chunks = []
         for s in range(0, len(items), self.batch_size):
             batch = list(items[s: s + self.batch_size])
-            x = self.transform(batch) if self.transform is not None else batch
+            x = self._transform(batch)
             if self.is_torch:
                 p = self._torch_proba(x)
             else:
@@ -531,6 +541,22 @@ class ModelStage(Stage):
             )
         return proba
 
+    def _transform(self, batch: list) -> Any:
+        """The model's input for ``batch``: through ``transform`` (a callable, or a scikit-learn
+        transformer's ``transform``, as a dense float32 tensor for a torch module)."""
+        t = self.transform
+        if t is None:
+            return batch
+        if callable(t):
+            return t(batch)
+        x = t.transform(batch)
+        if not self.is_torch:
+            return x
+        import torch
+
+        x = x.toarray() if hasattr(x, "toarray") else np.asarray(x)
+        return torch.as_tensor(np.asarray(x, dtype=np.float32))
+
     # A torch module runs in eval mode (no dropout, no batch-norm updates) and without autograd.
     # Thread safety: ``train``/``eval`` flip a flag shared by every thread using the module, so a
     # call that switches a module left in training mode to eval and back (restoring the caller's
@@ -541,6 +567,8 @@ class ModelStage(Stage):
         import torch
 
         model = self.model
+        if self._example_input is None and isinstance(x, torch.Tensor) and x.ndim >= 1 and len(x):
+            self._example_input = x[:4].detach().cpu().clone()
         with self._mode_lock_shared():
             if not any(m.training for m in model.modules()):
                 with torch.no_grad():
@@ -591,6 +619,7 @@ class ModelStage(Stage):
         return d
 
     def __setstate__(self, d):
+        d.setdefault("_example_input", None)
         self.__dict__.update(d)
         self._init_mode_lock()
 

@@ -21,6 +21,8 @@ examples:
   leanscale active --data wordnet --strategy margin --budget 3000 --batch-size 200   (needs [encoders])
   leanscale active --data fashion-mnist --strategy diversity --budget 2000 --out al-run
   leanscale active --data my_features.npz --strategy entropy --budget 500 --json
+  leanscale active --data tickets.csv --text-column body --label-column queue --budget 300   (needs [encoders])
+  leanscale active --data d.csv --model mymodel.py:make_estimator --budget 200
 
 strategies: random, margin (default), entropy, least_confidence, diversity (cluster-margin)
 """
@@ -33,7 +35,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "ask for the labels of the most uncertain (or most uncertain and diverse) pool examples.",
         epilog=EPILOG,
     )
-    p.add_argument("--data", default="fashion-mnist", help="fashion-mnist (default), wordnet, .npz or a data folder")
+    from leanscale.cli._spec import add_data_arguments
+
+    add_data_arguments(p, builtins=("fashion-mnist", "wordnet"), default="fashion-mnist", text=True)
+    p.add_argument("--model", default=None, metavar="MODULE:FACTORY",
+                   help="your model: 'package.module:factory' or 'path/to/file.py:factory', a callable with no arguments "
+                   "returning an estimator with fit(X, y) and predict_proba(X), e.g. a scikit-learn classifier "
+                   "(default: softmax regression with --C)")
     p.add_argument("--data-root", default=None, help="folder of a built-in data set's files")
     p.add_argument("--n-train", type=int, default=None, help="stratified subset of the pool")
     p.add_argument("--strategy", default="margin", help="random, margin, entropy, least_confidence, diversity")
@@ -53,12 +61,12 @@ def run(args) -> int:
 
     import numpy as np
 
+    from leanscale.cli.prune import load_data
     from leanscale.core.errors import LeanscaleError
     from leanscale.core.io import atomic_write_json, read_json
     from leanscale.core.validation import Interval, check_param, unknown_name_error
     from leanscale.models.linear import SoftmaxRegression
     from leanscale.pruning.active import STRATEGIES, ActiveLearner
-    from leanscale.pruning.datasets import load_pruning_data
 
     owner = "leanscale active"
     for flag, value, rng in (("--budget", args.budget, Interval(int, 1, None)),
@@ -69,7 +77,8 @@ def run(args) -> int:
         check_param(flag, value, [rng], owner=owner)
     if args.n_train is not None:
         check_param("--n-train", args.n_train, [Interval(int, 1, None)], owner=owner)
-    data = load_pruning_data(args.data, root=args.data_root, n_train=args.n_train)
+    make_model = _model_factory(args, owner, SoftmaxRegression)
+    data = load_data(args, owner)
     if data.y_train is None:
         from leanscale.core.errors import InvalidParameterError
 
@@ -80,13 +89,13 @@ def run(args) -> int:
     x = data.x_train.flatten(1).numpy().astype(np.float64)
     x_eval = None if data.x_test is None else data.x_test.flatten(1).numpy().astype(np.float64)
     y_eval = None if data.y_test is None else data.y_test.numpy()
-    learner = ActiveLearner(SoftmaxRegression(C=args.C), strategy=args.strategy, batch_size=args.batch_size,
+    learner = ActiveLearner(make_model(), strategy=args.strategy, batch_size=args.batch_size,
                             initial_size=args.initial, seed=args.seed)
     if args.strategy not in STRATEGIES:
         raise unknown_name_error("strategy", args.strategy, STRATEGIES, owner="ActiveLearner")
     notes = _pool_warnings(args, len(x), owner)  # refuses --initial larger than the pool
     out = Path(args.out) if args.out else None
-    settings = {"data": args.data, "n_train": args.n_train, "strategy": args.strategy, "budget": args.budget,
+    settings = {"data": args.data, "model": args.model, "n_train": args.n_train, "strategy": args.strategy, "budget": args.budget,
                 "batch_size": args.batch_size, "initial": args.initial, "C": args.C, "seed": args.seed}
     state_path = None if out is None else out / "state.json"
     resumed: list[str] = []  # warnings of the fits of the run this one resumes
@@ -112,7 +121,7 @@ def run(args) -> int:
         except LeanscaleError as exc:
             resumed = []
             notes.insert(0, f"ignoring the damaged state file {str(state_path)!r} and starting over: {exc}")
-            learner = ActiveLearner(SoftmaxRegression(C=args.C), strategy=args.strategy,
+            learner = ActiveLearner(make_model(), strategy=args.strategy,
                                     batch_size=args.batch_size, initial_size=args.initial, seed=args.seed)
 
     def save(lr: ActiveLearner) -> None:
@@ -143,6 +152,22 @@ def run(args) -> int:
     elif out is not None:
         print(f"wrote {out / 'history.json'}")
     return 0
+
+
+def _model_factory(args, owner: str, default):
+    """A function making the learner's model: ``--model`` (checked once, here) or softmax regression."""
+    if args.model is None:
+        return lambda: default(C=args.C)
+    from leanscale.cli._spec import call_without_arguments, import_object
+    from leanscale.core.errors import InvalidParameterError
+
+    factory = import_object(args.model, "--model", owner, kind="callable")
+    expected = (f"The '--model' parameter of {owner} must name a callable that takes no arguments and returns an "
+                f"estimator with fit(X, y) and predict_proba(X).")
+    model = call_without_arguments(factory, args.model, expected)
+    if not (callable(getattr(model, "fit", None)) and callable(getattr(model, "predict_proba", None))):
+        raise InvalidParameterError(f"{expected} Got a {type(model).__name__} from {args.model!r}.")
+    return factory
 
 
 def _pool_warnings(args, n_pool: int, owner: str) -> list[str]:

@@ -3,17 +3,26 @@
 Three actions: ``plan`` turns a small-batch configuration into a large-batch one (LR scaling,
 Ghost BatchNorm, regime adaptation, warmup); ``noise`` measures the gradient noise scale of a
 model on a data set and advises a batch size and LR; ``train`` trains the reference CNN on
-Fashion-MNIST with a recipe (single process or under ``torchrun``).
+Fashion-MNIST -- or the user's ``--model`` on the user's ``--data`` -- with a recipe (single process
+or under ``torchrun``).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import warnings
 from pathlib import Path
 
-from leanscale.cli import add_actions, add_command, print_json, run_action, torchrun_rank
+from leanscale.cli import (
+    add_actions,
+    add_command,
+    print_json,
+    run_action,
+    torchrun_rank,
+)
+from leanscale.cli._spec import add_data_arguments
 from leanscale.core.errors import InvalidParameterError
 
 EPILOG = """\
@@ -22,8 +31,23 @@ examples:
   leanscale batch plan --batch 8192 --rule linear --warmup-epochs 5 --optimizer lars --json
   leanscale batch noise --n-batches 40                     B_simple of the CNN on Fashion-MNIST
   leanscale batch train --batch 1024 --set epochs=2 --set n_train=10000
+  leanscale batch train --batch 256 --model mymodel.py:build --data digits.npz --epochs 5
+  leanscale batch noise --model mypkg.nets:resnet --data images/ --n-batches 40
   torchrun --nproc_per_node=2 -m leanscale.cli.main batch train --batch 512 --out run.json
 """
+
+
+BUILTIN_DATA = ("fashion-mnist",)
+
+
+def _user_args(q) -> None:
+    """--model and --data (the user's own model and data) of noise and train."""
+    q.add_argument("--model", default=None, metavar="MODULE:FACTORY",
+                   help="your model: 'package.module:factory' or 'path/to/file.py:factory', a callable with no "
+                   "arguments returning an nn.Module (default: the reference CNN, or the MLP for flat features)")
+    add_data_arguments(q, builtins=BUILTIN_DATA, default="fashion-mnist")
+    q.add_argument("--test-fraction", type=float, default=0.2,
+                   help="share of your data held out for evaluation when it has no test split (0.2)")
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -71,12 +95,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     q.add_argument("--base-lr", type=float, default=0.1, help="LR at --base-batch for the LR advice")
     q.add_argument("--base-batch", type=int, default=128)
     q.add_argument("--data-root", default=None, help="folder with Fashion-MNIST IDX files")
+    _user_args(q)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--json", action="store_true", help="print JSON")
     q.set_defaults(action_func=run_noise)
 
-    q = sub.add_parser("train", help="train the reference CNN on Fashion-MNIST with a large-batch recipe")
+    q = sub.add_parser("train", help="train the reference CNN on Fashion-MNIST (or your model on your data) "
+                       "with a large-batch recipe")
     recipe_args(q)
+    _user_args(q)
     q.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
                    help="change a field of the small-batch TrainConfig (repeatable), e.g. n_train=10000")
     q.add_argument("--out", default=None, help="write the result JSON here")
@@ -117,21 +144,66 @@ _RECIPE_KEYS = {
 
 
 def _check_out_path(out: str | None, flag: str = "--out") -> None:
-    """Refuse an output path that cannot be written *before* any training starts."""
+    """Refuse an output path that cannot be written *before* any training starts. A missing folder is
+    fine: it is created."""
     if out is None:
         return
     path = Path(out)
     where = f"The {flag!r} parameter of leanscale batch train"
-    if path.is_dir():
+    if path.is_dir() or str(out).endswith(("/", os.sep)):
         raise InvalidParameterError(f"{where} must be a file to write. Got {out!r}, which is a folder.")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
+    folder = path.parent if str(path.parent) else Path(".")
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
         raise InvalidParameterError(
-            f"{where} must be in an existing folder. Got {out!r}, whose folder {str(parent)!r} does not exist"
-            + (" (it is a file)." if parent.exists() else ".")
-        )
-    if not os.access(parent, os.W_OK | os.X_OK):
+            f"{where} must be a file in a folder. Got {out!r}, but {str(folder)!r} is a file, not a folder.")
+    if not os.access(folder, os.W_OK | os.X_OK):
         raise InvalidParameterError(f"{where} must be in a folder you can write. Got {out!r}.")
+
+
+def _user_data(args, owner: str, n_train: int | None = None, n_test: int | None = None, seed: int = 0):
+    """``(x_train, y_train, x_test, y_test)`` tensors of ``--data`` (a file or folder) and its description;
+    None for the built-in Fashion-MNIST."""
+    import torch
+
+    from leanscale.cli._spec import is_builtin_data, load_user_data, stratified_subset
+    from leanscale.core.validation import Interval, check_param
+
+    if is_builtin_data(args.data, BUILTIN_DATA):
+        return None
+    check_param("--test-fraction", args.test_fraction, [Interval(float, 0, 1, closed="neither")], owner=owner)
+    data = load_user_data(args, owner, BUILTIN_DATA)
+    if data.kind == "text":
+        raise InvalidParameterError(
+            f"The '--data' parameter of {owner} must hold features or images to train on. Got the text column of "
+            f"{data.source}: embed the texts first (leanscale.models.embed_texts) and save them as an .npz.")
+    if data.y is None:
+        raise InvalidParameterError(
+            f"The '--data' parameter of {owner} must have labels to train a classifier. Got {data.source} without "
+            f"them (name the label column or array with --label-column).")
+    if data.x_test is not None and data.y_test is not None:
+        x_tr, y_tr, x_te, y_te = data.x, data.y, data.x_test, data.y_test
+    else:
+        train, test = data.split(args.test_fraction, seed=0)
+        x_tr, y_tr, x_te, y_te = data.x[train], data.y[train], data.x[test], data.y[test]
+    keep = stratified_subset(y_tr, n_train, seed)
+    keep_test = stratified_subset(y_te, n_test, 0)
+    tensors = (torch.from_numpy(x_tr[keep]), torch.from_numpy(y_tr[keep]), torch.from_numpy(x_te[keep_test]),
+               torch.from_numpy(y_te[keep_test]))
+    return tensors, data
+
+
+def _model(args, owner: str, seed: int):
+    """The user's ``--model`` (built after seeding, so a run is reproducible), or None."""
+    if args.model is None:
+        return None
+    import torch
+
+    from leanscale.cli._spec import build_model
+
+    torch.manual_seed(seed)
+    return build_model(args.model, "--model", owner)
 
 
 def run_noise(args) -> int:
@@ -160,13 +232,30 @@ def run_noise(args) -> int:
     from leanscale.large_batch.train import _check_config
 
     _check_config(cfg)
-    data = load_image_data(cfg)
+    user = _user_data(args, owner, n_test=1000, seed=args.seed)
+    data = load_image_data(cfg) if user is None else user[0]
+    if data[0].ndim != 4:
+        cfg = TrainConfig(**{**cfg.__dict__, "model": "mlp"})  # flat features: the reference MLP
+    n = len(data[1])
+    if args.batch_size > n:
+        raise InvalidParameterError(
+            f"The '--batch-size' parameter of {owner} must be at most the {n:,} training examples of --data "
+            f"{args.data!r}. Got {args.batch_size} instead.")
+    if args.batch_size * args.n_batches > n:
+        raise InvalidParameterError(
+            f"The '--batch-size' and '--n-batches' parameters of {owner} must draw at most the {n:,} training "
+            f"examples of --data {args.data!r} (disjoint batches). Got {args.batch_size} x {args.n_batches} = "
+            f"{args.batch_size * args.n_batches:,}: try --batch-size {max(1, n // max(args.n_batches, 1))} or "
+            f"--n-batches {max(2, n // args.batch_size)}.")
+    warm_batch = min(128, n)
+    cfg = TrainConfig(**{**cfg.__dict__, "batch_size": warm_batch})
+    model = _model(args, owner, args.seed)
     steps = args.warm_steps
     if steps > 0:
-        cfg = TrainConfig(**{**cfg.__dict__, "epochs": steps * 128 / len(data[1]),
-                             "eval_every_epochs": steps * 128 / len(data[1])})
-        model = train_classifier(cfg, data=data, keep_model=True).model
-    else:  # --warm-steps 0: measure at initialisation (no training at all)
+        cfg = TrainConfig(**{**cfg.__dict__, "epochs": steps * warm_batch / n,
+                             "eval_every_epochs": steps * warm_batch / n})
+        model = train_classifier(cfg, data=data, model=model, keep_model=True).model
+    elif model is None:  # --warm-steps 0: measure at initialisation (no training at all)
         from leanscale.large_batch.train import build_model
 
         model = build_model(cfg, tuple(data[0].shape[1:]), int(max(data[1].max(), data[3].max())) + 1)
@@ -180,6 +269,7 @@ def run_noise(args) -> int:
     warning_list = [measured.warning] if measured.warning else list(advice.warnings if advice else ())
     if args.json:
         blob = {"b_simple": float(measured.b_simple) if measured.reliable else None, "reliable": measured.reliable,
+                "data": args.data if user is None else user[1].source, "model": args.model,
                 "warnings": warning_list, "warm_steps": steps, "measurement": measured.to_dict(),
                 "advice": advice}
         print_json(blob)
@@ -197,14 +287,25 @@ def run_noise(args) -> int:
 
 
 def run_train(args) -> int:
+    from torch import nn
+
     from leanscale.core.config import apply_overrides
     from leanscale.core.io import atomic_write_json
     from leanscale.large_batch.train import TrainConfig, train_classifier
 
     recipe = _recipe(args)
     _check_out_path(args.out)
+    owner = "leanscale batch train"
     for item in args.overrides:
         key = str(item).partition("=")[0].strip()
+        if key == "dataset":
+            raise InvalidParameterError(
+                f"The '--set' parameter of {owner} must not set 'dataset': pass --data (fashion-mnist, or your "
+                f".npz / .csv / .jsonl / .parquet file, image folder or datasets folder). Got {item!r}.")
+        if key == "model" and args.model is not None:
+            raise InvalidParameterError(
+                f"The '--set' parameter of {owner} must not set 'model' together with --model {args.model!r} (one "
+                f"would silently replace the other). Got {item!r}.")
         if key in _RECIPE_KEYS:
             raise InvalidParameterError(
                 f"The '--set' parameter of leanscale batch train must not set {key!r}: the recipe sets it "
@@ -220,13 +321,32 @@ def run_train(args) -> int:
     base = apply_overrides(base, args.overrides)
     if args.milestones:
         base = TrainConfig(**{**base.__dict__, "milestones": tuple(m / args.epochs for m in args.milestones)})
+    user = _user_data(args, owner, n_train=base.n_train, n_test=base.n_test, seed=base.seed)
+    model = _model(args, owner, base.seed)
+    if model is not None and args.ghost_batch is None and not any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        # the recipe's Ghost BatchNorm has nothing to act on: off, said once, instead of a warning per run
+        print(f"note: --model {args.model} has no BatchNorm layer: no Ghost BatchNorm (--ghost-batch 0).",
+              file=sys.stderr)
+        args.ghost_batch = 0
+        recipe = _recipe(args)
     config = recipe.train_config(base)
+    if user is not None and user[0][0].ndim != 4 and not any(
+            str(item).partition("=")[0].strip() == "model" for item in args.overrides):
+        # flat features: the reference MLP (with --model, only so that train_classifier's check of the
+        # built-in CNN's input does not refuse the user's model)
+        config = TrainConfig(**{**config.__dict__, "model": "mlp"})
     with torchrun_rank() as rank:
-        result = train_classifier(config, progress_bar=not args.json)
+        result = train_classifier(config, data=None if user is None else user[0], model=model,
+                                  progress_bar=not args.json)
     if rank != 0:
         return 0  # under torchrun only rank 0 reports
     blob = result.to_dict()
     blob["recipe"] = recipe.plan().to_dict()
+    blob["data"] = args.data if user is None else user[1].source
+    blob["model"] = args.model if args.model is not None else config.model
+    if user is not None:
+        blob["classes"] = list(user[1].classes)
     if args.out:
         atomic_write_json(args.out, blob)
     if args.json:

@@ -65,7 +65,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     def data_args(q):
         q.add_argument("--data", required=True, metavar="wordnet|PATH",
-                       help="'wordnet' (glosses -> 45 lexicographer files) or a .csv, .tsv or .jsonl file")
+                       help="'wordnet' (glosses -> 45 lexicographer files), a .csv, .tsv, .jsonl or .parquet file, or "
+                       "a Hugging Face datasets folder (save_to_disk) with a text and a label column")
         q.add_argument("--text-column", default="text", help="column (CSV/TSV) or key (JSONL) of the text (text)")
         q.add_argument("--label-column", default="label", help="column or key of the label (label)")
         q.add_argument("--data-root", default=None, help="folder of the WordNet files (default: the system's)")
@@ -77,7 +78,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     data_args(q)
     q.add_argument("--max-examples", type=int, default=None,
                    help=f"stratified subsample of the data (default: {WORDNET_MAX_EXAMPLES} for wordnet, all rows of a file)")
-    q.add_argument("--out", required=True, help="the cascade JSON to write")
+    q.add_argument("--out", required=True, help="the cascade JSON to write (missing folders are created)")
     q.add_argument("--stages", default=DEFAULT_STAGES,
                    help=f"comma-separated, cheapest first, from {DEFAULT_STAGES.replace(',', ', ')} ({DEFAULT_STAGES})")
     q.add_argument("--min-precision", type=float, default=0.9,
@@ -189,8 +190,28 @@ def _say(text: str) -> None:
 # ---------------------------------------------------------------------------------------- fit
 
 
+def load_texts(args, owner: str):
+    """``(texts, labels)`` of ``--data``: WordNet, or the user's table or datasets folder through
+    :func:`leanscale.data.load_dataset` (the same loader and messages as every other command); labels come
+    back as strings, whatever the format."""
+    import numpy as np
+
+    if str(args.data).lower() == "wordnet":
+        from leanscale.cascade.data import load_labelled_texts
+
+        return load_labelled_texts(args.data, text_column=args.text_column, label_column=args.label_column,
+                                   root=args.data_root)
+    from leanscale.cli._spec import load_user_data
+
+    data = load_user_data(args, owner, ("wordnet",), text_column=args.text_column)
+    if data.y is None:
+        from leanscale.core.errors import InvalidParameterError
+
+        raise InvalidParameterError(f"The '--data' parameter of {owner} must have labels. Got {data.source}.")
+    return list(data.texts), np.array([str(v) for v in data.labels], dtype=object)
+
+
 def run_fit(args) -> int:
-    from leanscale.cascade.data import load_labelled_texts
     from leanscale.cascade.evaluation import (
         fit_text_cascade,
         format_evaluation,
@@ -208,11 +229,15 @@ def run_fit(args) -> int:
     if out.is_dir():
         raise InvalidParameterError(f"The '--out' parameter of {_FIT} names {args.out!r}, which is a folder; give a "
                                     ".json file path.")
-    if out.parent and not out.parent.is_dir():
-        raise InvalidParameterError(f"The '--out' parameter of {_FIT} names {args.out!r}, whose folder does not exist.")
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise InvalidParameterError(f"The '--out' parameter of {_FIT} names {args.out!r}, but {str(folder)!r} is a "
+                                    "file, not a folder.")
 
-    texts, y = load_labelled_texts(args.data, text_column=args.text_column, label_column=args.label_column,
-                                   root=args.data_root)
+    texts, y = load_texts(args, _FIT)
+    out.parent.mkdir(parents=True, exist_ok=True)
     is_wordnet = args.data.lower() == "wordnet"
     max_examples = args.max_examples if args.max_examples is not None else (WORDNET_MAX_EXAMPLES if is_wordnet else None)
     split = split_labelled(y, max_examples=max_examples, seed=args.seed)
@@ -246,12 +271,10 @@ def run_fit(args) -> int:
 
 def run_eval(args) -> int:
     from leanscale.cascade import Cascade
-    from leanscale.cascade.data import load_labelled_texts
     from leanscale.cascade.evaluation import evaluate_saved_cascade, format_evaluation
 
     cascade = Cascade.load(args.cascade, objects=serve_cli._objects(args.objects, owner=_EVAL))
-    texts, y = load_labelled_texts(args.data, text_column=args.text_column, label_column=args.label_column,
-                                   root=args.data_root)
+    texts, y = load_texts(args, _EVAL)
     summary = evaluate_saved_cascade(args.cascade, texts, y, all_examples=args.all, cascade=cascade)
     if args.json:
         print_json(summary)

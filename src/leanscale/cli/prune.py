@@ -11,7 +11,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from leanscale.cli import add_actions, add_command, print_json, run_action, torchrun_rank
+from leanscale.cli import (
+    add_actions,
+    add_command,
+    print_json,
+    run_action,
+    torchrun_rank,
+)
+from leanscale.cli._spec import add_data_arguments
+
+BUILTIN_DATA = ("fashion-mnist", "wordnet")
 
 EPILOG = """\
 examples:
@@ -19,10 +28,14 @@ examples:
   leanscale prune select --scores prune/el2n --data fashion-mnist --keep 0.7 --strategy auto
   leanscale prune score --data wordnet --metric prototypes --out prune/proto    (needs [encoders])
   leanscale prune score --data my_data.npz --metric forgetting --epochs 5 --out prune/fg
+  leanscale prune score --data tickets.csv --text-column body --label-column queue --metric prototypes --out p
+  leanscale prune score --model mymodel.py:build --data photos/ --image-size 32 --out prune/mine
   torchrun --nproc_per_node=2 -m leanscale.cli.main prune score --metric grand --out prune/grand
 
-data: fashion-mnist, wordnet, an .npz with x (n, ...) and y (n,), or a folder with the IDX /
-WordNet files. Scoring resumes after an interruption: run the same command again.
+data: fashion-mnist, wordnet, a folder with the IDX / WordNet files, or your own: an .npz with x (n, ...)
+and y (n,) (string labels allowed), a .csv / .tsv / .jsonl / .parquet table (feature columns, or a
+--text-column embedded with MiniLM), an image folder (one sub-folder per class) or a Hugging Face
+datasets folder. Scoring resumes after an interruption: run the same command again.
 """
 
 
@@ -42,8 +55,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     sub = add_actions(p)
 
     def data_args(q, required=True):
-        q.add_argument("--data", default="fashion-mnist" if required else None,
-                       help="fashion-mnist (default), wordnet, an .npz file or a data folder")
+        add_data_arguments(q, builtins=BUILTIN_DATA, default="fashion-mnist" if required else None, text=True)
         q.add_argument("--data-root", default=None, help="folder of a built-in data set's files")
         q.add_argument("--n-train", type=int, default=None, help="stratified subset of the training split")
 
@@ -52,6 +64,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     q.add_argument("--metric", default="el2n",
                    help="el2n (default), grand, forgetting, margin, entropy, least_confidence, prototypes, "
                    "supervised_prototypes, random")
+    q.add_argument("--model", default=None, metavar="MODULE:FACTORY",
+                   help="the scoring model: 'package.module:factory' or 'path/to/file.py:factory', a callable with no "
+                   "arguments returning a fresh nn.Module (default: a CNN for images, an MLP for features)")
     q.add_argument("--epochs", type=float, default=None, help="epochs of each scoring run (metric's default)")
     q.add_argument("--seeds", type=int, default=1, help="scoring runs to average (1)")
     q.add_argument("--n-clusters", type=int, default=None, help="k-means clusters for prototypes (#classes)")
@@ -110,16 +125,63 @@ def _check_flags(owner: str, **flags) -> None:
         check_param(flag, value, ranges[flag], owner=owner)
 
 
+def load_data(args, owner: str):
+    """The :class:`~leanscale.pruning.datasets.PruningData` of ``--data``: a built-in set (or a folder of its
+    files) through ``load_pruning_data``; the user's own file or folder through :func:`leanscale.data.load_dataset`
+    (texts embedded with MiniLM). ``--n-train`` takes a stratified subset, as for the built-in sets."""
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+
+    from leanscale.cli._spec import is_builtin_data, load_user_data, stratified_subset
+    from leanscale.pruning.datasets import PruningData, load_pruning_data
+
+    path = Path(str(args.data)).expanduser()
+    idx_or_wordnet = path.is_dir() and (any(path.glob("train-images-idx3-ubyte*")) or (path / "data.noun").exists())
+    if is_builtin_data(args.data, BUILTIN_DATA) or idx_or_wordnet:
+        return load_pruning_data(args.data.lower() if is_builtin_data(args.data, BUILTIN_DATA) else args.data,
+                                 root=args.data_root, n_train=args.n_train)
+    data = load_user_data(args, owner, BUILTIN_DATA)
+    if data.kind == "text":
+        from leanscale.data.embeddings import cached_text_embeddings
+
+        x = cached_text_embeddings(data.texts)
+        x_test = None if data.texts_test is None else cached_text_embeddings(data.texts_test)
+    else:
+        x, x_test = data.x, data.x_test
+    y = data.y
+    idx = (stratified_subset(y, args.n_train) if y is not None
+           else np.arange(len(x), dtype=np.int64)[: args.n_train])
+    as_t = (lambda a, dt: None if a is None else torch.as_tensor(a, dtype=dt))
+    return PruningData(name=data.source, kind="image" if x.ndim == 4 else "features",
+                       x_train=as_t(x[idx], torch.float32), y_train=None if y is None else as_t(y[idx], torch.int64),
+                       x_test=as_t(x_test, torch.float32), y_test=as_t(data.y_test if x_test is not None else None,
+                                                                      torch.int64),
+                       classes=tuple(str(c) for c in data.classes), train_index=idx)
+
+
+def _model_fn(spec: str | None, owner: str):
+    """The ``--model`` factory, called once here so a bad one fails before any scoring."""
+    if spec is None:
+        return None
+    from leanscale.cli._spec import build_model, import_object
+
+    build_model(spec, "--model", owner)
+    return import_object(spec, "--model", owner, kind="callable")
+
+
 def run_score(args) -> int:
     from leanscale.core.io import atomic_write_json, read_json
-    from leanscale.pruning.datasets import load_pruning_data
     from leanscale.pruning.pruner import DataPruner
 
     _check_flags("leanscale prune score", **{"--seeds": args.seeds, "--epochs": args.epochs,
                                              "--n-clusters": args.n_clusters, "--batch-size": args.batch_size,
                                              "--lr": args.lr, "--seed": args.seed, "--n-train": args.n_train})
-    data = load_pruning_data(args.data, root=args.data_root, n_train=args.n_train)
-    pruner = DataPruner(metric=args.metric, keep=1.0, strategy="hard", score_epochs=args.epochs,
+    owner = "leanscale prune score"
+    model_fn = _model_fn(args.model, owner)
+    data = load_data(args, owner)
+    pruner = DataPruner(metric=args.metric, keep=1.0, strategy="hard", score_epochs=args.epochs, model_fn=model_fn,
                         n_seeds=args.seeds, n_clusters=args.n_clusters, out_dir=args.out, seed=args.seed,
                         batch_size=args.batch_size, lr=args.lr)
     with torchrun_rank() as rank:
@@ -129,7 +191,8 @@ def run_score(args) -> int:
         return 0  # under torchrun only rank 0 reports
     manifest = read_json(path, what="manifest")
     # which data was scored: `prune select` names it when it needs the labels again
-    manifest["data"] = {"data": str(args.data), "data_root": args.data_root, "n_train": args.n_train}
+    manifest["data"] = {"data": str(args.data), "data_root": args.data_root, "n_train": args.n_train,
+                        "source": data.name, "classes": list(data.classes), "model": args.model}
     atomic_write_json(path, manifest)
     _print(manifest, args.json, path)
     return 0
@@ -179,9 +242,7 @@ def run_select(args) -> int:
         raise DataFormatError(f"{exc} Run `leanscale prune score` again (it resumes) to write both.") from None
     labels = None
     if args.data is not None:
-        from leanscale.pruning.datasets import load_pruning_data
-
-        data = load_pruning_data(args.data, root=args.data_root, n_train=args.n_train)
+        data = load_data(args, "leanscale prune select")
         labels = _labels(data)
         if labels is None:
             raise InvalidParameterError(

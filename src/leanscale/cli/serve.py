@@ -20,6 +20,10 @@ examples:
   curl -s localhost:8000/metrics                            Prometheus metrics
   curl -s localhost:8000/healthz                            503 when requests wait over --max-queue-age
 
+Regex stages, leanscale text models, scikit-learn models (saved with skops) and torch modules (saved as an
+exported graph) load from the file alone: --objects is needed only for stages saved by name (rule and
+callable stages, and model stages whose transform or model is user code: Cascade.save warns about those).
+
 limits: a full queue answers 503 at once; a request not answered in --request-timeout gets 504; a text no
 stage could answer gets 503 with the reason (never a 200 without a label) unless the cascade has a
 fallback_label; at most --max-connections connections (the longest idle one is closed to make room); a

@@ -13,13 +13,22 @@ import argparse
 import sys
 from pathlib import Path
 
-from leanscale.cli import add_actions, add_command, print_json, run_action, torchrun_rank
+from leanscale.cli import (
+    add_actions,
+    add_command,
+    print_json,
+    run_action,
+    torchrun_rank,
+)
+from leanscale.cli._spec import add_data_arguments
 
 EPILOG = """\
 examples:
   leanscale sparse report                                   the BatchNorm CNN at 80% (SWAT-U)
   leanscale sparse report --model mypkg.models:Net --input-shape 3,32,32 --sparsity 0.9 --distribution erk
   leanscale sparse train --sparsity 0.8 --epochs 1 --save pruned.pt --checkpoint swat.pt
+  leanscale sparse train --model mymodel.py:build --data digits.npz --epochs 3 --checkpoint swat.pt
+  leanscale sparse export --model mymodel.py:build --checkpoint swat.pt --out pruned.pt
   torchrun --nproc_per_node=2 -m leanscale.cli.main sparse train --set n_train=10000
   leanscale sparse export --checkpoint swat.pt --out pruned.pt      the settings recorded in swat.pt
   leanscale sparse export --checkpoint state_dict.pt --sparsity 0.8 --distribution erk --out pruned.pt
@@ -66,9 +75,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print JSON")
     q.set_defaults(action_func=run_report)
 
-    q = sub.add_parser("train", help="train the reference model on Fashion-MNIST with SWAT")
+    q = sub.add_parser("train", help="train the reference model on Fashion-MNIST (or your model on your data) with SWAT")
     swat_args(q)
-    q.add_argument("--model", default="bncnn", help="bncnn or mlp (bncnn)")
+    q.add_argument("--model", default="bncnn",
+                   help="bncnn or mlp (bncnn), or your model: 'package.module:factory' or 'path/to/file.py:factory'")
+    add_data_arguments(q, builtins=("fashion-mnist",), default="fashion-mnist")
+    q.add_argument("--test-fraction", type=float, default=0.2,
+                   help="share of your data held out for evaluation when it has no test split (0.2)")
     q.add_argument("--epochs", type=float, default=1.0)
     q.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
                    help="change a field of the TrainConfig (repeatable), e.g. n_train=10000")
@@ -179,6 +192,7 @@ def run_report(args) -> int:
 
 
 def run_train(args) -> int:
+    from leanscale.cli.batch import _user_data
     from leanscale.core.config import apply_overrides
     from leanscale.core.io import atomic_write_json
     from leanscale.large_batch.train import (
@@ -194,15 +208,26 @@ def run_train(args) -> int:
         swat_summary,
     )
 
+    owner = "leanscale sparse train"
     _check_out_paths("train", {"--out": args.out, "--save": args.save, "--checkpoint": args.checkpoint})
-    config = apply_overrides(TrainConfig(model=args.model, epochs=args.epochs, eval_every_epochs=args.epochs),
-                             args.overrides)
+    user_model = ":" in str(args.model)
+    config = apply_overrides(TrainConfig(model="bncnn" if user_model else args.model, epochs=args.epochs,
+                                         eval_every_epochs=args.epochs), args.overrides)
+    user = _user_data(args, owner, n_train=config.n_train, n_test=config.n_test, seed=config.seed)
+    if user is not None and user[0][0].ndim != 4 and (user_model or args.model == "bncnn"):
+        config = TrainConfig(**{**config.__dict__, "model": "mlp"})  # flat features (the CNN's input check)
     with torchrun_rank() as rank:
-        data = load_image_data(config)
+        data = load_image_data(config) if user is None else user[0]
         import torch
 
         torch.manual_seed(config.seed)
-        model = _apply(build_model(config, tuple(data[0].shape[1:]), int(data[1].max()) + 1), args)
+        if user_model:
+            from leanscale.cli._spec import build_model as build_user_model
+
+            base = build_user_model(args.model, "--model", owner)
+        else:
+            base = build_model(config, tuple(data[0].shape[1:]), int(max(data[1].max(), data[3].max())) + 1)
+        model = _apply(base, args)
         result = train_classifier(config, data=data, model=model, keep_model=True, progress_bar=not args.json)
     if rank != 0:
         return 0  # under torchrun only rank 0 reports
@@ -210,11 +235,15 @@ def run_train(args) -> int:
     blob["swat_layers"] = swat_summary(result.model)
     blob["sparsity"], blob["distribution"] = args.sparsity, args.distribution
     blob["swat_settings"] = _settings(args)
+    blob["data"] = args.data if user is None else user[1].source
+    blob["model"] = args.model
     if args.checkpoint:
         # the SWAT model in training form, with what made it: `sparse export` rebuilds exactly this
-        architecture = {"model": config.model, "width": config.width, "in_shape": list(data[0].shape[1:]),
-                        "n_classes": int(data[1].max()) + 1}
-        save_swat_checkpoint(result.model, args.checkpoint, _settings(args), extra={"architecture": architecture})
+        # (a user's --model is not recorded as code to import: `sparse export` needs --model again)
+        extra = {"user_model": args.model} if user_model else {"architecture": {
+            "model": config.model, "width": config.width, "in_shape": list(data[0].shape[1:]),
+            "n_classes": int(max(data[1].max(), data[3].max())) + 1}}
+        save_swat_checkpoint(result.model, args.checkpoint, _settings(args), extra=extra)
     if args.save:
         save_pruned(export_pruned(result.model), args.save)
     if args.out:
@@ -346,13 +375,24 @@ def run_export(args) -> int:
                 )
         settings = {**_DEFAULTS, **recorded}
     arch = (ckpt["extra"] or {}).get("architecture")
+    recorded_user = (ckpt["extra"] or {}).get("user_model")
+    if args.model is None and arch is None and isinstance(recorded_user, str):
+        raise InvalidParameterError(
+            f"The '--model' parameter of leanscale sparse export is required for {source}: it was trained with your "
+            f"model {recorded_user[:200]!r}, which is not imported from a checkpoint file. Pass --model "
+            f"{recorded_user[:200]} (the same factory).")
     if args.model is not None:
         model = _build(args.model)
     elif arch is not None:
         model = _recorded_model(arch, source, ckpt["state_dict"])
     else:
         model = _build(DEFAULT_MODEL)
-    model = apply_swat(model, **settings)
+    # convert exactly the layers the run trained as SWAT layers (checkpoints written before heads were
+    # kept dense by default converted the head too): the recorded layer list, else the step counters
+    trained = list(ckpt["layers"]) if isinstance(ckpt.get("layers"), dict) and ckpt["layers"] else sorted(
+        {k.rsplit(".", 1)[0] for k in ckpt["state_dict"] if k.endswith(".swat_step")})
+    model = apply_swat(model, **{k: v for k, v in settings.items() if k not in ("dense_first_layer", "dense_last_layer")},
+                       layers=trained) if trained else apply_swat(model, **settings)
     try:
         missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
     except RuntimeError as exc:  # tensors of other shapes

@@ -165,10 +165,11 @@ def _check_config(c: TrainConfig) -> None:
         )
 
 
-def _check_data(data: Any, config: TrainConfig, owner: str) -> None:
-    """``data`` is ``(x_train, y_train, x_test, y_test)``: tensors, finite inputs, integer labels."""
+def _check_data(data: Any, config: TrainConfig, owner: str, own_model: bool = False) -> None:
+    """``data`` is ``(x_train, y_train, x_test, y_test)``: tensors, finite inputs, integer labels;
+    images for the built-in BNCNN (a model of one's own takes whatever shape it takes)."""
     check_classification_data(data, owner)
-    if config.model == "bncnn" and data[0].ndim != 4:
+    if not own_model and config.model == "bncnn" and data[0].ndim != 4:
         raise InvalidParameterError(
             f"The 'data' parameter of {owner} must hold images (n, channels, height, width) for model='bncnn'. "
             f"Got x_train of shape {tuple(data[0].shape)}; use model='mlp' for flat features."
@@ -259,7 +260,7 @@ def train_classifier(
     check_param("checkpoint", checkpoint, [None, str, os.PathLike], owner=owner)
     check_param("checkpoint_every", checkpoint_every, [Interval(int, 1, None)], owner=owner)
     if data is not None:
-        _check_data(data, config, owner)
+        _check_data(data, config, owner, own_model=model is not None)
     _, world = rank_and_world()
     if config.batch_size % world:
         raise InvalidParameterError(

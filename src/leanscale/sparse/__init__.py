@@ -34,6 +34,13 @@ from leanscale.sparse.moe_parallel import (
     gathered_state_dict,
     shard_experts,
 )
+from leanscale.sparse.moe_targets import (
+    MoETransformerDecoderLayer,
+    MoETransformerEncoderLayer,
+    find_ffn_blocks,
+    moe_from_pretrained,
+)
+from leanscale.sparse.report import swat_conversion_report
 from leanscale.sparse.swat import (
     SUPPORTED_LAYERS,
     SWAT,
@@ -57,6 +64,8 @@ __all__ = [
     "MoE",
     "MoEMLP",
     "MoEOutput",
+    "MoETransformerDecoderLayer",
+    "MoETransformerEncoderLayer",
     "SWATConv2d",
     "SWATLinear",
     "SavedTensors",
@@ -69,11 +78,13 @@ __all__ = [
     "erk_densities",
     "expert_parameter_names",
     "export_pruned",
+    "find_ffn_blocks",
     "gather_experts",
     "gathered_state_dict",
     "load_pruned",
     "load_swat_checkpoint",
     "moe_aux_loss",
+    "moe_from_pretrained",
     "moe_layers",
     "moe_stats",
     "save_pruned",
@@ -86,6 +97,7 @@ __all__ = [
     "topk_threshold",
     "track_saved_tensors",
     "weight_sparsity",
+    "swat_conversion_report",
 ]
 
 # read_torch_file lives in leanscale.core.io (one home per name); the old import works one release

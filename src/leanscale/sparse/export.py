@@ -310,7 +310,7 @@ def load_pruned(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
 # apply_swat's settings that a SWAT checkpoint records (all but compact_relu, which changes no weight).
 SWAT_SETTINGS = ("sparsity", "distribution", "activation_sparsity", "topk_period", "structured",
-                 "warmup_steps", "dense_first_layer")
+                 "warmup_steps", "dense_first_layer", "dense_last_layer")
 _LAYER_FIELDS = ("sparsity", "activation_sparsity", "topk_period", "structured", "warmup_steps")
 
 

@@ -40,12 +40,24 @@ class SavedTensors:
             saved, whoever saved them first (a ReLU output that the next layer also saves counts
             for both): what each layer holds for its own backward.
         n_tensors: Saved tensors seen (shared storages counted each time here).
+        savers: Storage -> ``(module, made_by)`` of each save of it: the module running and the
+            autograd node that produced the saved tensor (``"ReluBackward0"``; ``"leaf"`` for
+            a tensor without one). Read it with :meth:`savers_of`.
     """
 
     total_bytes: int = 0
     by_module: dict[str, int] = field(default_factory=dict)
     held_by_module: dict[str, int] = field(default_factory=dict)
     n_tensors: int = 0
+    savers: dict[tuple[str, int], list[tuple[str, str]]] = field(default_factory=dict, repr=False)
+
+    def savers_of(self, t: torch.Tensor) -> list[tuple[str, str]]:
+        """``(module, made_by)`` of every save, inside the block, of a tensor sharing ``t``'s
+        storage (``[]``: nothing holds it densely for backward). Ask while ``t`` is alive: a
+        freed storage's address can be reused."""
+        if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
+            return []
+        return list(self.savers.get(_storage_key(t), []))
 
     def bytes_of(self, prefixes: list[str] | tuple[str, ...]) -> int:
         """Bytes attributed to the named modules and their submodules."""
@@ -95,6 +107,8 @@ def track_saved_tensors(model: nn.Module) -> Iterator[SavedTensors]:
                     seen.add(key)
                     result.total_bytes += nbytes
                     result.by_module[name] = result.by_module.get(name, 0) + nbytes
+                made_by = type(t.grad_fn).__name__ if t.grad_fn is not None else "leaf"
+                result.savers.setdefault(key, []).append((name, made_by))
                 if (name, key) not in held:
                     held.add((name, key))
                     result.held_by_module[name] = result.held_by_module.get(name, 0) + nbytes

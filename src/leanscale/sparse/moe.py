@@ -1,4 +1,6 @@
-"""Mixture-of-experts feed-forward layer (Switch Transformer, GShard), a drop-in for the GPT MLP.
+"""Mixture-of-experts feed-forward layer (Switch Transformer, GShard), a drop-in for the GPT MLP
+and for the feed-forward blocks of Hugging Face and torch transformers (see
+:mod:`leanscale.sparse.moe_targets` for the forms :func:`apply_moe` recognises).
 
 A mixture-of-experts (MoE) layer holds ``E`` expert MLPs and a router; every token is processed
 by only ``top_k`` of them, so parameters grow ``E``-fold while the FLOPs per token stay those of
@@ -28,8 +30,10 @@ For ``N`` tokens of width ``C``, ``E`` experts of hidden width ``H`` and ``k = t
    of the flattened ``(..., C)`` input). Assignments beyond capacity are dropped: they contribute
    0, and the residual connection around the layer carries the token unchanged.
    ``capacity_factor=None`` is dropless.
-4. **Experts**: ``y_i = GELU(x W_fc[i] + b_fc[i]) W_proj[i] + b_proj[i]``, output
-   ``sum over kept assignments of gate * y_expert(token)``.
+4. **Experts**: ``y_i = act(x W_fc[i] + b_fc[i]) W_proj[i] + b_proj[i]`` with ``act`` GELU by
+   default (or the ``activation`` given); gated experts (``gated=True``, Llama-style SwiGLU)
+   compute ``y_i = (act(x W_gate[i] + b_gate[i]) * (x W_fc[i] + b_fc[i])) W_proj[i] + b_proj[i]``.
+   Output: ``sum over kept assignments of gate * y_expert(token)``.
 5. **Auxiliary losses**, to be added to the training loss (:func:`moe_aux_loss`):
    load balancing (Switch eq. 4, ``N`` there is the number of experts)
    ``load_balancing_coef * E * sum_i f_i P_i`` with ``f_i`` the fraction of the ``N * k``
@@ -76,9 +80,8 @@ from torch import nn
 
 from leanscale.core.errors import InvalidParameterError
 from leanscale.core.flops import register_flop_rule
-from leanscale.core.surgery import replace_module_classes
 from leanscale.core.validation import Interval, Options, check_param, unknown_name_error
-from leanscale.models.transformer import GPT, INIT_STD, MLP
+from leanscale.models.transformer import INIT_STD, MLP
 
 __all__ = [
     "MoE",
@@ -109,6 +112,35 @@ _MOE_CONSTRAINTS = {
     "bias": [bool],
     "dropout": [Interval("real", 0, 1, closed="left")],
 }
+
+
+
+class _FunctionActivation(nn.Module):
+    """A plain function (``F.relu``, ``torch.tanh``...) as a module, so that an expert activation
+    is always a module (shown by ``print(model)``, copied by ``copy.deepcopy``)."""
+
+    def __init__(self, fn: Any):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+    def extra_repr(self) -> str:
+        return getattr(self.fn, "__qualname__", repr(self.fn))
+
+
+def _check_form(activation: Any, gated: Any, owner: str) -> nn.Module | None:
+    """The activation as a module (``None``: GELU, exactly the historical ``F.gelu``)."""
+    check_param("gated", gated, [bool], owner=owner)
+    if activation is None or isinstance(activation, nn.Module):
+        return activation
+    if callable(activation):
+        return _FunctionActivation(activation)
+    raise InvalidParameterError(
+        f"The 'activation' parameter of {owner} must be None (GELU), an nn.Module or a callable "
+        f"tensor -> tensor. Got {type(activation).__name__} instead."
+    )
 
 # Dispatch choice, measured on this project's 2-core CPU (OMP_NUM_THREADS=1, torch 2.13, float32)
 # for E=8, N=4096, C=128, H=512, top-1, capacity_factor=1.25 (median of 7 runs):
@@ -180,10 +212,14 @@ class MoE(nn.Module):
         z_loss_coef: Weight of the router z-loss (ST-MoE: 1e-3).
         bias: Give the experts biases.
         dropout: Dropout on the output (as :class:`~leanscale.models.transformer.MLP`).
+        activation: The experts' activation: ``None`` (GELU), an ``nn.Module`` or a function
+            (kept as a module). :func:`apply_moe` passes the converted model's own.
+        gated: Gated (GLU) experts, as Llama's MLP: ``(act(x W_gate) * (x W_fc)) W_proj``.
         device, dtype: Where and in which dtype to create the parameters.
 
     Parameters: ``router.weight`` (E, C); ``w_fc`` (E, C, H); ``w_proj`` (E, H, C); with
-    ``bias``, ``b_fc`` (E, H) and ``b_proj`` (E, C). Initialisation: normal with std 0.02
+    ``bias``, ``b_fc`` (E, H) and ``b_proj`` (E, C); when ``gated``, ``w_gate`` (E, C, H) (and
+    ``b_gate`` (E, H) with ``bias``). Initialisation: normal with std 0.02
     (GPT-2), biases zero; see :meth:`reset_parameters`.
     """
 
@@ -199,11 +235,14 @@ class MoE(nn.Module):
         z_loss_coef: float = 1e-3,
         bias: bool = False,
         dropout: float = 0.0,
+        activation: nn.Module | Any | None = None,
+        gated: bool = False,
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
         super().__init__()
+        activation = _check_form(activation, gated, "MoE")
         _check_moe_params(
             {
                 "n_embd": n_embd, "hidden": hidden, "n_experts": n_experts, "top_k": top_k,
@@ -227,6 +266,17 @@ class MoE(nn.Module):
         else:
             self.register_parameter("b_fc", None)
             self.register_parameter("b_proj", None)
+        self.gated = gated
+        if gated:  # the gate projection of a gated (GLU) expert, registered after the others
+            self.w_gate = nn.Parameter(torch.empty(n_experts, n_embd, hidden, **factory))  # (E, C, H)
+            if bias:
+                self.b_gate = nn.Parameter(torch.empty(n_experts, hidden, **factory))  # (E, H)
+            else:
+                self.register_parameter("b_gate", None)
+        else:
+            self.register_parameter("w_gate", None)
+            self.register_parameter("b_gate", None)
+        self.activation = activation  # None: F.gelu
         self.dropout = nn.Dropout(dropout)
         # (n_tokens, n_kept_assignments) of the last forward, read by the FLOP rule.
         self.last_counts: tuple[int, int] | None = None
@@ -248,6 +298,55 @@ class MoE(nn.Module):
         if self.b_fc is not None:
             nn.init.zeros_(self.b_fc)
             nn.init.zeros_(self.b_proj)
+        if self.w_gate is not None:  # drawn last: non-gated layers draw exactly as before
+            nn.init.normal_(self.w_gate, mean=0.0, std=std)
+            if self.b_gate is not None:
+                nn.init.zeros_(self.b_gate)
+
+    @torch.no_grad()
+    def load_expert_weights(
+        self,
+        w_fc: torch.Tensor,
+        w_proj: torch.Tensor,
+        b_fc: torch.Tensor | None = None,
+        b_proj: torch.Tensor | None = None,
+        w_gate: torch.Tensor | None = None,
+        b_gate: torch.Tensor | None = None,
+    ) -> MoE:
+        """Copy one dense feed-forward block into every expert (sparse upcycling); the router is
+        left as it is. Weights in (in, out) layout: ``w_fc`` / ``w_gate`` (C, H), ``w_proj``
+        (H, C) (an ``nn.Linear`` weight transposed). A bias given as ``None`` where the experts
+        have biases is copied as zeros (the same function). Returns ``self``.
+
+        Raises:
+            InvalidParameterError: a shape that does not match, a bias or gate the experts
+                cannot hold.
+        """
+        owner = "MoE.load_expert_weights"
+        C, H = self.n_embd, self.hidden
+        given = {"w_fc": (w_fc, (C, H)), "w_proj": (w_proj, (H, C)), "b_fc": (b_fc, (H,)),
+                 "b_proj": (b_proj, (C,)), "w_gate": (w_gate, (C, H)), "b_gate": (b_gate, (H,))}
+        for name, (t, shape) in given.items():
+            if t is None:
+                if name == "w_gate" and self.gated:
+                    raise InvalidParameterError(f"The 'w_gate' parameter of {owner} is required: the experts are gated.")
+                continue
+            if getattr(self, name) is None:
+                raise InvalidParameterError(
+                    f"The {name!r} parameter of {owner} must be None: the experts have no {name} "
+                    f"(bias={self.b_fc is not None}, gated={self.gated}). Got a tensor instead."
+                )
+            if tuple(t.shape) != shape:
+                raise InvalidParameterError(
+                    f"The {name!r} parameter of {owner} must have shape {shape} (n_embd={C}, "
+                    f"hidden={H}). Got {tuple(t.shape)} instead."
+                )
+        for name in ("w_fc", "w_proj", "b_fc", "b_proj", "w_gate", "b_gate"):
+            param = getattr(self, name)
+            if param is not None:
+                src = given[name][0]
+                param.copy_(torch.zeros_like(param[0]) if src is None else src.detach().unsqueeze(0).expand_as(param))
+        return self
 
     @torch.no_grad()
     def load_dense(self, mlp: MLP) -> MoE:
@@ -307,10 +406,20 @@ class MoE(nn.Module):
         h = xe @ w_fc[e]  # (n_e, C) @ (C, H) -> (n_e, H)
         if b_fc is not None:
             h = h + b_fc[e]
-        y = F.gelu(h) @ w_proj[e]  # (n_e, H) @ (H, C) -> (n_e, C)
+        if self.gated:  # (act(x W_gate + b_gate) * (x W_fc + b_fc)) W_proj
+            g = xe @ self.w_gate[e]
+            if self.b_gate is not None:
+                g = g + self.b_gate[e]
+            h = self._act(g) * h
+        else:
+            h = self._act(h)
+        y = h @ w_proj[e]  # (n_e, H) @ (H, C) -> (n_e, C)
         if b_proj is not None:
             y = y + b_proj[e]
         return y
+
+    def _act(self, h: torch.Tensor) -> torch.Tensor:
+        return F.gelu(h) if self.activation is None else self.activation(h)
 
     def _combine(self, y: torch.Tensor, plan: _Plan, x: torch.Tensor, n_kept: int) -> MoEOutput:
         """Gate the expert outputs ``y`` (M, C), in ``plan.kept_tokens``' order, and scatter-add
@@ -391,6 +500,7 @@ class MoE(nn.Module):
         return (
             f"n_embd={self.n_embd}, hidden={self.hidden}, n_experts={self.n_experts}, top_k={self.top_k}, "
             f"capacity_factor={self.capacity_factor}, jitter={self.jitter}, bias={self.b_fc is not None}"
+            + (", gated=True" if self.gated else "")
         )
 
 
@@ -403,7 +513,8 @@ def _check_mlp(module: Any, name: str, owner: str) -> None:
 
 
 class MoEMLP(nn.Module):
-    """Drop-in replacement of :class:`~leanscale.models.transformer.MLP` by a :class:`MoE`.
+    """Drop-in replacement of :class:`~leanscale.models.transformer.MLP` (or of any
+    feed-forward block :func:`apply_moe` converts) by a :class:`MoE`.
 
     ``forward(x)`` returns only the output tensor, so ``Block`` works unchanged; the full
     :class:`MoEOutput` of the last call is kept in ``last_output`` (for :func:`moe_aux_loss` and
@@ -493,7 +604,7 @@ def _grad(t: Any) -> bool:
 
 def _moe_flops(module: MoE, inputs: tuple, output: Any) -> tuple[float, float]:
     """FLOPs of the ACTIVE experts only: the router ``2 C E`` per token, and per kept
-    assignment two matmuls, ``2 * (C H + H C)``. Backward: per matmul, one forward's worth for
+    assignment two matmuls, ``2 * (C H + H C)`` (three for gated experts). Backward: per matmul, one forward's worth for
     the input gradient and one for the weight gradient when autograd computes them (the ledger's
     convention; 2x forward in training). Gating, softmax and the scatter-add are not counted."""
     if module.last_counts is None:
@@ -506,6 +617,9 @@ def _moe_flops(module: MoE, inputs: tuple, output: Any) -> tuple[float, float]:
     fwd = router + fc + proj
     bwd = router * (_grad(x) + _grad(module.router.weight))
     bwd += fc * (_grad(x) + _grad(module.w_fc))
+    if module.w_gate is not None:  # gated experts: a third matmul, x W_gate
+        fwd += fc
+        bwd += fc * (_grad(x) + _grad(module.w_gate))
     bwd += proj * ((_grad(x) or _grad(module.w_fc)) + _grad(module.w_proj))
     return fwd, bwd
 
@@ -532,7 +646,8 @@ def _root(model: Any, owner: str) -> nn.Module:
 
 
 def moe_layers(model: nn.Module) -> list[tuple[str, MoEMLP]]:
-    """``(name, layer)`` of every :class:`MoEMLP` of ``model`` (DDP-wrapped or not)."""
+    """``(name, layer)`` of every :class:`MoEMLP` of ``model`` (DDP-wrapped or not), whatever
+    the model (leanscale's GPT or a converted third-party model)."""
     root = _root(model, "moe_layers")
     return [(n, m) for n, m in root.named_modules() if isinstance(m, MoEMLP)]
 
@@ -541,6 +656,7 @@ def apply_moe(
     model: nn.Module,
     n_experts: int,
     *,
+    target: Any = "auto",
     every: int = 2,
     top_k: int = 1,
     capacity_factor: float | None = 1.25,
@@ -548,60 +664,92 @@ def apply_moe(
     optimizers: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
     **moe_kwargs: Any,
 ) -> nn.Module:
-    """Replace ``model``'s :class:`~leanscale.models.transformer.MLP` layers by :class:`MoEMLP`,
+    """Replace ``model``'s feed-forward blocks by mixture-of-experts layers (:class:`MoEMLP`),
     in place, through :func:`~leanscale.core.surgery.replace_module_classes`.
 
-    MLP number ``i`` (0-based, ``named_modules`` order) is converted when
-    ``i % every == every - 1``: ``every=1`` converts all of them, ``every=2`` the 2nd, 4th, ...
-    (Switch's every-other layer).
+    ``target="auto"`` finds the blocks it recognises: leanscale's
+    :class:`~leanscale.models.transformer.MLP`, gated MLPs (``gate_proj`` / ``up_proj`` /
+    ``down_proj``: Llama, Mistral, Qwen2...), GPT-2 MLPs (``c_fc`` / ``c_proj``), BERT-style layers
+    (``intermediate`` + ``output``), ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer``
+    (details in :mod:`leanscale.sparse.moe_targets`). The experts keep the block's form (gated
+    experts for a gated MLP) and its own activation module; each block is checked to compute
+    what its form says before anything is changed. Block number ``i`` (0-based,
+    ``named_modules`` order) is converted when ``i % every == every - 1``: ``every=1`` converts
+    all of them, ``every=2`` the 2nd, 4th, ... (Switch's every-other layer).
 
     Args:
         model: The model (not wrapped in DDP: convert first, then wrap).
         n_experts: Experts per MoE layer.
-        every: Convert one MLP in ``every``.
-        top_k, capacity_factor: See :class:`MoE`.
-        init: ``"random"`` or ``"copy"`` (see :meth:`MoEMLP.from_dense`).
+        target: ``"auto"``, an ``nn.Module`` subclass (its instances are converted) or a
+            predicate ``(name, module) -> bool`` (the modules it selects); a designated module
+            must be of a recognised form, or ``nn.Sequential(Linear, activation[, dropout], Linear)``.
+        every: Convert one block in ``every``.
+        top_k, capacity_factor: See :class:`MoE`. ``top_k >= 2`` renormalises the chosen gates to
+            sum to 1, so with ``init="copy"`` and ``capacity_factor=None`` the converted model
+            computes what the dense one did.
+        init: ``"random"`` (normal, std 0.02) or ``"copy"``: every expert a copy of the dense
+            block (sparse upcycling, Komatsuzaki et al. 2022).
         optimizers: Optimizer(s) holding the model's parameters, updated by the surgery.
-        **moe_kwargs: The other arguments of :meth:`MoEMLP.from_dense` / :class:`MoE`. For a
-            :class:`~leanscale.models.GPT` without ``proj_std``, the random output projections
-            get GPT's residual scaling ``0.02 / sqrt(2 * n_layer)``.
+        **moe_kwargs: The other arguments of :class:`MoE` (``jitter``, ``load_balancing_coef``,
+            ``z_loss_coef``) and ``proj_std``. For a :class:`~leanscale.models.GPT` without
+            ``proj_std``, the random output projections get GPT's residual scaling
+            ``0.02 / sqrt(2 * n_layer)``. Width, bias, dropout and activation come from the model.
 
     Returns:
-        ``model`` itself.
+        ``model`` itself. A Hugging Face model also gets the settings in
+        ``model.config.leanscale_moe`` (for :func:`~leanscale.sparse.moe_targets.moe_from_pretrained`).
 
     Raises:
         InvalidParameterError: a bad argument (``n_experts < 1``, ``top_k`` outside
-            ``[1, n_experts]``, ``capacity_factor <= 0``, ``every < 1``, ...), or no MLP to convert.
+            ``[1, n_experts]``, ``capacity_factor <= 0``, ``every < 1``, a bad ``target``, ...),
+            no feed-forward block to convert, or a block that does not compute what its form says.
     """
+    from leanscale.sparse import moe_targets as mt
+
     owner = "apply_moe"
     _check_moe_params({"n_experts": n_experts, "top_k": top_k, "capacity_factor": capacity_factor}, owner)
     check_param("every", every, [Interval(int, 1, None)], owner=owner)
     check_param("init", init, [Options(INITS)], owner=owner)
+    allowed = (set(_MOE_CONSTRAINTS) - {"n_embd", "hidden", "n_experts", "bias", "dropout"}) | {"proj_std"}
+    for key in moe_kwargs:
+        if key not in allowed:
+            raise unknown_name_error("moe_kwargs", key, allowed, owner=owner)
     root = _root(model, owner)
-    n_mlp = sum(type(m) is MLP for m in root.modules())
-    if n_mlp == 0:
+    blocks = mt._blocks(root, mt._selector(target, owner), owner)
+    if not blocks:
         already = len(moe_layers(root))
         why = f" ({already} MoEMLP layer(s) are converted already)" if already else ""
+        if target == "auto":
+            raise InvalidParameterError(
+                f"The 'model' parameter of {owner} has no leanscale.models.transformer.MLP to convert "
+                f"nor any other feed-forward block it recognises{why}. "
+                f"Searched for: {mt.SEARCHED}. Pass target= a module class or a predicate "
+                f"(name, module) -> bool to designate blocks of one of these forms (or "
+                f"nn.Sequential(Linear, activation, Linear)). Got a {type(root).__name__}."
+            )
         raise InvalidParameterError(
-            f"The 'model' parameter of {owner} has no leanscale.models.transformer.MLP to convert{why}. "
-            f"Got a {type(root).__name__}."
+            f"The 'target' parameter of {owner} selected no module of the model{why}. Got {target!r}."
         )
-    if n_mlp < every:
+    if len(blocks) < every:
         raise InvalidParameterError(
-            f"The 'every' parameter of {owner} must be at most the number of MLP layers ({n_mlp}), or "
-            f"nothing is converted. Got {every} instead."
+            f"The 'every' parameter of {owner} must be at most the number of MLP layers "
+            f"({len(blocks)}) (the feed-forward blocks found), or nothing is converted. Got {every} instead."
         )
-    if isinstance(root, GPT) and "proj_std" not in moe_kwargs:
-        moe_kwargs["proj_std"] = INIT_STD / math.sqrt(2 * root.config.n_layer)
-
-    def policy(module: nn.Module, index: int) -> nn.Module | None:
-        if index % every != every - 1:
-            return None
-        return MoEMLP.from_dense(
-            module, n_experts, init=init, top_k=top_k, capacity_factor=capacity_factor, **moe_kwargs
-        )
-
-    replace_module_classes(root, {MLP: policy}, optimizers=optimizers)
+    kwargs = dict(moe_kwargs)
+    proj_std = kwargs.pop("proj_std", mt.proj_std_for(root))
+    check_param("proj_std", proj_std, [Interval("real", 0, None), None], owner=owner)
+    chosen = [b for i, b in enumerate(blocks) if i % every == every - 1]
+    replacements = mt.plan_replacements(
+        chosen, n_experts, init, {"top_k": top_k, "capacity_factor": capacity_factor, **kwargs}, proj_std
+    )
+    mt.replace_blocks(root, chosen, replacements, optimizers)
+    mt.record_settings(root, {
+        "n_experts": n_experts,
+        "target": target if target == "auto" else (
+            f"class {target.__qualname__}" if isinstance(target, type) else "predicate"
+        ),
+        "every": every, "top_k": top_k, "capacity_factor": capacity_factor, "init": init, **moe_kwargs,
+    })
     return model
 
 

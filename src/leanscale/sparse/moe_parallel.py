@@ -194,6 +194,7 @@ class ExpertParallelMoE(MoE):
         bound.apply_defaults()
         moe_args = {name: bound.arguments[name] for name in _MOE_CONSTRAINTS}
         owner = "ExpertParallelMoE"
+        _refuse_form(bound.arguments["activation"], bound.arguments["gated"], owner)
         _check_moe_params(moe_args, owner=owner)
         n_embd, hidden, n_experts, bias = (moe_args[k] for k in ("n_embd", "hidden", "n_experts", "bias"))
         world, rank = _group_info(group, owner)
@@ -298,6 +299,18 @@ ExpertParallelMoE.__init__.__signature__ = _MOE_SIGNATURE.replace(parameters=[
 ])
 
 
+def _refuse_form(activation: Any, gated: Any, owner: str) -> None:
+    """Expert parallelism shards GELU, non-gated experts only (so far): refuse the others rather
+    than silently drop their gate or activation."""
+    if gated or activation is not None:
+        raise InvalidParameterError(
+            f"{owner} supports only GELU, non-gated experts (MoE(activation=None, gated=False)), "
+            f"such as apply_moe makes for leanscale's GPT. Got gated={bool(gated)}, "
+            f"activation={type(activation).__name__ if activation is not None else None} instead: "
+            f"train this model with plain DDP (every expert replicated)."
+        )
+
+
 def _moe_kwargs(moe: MoE) -> dict[str, Any]:
     return {
         "n_embd": moe.n_embd, "hidden": moe.hidden, "n_experts": moe.n_experts, "top_k": moe.top_k,
@@ -322,6 +335,7 @@ def shard_experts(moe: MoE, group: Any = None) -> ExpertParallelMoE:
             f"The 'moe' parameter of shard_experts must be a leanscale.sparse.MoE (not already "
             f"expert-parallel). Got {type(moe).__name__} instead."
         )
+    _refuse_form(moe.activation, moe.gated, "shard_experts")
     ref = moe.w_fc
     ep = ExpertParallelMoE(**_moe_kwargs(moe), group=group, device="meta", dtype=ref.dtype)
     ep = ep.to_empty(device=ref.device)

@@ -21,8 +21,10 @@ recomputed every ``topk_period`` training steps and reused in between, as in the
 activation sparsity approximate between refreshes; the measured densities are kept on the layer.
 
 What stays dense: biases, normalisation layers, the first layer by default (cheap in a CNN, and
-the raw input is not a learned representation), and every layer in evaluation mode except that
-the forward still uses the top-K weights (the model *is* sparse).
+the raw input is not a learned representation), the output head by default (small and sensitive),
+and every layer in evaluation mode except that the forward still uses the top-K weights (the
+model *is* sparse). :func:`~leanscale.sparse.report.swat_conversion_report` lists what was
+converted and why the rest was not.
 
 Use :func:`apply_swat` (the functional form; :class:`SWAT` only wraps it)::
 
@@ -35,6 +37,8 @@ from __future__ import annotations
 
 import inspect
 import math
+import threading
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -301,6 +305,139 @@ class CompactReLU(nn.Module):
         if torch.is_grad_enabled() and x.requires_grad:
             return _CompactReLUFunction.apply(x)
         return F.relu(x)
+
+
+class _CompactReLUInplaceFunction(torch.autograd.Function):
+    """In-place ReLU (``x.relu_()``, ``F.relu(x, inplace=True)``) keeping 1 bit per element."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x.clamp_min_(0)
+        ctx.mark_dirty(x)
+        ctx.shape = x.shape
+        ctx.save_for_backward(pack_bits(x > 0))
+        return x
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        (bits,) = ctx.saved_tensors
+        return grad_out * unpack_bits(bits, ctx.shape)
+
+
+# The ReLU calls a model's forward can make: out of place, and in place (F.relu(x, inplace=True)
+# dispatches to torch.relu_ or arrives as F.relu with inplace=True).
+_RELU_FUNCS = (F.relu, torch.relu, torch.Tensor.relu)
+_RELU_INPLACE_FUNCS = (torch.relu_, torch.Tensor.relu_, F.relu_)
+
+
+def _compact_relu_call(func, args, kwargs):
+    """``func(*args, **kwargs)`` with a compact backward when it is a ReLU on a tensor that needs a
+    gradient; ``NotImplemented`` otherwise (the caller runs ``func`` itself)."""
+    inplace_func = func in _RELU_INPLACE_FUNCS
+    if not inplace_func and func not in _RELU_FUNCS:
+        return NotImplemented
+    x = args[0] if args else kwargs.get("input")
+    if type(x) is not torch.Tensor or not x.requires_grad or not x.is_floating_point() or not torch.is_grad_enabled():
+        return NotImplemented
+    if _inside_checkpoint():
+        return NotImplemented
+    inplace = inplace_func or bool(kwargs.get("inplace", args[1] if len(args) > 1 else False))
+    return _CompactReLUInplaceFunction.apply(x) if inplace else _CompactReLUFunction.apply(x)
+
+
+def _inside_checkpoint() -> bool:
+    """True inside a non-reentrant ``torch.utils.checkpoint`` region. Nothing is kept for backward
+    there (it is recomputed, outside the model's forward, with a plain ReLU), and checkpoint
+    refuses a recomputation that saves other tensors than the first pass: so no compact ReLU."""
+    try:
+        top = torch._C._autograd._top_saved_tensors_default_hooks(True)
+    except (AttributeError, RuntimeError):  # a private API: without it, assume no checkpoint
+        return False
+    return bool(top) and "_checkpoint_hook" in getattr(top[0], "__qualname__", "")
+
+
+class _FunctionalReLUMode(torch.overrides.TorchFunctionMode):
+    """While active, every ReLU called as a function (``F.relu``, ``torch.relu``, ``x.relu()``,
+    ``x.relu_()``, ``F.relu(x, inplace=True)``) keeps a bit mask for backward instead of its
+    output: what :class:`CompactReLU` does for ``nn.ReLU`` modules, for the calls inside a forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.hits = 0  # ReLU calls made compact
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = _compact_relu_call(func, args, kwargs)
+        if out is NotImplemented:
+            return func(*args, **kwargs)
+        self.hits += 1
+        return out
+
+
+class _FunctionalReLUHook:
+    """Forward pre-hook and hook of the root model: :class:`_FunctionalReLUMode` is active during
+    the model's forward when gradients are on. A module-level class (not a closure) so that the
+    model stays deep-copyable and picklable; the stack of entered modes is per thread
+    (``nn.DataParallel`` runs replicas sharing the hook in threads). :func:`export_pruned`
+    removes it.
+
+    The mode costs a Python call per torch operation (~20% of a tiny MLP's SWAT step, ~1% of a
+    CNN's). A forward with gradients that made no functional ReLU call (a model built from
+    ``nn.ReLU`` modules, already :class:`CompactReLU`) switches it off for the next
+    ``REPROBE - 1`` such forwards; then it probes again."""
+
+    REPROBE = 100
+
+    def __init__(self):
+        self._local = threading.local()
+        self.skip = 0  # forwards with gradients to run without the mode
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
+    def _stack(self) -> list:
+        if not hasattr(self._local, "modes"):
+            self._local.modes = []
+        return self._local.modes
+
+    def pre(self, module, args):
+        mode = None
+        if torch.is_grad_enabled():
+            if self.skip > 0:
+                self.skip -= 1
+            else:
+                mode = _FunctionalReLUMode()
+                mode.__enter__()
+        self._stack().append(mode)
+
+    def post(self, module, args, output):
+        stack = self._stack()
+        mode = stack.pop() if stack else None
+        if mode is not None:
+            mode.__exit__(None, None, None)
+            if mode.hits == 0:
+                self.skip = self.REPROBE - 1
+
+
+def _install_functional_relu(model: nn.Module) -> bool:
+    """Make the functional ReLU calls of ``model``'s forward compact; False if already done."""
+    if any(isinstance(getattr(h, "__self__", None), _FunctionalReLUHook) for h in model._forward_pre_hooks.values()):
+        return False
+    hook = _FunctionalReLUHook()
+    model.register_forward_pre_hook(hook.pre)
+    model.register_forward_hook(hook.post, always_call=True)
+    return True
+
+
+def _remove_functional_relu(model: nn.Module) -> None:
+    for hooks in (model._forward_pre_hooks, model._forward_hooks):
+        for key in [k for k, h in hooks.items() if isinstance(getattr(h, "__self__", None), _FunctionalReLUHook)]:
+            del hooks[key]
+            model._forward_hooks_always_called.pop(key, None)
 
 
 # ----------------------------------------------------------------------------- layers
@@ -619,6 +756,7 @@ _APPLY_CONSTRAINTS = {
     "distribution": [Options(set(DISTRIBUTIONS))],
     "activation_sparsity": [Interval(float, 0, 1, closed="left"), None],
     "dense_first_layer": [bool],
+    "dense_last_layer": [bool],
     "topk_period": [Interval(int, 1, None)],
     "structured": [bool],
     "warmup_steps": [Interval(int, 0, None)],
@@ -663,6 +801,7 @@ def apply_swat(
     distribution: str = "uniform",
     activation_sparsity: float | None = None,
     dense_first_layer: bool = True,
+    dense_last_layer: bool = True,
     topk_period: int = 1,
     structured: bool = False,
     warmup_steps: int = 0,
@@ -681,6 +820,9 @@ def apply_swat(
             ``sparsity``). Uniform over the layers with either distribution (our choice: ERK is
             defined for parameter tensors).
         dense_first_layer: Leave the first convertible layer (registration order) dense.
+        dense_last_layer: Leave the output head dense: the layer ``model.get_output_embeddings()``
+            returns when the model has one (Hugging Face's ``lm_head``), else the last convertible
+            layer in registration order (a classifier). Heads are small and sensitive to pruning.
         topk_period: Recompute the top-K thresholds every this many training steps (1: every
             step, exact; the paper found hundreds fine for the weights).
         structured: Keep whole channels (output channels of W, input channels of the activation)
@@ -688,12 +830,18 @@ def apply_swat(
         warmup_steps: Ramp the sparsity linearly from 0 to its target over this many steps.
         compact_relu: Also replace every ``nn.ReLU`` by :class:`CompactReLU` (same values and
             gradients, 1 bit per element kept for backward), so that the dense ReLU output that
-            feeds a SWAT layer is not held until backward next to SWAT's compact copy.
+            feeds a SWAT layer is not held until backward next to SWAT's compact copy; and make
+            the ReLUs called as functions in the forward (``F.relu``, ``torch.relu``,
+            ``x.relu()``, ``x.relu_()``) compact the same way (a torch function mode active
+            during ``model``'s forward while gradients are on).
         layers: Qualified names of the modules to convert (default: every supported one).
         optimizers: Not changed (the SWAT layers reuse the Parameters); accepted for symmetry.
 
     Returns:
-        ``model`` itself.
+        ``model`` itself. What was converted and what was left dense, with the reason, is in
+        :func:`swat_conversion_report` (``leanscale.sparse.report``); a ``UserWarning`` names
+        the layers with weights that SWAT cannot convert (e.g. ``nn.MultiheadAttention``'s
+        fused projections).
 
     Raises:
         InvalidParameterError: a bad argument, a named layer SWAT cannot convert (the supported
@@ -701,8 +849,9 @@ def apply_swat(
     """
     owner = "apply_swat"
     params = {"sparsity": sparsity, "distribution": distribution, "activation_sparsity": activation_sparsity,
-              "dense_first_layer": dense_first_layer, "topk_period": topk_period, "structured": structured,
-              "warmup_steps": warmup_steps, "compact_relu": compact_relu}
+              "dense_first_layer": dense_first_layer, "dense_last_layer": dense_last_layer,
+              "topk_period": topk_period, "structured": structured, "warmup_steps": warmup_steps,
+              "compact_relu": compact_relu}
     for name, value in params.items():
         check_param(name, value, _APPLY_CONSTRAINTS[name], owner=owner)
     if not isinstance(model, nn.Module):
@@ -710,13 +859,32 @@ def apply_swat(
             f"The 'model' parameter of {owner} must be an instance of torch.nn.Module. Got {type(model).__name__} instead."
         )
     targets = _convertible(model, layers, owner)
-    if layers is None and dense_first_layer and targets:
-        targets = targets[1:]
+    kept: dict[str, str] = {}  # name -> why it stays dense by design
+    if layers is None and targets:
+        head = _head_name(model, targets) if dense_last_layer else None
+        if head is not None:
+            kept[head] = "output head kept dense (dense_last_layer=True)"
+        if dense_first_layer:
+            kept[targets[0][0]] = ("first layer kept dense (dense_first_layer=True)" if targets[0][0] != head else
+                                   "first layer and output head kept dense (dense_first_layer=True, "
+                                   "dense_last_layer=True)")
+        targets = [(n, m) for n, m in targets if n not in kept]
     if not targets:
         already = sum(isinstance(m, _SWATMixin) for m in model.modules())
+        flags = [f for f, on in (("the first, kept dense (dense_first_layer=True)",
+                                  dense_first_layer and any("first" in w for w in kept.values())),
+                                 ("the output head, kept dense (dense_last_layer=True)",
+                                  dense_last_layer and any("head" in w for w in kept.values()))) if on]
         why = (f"its {already} SWAT layer(s) are converted already" if already else
-               f"it has no {_supported_names()} layer" + (" besides the first, kept dense (dense_first_layer=True)"
-                                                           if dense_first_layer and layers is None else ""))
+               f"it has no {_supported_names()} layer" + (" besides " + " and ".join(flags)
+                                                           if flags and layers is None and kept else ""))
+        parents = {f"{p}.{c}" if p else c: pm for p, pm in model.named_modules() for c, _ in pm.named_children()}
+        cannot = [f"{n!r} ({type(m).__name__})" for n, m in model.named_modules()
+                  if n and not isinstance(m, _SWATMixin)
+                  and (_skip_reason(n, m, parents.get(n)) or "").startswith("unsupported")]
+        if cannot and not already:
+            why += (f"; {len(cannot)} layer(s) with weights are of types SWAT cannot convert: "
+                    f"{', '.join(cannot[:4])}{', ...' if len(cannot) > 4 else ''}")
         raise InvalidParameterError(f"The 'model' parameter of {owner} has nothing to convert: {why}.")
     if distribution == "erk":
         densities = erk_densities({n: tuple(m.weight.shape) for n, m in targets}, 1.0 - sparsity)
@@ -737,7 +905,89 @@ def apply_swat(
     if compact_relu:
         policies[nn.ReLU] = lambda module, index: CompactReLU(module.inplace)
     replace_module_classes(model, policies, optimizers=optimizers)
+    if compact_relu:
+        _install_functional_relu(model)
+    _record_conversion(model, kept, params, layers is not None)
     return model
+
+
+def _head_name(model: nn.Module, candidates: list[tuple[str, nn.Module]]) -> str | None:
+    """The output head among the convertible ``candidates``: ``get_output_embeddings()`` (Hugging
+    Face) when the model has one, else the last candidate in registration order. None when the
+    model names a head SWAT would not convert anyway."""
+    get = getattr(model, "get_output_embeddings", None)
+    if callable(get):
+        try:
+            head = get()
+        except Exception:  # noqa: BLE001 -- a model's own method; fall back to registration order
+            head = None
+        if isinstance(head, nn.Module):
+            return next((n for n, m in candidates if m is head), None)
+    return candidates[-1][0]
+
+
+# Attribute of the model holding what apply_swat did (read by swat_conversion_report).
+_RECORD = "_swat_conversion"
+
+
+def _skip_reason(name: str, module: nn.Module, parent: nn.Module | None) -> str | None:
+    """Why SWAT cannot convert ``module`` (one that holds a weight matrix), or None if it has none."""
+    if type(module) in SUPPORTED_LAYERS or isinstance(module, _SWATMixin):
+        return None
+    if isinstance(module, nn.MultiheadAttention):
+        return ("unsupported type: nn.MultiheadAttention computes its query/key/value projections from the fused "
+                "in_proj_weight inside F.multi_head_attention_forward, not through nn.Linear modules; build "
+                "attention with separate nn.Linear projections (as Hugging Face BERT and Llama do) to sparsify it")
+    if isinstance(parent, nn.MultiheadAttention) and isinstance(module, nn.Linear):
+        return ("unsupported: the out_proj of nn.MultiheadAttention, whose weight the attention reads directly "
+                "(its forward is never called)")
+    for dense in SUPPORTED_LAYERS:
+        if isinstance(module, dense) and type(module) is not dense:
+            return (f"unsupported type: a subclass of torch.nn.{dense.__name__} ({type(module).__name__}); SWAT "
+                    f"converts exact classes only, as a subclass may compute something else")
+    if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers"):
+        return ("unsupported type: Hugging Face Conv1D (GPT-2's projections) is a linear layer with a transposed "
+                "(in, out) weight, not an nn.Linear; SWAT does not convert it")
+    if isinstance(module, nn.Embedding):
+        return "not a SWAT target: an embedding is a table lookup, there is no matrix product to sparsify"
+    if any(p.dim() >= 2 for p in module.parameters(recurse=False)):
+        return f"unsupported type {type(module).__module__}.{type(module).__name__} (SWAT converts {_supported_names()})"
+    return None
+
+
+def _record_conversion(model: nn.Module, kept: dict[str, str], params: dict[str, Any], named: bool) -> None:
+    """Store on ``model`` which layers are SWAT and why the others with weights stay dense; warn
+    about the ones SWAT cannot convert."""
+    previous = getattr(model, _RECORD, None) or {}
+    reasons = dict(previous.get("reasons", {}))
+    modules = dict(model.named_modules())
+    parents = {}
+    for pname, parent in modules.items():
+        for cname, child in parent.named_children():
+            parents[f"{pname}.{cname}" if pname else cname] = parent
+    skipped, unsupported = {}, []
+    for name, module in modules.items():
+        if name == "" or isinstance(module, _SWATMixin):
+            continue
+        if name in kept:
+            why = kept[name]
+        elif type(module) in SUPPORTED_LAYERS:
+            why = reasons.get(name, "not named in 'layers'" if named else "kept dense")
+        else:
+            why = _skip_reason(name, module, parents.get(name))
+            if why is None:
+                continue
+            if why.startswith("unsupported") and name not in reasons:
+                unsupported.append((name, type(module).__name__))
+        skipped[name] = why
+    setattr(model, _RECORD, {"reasons": skipped, "settings": {**previous.get("settings", {}), **params},
+                             "functional_relu": params["compact_relu"] or previous.get("functional_relu", False)})
+    if unsupported:
+        shown = ", ".join(f"{n!r} ({t})" for n, t in unsupported[:5])
+        warnings.warn(
+            f"apply_swat left {len(unsupported)} layer(s) with weights dense because SWAT cannot convert them "
+            f"({shown}{', ...' if len(unsupported) > 5 else ''}). leanscale.sparse.swat_conversion_report(model) "
+            f"lists every converted and skipped layer with the reason.", UserWarning, stacklevel=3)
 
 
 def swat_layers(model: nn.Module) -> list[tuple[str, _SWATMixin]]:
@@ -808,6 +1058,9 @@ def export_pruned(model: nn.Module) -> nn.Module:
         raise InvalidParameterError("The 'model' parameter of export_pruned has no SWAT layer to export.")
     replace_module_classes(model, {**{cls: policy for cls in dense_of},
                                    CompactReLU: lambda module, index: nn.ReLU(module.inplace)})
+    _remove_functional_relu(model)
+    if hasattr(model, _RECORD):
+        delattr(model, _RECORD)
     return model
 
 
