@@ -9,11 +9,12 @@ is and, with top-1 routing, costs about the same FLOPs per token. Here, on Webst
    warmup + cosine, clipping);
 2. from that checkpoint, continue three ways for ``--steps`` steps each with the same schedule:
    dense; upcycled with 8 experts, top-1 (every second MLP); upcycled with 8 experts, top-2;
-3. record the validation curves, the training FLOPs per token of each (the cost ledger's rules,
-   active experts only) and, at step 0, that the top-2 upcycled model (no token dropped)
-   computes the dense model's loss.
+3. record the validation curves, the training FLOPs per token of each (the cost ledger's rules on
+   one validation batch: active experts only, and tokens over an expert's capacity -- factor 1.25
+   -- are not computed, so a top-1 MoE can cost a little less than the dense model) and, at step
+   0, that the top-2 upcycled model (no token dropped) computes the dense model's loss.
 
-Usage: python benchmarks/byo/moe_upcycling.py [--dense-steps 600 --steps 400]
+Usage: python benchmarks/byo/moe_upcycling.py [--dense-steps 1200 --steps 1000 --threads 1]
 Writes benchmarks/results/byo/moe_upcycling.json.
 """
 
@@ -69,13 +70,13 @@ def flops_per_token(model: nn.Module, x: torch.Tensor) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dense-steps", type=int, default=600)
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--dense-steps", type=int, default=1200)
+    ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-bytes", type=int, default=3_000_000)
+    ap.add_argument("--max-bytes", type=int, default=4_000_000)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -43,3 +43,19 @@ def apply_surgery(model: nn.Module, ghost_batch_size: int | None, swat: Any, moe
         apply_swat(model, **kwargs)
         done.append(f"SWAT ({kwargs.get('sparsity', 0.8):g})")
     return done
+
+
+def init_options(obj: Any, owner: str, ghost_batch_size: Any, swat: Any, moe: Any, noise_scale: Any,
+                 noise_scale_beta: float) -> None:
+    """Check and store a callback's options; ``surgery_`` empty, ``noise_scale_`` the estimator or None."""
+    check_options(owner, ghost_batch_size, swat, moe, noise_scale)
+    obj.ghost_batch_size = ghost_batch_size
+    obj.swat = swat
+    obj.moe = moe
+    obj.noise_scale = noise_scale
+    obj.surgery_ = []
+    obj.noise_scale_ = None
+    if noise_scale:
+        from leanscale.large_batch import GradientNoiseScale
+
+        obj.noise_scale_ = GradientNoiseScale(beta=noise_scale_beta)

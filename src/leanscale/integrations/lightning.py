@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from leanscale.core.errors import InvalidParameterError, MissingDependencyError
-from leanscale.integrations._surgery import apply_surgery, check_options
+from leanscale.integrations._surgery import apply_surgery, init_options
 
 try:
     from lightning.pytorch import Callback
@@ -74,16 +74,7 @@ class LeanscaleLightningCallback(Callback):
 
     def __init__(self, *, ghost_batch_size: int | None = None, swat: float | dict | None = None,
                  moe: dict | None = None, noise_scale: bool = False, noise_scale_beta: float = 0.99):
-        check_options(_OWNER, ghost_batch_size, swat, moe, noise_scale)
-        self.ghost_batch_size = ghost_batch_size
-        self.swat = swat
-        self.moe = moe
-        self.surgery_: list[str] = []
-        self.noise_scale_ = None
-        if noise_scale:
-            from leanscale.large_batch import GradientNoiseScale
-
-            self.noise_scale_ = GradientNoiseScale(beta=noise_scale_beta)
+        init_options(self, _OWNER, ghost_batch_size, swat, moe, noise_scale, noise_scale_beta)
         self._sizes: list[int] = []
 
     def setup(self, trainer, pl_module, stage: str) -> None:
