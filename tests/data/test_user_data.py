@@ -255,3 +255,47 @@ def test_embedding_texts_shows_progress_when_slow(monkeypatch, capsys):
     assert out.shape == (10, 2) and out[0, 0] == 6.0
     err = capsys.readouterr().err
     assert "embed texts: 2/10 text" in err and "embed texts: 10/10 text (100%), done in" in err
+
+
+# ------------------------------------------------------------------------------ token ids (#15)
+
+
+def test_token_ids_stay_int64_in_npz_tables_and_datasets_folders(tmp_path):
+    """An `input_ids` array or column is token ids: int64 (n, T), kind "tokens"; a tokenised datasets
+    folder's attention_mask is not read as a feature."""
+    import datasets
+
+    ids = np.arange(24, dtype=np.int32).reshape(6, 4)
+    np.savez(tmp_path / "t.npz", input_ids=ids, y=np.array(["a", "b"] * 3))
+    d = load_dataset(tmp_path / "t.npz")
+    assert d.kind == "tokens" and d.x.dtype == np.int64 and np.array_equal(d.x, ids) and d.classes == ("a", "b")
+    rows = [{"input_ids": r.tolist(), "attention_mask": [1] * 4, "label": lab} for r, lab in zip(ids, "abcabc")]
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    d = load_dataset(tmp_path / "t.jsonl")
+    assert d.kind == "tokens" and np.array_equal(d.x, ids) and d.feature_names == ("input_ids",)
+    assert d.classes[d.y[2]] == "c"
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    d = load_dataset(tmp_path / "ds")
+    assert d.kind == "tokens" and d.x.dtype == np.int64 and np.array_equal(d.x, ids)
+    # features chosen by name still work beside token columns
+    d = load_dataset(tmp_path / "t.jsonl", x="attention_mask")
+    assert d.kind == "features" and d.x.dtype == np.float32
+
+
+def test_bad_token_ids_name_the_file_and_the_row(tmp_path):
+    np.savez(tmp_path / "f.npz", input_ids=np.ones((3, 2), dtype=np.float32), y=np.zeros(3))
+    with pytest.raises(DataFormatError, match=r"'input_ids' of .*f.npz.* must hold token ids: .* Got dtype float32"):
+        load_dataset(tmp_path / "f.npz")
+    np.savez(tmp_path / "n.npz", input_ids=np.array([[1, 2], [3, -4]]), y=np.zeros(2))
+    with pytest.raises(DataFormatError, match=r"token ids >= 0. Got -4 in row 1"):
+        load_dataset(tmp_path / "n.npz")
+    (tmp_path / "r.jsonl").write_text('{"input_ids": [1, 2], "label": 0}\n{"input_ids": [1], "label": 1}\n')
+    with pytest.raises(DataFormatError, match=r"line 2: the token column 'input_ids' holds 1 token ids where the "
+                                              r"first row holds 2: pad every row"):
+        load_dataset(tmp_path / "r.jsonl")
+    (tmp_path / "s.jsonl").write_text('{"input_ids": "1 2", "label": 0}\n')
+    with pytest.raises(DataFormatError, match=r"line 1: the token column 'input_ids' must hold lists of token ids"):
+        load_dataset(tmp_path / "s.jsonl")
+    (tmp_path / "f.jsonl").write_text('{"input_ids": [1, 2.5], "label": 0}\n')
+    with pytest.raises(DataFormatError, match=r"must hold integer token ids >= 0. Got 2.5"):
+        load_dataset(tmp_path / "f.jsonl")

@@ -178,7 +178,7 @@ def _check_y(y: Any, owner: str) -> np.ndarray:
 
 MAX_CASCADE_BYTES = 256 << 20  # a cascade JSON (vocabularies included) is at most 256 MiB
 _MAX_ITEMS = 1_000_000  # list lengths read from a file (classes, frontier points, patterns)
-_MODEL_CLASSES = ("TfidfClassifier", "EmbeddingClassifier")
+_MODEL_CLASSES = ("TfidfClassifier", "EmbeddingClassifier", "EmbeddingModuleClassifier")
 _NEW_MODEL_CLASSES = ("skops", "torch.graph")  # external_models.KINDS (that module imports torch: lazily)
 _MAX_TIMEOUT = 7 * 86400.0  # a stage timeout read from a file (threading refuses ~1e308)
 _MISSING = object()

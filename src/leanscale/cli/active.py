@@ -64,6 +64,7 @@ def run(args) -> int:
     from leanscale.cli.prune import load_data
     from leanscale.core.errors import LeanscaleError
     from leanscale.core.io import atomic_write_json, read_json
+    from leanscale.core.progress import write_line
     from leanscale.core.validation import Interval, check_param, unknown_name_error
     from leanscale.models.linear import SoftmaxRegression
     from leanscale.pruning.active import STRATEGIES, ActiveLearner
@@ -131,7 +132,7 @@ def run(args) -> int:
         if not args.json:
             h = lr.history_[-1]
             acc = "" if h["accuracy"] is None else f", test accuracy {h['accuracy']:.4f}"
-            print(f"  {h['n_labels']:>6,} labels{acc}", flush=True)
+            write_line(f"  {h['n_labels']:>6,} labels{acc}")  # below the progress bar, not through it
 
     for note in notes:  # before the rounds: they say what the run below will be
         print(f"warning: {note}", file=sys.stderr, flush=True)
@@ -139,7 +140,8 @@ def run(args) -> int:
     # every round.
     with warnings.catch_warnings(record=True) as caught:  # (save reads it: it is called only in here)
         warnings.simplefilter("always")
-        learner.run(x, data.y_train.numpy(), budget=args.budget, X_eval=x_eval, y_eval=y_eval, on_round=save)
+        learner.run(x, data.y_train.numpy(), budget=args.budget, X_eval=x_eval, y_eval=y_eval, on_round=save,
+                    progress_bar=not args.json)
     raised = _dedupe(resumed, caught)
     for note in raised:
         print(f"warning: {note}", file=sys.stderr)

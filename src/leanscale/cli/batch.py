@@ -207,8 +207,6 @@ def _model(args, owner: str, seed: int):
 
 
 def run_noise(args) -> int:
-    import torch.nn.functional as F
-
     from leanscale.core.validation import Interval, check_param
     from leanscale.large_batch.noise_scale import (
         measure_noise_scale,
@@ -218,6 +216,7 @@ def run_noise(args) -> int:
         load_image_data,
         train_classifier,
     )
+    from leanscale.train.user_data import output_cross_entropy
 
     # every flag is checked before the data are loaded and the warm-up steps run
     owner = "leanscale batch noise"
@@ -254,15 +253,16 @@ def run_noise(args) -> int:
     if steps > 0:
         cfg = TrainConfig(**{**cfg.__dict__, "epochs": steps * warm_batch / n,
                              "eval_every_epochs": steps * warm_batch / n})
-        model = train_classifier(cfg, data=data, model=model, keep_model=True).model
+        model = train_classifier(cfg, data=data, model=model, keep_model=True, progress_bar=not args.json).model
     elif model is None:  # --warm-steps 0: measure at initialisation (no training at all)
         from leanscale.large_batch.train import build_model
 
         model = build_model(cfg, tuple(data[0].shape[1:]), int(max(data[1].max(), data[3].max())) + 1)
     with warnings.catch_warnings():  # the CLI reports reliability itself, in the text and the JSON
         warnings.simplefilter("ignore", RuntimeWarning)
-        measured = measure_noise_scale(model, F.cross_entropy, (data[0], data[1]),
-                                       batch_size=args.batch_size, n_batches=args.n_batches)
+        measured = measure_noise_scale(model, output_cross_entropy, (data[0], data[1]),
+                                       batch_size=args.batch_size, n_batches=args.n_batches,
+                                       progress_bar=not args.json)
         advice = (measured.advise(base_lr=args.base_lr, base_batch_size=args.base_batch, n_examples=len(data[1]))
                   if measured.reliable else None)
     where = f"after {steps} warm-up steps, {args.n_batches} batches of {args.batch_size}"

@@ -4,7 +4,8 @@ Three actions:
 
 * ``fit`` loads labelled texts (WordNet glosses or the user's ``.csv`` / ``.tsv`` / ``.jsonl``),
   splits them into train / calibration / test, trains the requested stages on train (mined
-  keyword rules, TF-IDF + logistic regression, a MiniLM-embedding head), chooses the thresholds on
+  keyword rules, TF-IDF + logistic regression, a MiniLM-embedding head, and the user's own models
+  given by ``--model NAME=MODULE:FACTORY``), chooses the thresholds on
   calibration (:class:`leanscale.cascade.Cascade`), measures the result on test, and saves the
   cascade plus ``<out stem>.eval.json`` (split indices and the test summary);
 * ``eval`` measures a saved cascade on data (the test split recorded at fit time when the data are
@@ -34,13 +35,31 @@ examples:
   leanscale cascade fit --data tickets.jsonl --stages rules,tfidf --costs rules=0.0001,tfidf=0.01 \\
       --budget 0.005 --out tickets.json
   leanscale cascade fit --data wordnet --target-accuracy 0.7 --guarantee --delta 0.05 --out g.json
+  leanscale cascade fit --data tickets.csv --text-column body --label-column queue \
+      --stages rules,mine,minilm --model mine=models.py:make --costs mine=0.01 --out c.json
+      your model as the stage 'mine', between the rules and MiniLM (see --model below)
   leanscale cascade eval cascade.json --data wordnet        on the test split recorded at fit time
   leanscale cascade eval tickets.json --data new.csv --text-column body --label-column queue
   leanscale cascade serve cascade.json --port 9000          the same as `leanscale serve`
 
+your own model as a stage (--model NAME=SPEC, repeatable):
+  SPEC is 'package.module:factory' (the current folder is importable) or 'path/to/file.py:factory';
+  the factory takes no arguments and returns, unfitted, either
+    - a scikit-learn classifier taking the raw texts, e.g.
+        make_pipeline(TfidfVectorizer(), LogisticRegression()) or
+        make_pipeline(HashingVectorizer(), SGDClassifier(loss="log_loss"))
+      fit on the train split; saved with skops (scikit-learn classes only), or
+    - a torch.nn.Module mapping MiniLM-L6 embeddings (batch, 384) to logits (batch, n_labels),
+      e.g. nn.Sequential(nn.Linear(384, 64), nn.ReLU(), nn.Linear(64, n_labels)), trained on the
+      train split's embeddings like the built-in minilm head (AdamW, cosine decay, 20 epochs);
+      saved as an allow-listed exported graph + weights.
+  NAME is the stage's name: put it in --stages at its place (cheapest first); --costs NAME=COST
+  declares its cost. The saved cascade needs none of your code: `cascade eval` and `leanscale
+  serve` load it anywhere.
+
 files written by fit (--out cascade.json):
   cascade.json                  the cascade (Cascade.load reads it; no pickle)
-  cascade.<stage>.arrays*       the weights of each model stage
+  cascade.<stage>.arrays*       the weights of each model stage (.skops: a scikit-learn stage)
   cascade.eval.json             train/calibration/test indices and the test summary
 """
 
@@ -80,7 +99,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"stratified subsample of the data (default: {WORDNET_MAX_EXAMPLES} for wordnet, all rows of a file)")
     q.add_argument("--out", required=True, help="the cascade JSON to write (missing folders are created)")
     q.add_argument("--stages", default=DEFAULT_STAGES,
-                   help=f"comma-separated, cheapest first, from {DEFAULT_STAGES.replace(',', ', ')} ({DEFAULT_STAGES})")
+                   help=f"comma-separated, cheapest first, from {DEFAULT_STAGES.replace(',', ', ')} and the names "
+                   f"given by --model ({DEFAULT_STAGES})")
+    q.add_argument("--model", action="append", default=[], metavar="NAME=MODULE:FACTORY",
+                   help="your own model as the stage NAME (repeatable): the factory returns an unfitted scikit-learn "
+                   "classifier taking the texts, or a torch.nn.Module from 384-d MiniLM embeddings to logits; "
+                   "place NAME in --stages (see below)")
     q.add_argument("--min-precision", type=float, default=0.9,
                    help="lower confidence bound on the precision of each mined rule (0.9)")
     goal = q.add_mutually_exclusive_group()
@@ -127,11 +151,45 @@ run = run_action  # the action chosen, or the help and exit status 2
 # ------------------------------------------------------------------------------------ helpers
 
 
-def _parse_stages(text: str) -> list[str]:
+def _parse_stages(text: str, models: list[str] = ()) -> list[str]:
     from leanscale.cascade.evaluation import check_stage_names
 
     names = [t.strip() for t in str(text).split(",") if t.strip()]
-    return check_stage_names(names, _FIT, param="--stages", given=text)
+    return check_stage_names(names, _FIT, param="--stages", given=text, models=models, models_param="--model")
+
+
+def _parse_models(items: list[str]) -> dict[str, str]:
+    """``--model NAME=SPEC`` flags -> ``{name: spec}`` (the syntax only; :func:`_load_models` imports them)."""
+    from leanscale.core.errors import InvalidParameterError
+
+    sources: dict[str, str] = {}
+    for item in items:
+        name, sep, spec = (t.strip() for t in str(item).partition("="))
+        if not sep or not name or not spec:
+            raise InvalidParameterError(
+                f"The '--model' parameter of {_FIT} must look like 'NAME=package.module:factory' or "
+                f"'NAME=path/to/file.py:factory' (NAME: the stage's name in --stages). Got {item!r}.")
+        if name in sources:
+            raise InvalidParameterError(f"The '--model' parameter of {_FIT} gives stage {name!r} twice: "
+                                        f"{sources[name]!r} and {spec!r}.")
+        sources[name] = spec
+    return sources
+
+
+def _load_models(sources: dict[str, str]) -> dict:
+    """``{name: the model its factory returns}``, each checked to be a scikit-learn classifier or a
+    torch module (before any data are loaded)."""
+    from leanscale.cascade.user_stages import check_user_model
+    from leanscale.cli._spec import call_without_arguments, import_object
+
+    models = {}
+    for name, spec in sources.items():
+        factory = import_object(spec, "--model", _FIT, kind="callable")
+        expected = (f"The '--model' parameter of {_FIT} must name a callable that takes no arguments and returns an "
+                    "unfitted scikit-learn classifier or a torch.nn.Module.")
+        models[name] = call_without_arguments(factory, spec, expected)
+        check_user_model(models[name], name, param="--model", owner=_FIT, source=spec)
+    return models
 
 
 def _parse_costs(text: str | None, stages: list[str]) -> dict[str, float]:
@@ -221,7 +279,8 @@ def run_fit(args) -> int:
     from leanscale.core.errors import InvalidParameterError
 
     _check_args(args)
-    names = _parse_stages(args.stages)
+    sources = _parse_models(args.model)
+    names = _parse_stages(args.stages, list(sources))
     costs = _parse_costs(args.costs, names)
     out = Path(args.out)
     if out.suffix.lower() != ".json":
@@ -236,6 +295,7 @@ def run_fit(args) -> int:
         raise InvalidParameterError(f"The '--out' parameter of {_FIT} names {args.out!r}, but {str(folder)!r} is a "
                                     "file, not a folder.")
 
+    models = _load_models(sources)
     texts, y = load_texts(args, _FIT)
     out.parent.mkdir(parents=True, exist_ok=True)
     is_wordnet = args.data.lower() == "wordnet"
@@ -250,7 +310,8 @@ def run_fit(args) -> int:
     result = fit_text_cascade(
         texts, y, stages=names, split=split, min_precision=args.min_precision, costs=costs,
         target_accuracy=args.target_accuracy, budget=args.budget, guarantee=args.guarantee, delta=args.delta,
-        calibrate=args.calibrate, seed=args.seed, log=_say,
+        calibrate=args.calibrate, seed=args.seed, log=_say, models=models, model_sources=sources,
+        model_param="--model", owner=_FIT,
     )
     _say("")
     _say(result.cascade.explain())

@@ -50,7 +50,7 @@ def run(args) -> int:
     curves_path = Path(args.curves) if args.curves else runs_path.with_name("curves.csv")
     curves = read_curves(curves_path) if (args.curves or curves_path.is_file()) else None
     analysis = analyze_runs(runs, curves, n_resamples=args.resamples, seed=args.seed,
-                            method=args.method, budget_flops=args.flops)
+                            method=args.method, budget_flops=args.flops, progress_bar=not args.json)
     out = Path(args.out) if args.out else runs_path.parent / "fit"
     paths = analysis.write(out, figures=not args.no_figures)
     if args.json:

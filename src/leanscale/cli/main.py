@@ -26,7 +26,8 @@ __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 
 # The explicit list of subcommands, in the order `leanscale --help` shows them. Each is a module
 # leanscale.cli.<name> with add_parser(subparsers) and a parser default func=run(args) -> int.
-SUBCOMMANDS: tuple[str, ...] = ("ls", "tour", "plan", "fit", "sweep", "batch", "prune", "active", "sparse", "cascade", "serve")
+SUBCOMMANDS: tuple[str, ...] = ("ls", "tour", "plan", "fit", "sweep", "batch", "prune", "active", "sparse", "cascade", "serve",
+                                 "gateway")
 
 DEBUG_ENV = "LEANSCALE_DEBUG"
 

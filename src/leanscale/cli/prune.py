@@ -154,9 +154,11 @@ def load_data(args, owner: str):
     idx = (stratified_subset(y, args.n_train) if y is not None
            else np.arange(len(x), dtype=np.int64)[: args.n_train])
     as_t = (lambda a, dt: None if a is None else torch.as_tensor(a, dtype=dt))
-    return PruningData(name=data.source, kind="image" if x.ndim == 4 else "features",
-                       x_train=as_t(x[idx], torch.float32), y_train=None if y is None else as_t(y[idx], torch.int64),
-                       x_test=as_t(x_test, torch.float32), y_test=as_t(data.y_test if x_test is not None else None,
+    x_dtype = torch.int64 if data.kind == "tokens" else torch.float32  # token ids stay integers
+    return PruningData(name=data.source, kind=data.kind if data.kind == "tokens" else "image" if x.ndim == 4
+                       else "features",
+                       x_train=as_t(x[idx], x_dtype), y_train=None if y is None else as_t(y[idx], torch.int64),
+                       x_test=as_t(x_test, x_dtype), y_test=as_t(data.y_test if x_test is not None else None,
                                                                       torch.int64),
                        classes=tuple(str(c) for c in data.classes), train_index=idx)
 
@@ -185,7 +187,7 @@ def run_score(args) -> int:
                         n_seeds=args.seeds, n_clusters=args.n_clusters, out_dir=args.out, seed=args.seed,
                         batch_size=args.batch_size, lr=args.lr)
     with torchrun_rank() as rank:
-        pruner.fit(data.x_train, _labels(data))
+        pruner.fit(data.x_train, _labels(data), progress_bar=not args.json)
         path = pruner.write_manifest(args.out)
     if rank != 0:
         return 0  # under torchrun only rank 0 reports

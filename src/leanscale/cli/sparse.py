@@ -205,6 +205,7 @@ def run_train(args) -> int:
         export_pruned,
         save_pruned,
         save_swat_checkpoint,
+        swat_conversion_report,
         swat_summary,
     )
 
@@ -233,6 +234,10 @@ def run_train(args) -> int:
         return 0  # under torchrun only rank 0 reports
     blob = result.to_dict()
     blob["swat_layers"] = swat_summary(result.model)
+    # what was converted, what was skipped and why, and whether every converted layer's input is
+    # really stored compactly (one forward on a few training examples; nothing changes)
+    report = swat_conversion_report(result.model, data[0][:8])
+    blob["conversion"] = {k: v for k, v in report.items() if k != "text"}
     blob["sparsity"], blob["distribution"] = args.sparsity, args.distribution
     blob["swat_settings"] = _settings(args)
     blob["data"] = args.data if user is None else user[1].source
@@ -256,6 +261,7 @@ def run_train(args) -> int:
         print(f"SWAT-{'U' if args.distribution == 'uniform' else 'ERK'} {args.sparsity:.0%}: test accuracy "
               f"{result.test_accuracy:.4f} after {result.steps} steps ({result.seconds:.0f} s, "
               f"{result.world_size} process(es)){wrote}")
+        print(report["text"])
     return 0
 
 

@@ -55,6 +55,7 @@ __all__ = [
     "FlopCount",
     "track_flops",
     "count_flops",
+    "mha_flops",
     "NORM_STATS_FLOPS_PER_ELEMENT",
     "RMS_NORM_STATS_FLOPS_PER_ELEMENT",
     "NORM_BACKWARD_FACTOR",
@@ -102,12 +103,15 @@ def register_flop_rule(module_cls: type, rule: FlopRule | None = None):
 
 
 def get_flop_rule(module: nn.Module | type) -> FlopRule | None:
-    """The rule of the nearest class in ``module``'s MRO that has one, or ``None``."""
+    """The rule of the nearest class in ``module``'s MRO that has one, else a rule for a
+    well-known third-party layer recognised by name (Hugging Face's ``*RMSNorm`` classes and
+    GPT-2's ``Conv1D``), or ``None``."""
     cls = module if isinstance(module, type) else type(module)
     for klass in cls.__mro__:
         rule = _FLOP_RULES.get(klass)
         if rule is not None:
             return rule
+    return _third_party_rule(cls)
     return None
 
 
@@ -188,8 +192,60 @@ def _norm_flops(module: nn.Module, inputs: tuple, output: torch.Tensor) -> tuple
     return fwd, NORM_BACKWARD_FACTOR * fwd * int(needs)
 
 
+def _rms_norm_flops(module: nn.Module, inputs: tuple, output: torch.Tensor) -> tuple[int, int]:
+    # an RMSNorm written by another library (LlamaRMSNorm, MistralRMSNorm, T5-style): as nn.RMSNorm
+    x = inputs[0]
+    fwd = (RMS_NORM_STATS_FLOPS_PER_ELEMENT + int(getattr(module, "weight", None) is not None)) * x.numel()
+    needs = _needs_grad(x) or any(_needs_grad(p) for p in module.parameters(recurse=False))
+    return fwd, NORM_BACKWARD_FACTOR * fwd * int(needs)
+
+
+def _hf_conv1d_flops(module: nn.Module, inputs: tuple, output: torch.Tensor) -> tuple[int, int]:
+    # transformers' GPT-2 Conv1D: x @ weight + bias with weight (in, out), i.e. a transposed Linear
+    x = inputs[0]
+    fwd = 2 * x.numel() * int(module.weight.shape[1])
+    return fwd, _matmul_backward(module, x, fwd)
+
+
+def _third_party_rule(cls: type) -> FlopRule | None:
+    name, where = cls.__name__, getattr(cls, "__module__", "") or ""
+    if name.endswith("RMSNorm"):
+        return _rms_norm_flops
+    if name == "Conv1D" and where.startswith("transformers."):
+        return _hf_conv1d_flops
+    return None
+
+
+def mha_flops(module: nn.MultiheadAttention, inputs: tuple, output: Any,
+              weight_density: float = 1.0) -> tuple[float, float]:
+    """Training FLOPs of one ``nn.MultiheadAttention`` call (fused form): the q/k/v and output
+    projections, with their forward and input gradient scaled by ``weight_density``, and the
+    attention itself (``Q K^T`` and ``A V``, 2 * L * S * E multiply-adds each per batch element,
+    backward 2x). The weight gradients use the dense inputs (the attention saves them)."""
+    if len(inputs) < 3 or not all(isinstance(t, torch.Tensor) for t in inputs[:3]):
+        return 0.0, 0.0
+    q, k, v = inputs[:3]
+    e = module.embed_dim
+    if q.dim() == 3:
+        b_dim = 0 if module.batch_first else 1
+        batch, lq, lk = q.shape[b_dim], q.shape[1 - b_dim], k.shape[1 - b_dim]
+    else:
+        batch, lq, lk = 1, q.shape[0], k.shape[0]
+    proj = 2 * e * e * batch * (2 * lq + 2 * lk)  # q and out projections: lq rows each, k and v: lk each
+    attn = 2 * 2 * batch * lq * lk * e
+    fwd = proj * weight_density + attn
+    bwd = 0.0
+    if torch.is_grad_enabled():
+        if any(t.requires_grad for t in (q, k, v)):
+            bwd += proj * weight_density + 2 * attn
+        if module.in_proj_weight is not None and module.in_proj_weight.requires_grad:
+            bwd += proj  # dense: the attention saves its dense inputs
+    return fwd, bwd
+
+
 for _cls in (nn.Linear,):
     register_flop_rule(_cls, _linear_flops)
+register_flop_rule(nn.MultiheadAttention, lambda module, inputs, output: mha_flops(module, inputs, output))
 for _cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
     register_flop_rule(_cls, _conv_flops)
 for _cls in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):

@@ -3,7 +3,9 @@
 :func:`progress` returns a tqdm bar when tqdm is installed and stderr is a terminal; otherwise a
 light fallback that prints a line to stderr now and then (a log file gets a few readable lines,
 not thousands of carriage returns) and a last line when a long loop ends. It never fails because
-tqdm is missing. ``LEANSCALE_NO_PROGRESS=1`` silences every bar.
+tqdm is missing. ``LEANSCALE_NO_PROGRESS=1`` silences every bar;
+``LEANSCALE_PROGRESS_INTERVAL=<seconds>`` sets the seconds between the fallback's lines for every
+bar (e.g. 60 for a quiet log, 0 for a line on every step).
 
 Example:
     >>> total = 0
@@ -21,15 +23,36 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-__all__ = ["progress", "progress_disabled", "LineProgress"]
+__all__ = ["progress", "progress_disabled", "LineProgress", "write_line"]
 
 ENV_DISABLE = "LEANSCALE_NO_PROGRESS"
+ENV_INTERVAL = "LEANSCALE_PROGRESS_INTERVAL"
 _TRUE = {"1", "true", "yes", "on"}
 
 
 def progress_disabled() -> bool:
     """True when ``LEANSCALE_NO_PROGRESS`` is set to 1/true/yes/on."""
     return os.environ.get(ENV_DISABLE, "").strip().lower() in _TRUE
+
+
+def _interval_override() -> float | None:
+    """The seconds of ``LEANSCALE_PROGRESS_INTERVAL`` (a number >= 0), or None when it is unset.
+    Any other value is ignored with a warning: a typo in a cosmetic setting must not stop a run."""
+    text = os.environ.get(ENV_INTERVAL, "").strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0 or value == float("inf"):
+        import warnings
+
+        warnings.warn(
+            f"The environment variable {ENV_INTERVAL} must be a number of seconds >= 0 (between two progress "
+            f"lines). Got {text!r:.50}: ignored, the default interval is used.", UserWarning, stacklevel=3)
+        return None
+    return value
 
 
 def _stderr_is_tty() -> bool:
@@ -158,7 +181,8 @@ def progress(
             ``LEANSCALE_NO_PROGRESS=1``, tqdm on a terminal, otherwise occasional lines.
         unit: what one step is ("run", "batch").
         leave: keep the finished tqdm bar on screen.
-        interval: seconds between lines of the fallback.
+        interval: seconds between lines of the fallback; ``LEANSCALE_PROGRESS_INTERVAL``
+            overrides it for every bar.
 
     Returns:
         A ``tqdm`` object or a :class:`LineProgress`; both iterate and support ``update``,
@@ -166,6 +190,9 @@ def progress(
     """
     if disable is None and progress_disabled():
         disable = True
+    override = None if disable else _interval_override()
+    if override is not None:
+        interval = override
     if disable:
         return LineProgress(iterable, total, desc, unit=unit, interval=interval, silent=True)
     if disable is False or _stderr_is_tty():
@@ -177,3 +204,15 @@ def progress(
             return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, file=sys.stderr,
                         dynamic_ncols=True)
     return LineProgress(iterable, total, desc, unit=unit, interval=interval)
+
+
+def write_line(text: str, file: Any = None) -> None:
+    """Print ``text`` (to ``file``, default stdout) without breaking a tqdm bar being drawn on the
+    terminal: the bar is cleared, the line printed and the bar drawn again below it."""
+    file = sys.stdout if file is None else file
+    tqdm = sys.modules.get("tqdm")  # a bar exists only if tqdm was imported
+    if tqdm is not None and getattr(tqdm.tqdm, "_instances", None):
+        tqdm.tqdm.write(text, file=file)
+        file.flush()
+    else:
+        print(text, file=file, flush=True)

@@ -10,6 +10,10 @@
 * ``.parquet`` -- the same columns, through ``pyarrow`` (``pip install 'leanscale[data]'``);
 * a folder saved by Hugging Face ``datasets`` (``save_to_disk``; a ``DatasetDict`` gives its
   ``train`` split and, when present, ``test``) -- needs ``datasets`` (``leanscale[data]``);
+* token ids for a language model of your own (a Hugging Face ``...ForSequenceClassification``):
+  an ``.npz`` array or a table column named ``input_ids`` (lists of ints, padded to one length)
+  stays int64 ``(n, T)`` with ``kind="tokens"``; a tokenised ``datasets`` folder's
+  ``attention_mask`` / ``token_type_ids`` columns are then not read as features;
 * an image folder with one sub-folder per class (``root/cat/1.png``, ``root/dog/2.jpg``): images
   become float32 arrays ``(n, C, H, W)`` in [0, 1] (C = 1 when every image is grayscale, else 3).
   Images of different sizes are refused unless ``image_size=`` asks for a resize.
@@ -59,6 +63,7 @@ __all__ = ["DATA_FORMATS", "UserData", "load_dataset"]
 # suffix -> format; folders are image folders or Hugging Face `datasets` folders
 DATA_FORMATS: dict[str, str] = {".npz": "npz", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl",
                                 ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
+TOKEN_COLUMN = "input_ids"  # token ids: kept as int64, kind "tokens"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm")
 DEFAULT_MAX_BYTES = 4 * 2**30  # a file (or all the images of a folder, decoded) larger than this is refused
 MAX_IMAGE_PIXELS = 2**26  # one image above this is refused before it is decoded (decompression bombs)
@@ -74,9 +79,9 @@ class UserData:
         source: what was read, for messages and manifests (``"tickets.csv (csv; text column 'body',
             label column 'queue')"``).
         path: the file or folder.
-        kind: ``"features"`` (x is ``(n, d)``), ``"image"`` (x is ``(n, C, H, W)``) or ``"text"``
-            (``texts`` holds the strings, x is None).
-        x: float32 array, or None for text.
+        kind: ``"features"`` (x is ``(n, d)``), ``"image"`` (x is ``(n, C, H, W)``), ``"tokens"``
+            (x is int64 token ids ``(n, T)``) or ``"text"`` (``texts`` holds the strings, x is None).
+        x: float32 array (int64 for tokens), or None for text.
         texts: list of strings for text data, else None.
         y: int64 codes ``(n,)`` (0 .. k-1), or None for data without labels.
         classes: the original label values, ``classes[y[i]]`` being row ``i``'s label.
@@ -338,7 +343,7 @@ def _load_npz(p: Path, x_key, y_key, max_bytes) -> UserData:
     if x_key is not None and not isinstance(x_key, str):
         raise InvalidParameterError(
             f"The 'x' parameter of {_OWNER} must be one array name for a .npz file. Got {x_key!r} for {str(p)!r}.")
-    xk = x_key or next((k for k in ("x", "X", "features", "embeddings") if k in arrays), None)
+    xk = x_key or next((k for k in ("x", "X", "features", "embeddings", TOKEN_COLUMN) if k in arrays), None)
     if xk is None or xk not in arrays:
         raise DataFormatError(
             f"The data file {str(p)!r} has no array {xk or 'x'!r} (the inputs: x= in Python, --feature-columns on "
@@ -346,7 +351,8 @@ def _load_npz(p: Path, x_key, y_key, max_bytes) -> UserData:
     yk = y_key or next((k for k in ("y", "Y", "labels", "label") if k in arrays), None)
     if y_key is not None and y_key not in arrays:
         raise _missing_column(p, y_key, "label", sorted(arrays), what="array")
-    xa = _numeric_array(p, xk, arrays[xk])
+    read_x = _token_array if xk == TOKEN_COLUMN else _numeric_array
+    xa = read_x(p, xk, arrays[xk])
     ya = None
     if yk is not None:
         ya, classes = _npz_labels(p, yk, arrays[yk], xa.shape[0])
@@ -354,7 +360,7 @@ def _load_npz(p: Path, x_key, y_key, max_bytes) -> UserData:
         classes = ()
     xt = yt = None
     if "x_test" in arrays:
-        xt = _numeric_array(p, "x_test", arrays["x_test"])
+        xt = read_x(p, "x_test", arrays["x_test"])
         if xt.shape[1:] != xa.shape[1:]:
             raise DataFormatError(
                 f"The 'x_test' array of {str(p)!r} must have the shape of x's rows {xa.shape[1:]}. Got {xt.shape[1:]}.")
@@ -367,16 +373,30 @@ def _load_npz(p: Path, x_key, y_key, max_bytes) -> UserData:
             values = _label_values(p, yk, arrays[yk]) + _label_values(p, "y_test", raw)
             codes, classes = _encode_labels(values, lambda i: f"The labels {yk!r}/'y_test' of {str(p)!r}, row {i}")
             ya, yt = codes[: xa.shape[0]], codes[xa.shape[0]:]
-    kind = "image" if xa.ndim == 4 else "features"
-    if xa.ndim == 3:  # (n, H, W) grayscale images
+    kind = "tokens" if xk == TOKEN_COLUMN else "image" if xa.ndim == 4 else "features"
+    if xa.ndim == 3 and kind != "tokens":  # (n, H, W) grayscale images
         xa, kind = xa[:, None], "image"
         xt = None if xt is None else xt[:, None]
-    if xa.ndim not in (2, 4):
+    if xa.ndim not in (2, 4) or (kind == "tokens" and xa.ndim != 2):
         raise DataFormatError(
             f"The array {xk!r} of {str(p)!r} must be 2-d features (n, d) or images (n, H, W) / (n, C, H, W). Got "
             f"shape {xa.shape}.")
     return UserData(source=f"{p.name} (npz; x={xk!r}" + (f", y={yk!r})" if yk else ", no labels)"), path=str(p),
                     kind=kind, x=xa, texts=None, y=ya, classes=classes, feature_names=(xk,), x_test=xt, y_test=yt)
+
+
+def _token_array(p: Path, key: str, value) -> np.ndarray:
+    """Token ids: a 2-d array of non-negative integers ``(n, T)``, kept as int64."""
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "iu" or arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise DataFormatError(
+            f"The array {key!r} of {str(p)!r} must hold token ids: a non-empty 2-d integer array (n, sequence "
+            f"length), padded to one length. Got dtype {arr.dtype} and shape {arr.shape}.")
+    if arr.min() < 0 or (arr.dtype.kind == "u" and arr.dtype.itemsize == 8 and arr.max() > np.iinfo(np.int64).max):
+        row = int(np.argwhere(arr < 0)[0][0]) if arr.min() < 0 else 0
+        raise DataFormatError(
+            f"The array {key!r} of {str(p)!r} must hold token ids >= 0. Got {int(arr.min())} in row {row}.")
+    return arr.astype(np.int64)
 
 
 def _numeric_array(p: Path, key: str, value) -> np.ndarray:
@@ -537,6 +557,12 @@ def _from_columns(p: Path, fmt: str, columns: dict[str, list], lines, x, y, text
         texts = _texts(columns[text], where, text)
         return UserData(source=f"{p.name} ({fmt}; text column {text!r}, {describe})", path=str(p), kind="text",
                         x=None, texts=texts, y=codes, classes=classes, feature_names=(text,))
+    if x is None and TOKEN_COLUMN in columns and TOKEN_COLUMN != label_col:
+        x = TOKEN_COLUMN  # a tokenised data set: attention_mask, token_type_ids are not features
+    if x == TOKEN_COLUMN or (isinstance(x, (list, tuple)) and list(x) == [TOKEN_COLUMN]):
+        tokens = _token_column(p, columns[TOKEN_COLUMN] if TOKEN_COLUMN in columns else None, where, present)
+        return UserData(source=f"{p.name} ({fmt}; token ids {TOKEN_COLUMN!r}, {describe})", path=str(p),
+                        kind="tokens", x=tokens, texts=None, y=codes, classes=classes, feature_names=(TOKEN_COLUMN,))
     names = [x] if isinstance(x, str) else list(x) if x is not None else [c for c in present if c != label_col]
     for c in names:
         if c not in columns:
@@ -552,6 +578,30 @@ def _from_columns(p: Path, fmt: str, columns: dict[str, list], lines, x, y, text
     xa = np.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
     return UserData(source=f"{p.name} ({fmt}; {len(names)} feature column(s), {describe})", path=str(p),
                     kind="features", x=xa, texts=None, y=codes, classes=classes, feature_names=tuple(names))
+
+
+def _token_column(p: Path, values: list | None, where, present) -> np.ndarray:
+    """The ``input_ids`` column as int64 ``(n, T)``: lists of non-negative ints of one length."""
+    if values is None:
+        raise _missing_column(p, TOKEN_COLUMN, "x", present)
+    width = None
+    for i, v in enumerate(values):
+        if isinstance(v, str) or not isinstance(v, (list, tuple, np.ndarray)):
+            raise DataFormatError(f"{where(i)}: the token column {TOKEN_COLUMN!r} must hold lists of token ids. Got "
+                                  f"{type(v).__name__} {v!r:.60}.")
+        if width is None:
+            width = len(v)
+        elif len(v) != width:
+            raise DataFormatError(
+                f"{where(i)}: the token column {TOKEN_COLUMN!r} holds {len(v)} token ids where the first row holds "
+                f"{width}: pad every row to one length (the tokenizer's padding='max_length').")
+        for t in v:
+            if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)) or t < 0:
+                raise DataFormatError(f"{where(i)}: the token column {TOKEN_COLUMN!r} must hold integer token ids "
+                                      f">= 0. Got {t!r:.40}.")
+    if not width:
+        raise DataFormatError(f"{where(0)}: the token column {TOKEN_COLUMN!r} holds an empty list.")
+    return np.asarray(values, dtype=np.int64).reshape(len(values), width)
 
 
 def _texts(values: list, where, column: str) -> list[str]:

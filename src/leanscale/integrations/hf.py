@@ -23,7 +23,8 @@ Where each piece plugs in (the Trainer's own hook points):
   gradient (clip in your model's optimizer wrapper instead, or measure on a separate run);
 - ``on_log``: ``noise_scale/b_simple`` added to the logs;
 - :class:`InfoBatchTrainer`: InfoBatch's sampler as the Trainer's, per-example losses weighted
-  and recorded in ``compute_loss``;
+  and recorded in ``compute_loss``; under ``torchrun`` every rank trains on its shard of the same
+  pruned epoch and the losses of all ranks reach every rank's InfoBatch;
 - :class:`MoETrainer`: ``compute_loss`` plus ``aux_loss_weight * moe_aux_loss(model)`` (the
   load-balancing and router z-losses of every converted layer).
 """
@@ -35,6 +36,11 @@ from typing import Any
 import torch
 
 from leanscale.core.errors import InvalidParameterError, MissingDependencyError
+from leanscale.integrations._infobatch import (
+    align_shard,
+    check_info_batch,
+    weighted_loss,
+)
 from leanscale.integrations._surgery import apply_surgery, init_options
 
 try:
@@ -171,21 +177,24 @@ class InfoBatchTrainer(Trainer):
             cross-entropy of ``(b, k)`` logits, or the mean over labelled tokens of ``(b, T, V)``
             logits (labels already aligned with the logits, -100 ignored).
 
-    The model's output needs ``logits``; the examples are dicts with ``labels``. One process only
-    (under several, accelerate would shard the batches InfoBatch already shards). Epochs with
+    The model's output needs ``logits``; the examples are dicts with ``labels``. Epochs with
     pruning have fewer steps: the Trainer plans its LR schedule from the first (full) epoch, so a
     step-based schedule ends early -- prefer a schedule of ``num_train_epochs`` with a constant or
-    slowly decaying LR, as the InfoBatch paper does.
+    slowly decaying LR, as the InfoBatch paper does. The returned loss is a mean over the batch:
+    the Trainer divides it by ``gradient_accumulation_steps`` whatever the model's signature.
+
+    Several processes (``torchrun``, DDP): InfoBatch shards each epoch itself (every rank draws
+    the same plan and takes positions ``rank, rank + world, ...``), so accelerate's own batch
+    sharding is turned off for the training loader, and ``InfoBatch.update`` all-gathers the
+    per-example losses of every rank: the loss tables, and so the next epochs' plans, stay the
+    same on every rank. An InfoBatch built before the process group started (rank 0 of 1) is
+    given the Trainer's rank and world size.
     """
 
-    def __init__(self, *args: Any, info_batch: Any, loss_fn: Any = None, **kwargs: Any):
-        from leanscale.pruning import InfoBatch
+    loss_is_scaled_for_ga = False  # compute_loss returns a batch mean: the Trainer divides by GA
 
-        if not isinstance(info_batch, InfoBatch):
-            raise InvalidParameterError(
-                f"The 'info_batch' parameter of InfoBatchTrainer must be a leanscale.pruning.InfoBatch. Got "
-                f"{type(info_batch).__name__} instead."
-            )
+    def __init__(self, *args: Any, info_batch: Any, loss_fn: Any = None, **kwargs: Any):
+        check_info_batch(info_batch, "InfoBatchTrainer")
         if "train_dataset" in kwargs and kwargs["train_dataset"] is not None:
             n = len(kwargs["train_dataset"])
             if n != info_batch.n_examples:
@@ -197,16 +206,26 @@ class InfoBatchTrainer(Trainer):
         self.info_batch = info_batch
         self.loss_fn = loss_fn if loss_fn is not None else _per_example_cross_entropy
         super().__init__(*args, **kwargs)
-        if self.args.world_size > 1:
-            raise InvalidParameterError(
-                f"InfoBatchTrainer runs in one process (InfoBatch shards by rank itself). Got world_size="
-                f"{self.args.world_size}."
-            )
+        self.model_accepts_loss_kwargs = False  # compute_loss never passes num_items_in_batch on
+        align_shard(info_batch, self.args.process_index, self.args.world_size, "InfoBatchTrainer")
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         if self.info_batch.epoch is None:
             self.info_batch.set_epoch(0)
         return self.info_batch
+
+    def get_train_dataloader(self) -> Any:
+        loader = super().get_train_dataloader()
+        # Under several processes accelerate wraps the batch sampler in a BatchSamplerShard that
+        # deals whole batches out to the ranks; InfoBatch already yields this rank's shard, so the
+        # wrapper becomes a pass-through (as transformers does for its rank-aware samplers), with
+        # the last, possibly short, batch kept as it is (every rank's shard has the same size).
+        shard = getattr(loader, "batch_sampler", None)
+        inner = getattr(shard, "batch_sampler", None)
+        if shard is not None and getattr(inner, "sampler", None) is self.info_batch and \
+                hasattr(shard, "num_processes"):
+            shard.num_processes, shard.process_index, shard.even_batches = 1, 0, False
+        return loader
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
@@ -221,8 +240,8 @@ class InfoBatchTrainer(Trainer):
         logits = outputs["logits"] if isinstance(outputs, dict) or hasattr(outputs, "keys") else outputs[0]
         losses = self.loss_fn(logits, labels)  # (b,)
         if model.training and index is not None:
-            self.info_batch.update(index, losses.detach())
-            loss = (losses * self.info_batch.weights(index)).mean()
+            loss = weighted_loss(self.info_batch, losses, index,
+                                 where="The 'loss_fn' parameter of InfoBatchTrainer must return")
         else:
             loss = losses.mean()
         return (loss, outputs) if return_outputs else loss

@@ -1,4 +1,4 @@
-"""leanscale in a PyTorch Lightning ``Trainer``: one ``Callback``.
+"""leanscale in a PyTorch Lightning ``Trainer``: callbacks.
 
 Example::
 
@@ -20,15 +20,45 @@ Where each piece plugs in:
 - The MoE losses belong in your ``training_step``: ``loss = loss + moe_aux_loss(self)``
   (:func:`~leanscale.sparse.moe_aux_loss`); a callback cannot change the loss Lightning
   backpropagates.
+
+InfoBatch (:class:`~leanscale.pruning.InfoBatch`, dynamic data pruning) takes three pieces,
+because a callback can neither choose the examples nor change the loss: the InfoBatch is the
+sampler of your training ``DataLoader`` (the dataset returns each example's index too), your
+``training_step`` returns :func:`infobatch_loss` of the per-example losses, and
+:class:`InfoBatchLightningCallback` does the rest::
+
+    ib = InfoBatch(len(train_set), epochs=10, prune_ratio=0.5)
+
+    class Module(pl.LightningModule):
+        def training_step(self, batch, batch_idx):
+            x, y, idx = batch
+            losses = F.cross_entropy(self(x), y, reduction="none")  # (b,)
+            return infobatch_loss(ib, losses, idx)
+
+    loader = DataLoader(train_set, batch_size=64, sampler=ib)
+    trainer = pl.Trainer(max_epochs=10, callbacks=[InfoBatchLightningCallback(ib)],
+                         use_distributed_sampler=False)  # only matters under DDP
+    trainer.fit(Module(), loader)
+
+Lightning calls ``ib.set_epoch(epoch)`` itself at each epoch start (as for a
+``DistributedSampler``). Under DDP pass ``use_distributed_sampler=False``: InfoBatch shards
+each epoch itself, while Lightning's wrapper would fix the epoch length at the first (full)
+epoch and pad the pruned ones back to it.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from leanscale.core.errors import InvalidParameterError, MissingDependencyError
+from leanscale.integrations._infobatch import (
+    align_shard,
+    check_info_batch,
+    weighted_loss,
+)
 from leanscale.integrations._surgery import apply_surgery, init_options
 
 try:
@@ -38,7 +68,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "leanscale.integrations.lightning needs PyTorch Lightning: pip install 'leanscale[lightning]'"
     ) from exc
 
-__all__ = ["LeanscaleLightningCallback"]
+__all__ = ["InfoBatchLightningCallback", "LeanscaleLightningCallback", "infobatch_loss"]
 
 _OWNER = "LeanscaleLightningCallback"
 
@@ -105,3 +135,119 @@ class LeanscaleLightningCallback(Callback):
         self._sizes = []
         if gns.n_updates:
             pl_module.log("noise_scale/b_simple", gns.b_simple, on_step=True, prog_bar=False)
+
+
+def infobatch_loss(info_batch: Any, losses: torch.Tensor, indices: Any) -> torch.Tensor:
+    """The training loss of a batch under InfoBatch, to return from ``training_step``.
+
+    Records the unweighted ``losses`` with ``info_batch.update`` and returns their mean weighted by
+    ``info_batch.weights(indices)`` (``1 / (1 - prune_ratio)`` for the kept well-learned examples,
+    1 for the others), so the expected gradient of a pruned epoch is the full epoch's.
+
+    Args:
+        info_batch: The :class:`~leanscale.pruning.InfoBatch` that is the loader's sampler.
+        losses: ``(b,)`` per-example losses (``reduction="none"``), still attached to the graph.
+        indices: ``(b,)`` the dataset indices of the batch's examples.
+
+    Returns:
+        A scalar tensor: ``(losses * weights).mean()``.
+
+    Under DDP ``info_batch.update`` all-gathers the losses of every rank (a collective): call
+    this once in every training step of every rank.
+    """
+    check_info_batch(info_batch, "infobatch_loss")
+    return weighted_loss(info_batch, losses, indices)
+
+
+def _uses_sampler(loader: Any, sampler: Any) -> bool:
+    return getattr(loader, "sampler", None) is sampler or \
+        getattr(getattr(loader, "batch_sampler", None), "sampler", None) is sampler
+
+
+def _wraps_sampler(loader: Any, sampler: Any) -> bool:
+    """Lightning's DistributedSamplerWrapper around ``sampler`` (``use_distributed_sampler=True``)."""
+    for candidate in (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+        inner = getattr(getattr(candidate, "dataset", None), "_sampler", None)
+        if inner is sampler:
+            return True
+    return False
+
+
+class InfoBatchLightningCallback(Callback):
+    """InfoBatch (dynamic data pruning, Qin et al. 2024) in a PyTorch Lightning ``Trainer``.
+
+    The InfoBatch must be the sampler of the training ``DataLoader`` and ``training_step`` must
+    return :func:`infobatch_loss` (see the module docstring). The callback:
+
+    - ``setup``: gives the InfoBatch the trainer's rank and world size when it was built before
+      the process group (rank 0 of 1), checks ``max_epochs <= info_batch.epochs`` and plans
+      epoch 0 (Lightning asks the loader's length before its first ``set_epoch``);
+    - ``on_train_start``: checks that the training loader draws from the InfoBatch itself (not
+      wrapped by Lightning's distributed sampler: pass ``use_distributed_sampler=False``);
+    - ``on_train_epoch_start``: logs ``infobatch/kept_fraction`` (examples in this epoch / n);
+    - ``on_train_epoch_end``: after the first epoch, checks that losses were recorded;
+    - ``state_dict`` / ``load_state_dict``: the InfoBatch's state goes in the checkpoint, so a
+      resumed run continues the same plans.
+
+    Args:
+        info_batch: The :class:`~leanscale.pruning.InfoBatch` of the run.
+    """
+
+    def __init__(self, info_batch: Any):
+        check_info_batch(info_batch, "InfoBatchLightningCallback")
+        self.info_batch = info_batch
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit":
+            return
+        ib = self.info_batch
+        align_shard(ib, trainer.global_rank, trainer.world_size, "InfoBatchLightningCallback")
+        max_epochs = trainer.max_epochs
+        if max_epochs is None or max_epochs < 0 or max_epochs > ib.epochs:
+            raise InvalidParameterError(
+                f"The 'info_batch' parameter of InfoBatchLightningCallback plans epochs={ib.epochs}, but the Trainer "
+                f"runs max_epochs={max_epochs}. Give the Trainer max_epochs <= {ib.epochs} (the annealing epochs "
+                "are the last of the InfoBatch's)."
+            )
+        if ib.epoch is None:
+            ib.set_epoch(0)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        loaders = trainer.train_dataloader
+        flat = list(loaders.values()) if isinstance(loaders, dict) else \
+            list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+        if any(_uses_sampler(dl, self.info_batch) for dl in flat):
+            return
+        if any(_wraps_sampler(dl, self.info_batch) for dl in flat):
+            raise InvalidParameterError(
+                "The 'info_batch' parameter of InfoBatchLightningCallback is the training sampler, but Lightning "
+                "wrapped it in its distributed sampler, which fixes every epoch's length at the first (full) "
+                "epoch's. InfoBatch shards the epochs itself: pass use_distributed_sampler=False to the Trainer."
+            )
+        raise InvalidParameterError(
+            "The 'info_batch' parameter of InfoBatchLightningCallback must be the sampler of the training "
+            "DataLoader: DataLoader(train_set, batch_size=..., sampler=info_batch), the dataset returning each "
+            "example's index. The training loader has another sampler."
+        )
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        ib = self.info_batch
+        if ib.history_ and ib.epoch is not None:
+            record = next((h for h in ib.history_ if h["epoch"] == ib.epoch), None)
+            if record is not None:
+                pl_module.log("infobatch/kept_fraction", record["n_kept"] / ib.n_examples, on_step=False,
+                              on_epoch=True)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == 0 and np.isnan(self.info_batch.losses_).all():
+            raise InvalidParameterError(
+                "InfoBatchLightningCallback found no loss recorded after the first epoch: training_step must return "
+                "infobatch_loss(info_batch, losses, indices) with the per-example losses (reduction='none') and "
+                "the dataset indices of the batch (or call info_batch.update itself)."
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.info_batch.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.info_batch.load_state_dict(state_dict)

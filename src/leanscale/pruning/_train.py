@@ -44,14 +44,18 @@ from leanscale.train import (
     sync_buffers,
 )
 from leanscale.train.batches import epoch_batches
+from leanscale.train.user_data import as_logits
 
 __all__ = ["as_float_tensor", "as_label_tensor", "check_finite", "train_scoring_model"]
 
 _OWNER = "train_scoring_model"
 
 
-def as_float_tensor(x: Any, name: str = "x", owner: str = _OWNER) -> torch.Tensor:
-    """``x`` as a float tensor: arrays become float32; a floating tensor keeps its dtype."""
+def as_float_tensor(x: Any, name: str = "x", owner: str = _OWNER, *, keep_token_ids: bool = False) -> torch.Tensor:
+    """``x`` as a float tensor: arrays become float32; a floating tensor keeps its dtype. With
+    ``keep_token_ids``, an int64/int32 tensor (token ids for a user's language model) stays int64."""
+    if keep_token_ids and isinstance(x, torch.Tensor) and x.dtype in (torch.int64, torch.int32) and x.ndim == 2:
+        return x.detach().long()
     if isinstance(x, torch.Tensor):
         t = x.detach()
     else:
@@ -170,7 +174,7 @@ def train_scoring_model(
     check_param("weight_decay", weight_decay, [Interval(float, 0, None)], owner=_OWNER)
     check_param("seed", seed, [Interval(int, 0, None)], owner=_OWNER)
     check_param("on_batch", on_batch, [None, callable], owner=_OWNER)
-    xt = as_float_tensor(x)
+    xt = as_float_tensor(x, keep_token_ids=True)
     n = int(xt.shape[0])
     yt = as_label_tensor(y, n).to(xt.device)
     rank, world = rank_and_world()
@@ -191,10 +195,10 @@ def train_scoring_model(
         nonlocal checked
         idx = rank_slice(batch, rank, world).to(device)  # (b,) this rank's slice of the global batch
         if checked:
-            logits = net(xt[idx])  # (b, k)
+            logits = as_logits(net(xt[idx]))  # (b, k)
         else:  # a model that does not fit x fails here: say which parameter
             try:
-                logits = net(xt[idx])  # (b, k)
+                logits = as_logits(net(xt[idx]))  # (b, k)
             except (RuntimeError, TypeError, ValueError, IndexError) as exc:
                 raise InvalidParameterError(
                     f"The 'model_fn' parameter of {_OWNER} must build a model that accepts x: a batch "

@@ -428,6 +428,7 @@ class ActiveLearner(Estimator):
         X_eval=None,
         y_eval=None,
         on_round: Callable[[ActiveLearner], None] | None = None,
+        progress_bar: bool = False,
     ) -> ActiveLearner:
         """Label up to ``budget`` pool examples (including those already labelled); return ``self``.
 
@@ -439,6 +440,8 @@ class ActiveLearner(Estimator):
             X_eval, y_eval: held-out examples whose accuracy is recorded after each fit.
             on_round: called with the learner after each fit is recorded, e.g. to save
                 :meth:`state_dict`; a run resumed from that state continues identically.
+            progress_bar: show a progress bar of the labels (rank 0 only), advanced after each
+                round's fit, with the accuracy when ``X_eval`` is given.
 
         Raises:
             InvalidParameterError: a bad parameter, an oracle of the wrong length (or one that
@@ -482,7 +485,15 @@ class ActiveLearner(Estimator):
             raise InvalidParameterError(
                 f"The 'on_round' parameter of {owner} must be a callable or None. Got {type(on_round).__name__}."
             )
+        check_param("progress_bar", progress_bar, [bool], owner=owner)
         target = min(budget, n_pool)
+        from leanscale.core.distributed import rank_and_world
+        from leanscale.core.progress import progress
+
+        bar = progress(total=target, desc=f"active learning ({self.strategy})", unit="label",
+                       disable=None if progress_bar and rank_and_world()[0] == 0 else True)
+        if self.labeled_indices_.size:  # resumed
+            bar.update(min(self.labeled_indices_.size, target))
 
         def label(idx: np.ndarray) -> None:
             y = _as_label_array(ask(idx), "oracle", owner)
@@ -493,19 +504,23 @@ class ActiveLearner(Estimator):
                 )
             self.teach(idx, y)
 
-        while True:
-            n_labeled = self.labeled_indices_.size
-            if n_labeled == 0:
-                label(self.query(X_pool, min(self.initial_size, target)))
-                continue
-            done = n_labeled >= target
-            if not self.history_ or self.history_[-1]["n_labels"] != n_labeled:
-                self._record(X_pool, X_eval, y_eval, fit=done or self.strategy != "random" or X_eval is not None)
-                if on_round is not None:
-                    on_round(self)
-            if done:
-                return self
-            label(self.query(X_pool, min(self.batch_size, target - n_labeled)))
+        with bar:
+            while True:
+                n_labeled = self.labeled_indices_.size
+                if n_labeled == 0:
+                    label(self.query(X_pool, min(self.initial_size, target)))
+                    continue
+                done = n_labeled >= target
+                if not self.history_ or self.history_[-1]["n_labels"] != n_labeled:
+                    self._record(X_pool, X_eval, y_eval, fit=done or self.strategy != "random" or X_eval is not None)
+                    if self.history_[-1]["accuracy"] is not None:
+                        bar.set_postfix(acc=f"{self.history_[-1]['accuracy']:.3f}")
+                    bar.update(min(n_labeled, target) - bar.n)
+                    if on_round is not None:
+                        on_round(self)
+                if done:
+                    return self
+                label(self.query(X_pool, min(self.batch_size, target - n_labeled)))
 
     def _record(self, X_pool, X_eval, y_eval, *, fit: bool) -> None:
         accuracy = None

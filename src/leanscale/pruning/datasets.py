@@ -39,8 +39,9 @@ class PruningData:
 
     Attributes:
         name: data set name or path.
-        kind: ``"image"`` (x is ``(n, C, H, W)``) or ``"features"`` (x is ``(n, d)``).
-        x_train, x_test: float32 torch tensors (x_test may be None).
+        kind: ``"image"`` (x is ``(n, C, H, W)``), ``"features"`` (x is ``(n, d)``) or ``"tokens"``
+            (x is int64 token ids ``(n, T)`` for a language model given as the scoring model).
+        x_train, x_test: float32 torch tensors, int64 for tokens (x_test may be None).
         y_train, y_test: int64 torch tensors, or None when the file has no labels.
         classes: class names (or ``"0".."k-1"``).
         train_index: positions of the training examples in the source (the manifest refers to

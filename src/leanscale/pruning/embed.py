@@ -354,7 +354,10 @@ def train_ssl_encoder(
 
     hist = SSLHistory(planned_steps=total)
     clock = {"last": time.perf_counter()}
-    bar = progress(total=total, desc="SimCLR", unit="step")
+    from leanscale.core.distributed import rank_and_world
+
+    # every rank trains its own copy under torchrun: one bar, on rank 0
+    bar = progress(total=total, desc="SimCLR", unit="step", disable=None if rank_and_world()[0] == 0 else True)
 
     def on_step(out: StepOutput) -> None:
         now = time.perf_counter()

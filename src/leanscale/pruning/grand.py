@@ -31,6 +31,7 @@ message.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -50,6 +51,7 @@ from leanscale.pruning.scores import (
     _model_device_dtype,
     _prepare_input,
 )
+from leanscale.train.user_data import as_logits
 
 __all__ = ["grand_scores"]
 
@@ -102,7 +104,8 @@ class _PerExampleGradNorm:
 
         def loss_one(params: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             # x: (...) one example, y: () its target; the model sees a batch of one
-            logits = functional_call(self.model, (params, self.frozen, self.buffers), (x.unsqueeze(0),))  # (1, k)
+            out = functional_call(self.model, (params, self.frozen, self.buffers), (x.unsqueeze(0),))
+            logits = as_logits(out)  # (1, k)
             return self.loss_fn(logits, y.unsqueeze(0))  # scalar
 
         self.per_example = vmap(grad(loss_one), in_dims=(None, 0, 0))
@@ -113,11 +116,13 @@ class _PerExampleGradNorm:
         if self.default_loss:
             if self.n_classes is None:  # one forward of one example tells k
                 with torch.no_grad():
-                    self.n_classes = _check_logits(self.model(x[:1]), 1, _OWNER).shape[1]
+                    self.n_classes = _check_logits(as_logits(self.model(x[:1])), 1, _OWNER).shape[1]
             _check_default_targets(y, self.n_classes)
             y = y.long()  # cross-entropy wants int64 class indices (numpy labels are often int32)
         try:
-            grads = self.per_example(self.params, x, y)  # {name: (b, *param.shape)}
+            with warnings.catch_warnings():  # vmap over attention's backward: a speed note, not for the user
+                warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
+                grads = self.per_example(self.params, x, y)  # {name: (b, *param.shape)}
         except (RuntimeError, NotImplementedError, ValueError, TypeError) as exc:
             if isinstance(exc, InvalidParameterError):
                 raise

@@ -266,6 +266,15 @@ class InfoBatch(torch.utils.data.Sampler):
         self.history_ = [h for h in self.history_ if h["epoch"] != epoch] + [record]
         self.history_.sort(key=lambda h: h["epoch"])
 
+    def set_shard(self, rank: int, world_size: int) -> InfoBatch:
+        """Draw shard ``rank`` of ``world_size`` from now on (the plans and the loss table do not
+        depend on the sharding), e.g. for an InfoBatch built before its trainer started the process
+        group. Returns ``self``."""
+        check_param("world_size", world_size, [Interval(int, 1, None)], owner=_OWNER)
+        check_param("rank", rank, [Interval(int, 0, world_size - 1)], owner=_OWNER)
+        self.rank, self.world_size = int(rank), int(world_size)
+        return self
+
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch``: its plan is fixed now, from the losses recorded so far.
 

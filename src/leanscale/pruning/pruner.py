@@ -83,7 +83,7 @@ from leanscale.core.validation import (
     unknown_name_error,
 )
 from leanscale.pruning import _train
-from leanscale.pruning.distributed import map_sharded
+from leanscale.pruning.distributed import map_sharded, shard_indices
 from leanscale.train.distributed import broadcast_object
 
 __all__ = [
@@ -169,6 +169,31 @@ def _numeric_or_none(x: Any) -> np.ndarray | None:
 def _span(t: Any, idx: np.ndarray) -> Any:
     # Shards are contiguous: slice (a view) instead of fancy indexing (a copy).
     return t[int(idx[0]):int(idx[-1]) + 1]
+
+
+def _bar(show: bool, total: int, desc: str, unit: str) -> Any:
+    """A progress bar (:func:`leanscale.core.progress.progress`) on rank 0 when ``show``; silent otherwise."""
+    from leanscale.core.progress import progress
+
+    return progress(total=total, desc=desc, unit=unit, disable=None if show and rank_and_world()[0] == 0 else True)
+
+
+def _in_chunks(fn: Callable[[np.ndarray], Any], chunk: int, bar: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """``fn`` applied to contiguous chunks of ``chunk`` indices, ``bar`` advanced by each chunk's size.
+
+    ``chunk`` is a multiple of the batch size ``fn`` cuts its input into, so the batches -- and
+    the results -- are the ones of one call on all the indices."""
+
+    def chunked(idx: np.ndarray) -> np.ndarray:
+        parts = []
+        for start in range(0, len(idx), chunk):
+            part = idx[start:start + chunk]
+            out = fn(part)
+            parts.append(out.detach().cpu().numpy() if hasattr(out, "detach") else np.asarray(out))
+            bar.update(len(part))
+        return np.concatenate(parts)
+
+    return chunked
 
 
 class _Cache:
@@ -326,7 +351,7 @@ class DataPruner(Estimator):
             )
 
     # --- fit / transform -----------------------------------------------------------------------
-    def fit(self, x: Any = None, y: Any = None, *, scores: Any = None) -> DataPruner:
+    def fit(self, x: Any = None, y: Any = None, *, scores: Any = None, progress_bar: bool = False) -> DataPruner:
         """Score every example (or take ``scores``) and choose the kept indices.
 
         Args:
@@ -336,6 +361,9 @@ class DataPruner(Estimator):
                 for class balance whenever given (the ``"auto"`` rule looks only at the kept
                 fraction).
             scores: Precomputed scores ``(n,)`` (higher = harder): nothing is computed.
+            progress_bar: show progress bars (rank 0 only) of the scoring: the steps of each
+                scoring run and the examples scored (the self-supervised encoder's training always
+                shows its own). The scores do not depend on it.
 
         Returns:
             self
@@ -351,6 +379,7 @@ class DataPruner(Estimator):
         )
 
         self._check_params()
+        check_param("progress_bar", progress_bar, [bool], owner="DataPruner.fit")
         for name in _FITTED:  # a failed refit leaves the estimator unfitted, not half old, half new
             self.__dict__.pop(name, None)
         owner = "DataPruner.fit"
@@ -388,7 +417,7 @@ class DataPruner(Estimator):
                     f"use metric 'prototypes' or 'random' without labels."
                 )
             self.metric_ = self.metric
-            self.scores_ = self._score(x, n)
+            self.scores_ = self._score(x, n, progress_bar)
         self.scoring_seconds_ = time.perf_counter() - t0
         self.n_examples_ = n
 
@@ -422,9 +451,10 @@ class DataPruner(Estimator):
             )
         return self.kept_indices_.copy()
 
-    def fit_transform(self, x: Any = None, y: Any = None, *, scores: Any = None) -> np.ndarray:
-        """``fit(x, y, scores=scores).transform()``."""
-        return self.fit(x, y, scores=scores).transform()
+    def fit_transform(self, x: Any = None, y: Any = None, *, scores: Any = None,
+                      progress_bar: bool = False) -> np.ndarray:
+        """``fit(x, y, scores=scores, progress_bar=progress_bar).transform()``."""
+        return self.fit(x, y, scores=scores, progress_bar=progress_bar).transform()
 
     # --- scoring -------------------------------------------------------------------------------
     def _n_examples(self, x: Any, y: Any, scores: Any) -> int:
@@ -471,7 +501,7 @@ class DataPruner(Estimator):
             h.update(self.labels_.tobytes())
         return h.hexdigest()
 
-    def _score(self, x: Any, n: int) -> np.ndarray:
+    def _score(self, x: Any, n: int, show: bool = False) -> np.ndarray:
         metric = self.metric
         if metric == "random":
             return np.random.default_rng(self.seed).random(n)  # (n,) uniform in [0, 1)
@@ -480,11 +510,11 @@ class DataPruner(Estimator):
         try:
             if metric in _EMBEDDED:
                 return self._prototype_scores(x, n, cache, digest)
-            return self._trained_scores(x, n, cache, digest)
+            return self._trained_scores(x, n, cache, digest, show)
         finally:
             self.reused_ = list(cache.hits)
 
-    def _trained_scores(self, x: Any, n: int, cache: _Cache, digest: str) -> np.ndarray:
+    def _trained_scores(self, x: Any, n: int, cache: _Cache, digest: str, show: bool = False) -> np.ndarray:
         from leanscale.pruning.scores import (
             collect_probs,
             el2n_scores,
@@ -499,7 +529,7 @@ class DataPruner(Estimator):
                 f"example must be seen). Got {self.score_epochs!r} instead."
             )
         self.score_epochs_, self.n_clusters_ = epochs, None
-        xt = _train.as_float_tensor(x, owner="DataPruner.fit")
+        xt = _train.as_float_tensor(x, owner="DataPruner.fit", keep_token_ids=self.model_fn is not None)
         yt = torch.as_tensor(self.labels_).to(xt.device)  # (n,) class indices
         model_fn = self.model_fn or default_model_fn(tuple(xt.shape), len(self.classes_))
         # what determines a scoring run's result: data, model, optimisation (not the metric: el2n and
@@ -512,6 +542,9 @@ class DataPruner(Estimator):
         def run(seed: int) -> np.ndarray:
             tracker = None
             on_batch = None
+            # train_scoring_model's number of steps, for the bar
+            steps = max(1, round(epochs * max(1, n // self.batch_size)))
+            bar = _bar(show, steps, f"{metric}: scoring run, seed {seed}", "step")
             if kind == "forgetting":
                 from leanscale.pruning.forgetting import ForgettingTracker
 
@@ -519,18 +552,37 @@ class DataPruner(Estimator):
 
                 def on_batch(idx, logits, yb):
                     tracker.update(idx.cpu().numpy(), (logits.argmax(1) == yb).cpu().numpy())
+                    bar.update(1)
+            elif show:
+                def on_batch(idx, logits, yb):
+                    bar.update(1)
 
-            model = _train.train_scoring_model(
-                model_fn, xt, yt, epochs=epochs, batch_size=self.batch_size, lr=self.lr, seed=seed,
-                on_batch=on_batch,
-            )
+            try:
+                model = _train.train_scoring_model(
+                    model_fn, xt, yt, epochs=epochs, batch_size=self.batch_size, lr=self.lr, seed=seed,
+                    on_batch=on_batch,
+                )
+            finally:
+                bar.close()
             if kind == "forgetting":
                 return np.asarray(tracker.scores(never_learned="max"), dtype=np.float64)
             if kind == "grand":
                 from leanscale.pruning.grand import grand_scores
 
-                return map_sharded(lambda idx: grand_scores(model, (_span(xt, idx), _span(yt, idx))), n)
-            return map_sharded(lambda idx: collect_probs(model, _span(xt, idx), batch_size=_EVAL_BATCH), n)  # (n, k)
+                def score(idx):
+                    return grand_scores(model, (_span(xt, idx), _span(yt, idx)))  # batches of 256
+                what, chunk = "per-example gradients", 8 * 256
+            else:
+                def score(idx):
+                    return collect_probs(model, _span(xt, idx), batch_size=_EVAL_BATCH)  # (b, k)
+                what, chunk = "predictions", 32 * _EVAL_BATCH
+            if not show:
+                return map_sharded(score, n)
+            bar = _bar(show, len(shard_indices(n)), f"{metric}: {what}, seed {seed}", "example")  # this rank's
+            try:
+                return map_sharded(_in_chunks(score, chunk, bar), n)
+            finally:
+                bar.close()
 
         per_seed = [
             cache.get(f"{kind}-seed{self.seed + s}-{run_id}", functools.partial(run, self.seed + s), rows=n)

@@ -46,6 +46,7 @@ from leanscale.core.validation import (
     unknown_name_error,
 )
 from leanscale.pruning._train import check_finite
+from leanscale.train.user_data import as_logits
 
 __all__ = ["UNCERTAINTY_KINDS", "collect_probs", "el2n_scores", "uncertainty_scores"]
 
@@ -373,7 +374,7 @@ def collect_probs(model: nn.Module, data: Any, *, batch_size: int = 1024, device
     with _EvalMode([model], dev), torch.no_grad():
         for xb, _ in _iter_batches(data, int(batch_size), owner=owner, need_labels=False):
             try:
-                raw = model(_prepare_input(xb, dev, dtype))
+                raw = as_logits(model(_prepare_input(xb, dev, dtype)))
             except (RuntimeError, TypeError, ValueError, IndexError) as exc:  # e.g. a batch of the wrong width
                 raise InvalidParameterError(
                     f"The 'data' parameter of {owner} must fit the model: a batch of shape {tuple(xb.shape)} "

@@ -100,6 +100,7 @@ def train_run(
     max_minutes: float | None = None,
     prepare_model: Callable[[GPT], torch.nn.Module] | None = None,
     aux_loss: Callable[[torch.nn.Module], torch.Tensor] | None = None,
+    progress_bar: bool = False,
 ) -> dict:
     """Train one model of a sweep for one epoch over ``spec.n_tokens`` tokens and evaluate it.
 
@@ -124,6 +125,7 @@ def train_run(
         aux_loss: Called on the model after each forward; its value is added to the training
             loss (e.g. MoE load-balancing and z-losses). The reported losses stay the language
             model's cross-entropy.
+        progress_bar: a progress bar over the run's steps (rank 0 only).
 
     Returns:
         A dict with the run's columns of ``runs.csv`` (``run_id``, ``budget_flops``,
@@ -150,6 +152,7 @@ def train_run(
         seed=spec.seed, warmup_fraction=spec.warmup_fraction, min_lr_ratio=spec.min_lr_ratio,
         weight_decay=spec.weight_decay, grad_clip=spec.grad_clip, n_curve_points=spec.n_curve_points,
         val_batches=spec.val_batches, max_minutes=max_minutes, extra_loss=aux_loss, label=spec.run_id,
+        progress_bar=progress_bar,
         owner="train_run",
     )
     del model

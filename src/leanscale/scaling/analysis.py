@@ -138,6 +138,7 @@ def analyze_runs(
     seed: int = 0,
     method: str = "fast",
     budget_flops: float | None = None,
+    progress_bar: bool = False,
 ) -> ScalingAnalysis:
     """Approach 3 with bootstrap intervals; Approach 2 when the runs form IsoFLOP profiles;
     Approach 1 when training curves are given. Approaches 1-2 that cannot be fitted are noted.
@@ -145,6 +146,9 @@ def analyze_runs(
     What makes a result untrustworthy is collected in ``warnings`` (not raised as Python warnings):
     an unidentifiable law (N and D collinear), a non-positive exponent, a point estimate outside its
     bootstrap interval, refits that did not converge, a budget far outside the runs.
+
+    ``progress_bar``: show a progress bar of the fits (Approach 3, its bootstrap, Approaches 2
+    and 1; rank 0 only).
     """
     check_param("n_resamples", n_resamples, [Interval(int, 0, None)], owner="analyze_runs")
     if n_resamples:
@@ -156,10 +160,27 @@ def analyze_runs(
         raise InvalidParameterError(
             "The runs' FLOPs (6 N D) must be finite. Got an overflow: n_params and n_tokens are too large "
             "to be real runs.")
+    check_param("progress_bar", progress_bar, [bool], owner="analyze_runs")
+    from leanscale.core.distributed import rank_and_world
+    from leanscale.core.progress import progress
+
+    bar = progress(total=4, desc="fit", unit="fit", disable=None if progress_bar and rank_and_world()[0] == 0 else True)
+    try:
+        return _analyze(runs, curves, n_resamples, seed, method, budget_flops, bar)
+    finally:
+        bar.close()
+
+
+def _analyze(runs, curves, n_resamples, seed, method, budget_flops, bar) -> ScalingAnalysis:
+    bar.set_postfix(now="Approach 3")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ScalingWarning)  # collected into `warnings` below
         law = fit_parametric(runs.n_params, runs.n_tokens, runs.loss, method=method)
+        bar.set_postfix(now=f"bootstrap x{n_resamples}")
+        bar.update(1)
         boot = law.bootstrap(n_resamples, seed=seed) if n_resamples else None
+    bar.set_postfix(now="Approach 2")
+    bar.update(1)
     c = float(budget_flops) if budget_flops is not None else float(runs.flops.max())
     found = list(law.warnings_)
     if boot is not None:
@@ -185,12 +206,15 @@ def analyze_runs(
                          + ", ".join(f"{c:.3g}" for c in outside))
     except InvalidParameterError as exc:
         notes.append(f"Approach 2 not fitted: {exc}")
+    bar.set_postfix(now="Approach 1")
+    bar.update(1)
     if curves is not None:
         try:
             env = fit_envelope(curves.run_id, curves.n_params, curves.n_tokens, curves.loss,
                                n_resamples=min(n_resamples, 1000), seed=seed)
         except InvalidParameterError as exc:
             notes.append(f"Approach 1 not fitted: {exc}")
+    bar.update(1)
     if boot is not None and 0 < 1 - boot.valid_fraction <= (1 - boot.level) / 2:  # more: a warning
         notes.append(f"{100 * (1 - boot.valid_fraction):.1f}% of bootstrap refits had alpha or beta <= 0 (no "
                      "frontier); they count at their limits (N_opt 0 or infinity) in the intervals of a, b, "

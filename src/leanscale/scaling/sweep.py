@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -41,6 +42,9 @@ from leanscale.core.errors import InvalidParameterError, LeanscaleError
 from leanscale.core.io import JobState
 from leanscale.scaling._presets import PRESETS
 from leanscale.scaling._train import RunSpec, dist_info, lr_at, train_run
+from leanscale.scaling._train import (
+    train_run as _train_run,  # the real one, whatever a test puts in its place
+)
 from leanscale.scaling.executors import _EXECUTORS, _import_ray, _run_serial
 from leanscale.scaling.grid import ModelShape, model_family, plan_isoflop_grid
 from leanscale.scaling.sweep_config import SweepConfig, load_sweep_config, preset_config
@@ -197,7 +201,10 @@ def run_sweep(
 
     try:
         if config.executor == "serial":  # in this process: with this module's train_run (replaceable)
-            _run_serial(todo, tokens, config, record, train=train_run)
+            train = train_run
+            if not quiet and train is _train_run:  # the real one (not a test's stand-in): a bar per run too
+                train = functools.partial(train_run, progress_bar=True)
+            _run_serial(todo, tokens, config, record, train=train)
         else:
             _EXECUTORS[config.executor](todo, tokens, config, record)
     finally:

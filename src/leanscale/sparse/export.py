@@ -107,11 +107,17 @@ class SparseLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     @classmethod
-    def from_dense(cls, module: nn.Linear) -> SparseLinear:
+    def from_dense(cls, module: nn.Module) -> SparseLinear:
+        """From an ``nn.Linear`` or a Hugging Face ``Conv1D`` (whose ``(in, out)`` weight is
+        stored transposed, as the ``(out, in)`` CSR matrix)."""
+        from leanscale.sparse.swat import _is_hf_conv1d
+
+        if _is_hf_conv1d(module):
+            return cls(_to_csr(module.weight.t()), module.bias)  # (in, out) -> (out, in)
         if type(module) is not nn.Linear:
             raise InvalidParameterError(
-                f"The 'module' parameter of SparseLinear.from_dense must be a torch.nn.Linear. "
-                f"Got {type(module).__name__} instead."
+                f"The 'module' parameter of SparseLinear.from_dense must be a torch.nn.Linear or a "
+                f"transformers.pytorch_utils.Conv1D. Got {type(module).__name__} instead."
             )
         return cls(_to_csr(module.weight), module.bias)
 
@@ -150,8 +156,10 @@ def _check_plain(model: nn.Module, owner: str) -> None:
 
 
 def to_sparse_kernels(model: nn.Module, min_sparsity: float = 0.9) -> nn.Module:
-    """Replace, in place, every ``nn.Linear`` with at least ``min_sparsity`` zeros in its weight
-    by a :class:`SparseLinear`. Returns ``model``; layers below the threshold stay dense."""
+    """Replace, in place, every ``nn.Linear`` (and Hugging Face ``Conv1D``, GPT-2's projections)
+    with at least ``min_sparsity`` zeros in its weight by a :class:`SparseLinear`. Returns
+    ``model``; layers below the threshold stay dense. ``nn.MultiheadAttention`` stays dense: it
+    reads its weights directly (a pruned one runs at dense speed)."""
     owner = "to_sparse_kernels"
     check_param("min_sparsity", min_sparsity, [Interval(float, 0, 1, closed="both")], owner=owner)
     _check_plain(model, owner)
@@ -159,7 +167,10 @@ def to_sparse_kernels(model: nn.Module, min_sparsity: float = 0.9) -> nn.Module:
     def policy(module: nn.Module, index: int) -> nn.Module | None:
         return SparseLinear.from_dense(module) if weight_sparsity(module) >= min_sparsity else None
 
-    replace_module_classes(model, {nn.Linear: policy})
+    from leanscale.sparse.swat import _is_hf_conv1d
+
+    conv1d = {type(m) for m in model.modules() if _is_hf_conv1d(m)}
+    replace_module_classes(model, {nn.Linear: policy, **{cls: policy for cls in conv1d}})
     return model
 
 

@@ -16,7 +16,7 @@ from torch import nn
 from leanscale.core.errors import InvalidParameterError
 from leanscale.core.flops import track_flops
 from leanscale.sparse.memory import track_saved_tensors
-from leanscale.sparse.swat import _RECORD, swat_layers
+from leanscale.sparse.swat import _RECORD, SWATMultiheadAttention, swat_layers
 
 __all__ = ["swat_conversion_report", "swat_report"]
 
@@ -83,12 +83,13 @@ def swat_report(dense: nn.Module, swat: nn.Module, x: torch.Tensor) -> dict[str,
         "flops_not_counted": sorted(set(f_dense.unsupported) | set(f_swat.unsupported)),
     }
     wide = max(22, 2 + max(len(r["layer"]) for r in rows))
+    kind = max(12, 1 + max(len(r["kind"]) for r in rows))
     lines = [f"one training step, batch {x.shape[0]}",
-             (f"{'layer':<{wide}}{'kind':<12}{'W sparse':>9}{'A sparse':>9}{'MFLOP dense':>13}{'MFLOP SWAT':>12}"
+             (f"{'layer':<{wide}}{'kind':<{kind}}{'W sparse':>9}{'A sparse':>9}{'MFLOP dense':>13}{'MFLOP SWAT':>12}"
               f"{'kB held dense':>15}{'kB held SWAT':>14}")]
     for r in rows:
         a = "-" if r["activation_sparsity"] is None else f"{r['activation_sparsity']:.0%}"
-        lines.append(f"{r['layer']:<{wide}}{r['kind']:<12}{r['weight_sparsity']:>9.0%}{a:>9}"
+        lines.append(f"{r['layer']:<{wide}}{r['kind']:<{kind}}{r['weight_sparsity']:>9.0%}{a:>9}"
                      f"{r['train_flops_dense'] / 1e6:>13.2f}{r['train_flops_swat'] / 1e6:>12.2f}"
                      f"{r['held_bytes_dense'] / 1e3:>15.1f}{r['held_bytes_swat'] / 1e3:>14.1f}")
 
@@ -144,9 +145,15 @@ def _coverage(model: nn.Module, inputs: Any) -> list[dict[str, Any]]:
         for name, m in layers:
             x = seen.get(name)
             savers = saved.savers_of(x) if x is not None else []
-            rows.append({"layer": name, "ran": x is not None,
-                         "input_bytes": 0 if x is None else x.untyped_storage().nbytes(),
-                         "held_densely_by": [{"module": mod or "(model)", "made_by": op} for mod, op in savers]})
+            row = {"layer": name, "ran": x is not None, "input_bytes": 0 if x is None else x.untyped_storage().nbytes(),
+                   "held_densely_by": [{"module": mod or "(model)", "made_by": op} for mod, op in savers]}
+            if isinstance(m, SWATMultiheadAttention) and x is not None:
+                # weights only: the attention saves dense inputs itself (often as contiguous copies,
+                # which share no storage with x); what it holds is measured on the module
+                row["weights_only_held_bytes"] = saved.held_by_module.get(name, 0)
+                if not any(s["module"] == name for s in row["held_densely_by"]):
+                    row["held_densely_by"].append({"module": name, "made_by": "F.multi_head_attention_forward"})
+            rows.append(row)
     finally:
         for h in handles:
             h.remove()
@@ -157,6 +164,15 @@ def _coverage(model: nn.Module, inputs: Any) -> list[dict[str, Any]]:
         for n, m in layers:
             m._w_threshold, m._a_threshold, m._thresholds_for, m.last_stats = private[n]
     return rows
+
+
+# What a converted nn.MultiheadAttention does not do (its row's "activations").
+_WEIGHTS_ONLY = ("weights only: the top-K weights of in_proj_weight (q, k, v blocks each) and out_proj.weight are "
+                 "used in the forward and the input gradient, the weight gradient stays dense; the activations are "
+                 "NOT sparsified or stored compactly, because F.multi_head_attention_forward computes the projections "
+                 "itself and saves its dense inputs (query, key, value and the attention output) for their weight "
+                 "gradients; it also keeps the masked weights (a copy, 4 * embed_dim**2 values) for the input "
+                 "gradient")
 
 
 def swat_conversion_report(model: nn.Module, inputs: Any = None) -> dict[str, Any]:
@@ -173,10 +189,12 @@ def swat_conversion_report(model: nn.Module, inputs: Any = None) -> dict[str, An
             backward needs, or a ReLU when ``compact_relu=False``).
 
     Returns:
-        A dict: ``converted`` (rows ``layer``, ``type``, ``sparsity``), ``skipped`` (rows
+        A dict: ``converted`` (rows ``layer``, ``type``, ``sparsity``, ``activations``: "compact
+        top-K", or for a converted ``nn.MultiheadAttention`` why only its weights are sparse),
+        ``skipped`` (rows
         ``layer``, ``type``, ``reason``: first layer or head kept dense, not named in
-        ``layers``, an unsupported type such as ``nn.MultiheadAttention``'s fused projections,
-        an embedding), ``functional_relu`` (True when the ReLUs called as functions in the
+        ``layers``, an unsupported type such as ``nn.MultiheadAttention`` with separate q/k/v
+        weights, an embedding), ``functional_relu`` (True when the ReLUs called as functions in the
         forward keep a bit mask, ``compact_relu=True``), ``settings`` (``apply_swat``'s
         arguments), ``not_covered`` (with ``inputs``: the converted layers whose input stays
         held densely, with the bytes and by which module and operation; ``None`` without
@@ -192,7 +210,9 @@ def swat_conversion_report(model: nn.Module, inputs: Any = None) -> dict[str, An
     root = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     record = getattr(root, _RECORD, None) or {"reasons": {}, "settings": {}, "functional_relu": False}
     modules = dict(root.named_modules())
-    converted = [{"layer": n, "type": type(m).__name__, "sparsity": m.sparsity} for n, m in layers]
+    converted = [{"layer": n, "type": type(m).__name__, "sparsity": m.sparsity,
+                  "activations": _WEIGHTS_ONLY if isinstance(m, SWATMultiheadAttention) else "compact top-K"}
+                 for n, m in layers]
     skipped = [{"layer": n, "type": type(modules[n]).__name__, "reason": why}
                for n, why in record["reasons"].items() if n in modules and n not in {c["layer"] for c in converted}]
     coverage = not_covered = None
@@ -201,14 +221,22 @@ def swat_conversion_report(model: nn.Module, inputs: Any = None) -> dict[str, An
         not_covered = [r for r in coverage if r["held_densely_by"]]
     lines = [f"SWAT conversion: {len(converted)} layer(s) converted, {len(skipped)} with weights left dense"]
     lines += [f"  kept dense: {r['layer']} ({r['type']}): {r['reason']}" for r in skipped]
+    lines += [f"  {r['layer']} ({r['type']}): {r['activations']}" for r in converted
+              if r["activations"] != "compact top-K"]
     lines.append("  functional ReLUs (F.relu, torch.relu, x.relu_()): "
                  + ("compact, 1 bit per element" if record["functional_relu"] else
                     "NOT compact (compact_relu=False): a ReLU output feeding a SWAT layer stays held densely"))
+    weights_only = {r["layer"] for r in converted if r["activations"] != "compact top-K"}
     if not_covered:
         for r in not_covered:
             by = ", ".join(f"{s['module']} ({s['made_by']})" for s in r["held_densely_by"][:3])
-            lines.append(f"  not covered: the input of {r['layer']} ({r['input_bytes'] / 1e3:.1f} kB) is also saved "
-                         f"densely for backward by {by}: its compact copy saves nothing")
+            if r["layer"] in weights_only:
+                lines.append(f"  not covered: {r['layer']} sparsifies weights only; it holds "
+                             f"{r.get('weights_only_held_bytes', 0) / 1e3:.1f} kB of dense activations for backward "
+                             f"(its input is saved by {by})")
+            else:
+                lines.append(f"  not covered: the input of {r['layer']} ({r['input_bytes'] / 1e3:.1f} kB) is also "
+                             f"saved densely for backward by {by}: its compact copy saves nothing")
     elif coverage is not None:
         lines.append("  every converted layer's input is held for backward only in compact form")
     return {"converted": converted, "skipped": skipped, "functional_relu": bool(record["functional_relu"]),

@@ -20,6 +20,11 @@ recomputed every ``topk_period`` training steps and reused in between, as in the
 (Sec. 4.3: the top-K order of the weights changes slowly). Reused activation thresholds make the
 activation sparsity approximate between refreshes; the measured densities are kept on the layer.
 
+Converted: ``nn.Linear`` (:class:`SWATLinear`), ``nn.Conv2d`` (:class:`SWATConv2d`), Hugging Face
+GPT-2's ``Conv1D`` (:class:`SWATConv1D`, the ``(in, out)`` weight layout kept) and the fused
+projections of ``nn.MultiheadAttention`` (:class:`SWATMultiheadAttention`: sparse weights only --
+the attention saves its dense inputs itself, so there is no compact activation).
+
 What stays dense: biases, normalisation layers, the first layer by default (cheap in a CNN, and
 the raw input is not a learned representation), the output head by default (small and sensitive),
 and every layer in evaluation mode except that the forward still uses the top-K weights (the
@@ -49,7 +54,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from leanscale.core.errors import InvalidParameterError
-from leanscale.core.flops import register_flop_rule
+from leanscale.core.flops import mha_flops, register_flop_rule
 from leanscale.core.surgery import replace_module_classes
 from leanscale.core.validation import Interval, Options, check_param, unknown_name_error
 
@@ -57,11 +62,14 @@ __all__ = [
     "SUPPORTED_LAYERS",
     "SWAT",
     "CompactReLU",
+    "SWATConv1D",
     "SWATConv2d",
     "SWATLinear",
+    "SWATMultiheadAttention",
     "apply_swat",
     "erk_densities",
     "export_pruned",
+    "mha_flops",
     "pack_bits",
     "pack_topk",
     "set_swat_sparsity",
@@ -195,6 +203,10 @@ class _Op:
     def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         if self.kind == "linear":
             return F.linear(x, w, b)
+        if self.kind == "conv1d":  # Hugging Face Conv1D: w is (in, out); computed as transformers does
+            x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+            y = torch.addmm(b, x2, w) if b is not None else x2 @ w  # (N, out)
+            return y.view(*x.shape[:-1], w.shape[1])
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
 
@@ -252,6 +264,15 @@ class _SWATFunction(torch.autograd.Function):
             g2 = grad_out.reshape(-1, out_features)  # (N, out)
             if need_w:
                 grad_w = g2.t() @ x_s.reshape(-1, x_s.shape[-1])  # (out, N) @ (N, in) -> (out, in)
+            if need_b:
+                grad_b = g2.sum(0)
+        elif op.kind == "conv1d":  # the weight is (in, out)
+            out_features = grad_out.shape[-1]
+            if need_x:
+                grad_x = grad_out @ w_s.t()  # (..., out) @ (out, in) -> (..., in)
+            g2 = grad_out.reshape(-1, out_features)  # (N, out)
+            if need_w:
+                grad_w = x_s.reshape(-1, x_s.shape[-1]).t() @ g2  # (in, N) @ (N, out) -> (in, out)
             if need_b:
                 grad_b = g2.sum(0)
         elif need_w:
@@ -443,6 +464,14 @@ def _remove_functional_relu(model: nn.Module) -> None:
 # ----------------------------------------------------------------------------- layers
 
 
+def _no_fused_fast_path(module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of every SWAT layer; does nothing. Its presence matters: PyTorch's fused
+    ``nn.TransformerEncoderLayer`` fast path (evaluation without gradients) reads ``linear1``,
+    ``linear2`` and ``self_attn``'s raw weights instead of calling the layers, and is skipped when
+    a submodule has hooks. Without it a converted encoder layer would run the dense weights."""
+    return None
+
+
 _LAYER_CONSTRAINTS = {
     "sparsity": [Interval(float, 0, 1, closed="left")],
     "activation_sparsity": [Interval(float, 0, 1, closed="left"), None],
@@ -469,6 +498,7 @@ class _SWATMixin:
     """
 
     _channel_dim: int  # the input's channel dimension: -1 (linear), 1 (conv)
+    _weight_out_dim: int = 0  # the weight's output-channel dimension: 0, or 1 for GPT-2's (in, out) Conv1D
 
     def _init_swat(self, sparsity, activation_sparsity, topk_period, structured, warmup_steps, owner):
         check_param("sparsity", sparsity, _LAYER_CONSTRAINTS["sparsity"], owner=owner)
@@ -482,6 +512,9 @@ class _SWATMixin:
         self.structured = structured
         self.warmup_steps = warmup_steps
         self.register_buffer("swat_step", torch.zeros((), dtype=torch.long, device=self.weight.device))
+        # A forward hook keeps fused kernels that read the raw weights away: nn.TransformerEncoderLayer's
+        # fast path (evaluation without gradients) is skipped for a layer with hooks in it.
+        self.register_forward_pre_hook(_no_fused_fast_path)
         self._w_threshold: torch.Tensor | None = None  # recomputed after a load: not persistent
         self._a_threshold: torch.Tensor | None = None
         self._thresholds_for: tuple[float, float] | None = None  # the sparsities they were computed at
@@ -496,14 +529,16 @@ class _SWATMixin:
 
     def _weight_score(self) -> torch.Tensor:
         # Unstructured: every weight's magnitude; structured: each output channel's L2 norm.
-        return _channel_norms(self.weight, 0) if self.structured else self.weight.detach()
+        return _channel_norms(self.weight, self._weight_out_dim) if self.structured else self.weight.detach()
 
     def _weight_mask_from(self, threshold: torch.Tensor) -> torch.Tensor:
         if threshold.item() == 0 and not self.structured:
             return torch.ones_like(self.weight, dtype=torch.bool)
         if self.structured:
-            keep = _channel_norms(self.weight, 0) >= threshold  # (out,)
-            return keep.view(-1, *([1] * (self.weight.dim() - 1))).expand_as(self.weight)
+            keep = _channel_norms(self.weight, self._weight_out_dim) >= threshold  # (out,)
+            shape = [1] * self.weight.dim()
+            shape[self._weight_out_dim] = -1
+            return keep.view(shape).expand_as(self.weight)
         return self.weight.detach().abs() >= threshold
 
     def weight_mask(self) -> torch.Tensor:
@@ -624,26 +659,279 @@ class SWATConv2d(_SWATMixin, nn.Conv2d):
         return self._swat_forward(x, self._op)
 
 
+def _is_hf_conv1d(module: Any) -> bool:
+    """``module`` is exactly Hugging Face's ``transformers.pytorch_utils.Conv1D`` (GPT-2's
+    projections), recognised without importing transformers."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__ == "transformers.pytorch_utils"
+
+
+class SWATConv1D(_SWATMixin, nn.Module):
+    """Hugging Face GPT-2's ``Conv1D`` trained with SWAT: ``y = x @ topk(W) + b`` with the
+    weight stored as ``(in, out) = (nx, nf)``, exactly like ``transformers.pytorch_utils.Conv1D``.
+
+    The layout is kept on purpose: the ``state_dict`` keys and shapes are Conv1D's (plus the
+    ``swat_step`` counter), so ``save_pretrained`` / ``from_pretrained``, ``load_state_dict`` of a
+    GPT-2 checkpoint and :func:`~leanscale.sparse.export.save_pruned` / ``load_pruned`` after
+    :func:`export_pruned` see the tensors they expect, and :meth:`from_dense` reuses the
+    Conv1D's Parameters (an optimizer built before keeps working; a transposed ``nn.Linear`` would
+    need new Parameters and state-dict hooks). Output channels are the weight's dimension 1 (the
+    ``structured`` variant keeps whole columns). Input ``(..., nx)``.
+    """
+
+    _channel_dim = -1
+    _weight_out_dim = 1
+
+    def __init__(self, nf: int, nx: int, bias: bool = True, *, sparsity: float = 0.8,
+                 activation_sparsity: float | None = None, topk_period: int = 1, structured: bool = False,
+                 warmup_steps: int = 0, device=None, dtype=None):
+        super().__init__()
+        for name, value in (("nf", nf), ("nx", nx)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidParameterError(
+                    f"The '{name}' parameter of SWATConv1D must be a positive int. Got {value!r} instead.")
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.empty(nx, nf, device=device, dtype=dtype))  # (in, out), as Conv1D
+        self.bias = nn.Parameter(torch.zeros(nf, device=device, dtype=dtype)) if bias else None
+        if self.weight.device.type != "meta":
+            nn.init.normal_(self.weight, std=0.02)  # Conv1D's initialisation
+        self._init_swat(sparsity, activation_sparsity, topk_period, structured, warmup_steps, "SWATConv1D")
+
+    @property
+    def in_features(self) -> int:
+        return self.nx
+
+    @property
+    def out_features(self) -> int:
+        return self.nf
+
+    @classmethod
+    def from_dense(cls, module: nn.Module, **swat_kwargs: Any) -> SWATConv1D:
+        """A SWAT layer sharing the Conv1D ``module``'s weight and bias Parameters."""
+        if not _is_hf_conv1d(module):
+            raise InvalidParameterError(
+                f"The 'module' parameter of SWATConv1D.from_dense must be a transformers.pytorch_utils.Conv1D. "
+                f"Got {type(module).__module__}.{type(module).__name__} instead.")
+        nx, nf = module.weight.shape
+        new = cls(nf, nx, module.bias is not None, device="meta", **swat_kwargs)
+        new.weight, new.bias = module.weight, module.bias
+        new.swat_step = torch.zeros((), dtype=torch.long, device=module.weight.device)
+        new.train(module.training)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.nx or not x.is_floating_point():
+            _bad_input(x, f"(..., nx={self.nx})", "SWATConv1D")
+        return self._swat_forward(x, _Op("conv1d"))
+
+    def extra_repr(self) -> str:
+        return (f"nf={self.nf}, nx={self.nx}, sparsity={self.sparsity}, "
+                f"activation_sparsity={self.activation_sparsity}, topk_period={self.topk_period}, "
+                f"structured={self.structured}, warmup_steps={self.warmup_steps}")
+
+
+class _MaskedWeight(torch.autograd.Function):
+    """``w * mask`` forward; the gradient passes to ``w`` unmasked (SWAT's weight gradient is dense
+    in W: pruned weights keep learning and can grow back)."""
+
+    @staticmethod
+    def forward(ctx, w, mask):
+        return w * mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class SWATMultiheadAttention(_SWATMixin, nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` with SWAT's sparse weights -- **weights only**.
+
+    The forward uses the top-K weights of the fused ``in_proj_weight`` (the query, key and value
+    blocks, ``(E, E)`` each, get their own top-K, as three separate projections would) and of
+    ``out_proj.weight``; the input gradient goes through the same sparse weights, and the weight
+    gradient is dense in W (pruned weights keep learning). What does **not** apply is SWAT's
+    sparse activation: ``F.multi_head_attention_forward`` computes the projections itself and
+    saves its dense inputs (query / key / value, and the attention output feeding ``out_proj``)
+    for their weight gradients, so the weight gradient here is ``g^T x`` with the dense ``x``,
+    i.e. SWAT with ``activation_sparsity=0``, and nothing is stored compactly.
+    ``activation_sparsity`` is kept for the settings but unused; ``last_stats`` records
+    ``activation_density`` ``None``. The masked weights are ordinary tensors inside the attention,
+    so for the input gradient it holds a copy of them (``4 * embed_dim**2`` values) that the dense
+    attention, whose weights are Parameters, does not.
+
+    The ``state_dict`` is the module's own (``in_proj_weight``, ``in_proj_bias``, ``out_proj.*``,
+    plus ``swat_step``). Only the fused form converts: separate ``q/k/v_proj_weight`` (``kdim`` or
+    ``vdim`` different from ``embed_dim``) stay dense. The forward is always PyTorch's reference
+    path (``F.multi_head_attention_forward``); the fused inference kernel reads the raw weights.
+    """
+
+    _channel_dim = -1
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The fused in-projection ``(3 E, E)``: the tensor ``apply_swat`` sizes ERK with and
+        :func:`swat_summary` describes."""
+        return self.in_proj_weight
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
+                 add_bias_kv: bool = False, add_zero_attn: bool = False, batch_first: bool = False, *,
+                 sparsity: float = 0.8, activation_sparsity: float | None = None, topk_period: int = 1,
+                 structured: bool = False, warmup_steps: int = 0, device=None, dtype=None):
+        nn.MultiheadAttention.__init__(self, embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn,
+                                       batch_first=batch_first, device=device, dtype=dtype)
+        self._init_swat(sparsity, activation_sparsity, topk_period, structured, warmup_steps,
+                        "SWATMultiheadAttention")
+
+    @classmethod
+    def from_dense(cls, module: nn.MultiheadAttention, **swat_kwargs: Any) -> SWATMultiheadAttention:
+        """A SWAT attention sharing ``module``'s Parameters and its ``out_proj`` module."""
+        _check_supported(module, "module", "SWATMultiheadAttention.from_dense", (nn.MultiheadAttention,))
+        new = cls(module.embed_dim, module.num_heads, module.dropout, module.in_proj_bias is not None,
+                  module.bias_k is not None, module.add_zero_attn, module.batch_first, device="meta", **swat_kwargs)
+        new.in_proj_weight, new.in_proj_bias = module.in_proj_weight, module.in_proj_bias
+        new.bias_k, new.bias_v = module.bias_k, module.bias_v
+        new.out_proj = module.out_proj
+        new.swat_step = torch.zeros((), dtype=torch.long, device=module.in_proj_weight.device)
+        new.train(module.training)
+        return new
+
+    # --- masks: q, k, v blocks of in_proj_weight and out_proj.weight, each its own top-K
+
+    def _blocks(self) -> list[torch.Tensor]:
+        e = self.embed_dim
+        w = self.in_proj_weight.detach()
+        return [w[:e], w[e:2 * e], w[2 * e:], self.out_proj.weight.detach()]  # (E, E) each
+
+    def _block_scores(self) -> list[torch.Tensor]:
+        return [_channel_norms(b, 0) if self.structured else b for b in self._blocks()]
+
+    def _thresholds(self, w_sparsity: float) -> torch.Tensor:
+        return torch.stack([topk_threshold(s, 1.0 - w_sparsity) for s in self._block_scores()])  # (4,)
+
+    def _masks_from(self, thresholds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(in_proj mask (3E, E), out_proj mask (E, E))``, bool."""
+        masks = []
+        for block, score, t in zip(self._blocks(), self._block_scores(), thresholds):
+            keep = score.abs() >= t  # every entry when t is 0
+            masks.append(keep.view(-1, 1).expand_as(block) if self.structured else keep)
+        return torch.cat(masks[:3]), masks[3]
+
+    def _weight_mask_from(self, threshold: torch.Tensor) -> torch.Tensor:
+        return self._masks_from(threshold)[0]
+
+    def weight_mask(self) -> torch.Tensor:
+        """The exact top-K mask of ``in_proj_weight`` (q, k, v blocks each) at the current sparsity."""
+        return self.weight_masks()[0]
+
+    def weight_masks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exact top-K masks of ``in_proj_weight`` and ``out_proj.weight`` now."""
+        return self._masks_from(self._thresholds(self.current_sparsity()[0]))
+
+    def _refresh(self, x: torch.Tensor, sparsities: tuple[float, float]) -> None:
+        self._w_threshold = self._thresholds(sparsities[0])
+        self._a_threshold = None  # no activation is stored compactly
+        self._thresholds_for = sparsities
+
+    # --- forward: nn.MultiheadAttention's reference path with the masked weights
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(t, torch.Tensor) or t.dim() not in (2, 3) or t.shape[-1] != self.embed_dim \
+                    or not t.is_floating_point() or t.is_nested:
+                _bad_input(t, f"(L, E={self.embed_dim}), (L, B, E) or, batch_first, (B, L, E) [{name}]",
+                           "SWATMultiheadAttention")
+        training = self.training and torch.is_grad_enabled()
+        sparsities = self.current_sparsity()
+        if sparsities[0] == 0:
+            w_in, w_out = self.in_proj_weight, self.out_proj.weight
+            density = 1.0
+        else:
+            if training:
+                due = int(self.swat_step) % self.topk_period == 0
+                if due or self._w_threshold is None or self._thresholds_for != sparsities:
+                    self._refresh(query, sparsities)
+                in_mask, out_mask = self._masks_from(self._w_threshold)
+            else:
+                in_mask, out_mask = self.weight_masks()
+            w_in = _MaskedWeight.apply(self.in_proj_weight, in_mask)
+            w_out = _MaskedWeight.apply(self.out_proj.weight, out_mask)
+            density = float((in_mask.sum() + out_mask.sum()) / (in_mask.numel() + out_mask.numel()))
+        if training:
+            self.swat_step += 1
+            self.last_stats = {"weight_density": density, "activation_density": None}
+        key_padding_mask = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
+                                             other_type=F._none_or_dtype(attn_mask), other_name="attn_mask",
+                                             target_type=query.dtype)
+        attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
+                                      target_type=query.dtype, check_other=False)
+        batched = query.dim() == 3
+        if self.batch_first and batched:  # keep the "is" relations: one fused projection for self-attention
+            if key is value:
+                if query is key:
+                    query = key = value = query.transpose(1, 0)
+                else:
+                    query, key = (t.transpose(1, 0) for t in (query, key))
+                    value = key
+            else:
+                query, key, value = (t.transpose(1, 0) for t in (query, key, value))
+        out, weights = F.multi_head_attention_forward(
+            query, key, value, self.embed_dim, self.num_heads, w_in, self.in_proj_bias, self.bias_k, self.bias_v,
+            self.add_zero_attn, self.dropout, w_out, self.out_proj.bias, training=self.training,
+            key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
+            average_attn_weights=average_attn_weights, is_causal=is_causal)
+        if self.batch_first and batched:
+            out = out.transpose(1, 0)
+        return out, weights
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}, "
+                f"sparsity={self.sparsity}, topk_period={self.topk_period}, structured={self.structured}, "
+                f"warmup_steps={self.warmup_steps}, weights only (activations dense)")
+
+
 def _bad_input(x: Any, shape: str, owner: str) -> None:
     got = (f"a {x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__)
     raise InvalidParameterError(f"The 'x' parameter of {owner} must be a floating tensor of shape {shape}. Got {got}.")
 
 
-SUPPORTED_LAYERS: dict[type, type] = {nn.Linear: SWATLinear, nn.Conv2d: SWATConv2d}
-"""Dense class -> its SWAT class. Exactly these classes are converted (not their subclasses)."""
+SUPPORTED_LAYERS: dict[type, type] = {nn.Linear: SWATLinear, nn.Conv2d: SWATConv2d,
+                                       nn.MultiheadAttention: SWATMultiheadAttention}
+"""Dense class -> its SWAT class. Exactly these classes are converted (not their subclasses), and
+also Hugging Face's ``transformers.pytorch_utils.Conv1D`` -> :class:`SWATConv1D` (recognised by
+name, transformers is not imported). ``nn.MultiheadAttention`` only in its fused form
+(``kdim == vdim == embed_dim``), and weights only (see :class:`SWATMultiheadAttention`)."""
+
+
+def _swat_class(module: Any) -> type | None:
+    """The SWAT class that converts ``module``, or None."""
+    cls = SUPPORTED_LAYERS.get(type(module))
+    if cls is SWATMultiheadAttention and not module._qkv_same_embed_dim:
+        return None
+    if cls is None and _is_hf_conv1d(module):
+        return SWATConv1D
+    return cls
 
 
 def _supported_names() -> str:
-    return ", ".join(f"torch.nn.{cls.__name__}" for cls in SUPPORTED_LAYERS)
+    return ("torch.nn.Linear, torch.nn.Conv2d, torch.nn.MultiheadAttention (fused in_proj_weight) and Hugging Face "
+            "transformers.pytorch_utils.Conv1D")
 
 
 def _check_supported(module: Any, name: str, owner: str, classes: tuple[type, ...] | None = None) -> None:
-    classes = tuple(SUPPORTED_LAYERS) if classes is None else classes
-    if type(module) not in classes:
+    ok = _swat_class(module) is not None if classes is None else type(module) in classes
+    if ok and isinstance(module, nn.MultiheadAttention) and not module._qkv_same_embed_dim:
+        ok = False
+    if not ok:
+        shown = _supported_names() if classes is None else ", ".join("torch.nn." + c.__name__ for c in classes)
+        extra = (" with separate q/k/v projection weights (kdim or vdim differs from embed_dim); only the fused "
+                 "in_proj_weight converts" if isinstance(module, nn.MultiheadAttention) else "")
         raise InvalidParameterError(
             f"The '{name}' parameter of {owner} must be a layer SWAT can convert "
-            f"({', '.join('torch.nn.' + c.__name__ for c in classes)}; supported by SWAT: {_supported_names()}). "
-            f"Got {type(module).__module__}.{type(module).__name__} instead."
+            f"({shown}; supported by SWAT: {_supported_names()}). "
+            f"Got {type(module).__module__}.{type(module).__name__}{extra} instead."
         )
 
 
@@ -701,6 +989,22 @@ def _swat_flops(module: _SWATMixin, inputs: tuple, output: torch.Tensor) -> tupl
 
 register_flop_rule(SWATLinear, _swat_flops)
 register_flop_rule(SWATConv2d, _swat_flops)
+register_flop_rule(SWATConv1D, _swat_flops)
+
+
+def _swat_mha_flops(module: SWATMultiheadAttention, inputs: tuple, output: Any) -> tuple[float, float]:
+    training = module.training and torch.is_grad_enabled()
+    if training and module.last_stats["weight_density"] is not None:
+        density = module.last_stats["weight_density"]
+    elif module.current_sparsity()[0] == 0:
+        density = 1.0
+    else:
+        a, b = module.weight_masks()
+        density = float((a.sum() + b.sum()) / (a.numel() + b.numel()))
+    return mha_flops(module, inputs, output, density)
+
+
+register_flop_rule(SWATMultiheadAttention, _swat_mha_flops)
 
 
 # ----------------------------------------------------------------------------- ERK
@@ -768,7 +1072,7 @@ def _convertible(model: nn.Module, layers: Iterable[str] | None, owner: str) -> 
     """The (name, module) pairs to convert: every supported layer, or exactly the named ones."""
     named = dict(model.named_modules())
     if layers is None:
-        return [(n, m) for n, m in named.items() if type(m) in SUPPORTED_LAYERS and n != ""]
+        return [(n, m) for n, m in named.items() if _swat_class(m) is not None and n != ""]
     if isinstance(layers, str):
         layers = [layers]
     elif not hasattr(layers, "__iter__"):
@@ -809,7 +1113,9 @@ def apply_swat(
     layers: Iterable[str] | None = None,
     optimizers: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
 ) -> nn.Module:
-    """Convert ``model``'s ``nn.Linear`` and ``nn.Conv2d`` layers to SWAT layers, in place.
+    """Convert ``model``'s ``nn.Linear``, ``nn.Conv2d``, Hugging Face ``Conv1D`` (GPT-2) and
+    ``nn.MultiheadAttention`` (fused form; weights only, see :class:`SWATMultiheadAttention`)
+    layers to SWAT layers, in place.
 
     Args:
         model: The model (not wrapped in DDP: convert first, then wrap).
@@ -840,8 +1146,8 @@ def apply_swat(
     Returns:
         ``model`` itself. What was converted and what was left dense, with the reason, is in
         :func:`swat_conversion_report` (``leanscale.sparse.report``); a ``UserWarning`` names
-        the layers with weights that SWAT cannot convert (e.g. ``nn.MultiheadAttention``'s
-        fused projections).
+        the layers with weights that SWAT cannot convert (e.g. ``nn.MultiheadAttention`` with
+        separate q/k/v weights, a subclass of ``nn.Linear``).
 
     Raises:
         InvalidParameterError: a bad argument, a named layer SWAT cannot convert (the supported
@@ -899,14 +1205,15 @@ def apply_swat(
         name = wanted.get(id(module))
         if name is None:
             return None
-        return SUPPORTED_LAYERS[type(module)].from_dense(module, sparsity=per_layer[name], **kw)
+        return _swat_class(module).from_dense(module, sparsity=per_layer[name], **kw)
 
-    policies: dict[type, Any] = {cls: policy for cls in SUPPORTED_LAYERS}
+    policies: dict[type, Any] = {type(m): policy for _, m in targets}
     if compact_relu:
         policies[nn.ReLU] = lambda module, index: CompactReLU(module.inplace)
     replace_module_classes(model, policies, optimizers=optimizers)
     if compact_relu:
         _install_functional_relu(model)
+    _no_nested_tensor_fast_path(model)
     _record_conversion(model, kept, params, layers is not None)
     return model
 
@@ -932,22 +1239,20 @@ _RECORD = "_swat_conversion"
 
 def _skip_reason(name: str, module: nn.Module, parent: nn.Module | None) -> str | None:
     """Why SWAT cannot convert ``module`` (one that holds a weight matrix), or None if it has none."""
-    if type(module) in SUPPORTED_LAYERS or isinstance(module, _SWATMixin):
+    if _swat_class(module) is not None or isinstance(module, _SWATMixin):
         return None
     if isinstance(module, nn.MultiheadAttention):
-        return ("unsupported type: nn.MultiheadAttention computes its query/key/value projections from the fused "
-                "in_proj_weight inside F.multi_head_attention_forward, not through nn.Linear modules; build "
-                "attention with separate nn.Linear projections (as Hugging Face BERT and Llama do) to sparsify it")
+        return ("unsupported: nn.MultiheadAttention with separate q_proj_weight/k_proj_weight/v_proj_weight (kdim or "
+                "vdim differs from embed_dim); SWAT converts only the fused in_proj_weight form")
+    if isinstance(parent, SWATMultiheadAttention) and isinstance(module, nn.Linear):
+        return None  # sparsified by its SWATMultiheadAttention, which reads out_proj.weight
     if isinstance(parent, nn.MultiheadAttention) and isinstance(module, nn.Linear):
-        return ("unsupported: the out_proj of nn.MultiheadAttention, whose weight the attention reads directly "
-                "(its forward is never called)")
+        return ("part of its nn.MultiheadAttention, which reads out_proj.weight directly (the Linear's forward is "
+                "never called): sparsified together with the attention when the attention is converted")
     for dense in SUPPORTED_LAYERS:
         if isinstance(module, dense) and type(module) is not dense:
             return (f"unsupported type: a subclass of torch.nn.{dense.__name__} ({type(module).__name__}); SWAT "
                     f"converts exact classes only, as a subclass may compute something else")
-    if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers"):
-        return ("unsupported type: Hugging Face Conv1D (GPT-2's projections) is a linear layer with a transposed "
-                "(in, out) weight, not an nn.Linear; SWAT does not convert it")
     if isinstance(module, nn.Embedding):
         return "not a SWAT target: an embedding is a table lookup, there is no matrix product to sparsify"
     if any(p.dim() >= 2 for p in module.parameters(recurse=False)):
@@ -971,7 +1276,7 @@ def _record_conversion(model: nn.Module, kept: dict[str, str], params: dict[str,
             continue
         if name in kept:
             why = kept[name]
-        elif type(module) in SUPPORTED_LAYERS:
+        elif _swat_class(module) is not None:
             why = reasons.get(name, "not named in 'layers'" if named else "kept dense")
         else:
             why = _skip_reason(name, module, parents.get(name))
@@ -1033,32 +1338,93 @@ def swat_summary(model: nn.Module) -> list[dict[str, Any]]:
     return rows
 
 
+# Attribute of an nn.TransformerEncoder whose nested-tensor fast path apply_swat switched off:
+# its previous use_nested_tensor, restored by export_pruned.
+_NESTED = "_swat_use_nested_tensor"
+
+
+def _no_nested_tensor_fast_path(model: nn.Module) -> None:
+    """Switch off the nested-tensor fast path of every ``nn.TransformerEncoder`` holding SWAT
+    layers. That path (evaluation without gradients, with a padding mask) hands the layers nested
+    tensors, which only PyTorch's fused kernels -- reading the raw, dense weights -- accept. The
+    outputs at non-padded positions are the same; padded positions then hold computed values
+    instead of zeros, as with ``enable_nested_tensor=False``."""
+    for m in model.modules():
+        if isinstance(m, nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False) \
+                and any(isinstance(c, _SWATMixin) for c in m.modules()):
+            setattr(m, _NESTED, m.use_nested_tensor)
+            m.use_nested_tensor = False
+
+
+def _restore_nested_tensor_fast_path(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.TransformerEncoder) and hasattr(m, _NESTED):
+            m.use_nested_tensor = getattr(m, _NESTED)
+            delattr(m, _NESTED)
+
+
 def export_pruned(model: nn.Module) -> nn.Module:
     """Hard-prune a SWAT-trained model for inference, in place: every SWAT layer becomes the
-    plain ``nn.Linear`` / ``nn.Conv2d`` it came from, with the weights outside its top-K set to
-    zero. The result needs no leanscale to load; see :mod:`leanscale.sparse.export` for sparse
-    kernels and compact files."""
-    dense_of = {swat: dense for dense, swat in SUPPORTED_LAYERS.items()}
+    plain layer it came from (``nn.Linear``, ``nn.Conv2d``, Hugging Face ``Conv1D`` with its
+    ``(in, out)`` weight, ``nn.MultiheadAttention`` with its fused ``in_proj_weight`` and
+    ``out_proj``), with the weights outside its top-K set to zero: the same ``state_dict`` keys and
+    shapes as the original model (without ``swat_step``), so ``load_state_dict``,
+    ``save_pretrained`` / ``from_pretrained`` and :func:`~leanscale.sparse.export.save_pruned`
+    work as for the dense model. The result needs no leanscale to load; see
+    :mod:`leanscale.sparse.export` for sparse kernels and compact files."""
+
+    def param(t: torch.Tensor | None, mask: torch.Tensor | None = None) -> nn.Parameter | None:
+        if t is None:
+            return None
+        return nn.Parameter(t.detach() * mask if mask is not None else t.detach().clone(), requires_grad=t.requires_grad)
 
     def policy(module: nn.Module, index: int) -> nn.Module:
-        mask = module.weight_mask()
-        cls = dense_of[type(module)]
-        if cls is nn.Linear:
-            new = nn.Linear(module.in_features, module.out_features, module.bias is not None, device="meta")
+        if isinstance(module, SWATMultiheadAttention):
+            in_mask, out_mask = module.weight_masks()
+            new = nn.MultiheadAttention(module.embed_dim, module.num_heads, module.dropout,
+                                        module.in_proj_bias is not None, module.bias_k is not None,
+                                        module.add_zero_attn, batch_first=module.batch_first, device="meta")
+            new.in_proj_weight, new.in_proj_bias = param(module.in_proj_weight, in_mask), param(module.in_proj_bias)
+            new.bias_k, new.bias_v = param(module.bias_k), param(module.bias_v)
+            old = module.out_proj
+            new.out_proj = type(old)(old.in_features, old.out_features, old.bias is not None, device="meta")
+            new.out_proj.weight, new.out_proj.bias = param(old.weight, out_mask), param(old.bias)
+            new.out_proj.train(old.training)
         else:
-            new = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
-                            module.padding, module.dilation, module.groups, module.bias is not None, device="meta")
-        new.weight = nn.Parameter(module.weight.detach() * mask, requires_grad=module.weight.requires_grad)
-        new.bias = (None if module.bias is None
-                    else nn.Parameter(module.bias.detach().clone(), requires_grad=module.bias.requires_grad))
+            mask = module.weight_mask()
+            if isinstance(module, SWATConv1D):
+                # the model came with transformers (checked below)
+                from transformers.pytorch_utils import Conv1D
+
+                new = Conv1D(module.nf, 1)  # a (1, nf) weight allocated, replaced below
+            elif isinstance(module, SWATLinear):
+                new = nn.Linear(module.in_features, module.out_features, module.bias is not None, device="meta")
+            else:
+                new = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                                module.padding, module.dilation, module.groups, module.bias is not None,
+                                device="meta")
+            if isinstance(module, SWATConv1D) and module.bias is None:
+                new.bias = None
+            new.weight, new.bias = param(module.weight, mask), param(module.bias)
+            if isinstance(module, SWATConv1D):
+                new.nx = module.nx
         new.train(module.training)
         return new
 
     if not swat_layers(model):
         raise InvalidParameterError("The 'model' parameter of export_pruned has no SWAT layer to export.")
-    replace_module_classes(model, {**{cls: policy for cls in dense_of},
+    swat_classes = {type(m) for _, m in swat_layers(model)}
+    if SWATConv1D in swat_classes:
+        try:
+            import transformers.pytorch_utils  # noqa: F401
+        except ImportError:
+            raise InvalidParameterError(
+                "The 'model' parameter of export_pruned has SWATConv1D layers, which export to Hugging Face's "
+                "Conv1D: install transformers (pip install 'leanscale[hf]').") from None
+    replace_module_classes(model, {**{cls: policy for cls in swat_classes},
                                    CompactReLU: lambda module, index: nn.ReLU(module.inplace)})
     _remove_functional_relu(model)
+    _restore_nested_tensor_fast_path(model)
     if hasattr(model, _RECORD):
         delattr(model, _RECORD)
     return model

@@ -35,7 +35,7 @@ from leanscale.train.batches import permutation_batches
 from leanscale.train.distributed import all_reduce_floats
 from leanscale.train.loop import Checkpoint, MicroBatches, StepOutput, fit
 from leanscale.train.schedules import lr_factor
-from leanscale.train.user_data import describe, user_code
+from leanscale.train.user_data import as_logits, describe, user_code
 
 __all__ = ["ClassifierRun", "check_classification_data", "check_model_output", "evaluate", "fit_classifier"]
 
@@ -71,9 +71,10 @@ def check_classification_data(data: Any, owner: str) -> None:
             f"tensors. Got {got} instead."
         )
     for split, x, y in (("train", data[0], data[1]), ("test", data[2], data[3])):
-        if not x.is_floating_point():
+        if not (x.is_floating_point() or (x.dtype in (torch.int64, torch.int32) and x.ndim == 2)):
             raise InvalidParameterError(
-                f"The 'data' parameter of {owner} must hold floating-point inputs x_{split}. Got dtype {x.dtype}."
+                f"The 'data' parameter of {owner} must hold floating-point inputs x_{split} (or int64/int32 "
+                f"token ids of shape (n, sequence length)). Got dtype {x.dtype} and shape {tuple(x.shape)}."
             )
         if y.ndim != 1 or y.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
             raise InvalidParameterError(
@@ -113,7 +114,7 @@ def check_model_output(model: nn.Module, x: torch.Tensor, n_classes: int, owner:
     try:
         with user_code("model", owner, f"the training inputs (x: {describe(x)})",
                        "Check that the data match the model's input."), torch.no_grad():
-            logits = model(x)
+            logits = as_logits(model(x))
     finally:
         model.train(was_training)
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != x.shape[0] \
@@ -134,7 +135,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     correct, loss = 0, 0.0
     try:
         for i in range(0, len(y), batch_size):
-            logits = model(x[i:i + batch_size])
+            logits = as_logits(model(x[i:i + batch_size]))
             loss += F.cross_entropy(logits, y[i:i + batch_size], reduction="sum").item()
             correct += (logits.argmax(1) == y[i:i + batch_size]).sum().item()
     finally:
@@ -255,7 +256,7 @@ def fit_classifier(
     def loss_fn(net: nn.Module, idx: torch.Tensor) -> torch.Tensor:
         # micro-batches: mean loss of the whole batch = sum over parts of (part mean) * part / local
         weight = 1.0 if len(idx) == local_batch else len(idx) / local_batch
-        loss = F.cross_entropy(net(x_train[idx]), y_train[idx])
+        loss = F.cross_entropy(as_logits(net(x_train[idx])), y_train[idx])
         return loss if weight == 1.0 else loss * weight
 
     history: list[dict[str, Any]] = []

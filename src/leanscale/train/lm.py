@@ -22,6 +22,7 @@ from torch import nn
 
 from leanscale.core.distributed import rank_and_world
 from leanscale.core.errors import InvalidParameterError
+from leanscale.core.progress import progress
 from leanscale.data.text import TokenStream
 from leanscale.train.distributed import all_reduce_floats
 from leanscale.train.loop import StepOutput, fit
@@ -109,6 +110,7 @@ def train_lm(
     extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
     label: str = "run",
     owner: str = "train_lm",
+    progress_bar: bool = False,
 ) -> LMRun:
     """Train ``model`` for ``n_steps`` steps of ``batch_size`` windows of ``seq_len`` tokens.
 
@@ -133,6 +135,7 @@ def train_lm(
             the reported losses stay the language model's cross-entropy.
         label: names the run in the message printed when ``max_minutes`` stops it.
         owner: the function named in error messages (a caller's public name).
+        progress_bar: show a progress bar over the steps, named ``label`` (rank 0 only).
     """
     rank, world = rank_and_world()
     if batch_size % world != 0:
@@ -153,7 +156,10 @@ def train_lm(
         x, y = batch  # (B_local, T) each
         return net(x, y)[1]
 
+    bar = progress(total=n_steps, desc=label, unit="step", disable=None if progress_bar and rank == 0 else True)
+
     def on_step(out: StepOutput) -> None:
+        bar.update(1)
         window["loss"] += out.loss.item()
         window["steps"] += 1
         if out.step in eval_after or out.last:
@@ -166,13 +172,16 @@ def train_lm(
             window.update(loss=0.0, steps=0)
 
     model.train()
-    result = fit(
-        model, optimizer, batches, loss_fn, n_steps=n_steps, lr=lr,
-        # the LR at the END of the step: peak after warmup, exactly min_lr_ratio * lr at the last step
-        schedule=lambda step: lr_factor(step + 1, n_steps, warmup_steps=warmup, floor=min_lr_ratio),
-        clip_grad_norm=grad_clip, extra_loss=extra_loss, on_step=on_step,
-        time_limit_s=None if max_minutes is None else 60.0 * max_minutes,
-    )
+    try:
+        result = fit(
+            model, optimizer, batches, loss_fn, n_steps=n_steps, lr=lr,
+            # the LR at the END of the step: peak after warmup, exactly min_lr_ratio * lr at the last step
+            schedule=lambda step: lr_factor(step + 1, n_steps, warmup_steps=warmup, floor=min_lr_ratio),
+            clip_grad_norm=grad_clip, extra_loss=extra_loss, on_step=on_step,
+            time_limit_s=None if max_minutes is None else 60.0 * max_minutes,
+        )
+    finally:
+        bar.close()
     del optimizer
     truncated = result.stopped == "time_limit"
     if truncated:

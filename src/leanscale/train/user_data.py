@@ -11,12 +11,39 @@ import torch
 
 from leanscale.core.errors import InvalidParameterError, LeanscaleError
 
-__all__ = ["check_finite_x", "check_loss_has_grad", "check_scalar_loss", "check_xy_pair", "describe", "is_xy_pair",
-           "iter_xy_batches", "model_loss", "user_code"]
+__all__ = ["as_logits", "check_finite_x", "check_loss_has_grad", "check_scalar_loss", "check_xy_pair", "describe", "is_xy_pair",
+           "iter_xy_batches", "model_loss", "output_cross_entropy", "user_code"]
 
 # What a user's model or loss raises on data it cannot take (wrong shape, dtype, label range).
 # Out-of-memory errors are RuntimeErrors too, but they are not about the data: they pass through.
 _USER_CODE_ERRORS = (RuntimeError, ValueError, IndexError, TypeError)
+
+
+def as_logits(out: Any) -> Any:
+    """The logits in a model's output: a tensor as it is, the ``logits`` of a Hugging Face
+    ``ModelOutput`` (or of a dict), the first element of a tuple (``(logits, loss)`` models).
+    Anything else comes back unchanged, for the caller's check to name.
+
+    Example:
+        >>> as_logits((torch.zeros(2, 3), torch.tensor(0.5))).shape
+        torch.Size([2, 3])
+    """
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)  # transformers' ModelOutput
+    if logits is None and isinstance(out, dict):
+        logits = out.get("logits")
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    return out
+
+
+def output_cross_entropy(out: Any, y: torch.Tensor) -> torch.Tensor:
+    """``F.cross_entropy`` of a model's output (a tensor, an HF ``ModelOutput``, ``(logits, ...)``)
+    and the class indices ``y``: the loss the command line uses with a user's ``--model``."""
+    return torch.nn.functional.cross_entropy(as_logits(out), y)
 
 
 def is_xy_pair(data: Any) -> bool:

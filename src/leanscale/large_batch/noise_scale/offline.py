@@ -12,7 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from leanscale.core.distributed import rank_and_world
 from leanscale.core.errors import InvalidParameterError
+from leanscale.core.progress import progress
 from leanscale.core.validation import Interval, check_param
 from leanscale.large_batch.noise_scale.advice import BatchAdvice, _advise_measured
 from leanscale.large_batch.noise_scale.estimators import (
@@ -112,6 +114,7 @@ def measure_noise_scale(
     n_batches: int = 16,
     seed: int | None = 0,
     train_mode: bool = True,
+    progress_bar: bool = False,
 ) -> NoiseScaleResult:
     """Measure ``B_simple`` of ``model`` at its current weights, without training it.
 
@@ -137,6 +140,7 @@ def measure_noise_scale(
             BatchNorm with batch statistics, dropout on) or in eval mode. Either way every module's
             mode and every buffer (BatchNorm running statistics, ``num_batches_tracked``) is put
             back afterwards, also on an exception. Dropout draws from torch's global RNG.
+        progress_bar: show a progress bar of the batches (rank 0 only).
 
     Returns:
         A :class:`NoiseScaleResult`; ``result.advise(base_lr=..., base_batch_size=...)`` turns it into a
@@ -160,6 +164,7 @@ def measure_noise_scale(
     check_param("n_batches", n_batches, [Interval(int, 2, None)], owner=owner)
     check_param("seed", seed, [None, Interval(int, 0, None)], owner=owner)
     check_param("train_mode", train_mode, [bool], owner=owner)
+    check_param("progress_bar", progress_bar, [bool], owner=owner)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise InvalidParameterError(
@@ -174,6 +179,8 @@ def measure_noise_scale(
     small_sq: list[float] = []
     # running sum of n_i * g_i in at least float32 (one copy of the parameters), shapes as params
     acc = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in params]
+    bar = progress(total=len(batches), desc="noise scale", unit="batch",
+                   disable=None if progress_bar and rank_and_world()[0] == 0 else True)
     try:
         model.train(train_mode)
         for i, (x, y, n) in enumerate(batches):
@@ -190,7 +197,9 @@ def measure_noise_scale(
                     sq += torch.linalg.vector_norm(g, dtype=torch.float64).square().to(device)
                     a.add_(g, alpha=n)
             small_sq.append(float(sq))
+            bar.update(1)
     finally:
+        bar.close()
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)

@@ -1,0 +1,559 @@
+"""The OpenAI-compatible gateway app (FastAPI): one front for several OpenAI-compatible backends,
+with fallback chains, cost accounting, client keys, a bound on requests in flight and Prometheus
+metrics (``pip install 'leanscale[gateway]'``).
+
+::
+
+    from leanscale.cascade.gateway import GatewayConfig, create_gateway_app, serve_gateway
+    app = create_gateway_app(GatewayConfig.from_yaml("gateway.yaml"))   # uvicorn, TestClient...
+    serve_gateway("gateway.yaml", port=8080)
+
+Endpoints (clients use the official OpenAI clients with ``base_url=http://HOST:PORT/v1``):
+
+* ``POST /v1/chat/completions``, ``POST /v1/completions`` -- the request's ``model`` names a
+  configured model; the body is forwarded as is (``model`` replaced by the upstream name). On a
+  backend failure (connection error, timeout, 5xx, 429, a 401/403/404 of the backend, an answer
+  that is not a completion) the model's ``fallbacks`` are tried in order, after a short bounded
+  backoff. ``stream: true`` answers server-sent events in OpenAI's chunk format ending with
+  ``data: [DONE]``; the gateway asks the backend for usage (``stream_options.include_usage``) and
+  falls back only before the first chunk: a failure after it ends the stream with an error event
+  ``data: {"error": {...}}`` and no ``[DONE]`` (the OpenAI clients raise ``APIError``), never a
+  silent truncation.
+* ``GET /v1/models`` -- the configured model names. ``GET /healthz`` -- 200 ``{"status": "ok"}``
+  (the gateway is up; backends are not probed). ``GET /metrics`` -- Prometheus text format.
+
+Every answer has the headers ``x-leanscale-model`` (the model that answered) and, when not
+streamed, ``x-leanscale-cost-usd`` (from the answer's ``usage`` and the model's prices; ``unknown``
+when the backend sent no usage); ``usage.cost_usd`` carries the same number in the body (for a
+stream: in the final usage chunk, sent when the client asked for it with
+``stream_options: {"include_usage": true}``, as OpenAI does).
+
+Errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 malformed
+request, 401 missing or wrong client key (when ``client_keys_env`` is configured), 404
+``model_not_found``, 413 body too large, 429 with ``Retry-After`` when ``max_in_flight`` requests
+are being answered already, 503 with ``Retry-After`` when every backend tried was overloaded
+(429 or ``max_concurrency`` reached), 502 when every backend tried failed (the message names each
+and why), and a backend's own 400-type refusal passed through with its status.
+"""
+
+# No ``from __future__ import annotations``: FastAPI reads the endpoints' annotations at run time.
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from leanscale.core.errors import InvalidParameterError, MissingDependencyError
+
+from .backends import Backend, BackendError, BackendStream
+from .config import GatewayConfig
+
+__all__ = ["create_gateway_app", "serve_gateway"]
+
+logger = logging.getLogger("leanscale.cascade.gateway")
+
+_INSTALL = "pip install 'leanscale[gateway]'"
+_METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+REQUEST_OUTCOMES = ("ok", "bad_request", "unauthorized", "model_not_found", "too_large", "overloaded",
+                    "backends_failed", "backend_refused", "stream_error", "internal_error")
+BACKEND_OUTCOMES = ("ok", "timeout", "connection", "rate_limited", "saturated", "server_error", "misconfigured",
+                    "bad_response", "client_error", "stream_error")
+_NO_MODEL = "-"  # the model label of requests that named no configured model (bounded label values)
+
+
+def _require(module: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"the LLM gateway needs {module} (missing: {exc.name}). Install it with: {_INSTALL}") from exc
+
+
+# ------------------------------------------------------------------------------------ metrics
+class _Metrics:
+    """The gateway's Prometheus metrics, in a registry of its own."""
+
+    def __init__(self, models: list[str]):
+        pc = _require("prometheus_client")
+        self._pc = pc
+        self.registry = r = pc.CollectorRegistry(auto_describe=True)
+        C = pc.Counter
+        self.requests = C("leanscale_gateway_requests",
+                          "Completion requests by endpoint, model (the one that answered; the one asked for when "
+                          "none did; '-' for none configured) and outcome.", ["endpoint", "model", "outcome"],
+                          registry=r)
+        self.backend_calls = C("leanscale_gateway_backend_calls", "Calls to each backend model by outcome.",
+                               ["model", "outcome"], registry=r)
+        self.fallbacks = C("leanscale_gateway_fallbacks", "Calls a model got as a fallback of another one.",
+                           ["model"], registry=r)
+        self.cost = C("leanscale_gateway_cost_usd", "USD spent (usage x prices), by the model that answered.",
+                      ["model"], registry=r)
+        self.tokens = C("leanscale_gateway_tokens", "Tokens by model and kind (prompt, completion).",
+                        ["model", "kind"], registry=r)
+        self.in_flight = pc.Gauge("leanscale_gateway_in_flight", "Completion requests being answered.", registry=r)
+        self.latency = pc.Histogram("leanscale_gateway_request_latency_seconds",
+                                    "Wall time of completion requests in the gateway (streams: to their end), any "
+                                    "outcome.", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.backend_latency = pc.Histogram("leanscale_gateway_backend_latency_seconds",
+                                            "Wall time of successful backend calls (streams: to the first event).",
+                                            ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        for name in models:  # every series present from the start, at 0
+            self.cost.labels(model=name)
+            self.fallbacks.labels(model=name)
+            for kind in ("prompt", "completion"):
+                self.tokens.labels(model=name, kind=kind)
+            for outcome in BACKEND_OUTCOMES:
+                self.backend_calls.labels(model=name, outcome=outcome)
+        for endpoint in ENDPOINTS.values():
+            self.latency.labels(endpoint=endpoint)
+
+    def render(self) -> bytes:
+        return self._pc.generate_latest(self.registry)
+
+
+# ------------------------------------------------------------------------------------- errors
+class GatewayError(Exception):
+    """An error answered to the client in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, kind: str, code: str | None = None, param: str | None = None,
+                 headers: dict | None = None, outcome: str = "bad_request", model: str = _NO_MODEL):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
+        self.headers, self.outcome, self.model = headers or {}, outcome, model
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def _usage_cost(usage: Any, model) -> float | None:
+    """USD for a ``usage`` block (None when it lacks the token counts)."""
+    if not isinstance(usage, dict):
+        return None
+    p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (p, c)):
+        return None
+    return model.cost(p, c)
+
+
+def _cost_header(cost: float | None) -> str:
+    return "unknown" if cost is None else f"{cost:.12g}"
+
+
+def _all_failed(requested: str, chain: list[str], failures: list[BackendError]) -> GatewayError:
+    why = "; ".join(f"{e.model!r}: {e.message}" for e in failures)
+    tried = ", ".join(map(repr, chain))
+    headers = {"x-leanscale-tried": ",".join(chain)}
+    if failures and all(e.overload for e in failures):
+        waits = [e.retry_after for e in failures if e.retry_after is not None]
+        headers["retry-after"] = str(max(1, min(60, math.ceil(min(waits))))) if waits else "1"
+        return GatewayError(503, f"every backend for model {requested!r} is overloaded (tried {tried}): {why}. "
+                            "Retry later.", "server_error", "backends_overloaded", headers=headers,
+                            outcome="overloaded", model=requested)
+    return GatewayError(502, f"every backend for model {requested!r} failed (tried {tried}): {why}.",
+                        "server_error", "backends_failed", headers=headers, outcome="backends_failed",
+                        model=requested)
+
+
+def _passthrough(requested: str, e: BackendError) -> GatewayError:
+    """A backend's refusal of the request itself (a 4xx other than 429): its status and message."""
+    err = e.body.get("error") if isinstance(e.body, dict) else None
+    err = err if isinstance(err, dict) else {}
+    param = err.get("param") if isinstance(err.get("param"), str) else None
+    code = err.get("code") if isinstance(err.get("code"), str) else None
+    kind = err.get("type") if isinstance(err.get("type"), str) else "invalid_request_error"
+    return GatewayError(int(e.status or 400), f"model {e.model!r} refused the request: {e.message}", kind, code,
+                        param, outcome="backend_refused", model=requested)
+
+
+def _backend_outcome(e: BackendError) -> str:
+    return e.kind if e.kind in BACKEND_OUTCOMES else "server_error"
+
+
+# ---------------------------------------------------------------------------------- streaming
+def _sse(obj: Any) -> bytes:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
+
+
+class _Done:
+    """Runs the cleanup of a request once (the slot of max_in_flight, metrics, a backend stream)."""
+
+    def __init__(self, fn):
+        self._fn, self._called = fn, False
+
+    async def __call__(self, *args) -> None:
+        if not self._called:
+            self._called = True
+            await self._fn(*args)
+
+
+def _sse_response_class():
+    from starlette.responses import Response
+
+    class _SSEResponse(Response):
+        """An ASGI response streaming ``events`` (bytes) as ``text/event-stream``; stops (and runs
+        ``on_close``, which closes the backend stream) as soon as the client disconnects."""
+
+        def __init__(self, events, headers: dict, on_close):
+            self.events, self.extra_headers, self.on_close = events, headers, on_close
+            self.status_code, self.background = 200, None
+            self.init_headers({"content-type": "text/event-stream; charset=utf-8", **headers})
+
+        async def _pump(self, send) -> None:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            async for chunk in self.events:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        async def __call__(self, scope, receive, send) -> None:
+            async def disconnected() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+
+            pump = asyncio.create_task(self._pump(send))
+            watch = asyncio.create_task(disconnected())
+            try:
+                await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
+                if pump.done():
+                    pump.result()  # re-raise a failure of the pump
+            finally:
+                for task in (pump, watch):
+                    task.cancel()
+                for task in (pump, watch):
+                    with contextlib.suppress(BaseException):
+                        await task
+                with contextlib.suppress(Exception):
+                    await self.events.aclose()
+                await self.on_close("stream_error")
+
+    return _SSEResponse
+
+
+# ------------------------------------------------------------------------------------ the app
+def create_gateway_app(config, *, docs: bool = False, transport=None):
+    """A FastAPI app serving ``config`` (a :class:`GatewayConfig`, or the path of its YAML file;
+    see the module docstring). The backend clients are created with the app's lifespan (uvicorn,
+    or ``with TestClient(app)``). ``transport``: an httpx transport for every backend (tests).
+    Fails at once when a configured environment variable (a backend's ``api_key_env``,
+    ``client_keys_env``) is unset."""
+    _require("fastapi")
+    _require("httpx")
+    _require("prometheus_client")
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, Response
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    if isinstance(config, (str, Path)):
+        config = GatewayConfig.from_yaml(config)
+    if not isinstance(config, GatewayConfig):
+        raise InvalidParameterError(
+            "The 'config' parameter of create_gateway_app must be a GatewayConfig or the path of a gateway YAML "
+            f"file. Got {type(config).__name__} instead.")
+    client_keys = [k.encode() for k in config.client_keys()] if config.client_keys_env else None
+    for m in config.models:
+        m.api_key()  # an unset api_key_env fails now, not on the first request
+    metrics = _Metrics(config.model_names)
+    _SSEResponse = _sse_response_class()
+    backends: dict[str, Backend] = {}
+    state = {"in_flight": 0}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        for m in config.models:
+            backends[m.name] = Backend(m, transport=transport)
+        try:
+            yield
+        finally:
+            for b in list(backends.values()):
+                with contextlib.suppress(Exception):
+                    await b.aclose()
+            backends.clear()
+
+    app = FastAPI(title="leanscale LLM gateway", version="1", lifespan=lifespan, docs_url="/docs" if docs else None,
+                  redoc_url=None)
+    app.state.metrics = metrics
+    app.state.config = config
+
+    def error_response(e: GatewayError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return error_response(GatewayError(exc.status_code, str(exc.detail), "invalid_request_error",
+                                           headers=dict(exc.headers or {})))
+
+    # -------------------------------------------------------------------------- checks
+    def check_key(request: Request) -> None:
+        if client_keys is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        token = token.strip().encode()
+        ok = False
+        for key in client_keys:  # compare with every key: the time does not tell which matched
+            ok |= hmac.compare_digest(token, key)
+        if scheme.lower() != "bearer" or not ok:
+            what = "no API key was sent" if not header else "the API key sent is not valid"
+            raise GatewayError(401, f"Incorrect API key: {what}. Send 'Authorization: Bearer <key>' with a key of "
+                               "this gateway.", "invalid_request_error", "invalid_api_key", outcome="unauthorized")
+
+    async def read_json(request: Request) -> dict:
+        limit = config.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise GatewayError(413, f"the request body is {declared} bytes; at most {limit} are accepted.",
+                               "invalid_request_error", "request_too_large", outcome="too_large")
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > limit:
+                raise GatewayError(413, f"the request body is over {limit} bytes; at most {limit} are accepted.",
+                                   "invalid_request_error", "request_too_large", outcome="too_large")
+        try:
+            body = json.loads(bytes(raw))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise GatewayError(400, f"the request body must be a JSON object: {exc}.", "invalid_request_error",
+                               "invalid_json") from None
+        if not isinstance(body, dict):
+            raise GatewayError(400, f"the request body must be a JSON object. Got a JSON {type(body).__name__}.",
+                               "invalid_request_error", "invalid_json")
+        return body
+
+    def check_body(body: dict, endpoint: str) -> str:
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise GatewayError(400, f"'model' must be the name of a model of this gateway "
+                               f"({', '.join(map(repr, config.model_names))}). Got {model!r:.100}.",
+                               "invalid_request_error", "invalid_value", "model")
+        if model not in config.model_names:
+            raise GatewayError(404, f"The model {model[:100]!r} does not exist on this gateway. Models: "
+                               f"{', '.join(map(repr, config.model_names))}.", "invalid_request_error",
+                               "model_not_found", "model", outcome="model_not_found")
+        if endpoint == "chat":
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+                raise GatewayError(400, "'messages' must be a non-empty list of message objects. Got "
+                                   f"{messages!r:.100}.", "invalid_request_error", "invalid_value", "messages",
+                                   model=model)
+        elif "prompt" not in body:
+            raise GatewayError(400, "'prompt' is required.", "invalid_request_error", "invalid_value", "prompt",
+                               model=model)
+        stream = body.get("stream", False)
+        if stream is not None and not isinstance(stream, bool):
+            raise GatewayError(400, f"'stream' must be true or false. Got {stream!r:.50}.", "invalid_request_error",
+                               "invalid_value", "stream", model=model)
+        options = body.get("stream_options")
+        if options is not None and not isinstance(options, dict):
+            raise GatewayError(400, "'stream_options' must be an object.", "invalid_request_error", "invalid_value",
+                               "stream_options", model=model)
+        return model
+
+    def backoff(attempt: int) -> float:
+        return min(config.max_backoff_s, config.backoff_s * 2 ** (attempt - 1))
+
+    def account(name: str, usage: Any) -> float | None:
+        cost = _usage_cost(usage, config.model(name))
+        if cost is not None:
+            metrics.cost.labels(model=name).inc(cost)
+            metrics.tokens.labels(model=name, kind="prompt").inc(usage["prompt_tokens"])
+            metrics.tokens.labels(model=name, kind="completion").inc(usage["completion_tokens"])
+        return cost
+
+    # ----------------------------------------------------------------------- completions
+    async def call_chain(requested: str, path: str, body: dict, stream: bool):
+        """The first backend of the chain that answers: (name, JSON answer or BackendStream)."""
+        chain = config.chain(requested)
+        failures: list[BackendError] = []
+        for attempt, name in enumerate(chain):
+            if attempt:
+                await asyncio.sleep(backoff(attempt))
+                metrics.fallbacks.labels(model=name).inc()
+            backend = backends[name]
+            t0 = time.perf_counter()
+            try:
+                answer = await (backend.open_stream(path, body) if stream else backend.request_json(path, body))
+            except BackendError as e:
+                metrics.backend_calls.labels(model=name, outcome=_backend_outcome(e)).inc()
+                logger.info("backend %r failed (%s): %s", name, e.kind, e.message)
+                if not e.retryable:
+                    raise _passthrough(requested, e) from None
+                failures.append(e)
+                continue
+            metrics.backend_calls.labels(model=name, outcome="ok").inc()
+            metrics.backend_latency.labels(model=name).observe(time.perf_counter() - t0)
+            return name, answer
+        raise _all_failed(requested, chain, failures)
+
+    def relay(name: str, stream: BackendStream, want_usage: bool, endpoint: str, finish):
+        """The client's events: the backend's chunks (usage with cost_usd), then ``[DONE]``; an
+        error event (and no ``[DONE]``) when the backend fails or ends the stream early."""
+        model = config.model(name)
+
+        def error_event(message: str) -> bytes:
+            return _sse({"error": {"message": f"model {name!r} failed during the stream: {message}",
+                                   "type": "server_error", "param": None, "code": "stream_interrupted"}})
+
+        async def events():
+            outcome = "stream_error"
+            usage = None
+            data = stream.first
+            it = aiter(stream)
+            try:
+                while True:
+                    if data.strip() == "[DONE]":
+                        outcome = "ok"
+                        yield b"data: [DONE]\n\n"
+                        return
+                    try:
+                        obj = json.loads(data)
+                    except ValueError:
+                        metrics.backend_calls.labels(model=name, outcome="stream_error").inc()
+                        yield error_event(f"an event that is not JSON: {data[:100]!r}")
+                        return
+                    if isinstance(obj, dict) and obj.get("error"):
+                        metrics.backend_calls.labels(model=name, outcome="stream_error").inc()
+                        err = obj["error"]
+                        msg = err.get("message") if isinstance(err, dict) else err
+                        yield error_event(str(msg)[:300])
+                        return
+                    send = True
+                    if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
+                        usage = obj["usage"]
+                        cost = _usage_cost(usage, model)
+                        if cost is not None:
+                            usage["cost_usd"] = cost
+                        if not want_usage:  # the client did not ask: as OpenAI, no usage chunk
+                            if obj.get("choices"):
+                                obj.pop("usage")
+                            else:
+                                send = False
+                    if send:
+                        yield _sse(obj)
+                    try:
+                        data = await anext(it)
+                    except StopAsyncIteration:
+                        metrics.backend_calls.labels(model=name, outcome="stream_error").inc()
+                        yield error_event("the backend ended the stream without [DONE]")
+                        return
+                    except BackendError as e:
+                        metrics.backend_calls.labels(model=name, outcome="stream_error").inc()
+                        yield error_event(e.message)
+                        return
+            finally:
+                if outcome == "ok" or usage is not None:
+                    account(name, usage)
+                await finish(outcome)
+
+        return events()
+
+    async def completions(request: Request, endpoint: str, path: str):
+        t0 = time.perf_counter()
+        outcome, label = "internal_error", _NO_MODEL
+        streaming = False
+
+        async def finish(final_outcome: str) -> None:
+            state["in_flight"] -= 1
+            metrics.in_flight.set(state["in_flight"])
+            metrics.requests.labels(endpoint=endpoint, model=label, outcome=final_outcome).inc()
+            metrics.latency.labels(endpoint=endpoint).observe(time.perf_counter() - t0)
+
+        done = _Done(finish)
+        try:
+            check_key(request)
+            if state["in_flight"] >= config.max_in_flight:
+                raise GatewayError(429, f"the gateway is answering {config.max_in_flight} requests already "
+                                   "(max_in_flight); retry later.", "rate_limit_error", "gateway_overloaded",
+                                   headers={"retry-after": "1"}, outcome="overloaded")
+        except GatewayError as e:
+            metrics.requests.labels(endpoint=endpoint, model=_NO_MODEL, outcome=e.outcome).inc()
+            return error_response(e)
+        state["in_flight"] += 1
+        metrics.in_flight.set(state["in_flight"])
+        try:
+            body = await read_json(request)
+            requested = check_body(body, endpoint)
+            label = requested
+            if body.get("stream"):
+                want_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+                body = {**body, "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
+                name, stream = await call_chain(requested, path, body, stream=True)
+                label = name
+
+                async def finish_stream(final_outcome: str) -> None:
+                    await stream.aclose()
+                    await done(final_outcome)
+
+                streaming = True
+                return _SSEResponse(relay(name, stream, want_usage, endpoint, finish_stream),
+                                    headers={"x-leanscale-model": name, "cache-control": "no-cache",
+                                             "x-accel-buffering": "no"}, on_close=_Done(finish_stream))
+            name, answer = await call_chain(requested, path, body, stream=False)
+            label = name
+            cost = account(name, answer.get("usage"))
+            if cost is not None:
+                answer["usage"]["cost_usd"] = cost
+            outcome = "ok"
+            return JSONResponse(answer, headers={"x-leanscale-model": name, "x-leanscale-cost-usd": _cost_header(cost)})
+        except GatewayError as e:
+            outcome = e.outcome
+            if e.model != _NO_MODEL:
+                label = e.model
+            return error_response(e)
+        finally:
+            if not streaming:
+                await done(outcome)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await completions(request, "chat", "chat/completions")
+
+    @app.post("/v1/completions")
+    async def text_completions(request: Request):
+        return await completions(request, "completions", "completions")
+
+    @app.get("/v1/models")
+    async def list_models(request: Request):
+        try:
+            check_key(request)
+        except GatewayError as e:
+            return error_response(e)
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "leanscale"}
+                                           for name in config.model_names]}
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok", "models": config.model_names, "in_flight": state["in_flight"],
+                "max_in_flight": config.max_in_flight}
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(metrics.render(), media_type=_METRICS_CONTENT_TYPE)
+
+    return app
+
+
+def serve_gateway(config, host: str = "127.0.0.1", port: int = 8080, *, log_level: str = "info",
+                  access_log: bool = False, docs: bool = False, **options) -> None:
+    """Serve the gateway with uvicorn until interrupted (SIGTERM: drain, then return).
+    ``config``: a :class:`GatewayConfig` or the path of its YAML file. ``options``: the connection
+    limits of :func:`leanscale.cascade.server.server_config` (``max_connections``,
+    ``timeout_keep_alive``, ``timeout_idle``, ``timeout_graceful_shutdown``, ``backlog``,
+    ``max_header_bytes``). Binds to loopback unless told otherwise."""
+    from leanscale.cascade.server import _is_loopback, _run, server_config
+
+    if isinstance(config, (str, Path)):
+        config = GatewayConfig.from_yaml(config)
+    app = create_gateway_app(config, docs=docs)
+    uv_config = server_config(app, host=host, port=port, log_level=log_level, access_log=access_log, **options)
+    if not _is_loopback(str(host)) and config.client_keys_env is None:
+        logger.warning("serving the gateway on %s without client keys (client_keys_env): anyone who can reach this "
+                       "address can spend the backends' budget. Set client_keys_env, or bind to 127.0.0.1.", host)
+    _run(uv_config)

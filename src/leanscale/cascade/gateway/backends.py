@@ -1,0 +1,262 @@
+"""An async client per backend model: an ``httpx.AsyncClient`` with the model's timeout, at most
+``max_concurrency`` requests in flight (beyond, the call fails at once as "saturated", so the
+gateway can fall back rather than queue), the backend key as ``Authorization: Bearer`` and the
+request's ``model`` replaced by the upstream name.
+
+:meth:`Backend.request_json` answers the JSON body; :meth:`Backend.open_stream` answers a
+:class:`BackendStream` once the first server-sent event has arrived (so that a failure before it
+can still fall back). Failures raise :class:`BackendError`, which says whether another backend
+could help (``retryable``: a connection error, a timeout, 5xx, 429, a bad answer, saturation) or
+not (another 4xx: the request itself is wrong).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from leanscale.core.errors import MissingDependencyError
+
+from .config import ModelConfig
+
+__all__ = ["Backend", "BackendError", "BackendStream"]
+
+_INSTALL = "pip install 'leanscale[gateway]'"
+MAX_RESPONSE_BYTES = 32 << 20  # a non-streamed answer larger than this is refused
+MAX_EVENT_BYTES = 4 << 20  # one server-sent event at most
+
+
+def _require_httpx():
+    try:
+        import httpx
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"the LLM gateway needs httpx (missing: {exc.name}). Install it with: {_INSTALL}") from exc
+    return httpx
+
+
+class BackendError(Exception):
+    """A backend call failed. ``kind``: "timeout", "connection", "rate_limited", "saturated",
+    "server_error", "bad_response" (all ``retryable``) or "client_error" (the backend refused the
+    request with a 4xx other than 429; ``status`` and ``body`` hold its answer)."""
+
+    def __init__(self, model: str, kind: str, message: str, *, status: int | None = None,
+                 body: Any = None, retry_after: float | None = None):
+        super().__init__(message)
+        self.model, self.kind, self.message = model, kind, message
+        self.status, self.body, self.retry_after = status, body, retry_after
+
+    @property
+    def retryable(self) -> bool:
+        return self.kind != "client_error"
+
+    @property
+    def overload(self) -> bool:
+        """The backend is busy rather than broken (429 or saturated)."""
+        return self.kind in ("rate_limited", "saturated")
+
+
+def _retry_after(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None  # an HTTP date: ignored
+    return seconds if 0 <= seconds < 3600 else None
+
+
+def _error_message(body: Any, text: str) -> str:
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        return str(body["error"].get("message", ""))[:300]
+    if isinstance(body, dict) and "detail" in body:
+        return str(body["detail"])[:300]
+    return text[:300]
+
+
+class BackendStream:
+    """An open streamed answer: ``first`` (the data of the first event, already received) and the
+    rest through ``async for data in stream`` (each item the ``data:`` payload of one event,
+    ``"[DONE]"`` included). Call :meth:`aclose` when done (it frees the concurrency slot)."""
+
+    def __init__(self, model: str, first: str, events: AsyncIterator[str], close):
+        self.model, self.first, self._events, self._close = model, first, events, close
+        self._closed = False
+
+    def __aiter__(self):
+        return self._events
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            with contextlib.suppress(Exception):  # the generator failed already; the connection closes below
+                await self._events.aclose()
+            await self._close()
+
+
+class Backend:
+    """The client of one configured model (create it inside the event loop that uses it)."""
+
+    def __init__(self, config: ModelConfig, *, transport=None):
+        httpx = _require_httpx()
+        self.config = config
+        self.name = config.name
+        headers = {"accept": "application/json"}
+        key = config.api_key()
+        if key is not None:
+            headers["authorization"] = f"Bearer {key}"
+        t = config.timeout_s
+        self._client = httpx.AsyncClient(
+            base_url=config.base_url + "/", headers=headers, transport=transport, follow_redirects=False,
+            timeout=httpx.Timeout(t, connect=min(t, 10.0)),
+            limits=httpx.Limits(max_connections=config.max_concurrency,
+                                max_keepalive_connections=min(config.max_concurrency, 32)))
+        self.in_flight = 0  # calls holding one of the max_concurrency slots
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    def _body(self, body: dict) -> dict:
+        return {**body, "model": self.config.model}
+
+    def _acquire(self) -> None:
+        # a non-blocking semaphore (one event loop: no lock needed): full -> fail now, fall back
+        if self.in_flight >= self.config.max_concurrency:
+            raise BackendError(self.name, "saturated",
+                               f"{self.config.max_concurrency} requests in flight (max_concurrency)")
+        self.in_flight += 1
+
+    def _release(self) -> None:
+        self.in_flight -= 1
+
+    def _wrap(self, exc: Exception) -> BackendError:
+        httpx = _require_httpx()
+        t = self.config.timeout_s
+        if isinstance(exc, BackendError):
+            return exc
+        if isinstance(exc, (httpx.TimeoutException, asyncio.TimeoutError)):
+            return BackendError(self.name, "timeout", f"no answer within {t:g} s (timeout_s)")
+        if isinstance(exc, httpx.HTTPError):
+            return BackendError(self.name, "connection", f"{type(exc).__name__}: {exc}"[:300])
+        return BackendError(self.name, "bad_response", f"{type(exc).__name__}: {exc}"[:300])
+
+    def _status_error(self, status: int, raw: bytes, headers) -> BackendError:
+        text = raw.decode("utf-8", "replace")
+        try:
+            body = json.loads(text)
+        except ValueError:
+            body = None
+        detail = _error_message(body, text)
+        message = f"HTTP {status}" + (f": {detail}" if detail else "")
+        if status == 429:
+            return BackendError(self.name, "rate_limited", message, status=status, body=body,
+                                retry_after=_retry_after(headers.get("retry-after")))
+        if status >= 500 or status in (408, 409):
+            return BackendError(self.name, "server_error", message, status=status, body=body)
+        return BackendError(self.name, "client_error", message, status=status, body=body)
+
+    async def request_json(self, path: str, body: dict) -> dict:
+        """POST ``body`` (with the upstream model name) to ``path`` and answer the JSON object;
+        the whole call is bounded by ``timeout_s``."""
+        self._acquire()
+        try:
+            return await asyncio.wait_for(self._request_json(path, body), self.config.timeout_s)
+        except Exception as exc:  # noqa: BLE001 -- every failure becomes a BackendError (fall back)
+            raise self._wrap(exc) from None
+        finally:
+            self._release()
+
+    async def _request_json(self, path: str, body: dict) -> dict:
+        async with self._client.stream("POST", path.lstrip("/"), json=self._body(body)) as r:
+            raw = bytearray()
+            async for chunk in r.aiter_bytes():
+                raw += chunk
+                if len(raw) > MAX_RESPONSE_BYTES:
+                    raise BackendError(self.name, "bad_response", f"answer over {MAX_RESPONSE_BYTES} bytes")
+            if r.status_code != 200:
+                raise self._status_error(r.status_code, bytes(raw), r.headers)
+        try:
+            out = json.loads(bytes(raw))
+        except ValueError:
+            raise BackendError(self.name, "bad_response", f"the answer is not JSON: {bytes(raw[:100])!r}") from None
+        if not isinstance(out, dict) or not isinstance(out.get("choices"), list):
+            raise BackendError(self.name, "bad_response", "the answer is not an OpenAI completion (no 'choices')")
+        return out
+
+    async def open_stream(self, path: str, body: dict) -> BackendStream:
+        """POST a streaming request; answer once the status is 200 and the first event has
+        arrived, both within ``timeout_s``. Later events each arrive within ``timeout_s`` of the
+        previous one (else the iteration raises :class:`BackendError` "timeout")."""
+        self._acquire()
+        cm = self._client.stream("POST", path.lstrip("/"), json=self._body(body),
+                                 headers={"accept": "text/event-stream"})
+        response = None
+
+        async def close() -> None:
+            try:
+                if response is not None:
+                    with contextlib.suppress(Exception):  # closing a broken connection
+                        await cm.__aexit__(None, None, None)
+            finally:
+                self._release()
+
+        async def start():
+            nonlocal response
+            response = await cm.__aenter__()
+            if response.status_code != 200:
+                raw = bytearray()
+                async for chunk in response.aiter_bytes():
+                    raw += chunk
+                    if len(raw) > 65536:
+                        break
+                raise self._status_error(response.status_code, bytes(raw), response.headers)
+            events = self._events(response)
+            first = await events.__anext__()
+            return events, first
+
+        try:
+            events, first = await asyncio.wait_for(start(), self.config.timeout_s)
+        except StopAsyncIteration:
+            await close()
+            raise BackendError(self.name, "bad_response", "the stream ended before its first event") from None
+        except BaseException as exc:
+            await close()
+            if isinstance(exc, Exception):
+                raise self._wrap(exc) from None
+            raise
+        return BackendStream(self.name, first, self._guarded(events), close)
+
+    async def _guarded(self, events: AsyncIterator[str]) -> AsyncIterator[str]:
+        while True:
+            try:
+                data = await asyncio.wait_for(events.__anext__(), self.config.timeout_s)
+            except StopAsyncIteration:
+                return
+            except Exception as exc:  # noqa: BLE001 -- every failure becomes a BackendError
+                raise self._wrap(exc) from None
+            yield data
+
+    async def _events(self, response) -> AsyncIterator[str]:
+        """The ``data`` of each server-sent event (multi-line data joined by newlines)."""
+        data: list[str] = []
+        size = 0
+        async for line in response.aiter_lines():
+            if line == "":
+                if data:
+                    yield "\n".join(data)
+                    data, size = [], 0
+                continue
+            if line.startswith(":"):
+                continue  # a comment (keep-alive)
+            name, _, value = line.partition(":")
+            if name == "data":
+                value = value.removeprefix(" ")
+                size += len(value)
+                if size > MAX_EVENT_BYTES:
+                    raise BackendError(self.name, "bad_response", f"a stream event over {MAX_EVENT_BYTES} bytes")
+                data.append(value)
+        if data:
+            yield "\n".join(data)

@@ -1,0 +1,85 @@
+"""Helpers of the gateway tests: the gateway served for real by uvicorn on a free loopback port,
+in front of :class:`FakeOpenAIBackend` servers, driven with the official ``openai`` client."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+
+import openai
+import pytest
+import uvicorn
+
+from leanscale.cascade.gateway import GatewayConfig, create_gateway_app
+from leanscale.cascade.gateway.testing import FakeOpenAIBackend
+
+SMALL = {"input": 0.0006, "output": 0.0018}
+BIG = {"input": 0.01, "output": 0.03}
+
+
+@contextlib.contextmanager
+def running_gateway(config: GatewayConfig):
+    """Serve ``create_gateway_app(config)`` with uvicorn in a thread; yields the base URL (…/v1)."""
+    app = create_gateway_app(config)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error", lifespan="on",
+                                           ws="none", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, name="gateway-test", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the gateway did not start"
+        time.sleep(0.005)
+    try:
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        assert not thread.is_alive(), "the gateway did not shut down"
+
+
+def two_model_config(small_backend: FakeOpenAIBackend, big_backend: FakeOpenAIBackend, **top) -> GatewayConfig:
+    small_extra = top.pop("small", {})
+    return GatewayConfig.from_dict({
+        "models": [
+            {"name": "small", "base_url": small_backend.base_url, "input_price_per_1k": SMALL["input"],
+             "output_price_per_1k": SMALL["output"], "timeout_s": 0.5, **small_extra},
+            {"name": "big", "base_url": big_backend.base_url, "input_price_per_1k": BIG["input"],
+             "output_price_per_1k": BIG["output"], "timeout_s": 2},
+        ],
+        "fallbacks": {"small": ["big"]},
+        "backoff_s": 0.01,
+        **top,
+    })
+
+
+_CLIENTS: list[openai.OpenAI] = []
+
+
+def client(base_url: str, api_key: str = "unused", **kw) -> openai.OpenAI:
+    """The official client, without its own retries (a 502 must reach the test) and with a short
+    timeout; closed after the test."""
+    c = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=8, **kw)
+    _CLIENTS.append(c)
+    return c
+
+
+@pytest.fixture(autouse=True)
+def _close_clients():
+    yield
+    while _CLIENTS:
+        _CLIENTS.pop().close()
+
+
+@pytest.fixture
+def backends():
+    with FakeOpenAIBackend(reply="the small model says hello") as small, \
+            FakeOpenAIBackend(reply="the big model answers carefully") as big:
+        yield small, big
+
+
+@pytest.fixture
+def gateway(backends):
+    small, big = backends
+    with running_gateway(two_model_config(small, big)) as url:
+        yield url, small, big
