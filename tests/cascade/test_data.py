@@ -1,8 +1,10 @@
-"""load_labelled_texts (WordNet, CSV, TSV, JSONL; every bad file is a clear error) and split_three
-(a deterministic partition, stratified, every class with >= 3 examples in every part)."""
+"""load_labelled_texts (WordNet, CSV, TSV, JSONL, parquet, datasets folders, all read by load_dataset; every
+bad file is a clear error) and split_three (a deterministic partition, stratified, every class with >= 3
+examples in every part)."""
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -28,6 +30,49 @@ def test_csv_tsv_and_jsonl_give_the_same_examples(tmp_path):
         assert labels.dtype == object and labels.tolist() == ["billing", "tech", "sales"], name
 
 
+def test_parquet_and_datasets_folder_equal_the_csv(tmp_path):
+    """The same examples in a CSV, a parquet file and a datasets folder (a DatasetDict: train then test, with
+    a ClassLabel) give the same texts and string labels."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = ["refund, please", "the app\ncrashed", "price?", "login fails", "  spaced  "]
+    queues = ["billing", "tech", "sales", "tech", "7"]
+    with open(tmp_path / "d.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["body", "queue", "id"])
+        w.writerows([t, q, i] for i, (t, q) in enumerate(zip(texts, queues)))
+    ref_texts, ref_labels = load_labelled_texts(tmp_path / "d.csv", text_column="body", label_column="queue")
+    assert ref_texts == texts and ref_labels.tolist() == queues and ref_labels.dtype == object
+    pq.write_table(pa.table({"id": list(range(5)), "body": texts, "queue": queues}), tmp_path / "d.parquet")
+    names = ["7", "billing", "sales", "tech"]
+    features = datasets.Features({"body": datasets.Value("string"), "queue": datasets.ClassLabel(names=names)})
+    codes = [names.index(q) for q in queues]
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"body": texts[:3], "queue": codes[:3]}, features=features),
+        "test": datasets.Dataset.from_dict({"body": texts[3:], "queue": codes[3:]}, features=features),
+    }).save_to_disk(str(tmp_path / "dd"))
+    datasets.Dataset.from_dict({"body": texts, "queue": queues}).save_to_disk(str(tmp_path / "flat"))
+    for source in ("d.parquet", "dd", "flat"):
+        got_texts, got_labels = load_labelled_texts(tmp_path / source, text_column="body", label_column="queue")
+        assert got_texts == ref_texts, source
+        assert got_labels.dtype == object and got_labels.tolist() == ref_labels.tolist(), source
+
+
+def test_jsonl_rows_may_carry_different_keys(tmp_path):
+    """Metadata keys in some rows only are fine; a row without the label is an error naming its line."""
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"text": "a b", "label": "x", "meta": {"src": 1}}\n{"id": 7, "label": "y", "text": "c d"}\n'
+                 '{"text": "e f", "label": "x"}\n')
+    texts, labels = load_labelled_texts(p)
+    assert texts == ["a b", "c d", "e f"] and labels.tolist() == ["x", "y", "x"]
+    p.write_text('{"text": "a b", "label": "x"}\n\n{"text": "c d", "lable": "y", "id": 2}\n')
+    with pytest.raises(DataFormatError, match=r"d\.jsonl', line 3: no key 'label' \(the label column\)\. "
+                                              r"This row's keys are: 'text', 'lable', 'id'"):
+        load_labelled_texts(p)
+
+
 def test_integer_labels_become_strings(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text('{"text": "a b", "label": 1}\n{"text": "c d", "label": "2"}\n')
@@ -42,23 +87,23 @@ def test_wordnet_glosses_with_lexicographer_names():
     assert all(isinstance(t, str) for t in texts[:100])
 
 
-@pytest.mark.parametrize("name,content,message", [
-    ("d.csv", "text,category\nhello,a\n", ("d.csv, line 1: no column 'label' (the 'label_column'); "
-                                           "the columns there are: 'text', 'category'")),
-    ("d.tsv", "label\ttxt\nx\thello\n", "no column 'text' (the 'text_column')"),
+@pytest.mark.parametrize("name,content,message", [  # load_dataset's messages (#15: one data layer)
+    ("d.csv", "text,category\nhello,a\n", ("d.csv' has no column 'label' (the label column: label= in Python, "
+                                           "--label-column on the command line). Its columns are: 'text', 'category'")),
+    ("d.tsv", "label\ttxt\nx\thello\n", "has no column 'text' (the text column"),
     ("d.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n{"text": "c"}\n',
-     "d.jsonl, line 3: no key 'label' (the 'label_column'); the keys there are: 'text'"),
-    ("d.jsonl", '{"text": "a", "label": "x"}\n{"text": "a", "label": \n', "d.jsonl, line 2: not valid JSON"),
+     "d.jsonl', line 3: no key 'label' (the label column). This row's keys are: 'text'"),
+    ("d.jsonl", '{"text": "a", "label": "x"}\n{"text": "a", "label": \n', "d.jsonl', line 2: not valid JSON"),
     ("d.jsonl", '["a", "x"]\n', "line 1: expected a JSON object"),
-    ("d.jsonl", '{"text": 3, "label": "x"}\n', "line 1: the text 'text' must be a string"),
-    ("d.jsonl", '{"text": "a", "label": 1.5}\n', "line 1: the label 'label' must be a string or an integer"),
-    ("d.jsonl", '{"text": "a", "label": true}\n', "must be a string or an integer. Got bool"),
-    ("d.csv", "text,label\nhello,a\nbye,b,extra\n", "d.csv, line 3: 3 field(s) where the header has 2"),
-    ("d.csv", "text,label\nhello,\n", "line 2: the label column 'label' is empty"),
+    ("d.jsonl", '{"text": 3, "label": "x"}\n', "line 1: the text column 'text' must hold strings. Got int 3"),
+    ("d.jsonl", '{"text": "a", "label": 1.5}\n', "line 1: the label must be an integer or a string (a class). Got 1.5"),
+    ("d.jsonl", '{"text": "a", "label": true}\n', "must be an integer or a string. Got True"),
+    ("d.csv", "text,label\nhello,a\nbye,b,extra\n", "d.csv', line 3: 3 field(s) where the header has 2"),
+    ("d.csv", "text,label\nhello,\n", "line 2: the label is empty"),
     ("d.csv", "text,label\n  ,a\n", "line 2: the text column 'text' is empty"),
-    ("d.csv", "", "d.csv holds no examples"),
-    ("d.csv", "text,label\n\n", "d.csv holds no examples"),
-    ("d.jsonl", "\n\n", "d.jsonl holds no examples"),
+    ("d.csv", "", "d.csv' is empty"),
+    ("d.csv", "text,label\n\n", "d.csv' holds no examples"),
+    ("d.jsonl", "\n\n", "d.jsonl' holds no examples"),
 ])
 def test_bad_files_name_file_line_and_column(tmp_path, name, content, message):
     (tmp_path / name).write_text(content)
@@ -70,12 +115,12 @@ def test_bad_files_name_file_line_and_column(tmp_path, name, content, message):
 def test_invalid_utf8_names_the_line(tmp_path):
     p = tmp_path / "d.csv"
     p.write_bytes(b"text,label\nok,a\nbad \xff,b\n")
-    with pytest.raises(DataFormatError, match=r"d\.csv, line 3: not valid UTF-8"):
+    with pytest.raises(DataFormatError, match=r"d\.csv', line 3: not valid UTF-8"):
         load_labelled_texts(p)
 
 
 @pytest.mark.parametrize("source,kwargs,message", [
-    ("data.txt", {}, "suffix '.txt' is not one of .csv, .jsonl, .ndjson, .tsv"),
+    ("data.txt", {}, "suffix '.txt' is not one of .csv, .jsonl, .ndjson, .parquet, .pq, .tsv"),
     ("missing.csv", {}, "no such file"),
     (".", {}, "suffix '(none)'"),
     ("d.csv", {"text_column": ""}, "The 'text_column' parameter of load_labelled_texts must be a non-empty string"),

@@ -4,7 +4,8 @@ from a temporary folder (the user's ``models.py`` next to their data, no PYTHONP
 Families: (a) a Hugging Face Llama-style classifier (``LlamaForSequenceClassification`` built from a config,
 token ids in an ``.npz``), (b) a BERT-style encoder (``BertForSequenceClassification``, a tokenised Hugging
 Face ``datasets`` folder with ``attention_mask`` and a ``ClassLabel``), (c) a ResNet-style CNN that calls
-``F.relu`` (an image folder, one sub-folder per class). The scikit-learn family (d) is covered by
+``F.relu`` (an image folder, one sub-folder per class), and GPT-2 (transformers' ``Conv1D`` projections:
+SWAT train, checkpoint, export). The scikit-learn family (d) is covered by
 ``test_byo_cli.py::test_active_with_a_sklearn_model_on_csv`` and ``test_cascade_user_model.py``.
 
 Each command's result is checked against the API on the same model and data (scores, noise-scale
@@ -71,6 +72,24 @@ class ResNetish(nn.Module):
 
 def resnet():
     return ResNetish()
+
+
+class GPT2Classifier(nn.Module):
+    # GPT-2 (transformers' Conv1D projections) with a linear head on the last position
+
+    def __init__(self):
+        super().__init__()
+        from transformers import GPT2Config, GPT2Model
+        self.body = GPT2Model(GPT2Config(vocab_size=40, n_positions=16, n_embd=32, n_layer=2, n_head=4,
+                                         bos_token_id=0, eos_token_id=0))
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, ids):
+        return self.head(self.body(ids).last_hidden_state[:, -1])
+
+
+def gpt2():
+    return GPT2Classifier()
 """
 CLASSES = ("billing", "bug", "praise")
 
@@ -244,3 +263,27 @@ def test_resnet_prune_score_grand_matches_the_api(project, capsys):
     assert data.kind == "image" and data.x.shape == (120, 1, 12, 12)
     ref = _api_scores("grand", "resnet", torch.from_numpy(data.x), data.y, score_epochs=1, batch_size=32)
     np.testing.assert_allclose(scores, ref, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------ GPT-2 (Conv1D layers)
+
+
+def test_gpt2_sparse_train_checkpoint_and_export_from_the_command_line(project, capsys):
+    """SWAT on transformers' Conv1D: trained, checkpointed, exported; the exported weights load into a
+    fresh model with the top-K sparsity in every converted projection and the first one dense."""
+    import torch
+
+    from leanscale.sparse import load_pruned
+
+    blob = _run(capsys, "sparse", "train", "--model", "models.py:gpt2", "--data", "tickets.npz", "--sparsity", "0.7",
+                "--epochs", "1", "--set", "batch_size=32", "--checkpoint", "swat.pt", "--json")
+    converted = {row["layer"] for row in blob["conversion"]["converted"]}
+    assert "body.h.1.mlp.c_fc" in converted and "body.h.0.attn.c_attn" not in converted  # first layer dense
+    assert main(["sparse", "export", "--model", "models.py:gpt2", "--checkpoint", "swat.pt", "--out", "pruned.pt"]) == 0
+    model = load_pruned(_model("gpt2"), project / "pruned.pt")
+    for name in converted:
+        weight = model.get_submodule(name).weight
+        assert float((weight == 0).float().mean()) == pytest.approx(0.7, abs=0.01), name
+    assert float((model.body.h[0].attn.c_attn.weight == 0).float().mean()) == 0.0
+    with torch.no_grad():
+        assert model(torch.ones(2, 10, dtype=torch.long)).shape == (2, 3)

@@ -368,6 +368,7 @@ def test_a_slow_stage_fit_reports_progress_on_stderr(user, capsys, monkeypatch):
 
     import leanscale.cascade.external_models as ext
     import leanscale.cascade.user_stages as us
+    import leanscale.core.progress as progress_module
 
     class Slow:
         def fit(self, X, y):
@@ -379,7 +380,7 @@ def test_a_slow_stage_fit_reports_progress_on_stderr(user, capsys, monkeypatch):
             return np.full((len(X), len(self.classes_)), 1.0 / len(self.classes_))
 
     monkeypatch.delenv("LEANSCALE_NO_PROGRESS")
-    monkeypatch.setattr(us, "HEARTBEAT_S", 0.2)
+    monkeypatch.setattr(progress_module, "HEARTBEAT_S", 0.2)
     monkeypatch.setattr(ext, "sklearn_dumps", lambda m: b"")  # Slow is test code: its savability is not tested here
     stage = us.build_user_stage("slow", Slow(), ["a b"] * 10, ["x", "y"] * 5)
     err = capsys.readouterr().err

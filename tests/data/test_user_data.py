@@ -182,8 +182,45 @@ def test_ragged_rows_name_their_line(tmp_path):
         load_dataset(j)
     k = tmp_path / "k.jsonl"
     k.write_text('{"a": 1, "label": "x"}\n{"b": 1, "label": "y"}\n')
-    with pytest.raises(DataFormatError, match=r"k.jsonl', line 2: a ragged row.*missing 'a'"):
+    with pytest.raises(DataFormatError, match=r"k.jsonl', line 2: no key 'a' \(a feature column: every column but "
+                                              r"the label .*--feature-columns.*\). This row's keys are: 'b', 'label'"):
         load_dataset(k)
+
+
+def test_jsonl_rows_with_different_keys_load_when_the_used_keys_are_in_every_row(tmp_path):
+    """JSONL rows may carry other keys (metadata in some rows only): the columns are their union, and only a row
+    that lacks a used column (label, text, feature, input_ids) is refused, naming its line and its keys."""
+    rows = [{"id": i, "text": f"t{i}", "v": [float(a) for a in row], "label": lab, **({"src": "web"} if i % 4 else {})}
+            for i, (row, lab) in enumerate(zip(X, NAMES))]
+    rows[5]["meta"] = {"checked": True}
+    path = tmp_path / "m.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    t = load_dataset(path, text="text")
+    assert t.texts == [f"t{i}" for i in range(12)] and t.labels.tolist() == NAMES.tolist()
+    f = load_dataset(path, x=["v", "id"])
+    np.testing.assert_array_equal(f.x, np.concatenate([X, np.arange(12, dtype=np.float32)[:, None]], axis=1))
+    assert f.labels.tolist() == NAMES.tolist() and f.feature_names == ("v", "id")
+    # the same rows without the metadata keys give the same data
+    same = tmp_path / "same.jsonl"
+    same.write_text("\n".join(json.dumps({k: r[k] for k in ("id", "text", "v", "label")}) for r in rows) + "\n")
+    np.testing.assert_array_equal(load_dataset(same, x=["v", "id"]).x, f.x)
+    assert load_dataset(same, text="text").texts == t.texts
+
+
+@pytest.mark.parametrize("content,kwargs,match", [
+    ('{"text": "a", "label": "x"}\n\n{"text": "b", "id": 3}\n', {"text": "text"},
+     r"d.jsonl', line 3: no key 'label' \(the label column\). This row's keys are: 'text', 'id'\."),
+    ('{"body": "a", "y": "x"}\n{"y": "z", "note": "n"}\n', {"text": "body", "y": "y"},
+     r"d.jsonl', line 2: no key 'body' \(the text column\). This row's keys are: 'y', 'note'\."),
+    ('{"a": 1, "b": 2, "label": 0}\n{"b": 2, "label": 1, "c": 5}\n', {"x": ["a", "b"]},
+     r"d.jsonl', line 2: no key 'a' \(a feature column\). This row's keys are: 'b', 'label', 'c'\."),
+    ('{"input_ids": [1, 2], "label": 0}\n{"label": 1, "text": "hi"}\n', {},
+     r"d.jsonl', line 2: no key 'input_ids' \(the token ids column\). This row's keys are: 'label', 'text'\."),
+])
+def test_a_jsonl_row_without_a_used_key_names_its_line_and_its_keys(tmp_path, content, kwargs, match):
+    (tmp_path / "d.jsonl").write_text(content)
+    with pytest.raises(DataFormatError, match=match):
+        load_dataset(tmp_path / "d.jsonl", **kwargs)
 
 
 def test_non_numeric_feature_names_column_and_line(tmp_path):

@@ -1,9 +1,11 @@
 """Labelled texts for a cascade, from WordNet or the user's own file, and a three-way split.
 
 * :func:`load_labelled_texts` -- ``"wordnet"`` (the 117,659 WordNet 3.0 glosses labelled by their
-  lexicographer file, e.g. ``"noun.animal"``) or a path to a ``.csv``, ``.tsv`` or ``.jsonl``
-  file with a text and a label column (key). Labels come back as strings, whatever the format, so
-  the same data in a CSV and in a JSONL file gives the same cascade.
+  lexicographer file, e.g. ``"noun.animal"``) or the path of a ``.csv``, ``.tsv``, ``.jsonl`` or
+  ``.parquet`` file, or of a Hugging Face ``datasets`` folder, with a text and a label column (key).
+  Files are read by :func:`leanscale.data.load_dataset` (the loader of every command, with its
+  messages). Labels come back as strings, whatever the format, so the same data in a CSV, a JSONL
+  or a parquet file gives the same cascade.
 * :func:`split_three` -- deterministic train / calibration / test index arrays, stratified when
   labels are given: the cascade's models learn on *train*, its thresholds are chosen on
   *calibration* and the result is measured on *test*, three disjoint sets.
@@ -14,7 +16,12 @@ File formats (UTF-8; a byte-order mark is ignored):
   may span lines). Blank lines are skipped; a row with more or fewer fields than the header is an
   error naming its line.
 * ``.jsonl`` (or ``.ndjson``): one JSON object per line, e.g. ``{"text": "refund please",
-  "label": "billing"}``; blank lines are skipped. The label may be a string or an integer.
+  "label": "billing"}``; blank lines are skipped. The label may be a string or an integer. Rows
+  may carry other keys (metadata, not the same in every row); a row without the text or the label
+  key is an error naming its line.
+* ``.parquet`` (``.pq``) and ``datasets`` folders (``save_to_disk``) need ``pip install
+  'leanscale[data]'``. A ``DatasetDict`` gives its ``train`` split followed by its ``test`` split
+  (the cascade makes its own three-way split); a ``ClassLabel`` label gives its names.
 
 Every error names the file, the line and what is wrong (a missing column also lists the columns
 that are there).
@@ -30,22 +37,23 @@ Example:
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from leanscale.core.errors import DataFormatError, InvalidParameterError
+from leanscale.core.errors import InvalidParameterError
 from leanscale.core.validation import Interval, check_param
+from leanscale.data.user import DATA_FORMATS, _is_datasets_folder
 
 __all__ = ["SUFFIXES", "load_labelled_texts", "split_three"]
 
-SUFFIXES: dict[str, str] = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+# the table formats of leanscale.data.load_dataset (all but .npz, which holds no texts)
+SUFFIXES: dict[str, str] = {s: f for s, f in DATA_FORMATS.items() if f != "npz"}
 _OWNER = "load_labelled_texts"
+_EXPECTED = (f"'wordnet', the path of a {', '.join(sorted(SUFFIXES))} file or a Hugging Face datasets folder "
+             "(save_to_disk)")
 
 
 # ------------------------------------------------------------------------------------- loading
@@ -58,24 +66,29 @@ def load_labelled_texts(
     label_column: str = "label",
     root: str | os.PathLike | None = None,
 ) -> tuple[list[str], np.ndarray]:
-    """Texts and their labels from WordNet or a ``.csv`` / ``.tsv`` / ``.jsonl`` file.
+    """Texts and their labels from WordNet, a ``.csv`` / ``.tsv`` / ``.jsonl`` / ``.parquet`` file or
+    a Hugging Face ``datasets`` folder.
 
     Args:
-        source: ``"wordnet"`` or the path of a file (the suffix picks the format).
-        text_column, label_column: the column (CSV/TSV header) or key (JSONL) holding the text
-            and the label. Ignored for WordNet.
+        source: ``"wordnet"`` or the path of a file (the suffix picks the format) or of a
+            ``datasets`` folder (``save_to_disk``).
+        text_column, label_column: the column (CSV/TSV header, parquet or ``datasets`` column) or
+            key (JSONL) holding the text and the label. Ignored for WordNet.
         root: folder of the WordNet data files (``None``: ``$LEANSCALE_DATA_ROOT`` or
             ``/usr/share/wordnet``). Ignored for files.
 
     Returns:
         ``(texts, labels)``: a list of ``n`` strings and an ``(n,)`` object array of string labels
-        (for WordNet the lexicographer names, e.g. ``"verb.motion"``).
+        (for WordNet the lexicographer names, e.g. ``"verb.motion"``; integer labels in a file
+        become their decimal text, e.g. ``"2"``).
 
     Raises:
         InvalidParameterError: an unknown source, a missing file or an unsupported suffix, bad
             column names.
-        DataFormatError: the file is empty, is not valid UTF-8 / CSV / JSON, a row lacks the text or
-            label column, or a value is empty or not a string (the message names file and line).
+        DataFormatError: from :func:`leanscale.data.load_dataset`: the file is empty, is not valid
+            UTF-8 / CSV / JSON, lacks the text or label column, or a value is empty or not a string
+            (the message names the file and the line).
+        MissingDependencyError: a parquet file or a ``datasets`` folder without ``leanscale[data]``.
         DataNotFoundError: WordNet is not installed (the message says how to install it).
     """
     for name, value in (("text_column", text_column), ("label_column", label_column)):
@@ -89,35 +102,28 @@ def load_labelled_texts(
         return _load_wordnet(root)
     if not isinstance(source, (str, os.PathLike)):
         raise InvalidParameterError(
-            f"The 'source' parameter of {_OWNER} must be 'wordnet' or the path of a .csv, .tsv or .jsonl file. "
-            f"Got {type(source).__name__} {source!r} instead.")
-    path = Path(source)
-    fmt = SUFFIXES.get(path.suffix.lower())
-    if fmt is None:
-        raise InvalidParameterError(
-            f"The 'source' parameter of {_OWNER} must be 'wordnet' or the path of a .csv, .tsv or .jsonl file. "
-            f"Got {str(source)!r}, whose suffix {path.suffix or '(none)'!r} is not one of "
-            f"{', '.join(sorted(SUFFIXES))}.")
-    if not path.is_file():
-        what = "a folder" if path.is_dir() else "no such file"
-        raise InvalidParameterError(
-            f"The 'source' parameter of {_OWNER} must be 'wordnet' or the path of a .csv, .tsv or .jsonl file. "
-            f"Got {str(source)!r}: {what}.")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = path.read_bytes()[: exc.start].count(b"\n") + 1
-        raise DataFormatError(f"{path}, line {line}: not valid UTF-8 ({exc.reason}).") from None
-    except OSError as exc:
-        raise InvalidParameterError(f"The 'source' parameter of {_OWNER} names {path}, which cannot be read: {exc}.") from None
-    if fmt == "jsonl":
-        texts, labels = _parse_jsonl(text, path, text_column, label_column)
-    else:
-        texts, labels = _parse_delimited(text, path, "\t" if fmt == "tsv" else ",", text_column, label_column)
-    if not texts:
-        raise DataFormatError(f"{path} holds no examples: expected {'a header row and ' if fmt != 'jsonl' else ''}"
-                              f"at least one row with {text_column!r} and {label_column!r}.")
-    return texts, np.array(labels, dtype=object)
+            f"The 'source' parameter of {_OWNER} must be {_EXPECTED}. Got {type(source).__name__} {source!r} instead.")
+    path = Path(source).expanduser()
+    if not (path.is_dir() and _is_datasets_folder(path)):
+        if path.suffix.lower() not in SUFFIXES:
+            raise InvalidParameterError(
+                f"The 'source' parameter of {_OWNER} must be {_EXPECTED}. Got {str(source)!r}, whose suffix "
+                f"{path.suffix or '(none)'!r} is not one of {', '.join(sorted(SUFFIXES))}"
+                f"{' (and a folder that is not a datasets folder)' if path.is_dir() else ''}.")
+        if not path.is_file():
+            what = "a folder that is not a Hugging Face datasets folder" if path.is_dir() else "no such file"
+            raise InvalidParameterError(f"The 'source' parameter of {_OWNER} must be {_EXPECTED}. Got "
+                                        f"{str(source)!r}: {what}.")
+    from leanscale.data.user import load_dataset
+
+    data = load_dataset(path, text=text_column, y=label_column)  # file errors: load_dataset's messages
+    texts = list(data.texts)
+    codes = data.y
+    if data.texts_test is not None and data.y_test is not None:  # a DatasetDict: train, then test
+        texts += list(data.texts_test)
+        codes = np.concatenate([codes, data.y_test])
+    names = np.array([str(c) for c in data.classes], dtype=object)  # strings whatever the format
+    return texts, names[codes]
 
 
 def _load_wordnet(root) -> tuple[list[str], np.ndarray]:
@@ -126,83 +132,6 @@ def _load_wordnet(root) -> tuple[list[str], np.ndarray]:
     g = load_wordnet_glosses(root)
     names = np.array(g.label_names, dtype=object)
     return list(g.texts), names[np.asarray(g.labels)]
-
-
-def _label_value(value: Any, path: Path, line: int, column: str) -> str:
-    """A label as a string: strings (non-blank) and integers; anything else is an error."""
-    if isinstance(value, str):
-        if not value.strip():
-            raise DataFormatError(f"{path}, line {line}: the label column {column!r} is empty.")
-        return value
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    raise DataFormatError(
-        f"{path}, line {line}: the label {column!r} must be a string or an integer. Got {type(value).__name__} {value!r}.")
-
-
-def _missing(path: Path, line: int, column: str, param: str, present: Sequence[str], what: str) -> DataFormatError:
-    shown = ", ".join(repr(c) for c in list(present)[:20]) + (", ..." if len(present) > 20 else "")
-    return DataFormatError(
-        f"{path}, line {line}: no {what} {column!r} (the {param!r}); the {what}s there are: {shown or '(none)'}.")
-
-
-def _parse_delimited(text: str, path: Path, delimiter: str, text_column: str, label_column: str):
-    reader = csv.reader(text.splitlines(keepends=True), delimiter=delimiter, strict=True)
-    texts: list[str] = []
-    labels: list[str] = []
-    header: list[str] | None = None
-    try:
-        for row in reader:
-            line = reader.line_num
-            if not row or (len(row) == 1 and not row[0].strip()):
-                continue  # a blank line
-            if header is None:
-                header = [h.strip() for h in row]
-                for column, param in ((text_column, "text_column"), (label_column, "label_column")):
-                    if column not in header:
-                        raise _missing(path, line, column, param, header, "column")
-                ti, li = header.index(text_column), header.index(label_column)
-                continue
-            if len(row) != len(header):
-                raise DataFormatError(
-                    f"{path}, line {line}: {len(row)} field(s) where the header has {len(header)} "
-                    f"({', '.join(map(repr, header))}); quote fields that contain the delimiter.")
-            if not row[ti].strip():
-                raise DataFormatError(f"{path}, line {line}: the text column {text_column!r} is empty.")
-            texts.append(row[ti])
-            labels.append(_label_value(row[li].strip(), path, line, label_column))
-    except csv.Error as exc:
-        raise DataFormatError(f"{path}, line {reader.line_num}: not valid {'TSV' if delimiter == chr(9) else 'CSV'}: {exc}.") from None
-    return texts, labels
-
-
-def _parse_jsonl(text: str, path: Path, text_column: str, label_column: str):
-    texts: list[str] = []
-    labels: list[str] = []
-    for line, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw)
-        except ValueError as exc:
-            raise DataFormatError(f"{path}, line {line}: not valid JSON ({exc}).") from None
-        if not isinstance(obj, dict):
-            raise DataFormatError(
-                f"{path}, line {line}: expected a JSON object such as "
-                f'{{"{text_column}": "...", "{label_column}": "..."}}. Got {type(obj).__name__}.')
-        for column, param in ((text_column, "text_column"), (label_column, "label_column")):
-            if column not in obj:
-                raise _missing(path, line, column, param, list(obj), "key")
-        t = obj[text_column]
-        if not isinstance(t, str):
-            raise DataFormatError(
-                f"{path}, line {line}: the text {text_column!r} must be a string. Got {type(t).__name__} {t!r}.")
-        if not t.strip():
-            raise DataFormatError(f"{path}, line {line}: the text {text_column!r} is empty.")
-        texts.append(t)
-        lab = obj[label_column]
-        labels.append(_label_value(lab.strip() if isinstance(lab, str) else lab, path, line, label_column))
-    return texts, labels
 
 
 # --------------------------------------------------------------------------------------- split

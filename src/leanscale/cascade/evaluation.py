@@ -292,11 +292,8 @@ def build_text_stages(
         TfidfClassifier,
         mine_rules,
     )
-    from leanscale.cascade.user_stages import (
-        build_user_stage,
-        embed_with_progress,
-        working,
-    )
+    from leanscale.cascade.user_stages import build_user_stage, embed_with_progress
+    from leanscale.core.progress import working
 
     owner = owner or "build_text_stages"
     models = _check_models(models, owner, model_param)

@@ -35,11 +35,9 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -58,78 +56,19 @@ from leanscale.cascade._shared import (
 from leanscale.cascade.embedding_head import EmbeddingClassifier
 from leanscale.core.errors import InvalidParameterError
 from leanscale.core.persistence import register_fitted
+from leanscale.core.progress import working
 from leanscale.core.validation import Interval, Options, check_is_fitted
 
-__all__ = ["EmbeddingModuleClassifier", "build_user_stage", "check_user_model", "user_model_kind", "working"]
+__all__ = ["EmbeddingModuleClassifier", "build_user_stage", "check_user_model", "user_model_kind"]
 
 MINILM_DIM = 384  # all-MiniLM-L6-v2's embedding width: the input of a torch stage
 EMBED_BLOCK = 512  # texts embedded between two progress updates
-HEARTBEAT_S = 2.0  # a progress line at most this often while a step runs
 
 Log = Callable[[str], None]
 
 _EXPECTED = ("an unfitted scikit-learn classifier taking the raw texts (fit(texts, y) and predict_proba(texts), "
              "e.g. a Pipeline of a TfidfVectorizer and a LogisticRegression) or a torch.nn.Module taking "
              f"{MINILM_DIM}-d MiniLM embeddings and returning logits")
-
-
-# ------------------------------------------------------------------------------------ progress
-
-
-class _Working:
-    """A progress bar that moves while the caller is blocked: a daemon thread refreshes it every
-    0.25 s (lines at most every :data:`HEARTBEAT_S`); with no ``total`` it counts seconds."""
-
-    def __init__(self, desc: str, total: int | None, unit: str):
-        from leanscale.core.progress import progress
-
-        self._timed = total is None
-        self._bar = progress(total=total, desc=desc, unit="s" if self._timed else unit, interval=HEARTBEAT_S)
-        self._lock = threading.Lock()
-        self._done = threading.Event()
-        self._t0 = time.perf_counter()
-        self._ticks = 0
-        self._thread = threading.Thread(target=self._beat, name="leanscale-progress", daemon=True)
-        self._thread.start()
-
-    def _beat(self) -> None:
-        while not self._done.wait(0.25):
-            with self._lock:
-                if self._timed:
-                    due = int(time.perf_counter() - self._t0) - self._ticks  # whole seconds not yet counted
-                    self._ticks += max(due, 0)
-                    self._bar.update(max(due, 0))
-                else:
-                    self._bar.update(0)  # prints when the interval has passed
-
-    def update(self, n: int = 1) -> None:
-        """Count ``n`` units done (a bar with a ``total``)."""
-        with self._lock:
-            self._bar.update(n)
-
-    def close(self) -> None:
-        self._done.set()
-        self._thread.join()
-        with self._lock:
-            if self._timed:
-                due = int(time.perf_counter() - self._t0) - self._ticks
-                if due > 0:
-                    self._bar.update(due)
-            self._bar.close()
-
-
-@contextlib.contextmanager
-def working(desc: str, total: int | None = None, unit: str = "it") -> Iterator[_Working]:
-    """A progress report on stderr for a step that may block for long (a scikit-learn ``fit``, a
-    model load): ``desc: n s, elapsed t s`` every 2 s while it runs (``desc: k/total unit`` when
-    ``total`` is given and the step calls ``update``), a last line when it took at least 2 s,
-    nothing for a quicker step or under ``LEANSCALE_NO_PROGRESS=1``.
-    (:func:`leanscale.core.progress.progress`: a tqdm bar on a terminal.)"""
-    bar = _Working(desc, total, unit)
-    try:
-        yield bar
-    finally:
-        bar.close()
 
 
 # ---------------------------------------------------------------------------------- checking

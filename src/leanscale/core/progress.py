@@ -17,13 +17,15 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-__all__ = ["progress", "progress_disabled", "LineProgress", "write_line"]
+__all__ = ["progress", "progress_disabled", "LineProgress", "working", "write_line"]
 
 ENV_DISABLE = "LEANSCALE_NO_PROGRESS"
 ENV_INTERVAL = "LEANSCALE_PROGRESS_INTERVAL"
@@ -216,3 +218,60 @@ def write_line(text: str, file: Any = None) -> None:
         file.flush()
     else:
         print(text, file=file, flush=True)
+
+
+HEARTBEAT_S = 2.0  # working(): a progress line at most this often while a step runs
+
+
+class _Working:
+    """A progress bar that moves while the caller is blocked: a daemon thread refreshes it every
+    0.25 s (lines at most every :data:`HEARTBEAT_S`); with no ``total`` it counts seconds."""
+
+    def __init__(self, desc: str, total: int | None, unit: str):
+        self._timed = total is None
+        self._bar = progress(total=total, desc=desc, unit="s" if self._timed else unit, interval=HEARTBEAT_S)
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._t0 = time.perf_counter()
+        self._ticks = 0
+        self._thread = threading.Thread(target=self._beat, name="leanscale-progress", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._done.wait(0.25):
+            with self._lock:
+                if self._timed:
+                    due = int(time.perf_counter() - self._t0) - self._ticks  # whole seconds not yet counted
+                    self._ticks += max(due, 0)
+                    self._bar.update(max(due, 0))
+                else:
+                    self._bar.update(0)  # prints when the interval has passed
+
+    def update(self, n: int = 1) -> None:
+        """Count ``n`` units done (a bar with a ``total``)."""
+        with self._lock:
+            self._bar.update(n)
+
+    def close(self) -> None:
+        self._done.set()
+        self._thread.join()
+        with self._lock:
+            if self._timed:
+                due = int(time.perf_counter() - self._t0) - self._ticks
+                if due > 0:
+                    self._bar.update(due)
+            self._bar.close()
+
+
+@contextlib.contextmanager
+def working(desc: str, total: int | None = None, unit: str = "it") -> Iterator[_Working]:
+    """A progress report on stderr for a step that may block for long (a scikit-learn ``fit``, a
+    model load): ``desc: n s, elapsed t s`` every 2 s while it runs (``desc: k/total unit`` when
+    ``total`` is given and the step calls ``update``), a last line when it took at least 2 s,
+    nothing for a quicker step or under ``LEANSCALE_NO_PROGRESS=1``.
+    (:func:`progress`: a tqdm bar on a terminal.)"""
+    bar = _Working(desc, total, unit)
+    try:
+        yield bar
+    finally:
+        bar.close()

@@ -6,7 +6,9 @@
   ``y_test``; read without pickle (object arrays are refused; string labels are fine);
 * ``.csv`` / ``.tsv`` / ``.jsonl`` (``.ndjson``) -- a header row (or one JSON object per line) with a
   label column and either a text column (``text=``) or numeric feature columns (``x=[...]``; default:
-  every other column). A JSON value may be a list of numbers (a vector feature);
+  every other column). A JSON value may be a list of numbers (a vector feature). JSONL rows may have
+  different keys (metadata in some rows): the columns are the union of the keys, and only a row that
+  lacks a column that is used (the label, the text, a feature, ``input_ids``) is an error;
 * ``.parquet`` -- the same columns, through ``pyarrow`` (``pip install 'leanscale[data]'``);
 * a folder saved by Hugging Face ``datasets`` (``save_to_disk``; a ``DatasetDict`` gives its
   ``train`` split and, when present, ``test``) -- needs ``datasets`` (``leanscale[data]``);
@@ -25,8 +27,8 @@ values as codes (label 7 is code 7).
 Files are untrusted input: sizes are checked before reading (``max_bytes``), ``.npz`` files are
 read with ``allow_pickle=False``, and every error is a :class:`~leanscale.core.errors.DataFormatError`
 (or :class:`~leanscale.core.errors.InvalidParameterError` for a bad argument) whose message names
-the file and what was expected: a missing column lists the columns there, a ragged row, a
-non-numeric feature or an empty label names its line.
+the file and what was expected: a missing column lists the columns there, a ragged row, a JSONL row
+without a key that is used (with the keys it has), a non-numeric feature or an empty label names its line.
 
 Example:
     >>> import tempfile, pathlib
@@ -68,6 +70,24 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 DEFAULT_MAX_BYTES = 4 * 2**30  # a file (or all the images of a folder, decoded) larger than this is refused
 MAX_IMAGE_PIXELS = 2**26  # one image above this is refused before it is decoded (decompression bombs)
 _INSTALL_DATA = "pip install 'leanscale[data]'"
+
+
+class _Absent:
+    """A JSONL row's value for a key that row does not have (rows may have different keys)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<absent>"
+
+
+_ABSENT = _Absent()
+
+
+class _Columns(dict):
+    """JSONL columns (name -> values) that also keep every row's own keys, in the row's order (for messages)."""
+
+    row_keys: list[list[str]]
 _OWNER = "load_dataset"
 
 
@@ -191,7 +211,7 @@ def load_dataset(
     size = _check_image_size(image_size)
     p = Path(path).expanduser()
     if p.is_dir():
-        if (p / "dataset_dict.json").is_file() or (p / "state.json").is_file():
+        if _is_datasets_folder(p):
             return _load_hf(p, x, y, text, max_bytes)
         return _load_image_folder(p, size, max_bytes)
     if not p.exists():
@@ -219,6 +239,11 @@ def load_dataset(
 
 
 # ------------------------------------------------------------------------------------- checks
+
+
+def _is_datasets_folder(p: Path) -> bool:
+    """Whether the folder ``p`` was written by Hugging Face ``datasets`` (``save_to_disk``)."""
+    return (p / "dataset_dict.json").is_file() or (p / "state.json").is_file()
 
 
 def _check_image_size(image_size) -> tuple[int, int] | None:
@@ -265,6 +290,18 @@ def _missing_column(p: Path, column: str, param: str, present, what: str = "colu
 
 def _row(p: Path, line) -> str:
     return f"{str(p)!r}, line {line}" if isinstance(line, int) else f"{str(p)!r}, row {line[1]}"
+
+
+def _require(columns: dict[str, list], column: str, role: str, where) -> list:
+    """The values of a column that is used; a JSONL row without that key is an error naming its line, the
+    missing key and the keys the row has (only JSONL rows can lack a key: see :func:`_read_jsonl`)."""
+    values = columns[column]
+    for i, v in enumerate(values):
+        if v is _ABSENT:
+            rows = getattr(columns, "row_keys", None)
+            has = rows[i] if rows is not None else [k for k, vs in columns.items() if vs[i] is not _ABSENT]
+            raise DataFormatError(f"{where(i)}: no key {column!r} ({role}). This row's keys are: {_columns_list(has)}.")
+    return values
 
 
 # --------------------------------------------------------------------------------------- labels
@@ -413,7 +450,7 @@ def _numeric_array(p: Path, key: str, value) -> np.ndarray:
     if bad.any():
         row = int(np.argwhere(bad)[0][0])
         raise DataFormatError(
-            f"The array {key!r} of {str(p)!r} must hold finite numbers. Got {out[bad][0]!r} in row {row} (a value "
+            f"The array {key!r} of {str(p)!r} must hold finite numbers. Got {float(out[bad][0])!r} in row {row} (a value "
             f"beyond float32's range counts as infinite).")
     return out
 
@@ -498,16 +535,13 @@ def _read_jsonl(p: Path) -> tuple[dict[str, list], list[int]]:
         lines.append(line)
     if not objs:
         raise DataFormatError(f"The data file {str(p)!r} holds no examples: expected {_expected(p)}.")
-    keys = list(objs[0])
-    for obj, line in zip(objs, lines):
-        if list(obj) != keys and set(obj) != set(keys):
-            missing = [k for k in keys if k not in obj]
-            extra = [k for k in obj if k not in keys]
-            raise DataFormatError(
-                f"{_row(p, line)}: a ragged row: its keys differ from the first row's ({_columns_list(keys)})"
-                + (f"; missing {_columns_list(missing)}" if missing else "")
-                + (f"; extra {_columns_list(extra)}" if extra else "") + ".")
-    return {k: [o[k] for o in objs] for k in keys}, lines
+    # Rows may have different keys (metadata in some rows): the columns are the union of the keys, in the
+    # order they first appear, and a row without a key holds _ABSENT there. Only the columns that are used
+    # (label, text, features, token ids) must be in every row: _from_columns checks them (_require).
+    keys = list(dict.fromkeys(k for obj in objs for k in obj))
+    columns = _Columns((k, [o.get(k, _ABSENT) for o in objs]) for k in keys)
+    columns.row_keys = [list(o) for o in objs]
+    return columns, lines
 
 
 def _read_parquet(p: Path) -> dict[str, list]:
@@ -539,10 +573,9 @@ def _from_columns(p: Path, fmt: str, columns: dict[str, list], lines, x, y, text
             label_col = "labels"
         else:
             raise _missing_column(p, label_col, "label", present)
+    raw_labels = _require(columns, label_col, "the label column", where)
     if fmt == "csv" or fmt == "tsv":
-        raw_labels = [_csv_label(v) for v in columns[label_col]]
-    else:
-        raw_labels = columns[label_col]
+        raw_labels = [_csv_label(v) for v in raw_labels]
     if class_names is not None:  # a Hugging Face ClassLabel: the codes and their names
         raw_labels = [class_names[int(v)] if isinstance(v, (int, np.integer)) and 0 <= int(v) < len(class_names)
                       else v for v in raw_labels]
@@ -554,13 +587,14 @@ def _from_columns(p: Path, fmt: str, columns: dict[str, list], lines, x, y, text
         if text == label_col:
             raise InvalidParameterError(
                 f"The 'text' and label columns of {_OWNER} must differ. Got {text!r} for both ({str(p)!r}).")
-        texts = _texts(columns[text], where, text)
+        texts = _texts(_require(columns, text, "the text column", where), where, text)
         return UserData(source=f"{p.name} ({fmt}; text column {text!r}, {describe})", path=str(p), kind="text",
                         x=None, texts=texts, y=codes, classes=classes, feature_names=(text,))
     if x is None and TOKEN_COLUMN in columns and TOKEN_COLUMN != label_col:
         x = TOKEN_COLUMN  # a tokenised data set: attention_mask, token_type_ids are not features
     if x == TOKEN_COLUMN or (isinstance(x, (list, tuple)) and list(x) == [TOKEN_COLUMN]):
-        tokens = _token_column(p, columns[TOKEN_COLUMN] if TOKEN_COLUMN in columns else None, where, present)
+        tokens = _token_column(p, _require(columns, TOKEN_COLUMN, "the token ids column", where)
+                               if TOKEN_COLUMN in columns else None, where, present)
         return UserData(source=f"{p.name} ({fmt}; token ids {TOKEN_COLUMN!r}, {describe})", path=str(p),
                         kind="tokens", x=tokens, texts=None, y=codes, classes=classes, feature_names=(TOKEN_COLUMN,))
     names = [x] if isinstance(x, str) else list(x) if x is not None else [c for c in present if c != label_col]
@@ -574,7 +608,9 @@ def _from_columns(p: Path, fmt: str, columns: dict[str, list], lines, x, y, text
         raise DataFormatError(
             f"The data file {str(p)!r} has no feature columns besides the label {label_col!r}: expected numeric "
             f"feature columns, or a text column (text= in Python, --text-column on the command line).")
-    blocks = [_feature_column(p, c, columns[c], where, fmt) for c in names]
+    role = ("a feature column" if x is not None else
+            "a feature column: every column but the label is one unless x= / --feature-columns chooses them")
+    blocks = [_feature_column(p, c, _require(columns, c, role, where), where, fmt) for c in names]
     xa = np.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
     return UserData(source=f"{p.name} ({fmt}; {len(names)} feature column(s), {describe})", path=str(p),
                     kind="features", x=xa, texts=None, y=codes, classes=classes, feature_names=tuple(names))

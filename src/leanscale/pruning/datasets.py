@@ -8,9 +8,13 @@ Three sources give one :class:`PruningData`:
   the rows used are embedded (MiniLM-L6 runs at a few hundred glosses a second on 2 cores, so
   all 117,659 take several minutes), once: they are cached under ``cache_dir()/embeddings``
   keyed by a hash of the texts (:func:`leanscale.data.embeddings.cached_text_embeddings`).
-- a path: an ``.npz`` file with ``x`` (images ``(n, C, H, W)`` or features ``(n, d)``), optional
-  ``y``, and optional ``x_test``/``y_test``; or a folder holding Fashion-MNIST IDX files or the
-  WordNet ``data.*`` files (the same formats as the built-in sets).
+- a folder holding Fashion-MNIST IDX files or the WordNet ``data.*`` files (the same formats as
+  the built-in sets);
+- any other path is read by :func:`leanscale.data.load_dataset` (the loader of every command, with its
+  messages): an ``.npz`` file with ``x`` (images ``(n, C, H, W)`` / ``(n, H, W)``, features ``(n, d)``
+  or token ids ``input_ids``), optional ``y`` (integers or strings) and optional ``x_test``/``y_test``;
+  a ``.csv`` / ``.tsv`` / ``.jsonl`` / ``.parquet`` table of numeric feature columns (or token ids)
+  and a ``label`` column; a Hugging Face ``datasets`` folder; an image folder (one sub-folder per class).
 """
 
 from __future__ import annotations
@@ -23,9 +27,14 @@ from typing import Any
 import numpy as np
 
 from leanscale.core.errors import DataFormatError, InvalidParameterError
-from leanscale.core.io import read_npz
 from leanscale.core.validation import Interval, check_param
 from leanscale.data.embeddings import cached_text_embeddings
+from leanscale.data.user import (
+    DATA_FORMATS,
+    UserData,
+    _is_datasets_folder,
+    load_dataset,
+)
 
 __all__ = ["BUILTIN_DATASETS", "PruningData", "load_pruning_data"]
 
@@ -177,15 +186,21 @@ def load_pruning_data(
     seed: int = 0,
     embed_batch_size: int = 128,
 ) -> PruningData:
-    """Load a built-in data set by name, or the user's ``.npz`` file or data folder.
+    """Load a built-in data set by name, or the user's file or data folder.
 
     Args:
-        data: ``"fashion-mnist"``, ``"wordnet"``, a ``.npz`` path, or a folder with IDX or
-            WordNet files.
+        data: ``"fashion-mnist"``, ``"wordnet"``, a folder with IDX or WordNet files, or a file or
+            folder :func:`leanscale.data.load_dataset` reads (``.npz``, ``.csv``, ``.tsv``, ``.jsonl``,
+            ``.parquet``, a ``datasets`` folder, an image folder).
         root: folder of a built-in set's files (None: the Debian packages' locations).
         n_train, n_test: stratified subsets (None: everything). Indices in
             :attr:`PruningData.train_index` refer to the full training split.
         seed: seed of the subsets.
+
+    Raises:
+        InvalidParameterError: a bad argument, or a path that is neither an existing data file nor a folder.
+        DataFormatError: the file is not what was expected (load_dataset's message: the file, the line or
+            row, what is wrong).
     """
     owner = "load_pruning_data"
     for name, value in (("n_train", n_train), ("n_test", n_test)):
@@ -208,32 +223,34 @@ def load_pruning_data(
             return _fashion(path, n_train, n_test, seed)
         if (path / "data.noun").exists():
             return _wordnet(path, n_train, n_test, seed, embed_batch_size)
-        raise DataFormatError(
-            f"The folder {str(path)!r} holds neither Fashion-MNIST IDX files (train-images-idx3-ubyte[.gz]) "
-            f"nor WordNet data files (data.noun, ...)."
-        )
-    if path.suffix == ".npz" and path.is_file():
-        with open(path, "rb") as fh:
-            head = fh.read(4)
-        if head != b"PK\x03\x04" and head != b"PK\x05\x06":  # a .npz is a zip archive
+        if not _is_datasets_folder(path) and not any(d.is_dir() and not d.name.startswith(".")
+                                                     for d in path.iterdir()):
             raise DataFormatError(
-                f"The data file {str(path)!r} must be a .npz archive (numpy.savez) with an array 'x'. Got a file "
-                f"that is not a zip archive (it starts with {head!r}): a text/CSV file or another format."
+                f"The folder {str(path)!r} holds neither Fashion-MNIST IDX files (train-images-idx3-ubyte[.gz]), "
+                f"WordNet data files (data.noun, ...), a Hugging Face datasets folder (save_to_disk) nor one "
+                f"sub-folder of images per class."
             )
-        arrays = read_npz(path, what="data file")
-        x = arrays.get("x", arrays.get("embeddings"))
-        if x is None:
-            raise DataFormatError(
-                f"The file {str(path)!r} must hold an array named 'x' (or 'embeddings'). "
-                f"Got arrays {sorted(arrays)}."
-            )
-        data_ = _from_arrays(str(path), x, arrays.get("y"), arrays.get("x_test"), arrays.get("y_test"))
-        idx = _subset(data_.x_train.shape[0], None if data_.y_train is None else data_.y_train.numpy(),
-                      n_train, seed)
-        return PruningData(**{**data_.__dict__, "x_train": data_.x_train[idx],
-                              "y_train": None if data_.y_train is None else data_.y_train[idx],
-                              "train_index": idx})
+        return _from_user_data(str(path), load_dataset(path), n_train, seed)
+    if path.is_file() and path.suffix.lower() in DATA_FORMATS:
+        return _from_user_data(str(path), load_dataset(path), n_train, seed)
     raise InvalidParameterError(
-        f"The 'data' parameter of {owner} must be one of {BUILTIN_DATASETS}, an existing .npz file or a "
-        f"data folder. Got {text!r} instead."
+        f"The 'data' parameter of {owner} must be one of {BUILTIN_DATASETS}, an existing "
+        f"{', '.join(sorted(DATA_FORMATS))} file or a data folder. Got {text!r} instead."
     )
+
+
+def _from_user_data(name: str, data: UserData, n_train: int | None, seed: int) -> PruningData:
+    """A :class:`PruningData` from what :func:`leanscale.data.load_dataset` read (its checks, its messages)."""
+    import torch
+
+    if data.kind not in ("image", "features", "tokens"):  # load_dataset without text= reads no texts
+        raise DataFormatError(f"The data {name!r} must hold images, features or token ids. Got {data.kind}.")
+    dtype = torch.int64 if data.kind == "tokens" else torch.float32  # token ids stay integers
+    idx = _subset(len(data), data.y, n_train, seed)
+    x_test = None if data.x_test is None else torch.as_tensor(data.x_test, dtype=dtype)
+    return PruningData(
+        name=name, kind=data.kind, x_train=torch.as_tensor(data.x[idx], dtype=dtype),
+        y_train=None if data.y is None else torch.as_tensor(data.y[idx], dtype=torch.int64),
+        x_test=x_test, y_test=None if x_test is None or data.y_test is None else torch.as_tensor(data.y_test,
+                                                                                            dtype=torch.int64),
+        classes=tuple(str(c) for c in data.classes), train_index=idx)
