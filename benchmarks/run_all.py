@@ -17,6 +17,7 @@ BENCHMARKS = {
                 "pruning/active_learning.py", "pruning/infobatch_fmnist.py", "pruning/ssl_encoder.py"],
     "byo": ["byo/moe_upcycling.py", "byo/swat_resnet.py"],
     "large_batch": ["large_batch/hoffer_table1.py", "large_batch/critical_batch.py", "large_batch/throughput.py"],
+    "gateway": ["gateway/load.py", "gateway/quality.py"],
 }
 
 

@@ -168,3 +168,51 @@ def test_unset_environment_variables_fail_when_the_app_is_built(monkeypatch):
         create_gateway_app(GatewayConfig.from_dict(d))
     with pytest.raises(InvalidParameterError, match="must be a GatewayConfig"):
         create_gateway_app({"models": []})
+
+
+# ---------------------------------------------------------------------- policy and log sections
+def _saved(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "meta.json").write_text("{}")
+    return folder
+
+
+def test_policy_and_log_sections_load_with_relative_paths(tmp_path):
+    _saved(tmp_path / "router")
+    _saved(tmp_path / "scorer")
+    path = tmp_path / "gw.yaml"
+    path.write_text(GOOD_YAML + textwrap.dedent("""\
+        router: {path: router, default_knob: "$0.002"}
+        cascade: {models: [small, big], scorer: scorer, threshold: 0.7, request_logprobs: true}
+        log: {path: requests.jsonl, prompts: text}
+        """))
+    cfg = GatewayConfig.from_yaml(path)
+    assert cfg.router.path == str((tmp_path / "router").resolve()) and cfg.router.default_knob == ("budget", 0.002)
+    assert cfg.cascade.models == ("small", "big") and cfg.cascade.threshold == 0.7 and cfg.cascade.request_logprobs
+    assert cfg.cascade.logprob_weight == 0.5 and cfg.cascade.scorer == str((tmp_path / "scorer").resolve())
+    assert cfg.log.path == str((tmp_path / "requests.jsonl").resolve()) and cfg.log.prompts == "text"
+    assert cfg.policy_names == ["leanscale-router", "leanscale-cascade"]
+    assert GatewayConfig.from_dict(GOOD).router is None
+
+
+def test_bad_policy_and_log_sections_name_the_key(tmp_path):
+    _saved(tmp_path / "r")
+    cases = [
+        ({"router": {"path": str(tmp_path / "nothing")}}, r"router\.path must be a folder saved by train_router"),
+        ({"router": {"path": str(tmp_path / "r"), "knob": 1}}, r"unknown key router\.knob"),
+        ({"router": {"path": str(tmp_path / "r"), "default_knob": 1.5}}, r"router\.default_knob must be a strong"),
+        ({"router": {"path": str(tmp_path / "r"), "models": ["small", "huge"]}}, r"router\.models\[1\] must be a"),
+        ({"router": {}}, r"router\.path .* is missing"),
+        ({"cascade": {"models": ["small"]}}, r"cascade\.models must be a list of at least 2"),
+        ({"cascade": {"models": ["small", "big"], "threshold": 2}}, r"cascade\.threshold .* must be in \[0, 1\]"),
+        ({"cascade": {"models": ["small", "big"], "request_logprobs": "yes"}}, r"cascade\.request_logprobs must be"),
+        ({"cascade": {"models": ["small", "big"], "scorer": str(tmp_path)}}, r"cascade\.scorer must be a folder"),
+        ({"log": {"path": str(tmp_path / "no" / "x.jsonl")}}, r"log\.path must be in an existing folder"),
+        ({"log": {"path": str(tmp_path)}}, r"log\.path must be a file path"),
+        ({"log": {"path": str(tmp_path / "x.jsonl"), "prompts": "all"}}, r"log\.prompts must be 'hash'"),
+        ({"models": [{"name": "leanscale-router", "base_url": "http://127.0.0.1:1/v1"}]},
+         r"models\[0\]\.name must not be a policy name"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(InvalidParameterError, match=message):
+            GatewayConfig.from_dict({**copy.deepcopy(GOOD), **extra})

@@ -19,7 +19,11 @@ Endpoints (clients use the official OpenAI clients with ``base_url=http://HOST:P
   falls back only before the first chunk: a failure after it ends the stream with an error event
   ``data: {"error": {...}}`` and no ``[DONE]`` (the OpenAI clients raise ``APIError``), never a
   silent truncation.
-* ``GET /v1/models`` -- the configured model names. ``GET /healthz`` -- 200 ``{"status": "ok"}``
+* ``model`` may also name a learned policy: ``leanscale-router[:<knob>]`` (a router picks the
+  model up front) or ``leanscale-cascade[:<threshold>]`` (cheap model first, escalate when the
+  quality estimator does not trust its answer); see ``README.md``. With ``log:`` configured,
+  every request is one line of a JSONL log (:mod:`.log`).
+* ``GET /v1/models`` -- the configured model names and policies. ``GET /healthz`` -- 200 ``{"status": "ok"}``
   (the gateway is up; backends are not probed). ``GET /metrics`` -- Prometheus text format.
 
 Every answer has the headers ``x-leanscale-model`` (the model that answered) and, when not
@@ -45,17 +49,28 @@ import json
 import logging
 import math
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 from leanscale.core.errors import InvalidParameterError, MissingDependencyError
 
 from .backends import Backend, BackendError, BackendStream
-from .config import GatewayConfig
+from .config import (
+    CASCADE_POLICY,
+    ROUTER_POLICY,
+    GatewayConfig,
+    parse_cascade_threshold,
+    parse_router_knob,
+)
+from .policies import answer_text, prompt_hash, prompt_text
+from .scorer import combine_confidence, mean_logprob
+from .store import require_redis
 
 __all__ = ["create_gateway_app", "serve_gateway"]
 
 logger = logging.getLogger("leanscale.cascade.gateway")
+STREAM_CLOSE_TIMEOUT_S = 5.0  # closing a backend's stream after the client left or the answer ended
 
 _INSTALL = "pip install 'leanscale[gateway]'"
 _METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -63,7 +78,8 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 REQUEST_OUTCOMES = ("ok", "bad_request", "unauthorized", "model_not_found", "too_large", "overloaded",
                     "backends_failed", "backend_refused", "stream_error", "internal_error")
-BACKEND_OUTCOMES = ("ok", "timeout", "connection", "rate_limited", "saturated", "server_error", "misconfigured",
+BACKEND_OUTCOMES = ("ok", "timeout", "connection", "rate_limited", "saturated", "circuit_open", "server_error",
+                    "misconfigured",
                     "bad_response", "client_error", "stream_error")
 _NO_MODEL = "-"  # the model label of requests that named no configured model (bounded label values)
 
@@ -100,6 +116,10 @@ class _Metrics:
         self.tokens = C("leanscale_gateway_tokens", "Tokens by model and kind (prompt, completion).",
                         ["model", "kind"], registry=r)
         self.in_flight = pc.Gauge("leanscale_gateway_in_flight", "Completion requests being answered.", registry=r)
+        self.cache = pc.Gauge("leanscale_gateway_cache", "Response cache counters (hits_exact, hits_semantic, "
+                              "misses, puts, evictions, expired, size, ...).", ["stat"], registry=r)
+        self.breaker = pc.Gauge("leanscale_gateway_breaker_state", "Circuit breaker of each backend model: 0 closed, "
+                                "1 half-open, 2 open.", ["model"], registry=r)
         self.latency = pc.Histogram("leanscale_gateway_request_latency_seconds",
                                     "Wall time of completion requests in the gateway (streams: to their end), any "
                                     "outcome.", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
@@ -113,6 +133,12 @@ class _Metrics:
                 self.tokens.labels(model=name, kind=kind)
             for outcome in BACKEND_OUTCOMES:
                 self.backend_calls.labels(model=name, outcome=outcome)
+        self.policy_decisions = C("leanscale_gateway_policy_decisions",
+                                  "Decisions of the learned policies: the router's chosen model, the cascade's "
+                                  "accepted / escalated answers (per gated call).", ["policy", "decision"],
+                                  registry=r)
+        self.log_dropped = C("leanscale_gateway_log_dropped",
+                             "Request-log lines dropped because the log's queue was full.", registry=r)
         for endpoint in ENDPOINTS.values():
             self.latency.labels(endpoint=endpoint)
 
@@ -222,6 +248,7 @@ def _sse_response_class():
             watch = asyncio.create_task(disconnected())
             try:
                 await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
+                logger.debug("stream response: %s first", "pump" if pump.done() else "client disconnect")
                 if pump.done():
                     pump.result()  # re-raise a failure of the pump
             finally:
@@ -237,11 +264,40 @@ def _sse_response_class():
     return _SSEResponse
 
 
+# ------------------------------------------------------------------------------------ policies
+def _load_policies(config: GatewayConfig):
+    """The router policy and the cascade's scorer named by the config (None when absent),
+    loaded and checked against the configured models; the router's expected costs are set from
+    the config's prices."""
+    router_policy = scorer = None
+    if config.router is not None:
+        from .router_policy import RouterPolicy
+
+        router_policy = RouterPolicy.load(config.router.path)
+        models = router_policy.models
+        missing = [m for m in models if m not in config.model_names]
+        if missing:
+            raise InvalidParameterError(
+                f"{config.source}: router.path {config.router.path!r} holds a router over {models}; "
+                f"{', '.join(map(repr, missing))} is not a configured model ({', '.join(map(repr, config.model_names))}).")
+        if config.router.models is not None and set(config.router.models) != set(models):
+            raise InvalidParameterError(
+                f"{config.source}: router.models {list(config.router.models)} must be the models of the saved router "
+                f"{config.router.path!r}: {models}.")
+        router_policy.use_prices(lambda m, pt, ct: config.model(m).cost(pt, ct))
+    if config.cascade is not None and config.cascade.scorer is not None:
+        from .scorer import AnswerScorer
+
+        scorer = AnswerScorer.load(config.cascade.scorer)
+    return router_policy, scorer
+
+
 # ------------------------------------------------------------------------------------ the app
-def create_gateway_app(config, *, docs: bool = False, transport=None):
+def create_gateway_app(config, *, docs: bool = False, transport=None, cache_embed=None):
     """A FastAPI app serving ``config`` (a :class:`GatewayConfig`, or the path of its YAML file;
     see the module docstring). The backend clients are created with the app's lifespan (uvicorn,
     or ``with TestClient(app)``). ``transport``: an httpx transport for every backend (tests).
+    ``cache_embed``: the semantic cache's ``embed(texts) -> (n, d)`` (default: MiniLM).
     Fails at once when a configured environment variable (a backend's ``api_key_env``,
     ``client_keys_env``) is unset."""
     _require("fastapi")
@@ -258,17 +314,35 @@ def create_gateway_app(config, *, docs: bool = False, transport=None):
             "The 'config' parameter of create_gateway_app must be a GatewayConfig or the path of a gateway YAML "
             f"file. Got {type(config).__name__} instead.")
     client_keys = [k.encode() for k in config.client_keys()] if config.client_keys_env else None
+    if config.state.redis_url is not None:
+        require_redis()  # a missing redis package fails now, not at startup
     for m in config.models:
         m.api_key()  # an unset api_key_env fails now, not on the first request
     metrics = _Metrics(config.model_names)
     _SSEResponse = _sse_response_class()
     backends: dict[str, Backend] = {}
-    state = {"in_flight": 0}
+    state: dict[str, Any] = {"in_flight": 0, "log": None}
+    router_policy, scorer = _load_policies(config)
+    rules = None
+    if config.rules:
+        from .rules import CannedRules
+
+        rules = CannedRules.from_config(list(config.rules))
+    cache = None
+    if config.cache is not None and config.cache.get("enabled"):
+        from .cache import ResponseCache
+
+        cache = ResponseCache(config.cache, embed=cache_embed)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         for m in config.models:
             backends[m.name] = Backend(m, transport=transport)
+        if config.log is not None:
+            from .log import RequestLog
+
+            state["log"] = RequestLog(config.log.path, config.log.max_queue)
+        app.state.request_log = state["log"]
         try:
             yield
         finally:
@@ -276,11 +350,17 @@ def create_gateway_app(config, *, docs: bool = False, transport=None):
                 with contextlib.suppress(Exception):
                     await b.aclose()
             backends.clear()
+            if state["log"] is not None:
+                await asyncio.to_thread(state["log"].close)  # writes what is queued
+                state["log"] = None
 
     app = FastAPI(title="leanscale LLM gateway", version="1", lifespan=lifespan, docs_url="/docs" if docs else None,
                   redoc_url=None)
     app.state.metrics = metrics
     app.state.config = config
+    app.state.router_policy, app.state.scorer = router_policy, scorer
+    app.state.request_log = None
+    all_names = config.model_names + config.policy_names
 
     def error_response(e: GatewayError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
@@ -327,16 +407,41 @@ def create_gateway_app(config, *, docs: bool = False, transport=None):
                                "invalid_request_error", "invalid_json")
         return body
 
-    def check_body(body: dict, endpoint: str) -> str:
+    def resolve_policy(model: str) -> tuple[str, str, Any]:
+        """(kind, label, argument) of a request's ``model``: ("model", name, name), ("router",
+        "leanscale-router", knob) or ("cascade", "leanscale-cascade", threshold)."""
+        if model in config.model_names:
+            return "model", model, model
+        base, sep, arg = model.partition(":")
+        if base == ROUTER_POLICY and config.router is not None:
+            try:
+                knob = parse_router_knob(arg) if sep else config.router.default_knob
+            except ValueError as exc:
+                raise GatewayError(400, f"'model' {model[:100]!r}: {exc}.", "invalid_request_error", "invalid_value",
+                                   "model", model=base) from None
+            return "router", base, knob
+        if base == CASCADE_POLICY and config.cascade is not None:
+            try:
+                threshold = parse_cascade_threshold(arg) if sep else config.cascade.threshold
+            except ValueError as exc:
+                raise GatewayError(400, f"'model' {model[:100]!r}: {exc}.", "invalid_request_error", "invalid_value",
+                                   "model", model=base) from None
+            return "cascade", base, threshold
+        hint = ""
+        if base in (ROUTER_POLICY, CASCADE_POLICY):
+            hint = f" The policy {base!r} is not configured (add a '{base.split('-')[1]}:' section to the config)."
+        raise GatewayError(404, f"The model {model[:100]!r} does not exist on this gateway. Models: "
+                           f"{', '.join(map(repr, all_names))}.{hint}", "invalid_request_error",
+                           "model_not_found", "model", outcome="model_not_found")
+
+    def check_body(body: dict, endpoint: str) -> tuple[str, str, Any]:
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise GatewayError(400, f"'model' must be the name of a model of this gateway "
-                               f"({', '.join(map(repr, config.model_names))}). Got {model!r:.100}.",
+                               f"({', '.join(map(repr, all_names))}). Got {model!r:.100}.",
                                "invalid_request_error", "invalid_value", "model")
-        if model not in config.model_names:
-            raise GatewayError(404, f"The model {model[:100]!r} does not exist on this gateway. Models: "
-                               f"{', '.join(map(repr, config.model_names))}.", "invalid_request_error",
-                               "model_not_found", "model", outcome="model_not_found")
+        kind, label, arg = resolve_policy(model)
+        model = label  # a bounded metrics label
         if endpoint == "chat":
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
@@ -354,7 +459,7 @@ def create_gateway_app(config, *, docs: bool = False, transport=None):
         if options is not None and not isinstance(options, dict):
             raise GatewayError(400, "'stream_options' must be an object.", "invalid_request_error", "invalid_value",
                                "stream_options", model=model)
-        return model
+        return kind, label, arg
 
     def backoff(attempt: int) -> float:
         return min(config.max_backoff_s, config.backoff_s * 2 ** (attempt - 1))
@@ -368,14 +473,18 @@ def create_gateway_app(config, *, docs: bool = False, transport=None):
         return cost
 
     # ----------------------------------------------------------------------- completions
-    async def call_chain(requested: str, path: str, body: dict, stream: bool):
-        """The first backend of the chain that answers: (name, JSON answer or BackendStream)."""
+    async def call_chain(requested: str, path: str, body: dict, stream: bool, called: list | None = None):
+        """The first backend of the chain that answers: (name, JSON answer or BackendStream).
+        ``called``: a list each model called is appended to."""
         chain = config.chain(requested)
         failures: list[BackendError] = []
         for attempt, name in enumerate(chain):
             if attempt:
-                await asyncio.sleep(backoff(attempt))
+                if failures[-1].kind != "circuit_open":  # the last model was not called: no need to wait
+                    await asyncio.sleep(backoff(attempt))
                 metrics.fallbacks.labels(model=name).inc()
+            if called is not None:
+                called.append(name)
             backend = backends[name]
             t0 = time.perf_counter()
             try:
@@ -385,6 +494,8 @@ def create_gateway_app(config, *, docs: bool = False, transport=None):
                 logger.info("backend %r failed (%s): %s", name, e.kind, e.message)
                 if not e.retryable:
                     raise _passthrough(requested, e) from None
+                if e.kind == "circuit_open" and called:
+                    called.pop()  # refused by its breaker: the model was not called
                 failures.append(e)
                 continue
             metrics.backend_calls.labels(model=name, outcome="ok").inc()
@@ -392,10 +503,17 @@ def create_gateway_app(config, *, docs: bool = False, transport=None):
             return name, answer
         raise _all_failed(requested, chain, failures)
 
-    def relay(name: str, stream: BackendStream, want_usage: bool, endpoint: str, finish):
-        """The client's events: the backend's chunks (usage with cost_usd), then ``[DONE]``; an
-        error event (and no ``[DONE]``) when the backend fails or ends the stream early."""
+    def relay(name: str, stream: BackendStream, want_usage: bool, endpoint: str, finish, extra_cost: float | None = 0.0,
+              rec: dict | None = None, cache_body: dict | None = None):
+        """The client's events: the backend's chunks (usage with cost_usd, plus ``extra_cost``:
+        the calls made before this one, e.g. a cascade's cheap call; None = unknown), then
+        ``[DONE]``; an error event (and no ``[DONE]``) when the backend fails or ends the stream
+        early. ``rec``: the request's log record (its cost, and its answer text when logged).
+        ``cache_body``: the request, when the finished stream is to be stored in the cache."""
         model = config.model(name)
+        capture = rec is not None and "_answer" in rec
+        chunks: list[dict] | None = [] if cache is not None and cache_body is not None and cache.cacheable(
+            cache_body) else None
 
         def error_event(message: str) -> bytes:
             return _sse({"error": {"message": f"model {name!r} failed during the stream: {message}",
@@ -425,16 +543,23 @@ def create_gateway_app(config, *, docs: bool = False, transport=None):
                         yield error_event(str(msg)[:300])
                         return
                     send = True
+                    if capture and isinstance(obj, dict) and isinstance(obj.get("choices"), list) and obj["choices"]:
+                        ch = obj["choices"][0]
+                        piece = (ch.get("delta") or {}).get("content") if endpoint == "chat" else ch.get("text")
+                        if isinstance(piece, str):
+                            rec["_answer"].append(piece)
                     if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
                         usage = obj["usage"]
                         cost = _usage_cost(usage, model)
-                        if cost is not None:
-                            usage["cost_usd"] = cost
+                        if cost is not None and extra_cost is not None:
+                            usage["cost_usd"] = cost + extra_cost
                         if not want_usage:  # the client did not ask: as OpenAI, no usage chunk
                             if obj.get("choices"):
                                 obj.pop("usage")
                             else:
                                 send = False
+                    if chunks is not None and isinstance(obj, dict):
+                        chunks.append(obj)
                     if send:
                         yield _sse(obj)
                     try:
@@ -449,21 +574,160 @@ def create_gateway_app(config, *, docs: bool = False, transport=None):
                         return
             finally:
                 if outcome == "ok" or usage is not None:
-                    account(name, usage)
+                    cost = account(name, usage)
+                    if rec is not None:
+                        rec["cost_usd"] = None if cost is None or extra_cost is None else cost + extra_cost
+                if outcome == "ok" and chunks:
+                    from .cache import completion_from_chunks
+
+                    whole = completion_from_chunks(chunks)
+                    if whole is not None:
+                        with contextlib.suppress(Exception):  # a cache failure never fails the answer
+                            await cache.aput(cache_body, whole)
                 await finish(outcome)
 
         return events()
+
+    def answer_events(answer: dict, want_usage: bool, endpoint: str, finish):
+        """A whole (non-streamed) answer as a stream: one content chunk, a finish chunk, the
+        usage chunk when asked for, ``[DONE]`` (the cascade's accepted answer, see the README)."""
+        chat = endpoint == "chat"
+
+        async def events():
+            outcome = "stream_error"
+            try:
+                kind = "chat.completion.chunk" if chat else "text_completion"
+                head = {"id": answer.get("id"), "object": kind, "created": answer.get("created"),
+                        "model": answer.get("model")}
+                text = answer_text(answer, chat)
+                try:
+                    reason = answer["choices"][0].get("finish_reason") or "stop"
+                except (KeyError, IndexError, TypeError, AttributeError):
+                    reason = "stop"
+                if chat:
+                    first = {"index": 0, "delta": {"role": "assistant", "content": text}, "finish_reason": None,
+                             "logprobs": None}
+                    last = {"index": 0, "delta": {}, "finish_reason": reason, "logprobs": None}
+                else:
+                    first = {"index": 0, "text": text, "finish_reason": None, "logprobs": None}
+                    last = {"index": 0, "text": "", "finish_reason": reason, "logprobs": None}
+                yield _sse({**head, "choices": [first]})
+                yield _sse({**head, "choices": [last]})
+                if want_usage and isinstance(answer.get("usage"), dict):
+                    yield _sse({**head, "choices": [], "usage": answer["usage"]})
+                yield b"data: [DONE]\n\n"
+                outcome = "ok"
+            finally:
+                await finish(outcome)
+
+        return events()
+
+    # --------------------------------------------------------------------------- policies
+    async def cascade(body: dict, path: str, endpoint: str, threshold: float, prompt: str, stream: bool,
+                      rec: dict):
+        """Call the cascade's models in order until one is trusted (see the README): returns
+        ``(name, answer, cost, None)`` with the total cost of every call, or, when the last model
+        is streamed, ``(name, None, cost of the calls before it, BackendStream)``."""
+        cfg = config.cascade
+        chat = endpoint == "chat"
+        called = rec["models_called"]
+        steps: list[dict] = []
+        rec["cascade"] = {"threshold": threshold, "steps": steps}
+        plain = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+        gated = dict(plain)
+        added_logprobs = cfg.request_logprobs and not body.get("logprobs")
+        if added_logprobs:
+            gated["logprobs"] = True if chat else 1
+        spent: float | None = 0.0
+        for i, step in enumerate(cfg.models):
+            last = i == len(cfg.models) - 1
+            if last and stream:
+                sbody = {**body, "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
+                name, backend_stream = await call_chain(step, path, sbody, stream=True, called=called)
+                steps.append({"model": name, "decision": "final"})
+                return name, None, spent, backend_stream
+            try:
+                name, answer = await call_chain(step, path, plain if last else gated, stream=False, called=called)
+            except GatewayError as e:
+                if last or e.outcome not in ("backends_failed", "overloaded"):
+                    raise
+                steps.append({"model": step, "decision": "failed"})  # escalate past a failed model
+                continue
+            cost = account(name, answer.get("usage"))
+            spent = None if spent is None or cost is None else spent + cost
+            if last or name != step:  # the last model, or a fallback of the step answered: final
+                steps.append({"model": name, "decision": "final", "cost_usd": cost})
+                return name, answer, spent, None
+            p = float(scorer.predict_proba([prompt], [answer_text(answer, chat)])[0]) if scorer is not None else None
+            lp = mean_logprob(answer)
+            conf = combine_confidence(p, lp, cfg.logprob_weight)
+            accept = conf is not None and conf >= threshold
+            steps.append({"model": name, "decision": "accept" if accept else "escalate", "scorer": p,
+                          "mean_logprob": lp, "confidence": conf, "cost_usd": cost})
+            metrics.policy_decisions.labels(policy="cascade", decision="accepted" if accept else "escalated").inc()
+            if accept:
+                if added_logprobs:  # the client did not ask for them
+                    for choice in answer.get("choices") or []:
+                        if isinstance(choice, dict):
+                            choice["logprobs"] = None
+                return name, answer, spent, None
+        raise AssertionError("unreachable: the last cascade model always returns")  # pragma: no cover
+
+    def write_log(rec: dict, outcome: str, t0: float) -> None:
+        """One line of the request log (when configured); never blocks (a full queue: dropped)."""
+        log = state["log"]
+        if log is None:
+            return
+        line = {"time": rec["time"], "request_id": rec["request_id"], "endpoint": rec["endpoint"],
+                "policy": rec["policy"], "models_called": rec["models_called"], "model": rec["model"],
+                "latency_s": round(time.perf_counter() - t0, 6), "cost_usd": rec["cost_usd"], "status": outcome,
+                "stream": rec["stream"]}
+        prompt = rec.get("_prompt")
+        if prompt is not None:
+            if config.log.prompts == "text":
+                line["prompt"] = prompt
+                answer = rec.get("_answer")
+                line["answer"] = "".join(answer) if isinstance(answer, list) else answer
+            else:
+                line["prompt_sha256"] = prompt_hash(prompt)
+        for key in ("router", "cascade"):
+            if key in rec:
+                line[key] = rec[key]
+        if not log.log(line):
+            metrics.log_dropped.inc()
+
+    def answer_headers(rec: dict, cost: float | None) -> dict:
+        headers = {"x-leanscale-model": rec["model"], "x-leanscale-models-called": ",".join(rec["models_called"]),
+                   "x-leanscale-request-id": rec["request_id"]}
+        if cost is not ...:
+            headers["x-leanscale-cost-usd"] = _cost_header(cost)
+        steps = (rec.get("cascade") or {}).get("steps") or []
+        confidences = [f"{st['confidence']:.6g}" for st in steps if st.get("confidence") is not None]
+        if confidences:
+            headers["x-leanscale-confidence"] = ",".join(confidences)
+        return headers
 
     async def completions(request: Request, endpoint: str, path: str):
         t0 = time.perf_counter()
         outcome, label = "internal_error", _NO_MODEL
         streaming = False
+        rec: dict[str, Any] = {"time": round(time.time(), 6), "request_id": uuid.uuid4().hex, "endpoint": endpoint,
+                               "policy": None, "models_called": [], "model": None, "cost_usd": None,
+                               "stream": False}
 
         async def finish(final_outcome: str) -> None:
             state["in_flight"] -= 1
             metrics.in_flight.set(state["in_flight"])
             metrics.requests.labels(endpoint=endpoint, model=label, outcome=final_outcome).inc()
             metrics.latency.labels(endpoint=endpoint).observe(time.perf_counter() - t0)
+            write_log(rec, final_outcome, t0)
+
+        def failed(e: GatewayError) -> JSONResponse:
+            response = error_response(e)
+            response.headers["x-leanscale-request-id"] = rec["request_id"]
+            if rec["models_called"]:
+                response.headers["x-leanscale-models-called"] = ",".join(rec["models_called"])
+            return response
 
         done = _Done(finish)
         try:
@@ -474,39 +738,116 @@ def create_gateway_app(config, *, docs: bool = False, transport=None):
                                    headers={"retry-after": "1"}, outcome="overloaded")
         except GatewayError as e:
             metrics.requests.labels(endpoint=endpoint, model=_NO_MODEL, outcome=e.outcome).inc()
-            return error_response(e)
+            write_log(rec, e.outcome, t0)
+            return failed(e)
         state["in_flight"] += 1
         metrics.in_flight.set(state["in_flight"])
         try:
             body = await read_json(request)
-            requested = check_body(body, endpoint)
-            label = requested
-            if body.get("stream"):
-                want_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-                body = {**body, "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
-                name, stream = await call_chain(requested, path, body, stream=True)
-                label = name
+            kind, label, arg = check_body(body, endpoint)
+            rec["policy"] = body["model"][:200]
+            stream = bool(body.get("stream"))
+            rec["stream"] = stream
+            prompt = prompt_text(body, endpoint == "chat") if kind != "model" or state["log"] is not None else None
+            if state["log"] is not None:
+                rec["_prompt"] = prompt
+                if config.log.prompts == "text":
+                    rec["_answer"] = []
+            # Before any policy or backend: canned answers (rules), then the response cache.
+            want_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            early = None
+            if rules is not None:
+                rule = rules.match_body(body)
+                if rule is not None:
+                    from .rules import completion_json
 
+                    early = completion_json(rule, body, endpoint=endpoint)
+                    rec["rule"] = rule.name
+                    metrics.policy_decisions.labels(policy="rules", decision=rule.name[:64]).inc()
+            if early is None and cache is not None:
+                hit = await cache.aget(body)
+                if hit is not None:
+                    early, rec["cache"] = hit
+                    metrics.policy_decisions.labels(policy="cache", decision=rec["cache"]).inc()
+            if early is not None:
+                label = rec["model"] = str(early.get("model") or "leanscale-rules")
+                rec["cost_usd"] = 0.0
+                if "_answer" in rec:
+                    rec["_answer"] = answer_text(early, endpoint == "chat")
+                headers = answer_headers(rec, 0.0)
+                if "cache" in rec:
+                    headers["x-leanscale-cache"] = rec["cache"]
+                if stream:
+                    streaming = True
+                    return _SSEResponse(answer_events(early, want_usage, endpoint, done),
+                                        headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
+                                        on_close=done)
+                outcome = "ok"
+                return JSONResponse(early, headers=headers)
+            extra_cost: float | None = 0.0
+            backend_stream = None
+            if kind == "cascade":
+                name, answer, cost, backend_stream = await cascade(body, path, endpoint, arg, prompt, stream, rec)
+                if backend_stream is not None:
+                    extra_cost = cost
+            else:
+                target = arg
+                if kind == "router":
+                    try:
+                        target, info = router_policy.decide(prompt, arg)
+                    except InvalidParameterError as exc:
+                        raise GatewayError(400, f"'model' {body['model'][:100]!r}: {exc}", "invalid_request_error",
+                                           "invalid_value", "model", model=label) from None
+                    rec["router"] = {"choice": target, **info}
+                    metrics.policy_decisions.labels(policy="router", decision=target).inc()
+                if stream:
+                    sbody = {**body, "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
+                    name, backend_stream = await call_chain(target, path, sbody, stream=True,
+                                                            called=rec["models_called"])
+                else:
+                    name, answer = await call_chain(target, path, body, stream=False, called=rec["models_called"])
+                    cost = account(name, answer.get("usage"))
+            label = name
+            rec["model"] = name
+            if backend_stream is not None:
                 async def finish_stream(final_outcome: str) -> None:
-                    await stream.aclose()
-                    await done(final_outcome)
+                    # the request's slot first, then the backend's stream, bounded: a close that
+                    # hangs (a cancelled read inside the HTTP client) must not hold the slot
+                    try:
+                        await done(final_outcome)
+                    finally:
+                        try:
+                            await asyncio.wait_for(backend_stream.aclose(), timeout=STREAM_CLOSE_TIMEOUT_S)
+                        except asyncio.TimeoutError:
+                            logger.warning("closing the stream of backend %r took over %g s: abandoned", name,
+                                           STREAM_CLOSE_TIMEOUT_S)
+                        except Exception as exc:  # noqa: BLE001 -- the answer is over; log, never raise
+                            logger.info("closing the stream of backend %r failed: %r", name, exc)
 
                 streaming = True
-                return _SSEResponse(relay(name, stream, want_usage, endpoint, finish_stream),
-                                    headers={"x-leanscale-model": name, "cache-control": "no-cache",
+                return _SSEResponse(relay(name, backend_stream, want_usage, endpoint, finish_stream, extra_cost, rec,
+                                          cache_body=body),
+                                    headers={**answer_headers(rec, ...), "cache-control": "no-cache",
                                              "x-accel-buffering": "no"}, on_close=_Done(finish_stream))
-            name, answer = await call_chain(requested, path, body, stream=False)
-            label = name
-            cost = account(name, answer.get("usage"))
+            rec["cost_usd"] = cost
+            if cache is not None and not rec.get("error"):
+                await cache.aput(body, answer)  # before cost_usd is added: a hit costs nothing
             if cost is not None:
                 answer["usage"]["cost_usd"] = cost
+            if "_answer" in rec:
+                rec["_answer"] = answer_text(answer, endpoint == "chat")
+            if stream:  # a cascade's whole answer, streamed after the decision
+                streaming = True
+                return _SSEResponse(answer_events(answer, want_usage, endpoint, done),
+                                    headers={**answer_headers(rec, ...), "cache-control": "no-cache",
+                                             "x-accel-buffering": "no"}, on_close=done)
             outcome = "ok"
-            return JSONResponse(answer, headers={"x-leanscale-model": name, "x-leanscale-cost-usd": _cost_header(cost)})
+            return JSONResponse(answer, headers=answer_headers(rec, cost))
         except GatewayError as e:
             outcome = e.outcome
             if e.model != _NO_MODEL:
                 label = e.model
-            return error_response(e)
+            return failed(e)
         finally:
             if not streaming:
                 await done(outcome)
@@ -526,15 +867,21 @@ def create_gateway_app(config, *, docs: bool = False, transport=None):
         except GatewayError as e:
             return error_response(e)
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "leanscale"}
-                                           for name in config.model_names]}
+                                           for name in all_names]}
 
     @app.get("/healthz")
     async def healthz():
-        return {"status": "ok", "models": config.model_names, "in_flight": state["in_flight"],
+        return {"status": "ok", "models": config.model_names, "policies": config.policy_names,
+                "in_flight": state["in_flight"],
                 "max_in_flight": config.max_in_flight}
 
     @app.get("/metrics")
     async def prometheus_metrics():
+        for name, backend in backends.items():
+            metrics.breaker.labels(model=name).set(backend.breaker_state())
+        if cache is not None:
+            for stat, value in cache.stats().items():
+                metrics.cache.labels(stat=stat).set(value)
         return Response(metrics.render(), media_type=_METRICS_CONTENT_TYPE)
 
     return app

@@ -8,6 +8,13 @@ request's ``model`` replaced by the upstream name.
 can still fall back). Failures raise :class:`BackendError`, which says whether another backend
 could help (``retryable``: a connection error, a timeout, 5xx, 429, a bad answer, saturation) or
 not (another 4xx: the request itself is wrong).
+
+Each backend has a circuit breaker (:mod:`.breaker`, the model's ``breaker`` config; on by
+default): after ``failure_threshold`` failures in a row the calls fail at once for ``open_s``
+seconds with a retryable :class:`BackendError` of kind ``"circuit_open"`` (``retry_after``: the
+seconds until the backend is tried again), so the gateway's fallback chain moves on without
+waiting; then one probe call tests the backend. :meth:`Backend.breaker_state` answers 0 / 1 / 2
+(closed / half-open / open) for the metrics.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from typing import Any
 
 from leanscale.core.errors import MissingDependencyError
 
+from .breaker import Breaker, CircuitOpen, Ticket
 from .config import ModelConfig
 
 __all__ = ["Backend", "BackendError", "BackendStream"]
@@ -40,8 +48,10 @@ def _require_httpx():
 
 class BackendError(Exception):
     """A backend call failed. ``kind``: "timeout", "connection", "rate_limited", "saturated",
-    "server_error", "bad_response" (all ``retryable``) or "client_error" (the backend refused the
-    request with a 4xx other than 429; ``status`` and ``body`` hold its answer)."""
+    "server_error", "bad_response", "circuit_open" (the backend's circuit breaker is open: not
+    called; ``retry_after`` says when it will be tried again) (all ``retryable``) or
+    "client_error" (the backend refused the request with a 4xx other than 429; ``status`` and
+    ``body`` hold its answer)."""
 
     def __init__(self, model: str, kind: str, message: str, *, status: int | None = None,
                  body: Any = None, retry_after: float | None = None):
@@ -55,8 +65,9 @@ class BackendError(Exception):
 
     @property
     def overload(self) -> bool:
-        """The backend is busy rather than broken (429 or saturated)."""
-        return self.kind in ("rate_limited", "saturated")
+        """Retrying later helps: the backend is busy (429, saturated) or resting (circuit open);
+        when every model of a chain failed this way the gateway answers 503 with ``Retry-After``."""
+        return self.kind in ("rate_limited", "saturated", "circuit_open")
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -75,6 +86,17 @@ def _error_message(body: Any, text: str) -> str:
     if isinstance(body, dict) and "detail" in body:
         return str(body["detail"])[:300]
     return text[:300]
+
+
+async def _bounded(awaitable, seconds: float):
+    """``await awaitable`` within ``seconds`` (``TimeoutError`` after). In the calling task
+    (``asyncio.timeout``, Python >= 3.11): ``asyncio.wait_for`` runs it as a second task, and a
+    cancellation of the caller (a client that left a stream) could then wait for the backend's
+    next event before it took effect."""
+    if hasattr(asyncio, "timeout"):
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    return await asyncio.wait_for(awaitable, seconds)
 
 
 class BackendStream:
@@ -98,9 +120,11 @@ class BackendStream:
 
 
 class Backend:
-    """The client of one configured model (create it inside the event loop that uses it)."""
+    """The client of one configured model (create it inside the event loop that uses it).
+    ``breaker``: the circuit breaker to use (default: one built from ``config.breaker``, None when
+    it is disabled; pass one with an injected clock or store in tests)."""
 
-    def __init__(self, config: ModelConfig, *, transport=None):
+    def __init__(self, config: ModelConfig, *, transport=None, breaker: Breaker | None | object = ...):
         httpx = _require_httpx()
         self.config = config
         self.name = config.name
@@ -113,11 +137,45 @@ class Backend:
             base_url=config.base_url + "/", headers=headers, transport=transport, follow_redirects=False,
             timeout=httpx.Timeout(t, connect=min(t, 10.0)),
             limits=httpx.Limits(max_connections=config.max_concurrency,
-                                max_keepalive_connections=min(config.max_concurrency, 32)))
+                                max_keepalive_connections=config.max_concurrency))  # no reconnects under load
         self.in_flight = 0  # calls holding one of the max_concurrency slots
+        if breaker is ...:
+            cfg = getattr(config, "breaker", None)
+            breaker = None if cfg is None else Breaker(config.name, cfg, probe_lease_s=t + 5.0)
+        self.breaker: Breaker | None = breaker
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        try:
+            await self._client.aclose()
+        finally:
+            if self.breaker is not None:
+                await self.breaker.aclose()
+
+    def breaker_state(self) -> int:
+        """0 closed (or no breaker), 1 half-open, 2 open: the gauge value for the metrics."""
+        return 0 if self.breaker is None else self.breaker.state()
+
+    async def _admit(self) -> Ticket | None:
+        """Ask the breaker (None without one); an open circuit raises ``BackendError("circuit_open")``."""
+        if self.breaker is None:
+            return None
+        try:
+            return await self.breaker.admit()
+        except CircuitOpen as exc:
+            raise BackendError(self.name, "circuit_open", exc.message, retry_after=exc.retry_after) from None
+
+    async def _record(self, ticket: Ticket | None, exc: BaseException | None) -> None:
+        """Tell the breaker how an admitted call ended (never raises)."""
+        if ticket is None or self.breaker is None:
+            return
+        if exc is None:
+            kind, message = None, ""
+        elif isinstance(exc, BackendError):
+            kind, message = exc.kind, exc.message
+        else:  # cancelled (the client went away) or an unexpected error: neither success nor failure
+            kind, message = "cancelled", type(exc).__name__
+        with contextlib.suppress(Exception):
+            await self.breaker.record(ticket, kind, message)
 
     def _body(self, body: dict) -> dict:
         return {**body, "model": self.config.model}
@@ -161,13 +219,25 @@ class Backend:
     async def request_json(self, path: str, body: dict) -> dict:
         """POST ``body`` (with the upstream model name) to ``path`` and answer the JSON object;
         the whole call is bounded by ``timeout_s``."""
-        self._acquire()
+        ticket = await self._admit()
+        outcome: BaseException | None = asyncio.CancelledError()
         try:
-            return await asyncio.wait_for(self._request_json(path, body), self.config.timeout_s)
-        except Exception as exc:  # noqa: BLE001 -- every failure becomes a BackendError (fall back)
-            raise self._wrap(exc) from None
+            self._acquire()
+            try:
+                out = await _bounded(self._request_json(path, body), self.config.timeout_s)
+            except Exception as exc:  # noqa: BLE001 -- every failure becomes a BackendError (fall back)
+                outcome = self._wrap(exc)
+                raise outcome from None
+            finally:
+                self._release()
+        except BackendError as exc:  # saturated, or the call failed
+            outcome = exc
+            raise
+        else:
+            outcome = None
+            return out
         finally:
-            self._release()
+            await self._record(ticket, outcome)
 
     async def _request_json(self, path: str, body: dict) -> dict:
         async with self._client.stream("POST", path.lstrip("/"), json=self._body(body)) as r:
@@ -189,8 +259,15 @@ class Backend:
     async def open_stream(self, path: str, body: dict) -> BackendStream:
         """POST a streaming request; answer once the status is 200 and the first event has
         arrived, both within ``timeout_s``. Later events each arrive within ``timeout_s`` of the
-        previous one (else the iteration raises :class:`BackendError` "timeout")."""
-        self._acquire()
+        previous one (else the iteration raises :class:`BackendError` "timeout"). For the circuit
+        breaker the call succeeded once the first event arrived; a failure later in the stream
+        counts as one more failure."""
+        ticket = await self._admit()
+        try:
+            self._acquire()
+        except BackendError as exc:
+            await self._record(ticket, exc)
+            raise
         cm = self._client.stream("POST", path.lstrip("/"), json=self._body(body),
                                  headers={"accept": "text/event-stream"})
         response = None
@@ -218,25 +295,32 @@ class Backend:
             return events, first
 
         try:
-            events, first = await asyncio.wait_for(start(), self.config.timeout_s)
+            events, first = await _bounded(start(), self.config.timeout_s)
         except StopAsyncIteration:
             await close()
-            raise BackendError(self.name, "bad_response", "the stream ended before its first event") from None
+            error = BackendError(self.name, "bad_response", "the stream ended before its first event")
+            await self._record(ticket, error)
+            raise error from None
         except BaseException as exc:
             await close()
+            error = self._wrap(exc) if isinstance(exc, Exception) else exc
+            await self._record(ticket, error)
             if isinstance(exc, Exception):
-                raise self._wrap(exc) from None
+                raise error from None
             raise
-        return BackendStream(self.name, first, self._guarded(events), close)
+        await self._record(ticket, None)
+        return BackendStream(self.name, first, self._guarded(events, ticket), close)
 
-    async def _guarded(self, events: AsyncIterator[str]) -> AsyncIterator[str]:
+    async def _guarded(self, events: AsyncIterator[str], ticket: Ticket | None = None) -> AsyncIterator[str]:
         while True:
             try:
-                data = await asyncio.wait_for(events.__anext__(), self.config.timeout_s)
+                data = await _bounded(events.__anext__(), self.config.timeout_s)
             except StopAsyncIteration:
                 return
             except Exception as exc:  # noqa: BLE001 -- every failure becomes a BackendError
-                raise self._wrap(exc) from None
+                error = self._wrap(exc)
+                await self._record(ticket, error)
+                raise error from None
             yield data
 
     async def _events(self, response) -> AsyncIterator[str]:

@@ -12,6 +12,8 @@ and the client keys, read from YAML (``yaml.safe_load`` only) or a dict and chec
         output_price_per_1k: 0.0018         # USD per 1,000 completion tokens
         timeout_s: 30                       # optional (30)
         max_concurrency: 64                 # optional (64)
+        breaker: {failure_threshold: 5, open_s: 30}  # optional (these): circuit breaker, see breaker.py;
+                                                     # null or {enabled: false}: none
       - name: big
         base_url: http://127.0.0.1:9002/v1
         input_price_per_1k: 0.01
@@ -19,6 +21,7 @@ and the client keys, read from YAML (``yaml.safe_load`` only) or a dict and chec
     fallbacks:
       small: [big]                          # on error, timeout or 429: the next one, with backoff
     client_keys_env: LEANSCALE_GATEWAY_KEYS # optional: comma-separated keys clients must send
+    state: {redis_url: redis://127.0.0.1:6379/0}  # optional: breaker state shared by workers (store.py)
 
 Optional top-level limits: ``max_in_flight`` (256: requests being answered at once; beyond, 429),
 ``max_body_bytes`` (1,000,000), ``backoff_s`` (0.05: wait before the first fallback, doubled for
@@ -29,6 +32,26 @@ at most once (the chains are not followed transitively, so a "cycle" such as ``a
 ``b: [a]`` is harmless). Unknown keys are errors (a typo must not silently drop a setting).
 Every error names the file (or "config dict") and the key path, e.g.
 ``models[1].base_url must be an http(s) URL. Got 'foo'``.
+
+Optional sections for the learned policies and the request log (see ``README.md``)::
+
+    router:                                 # the policy "leanscale-router[:<knob>]"
+      path: router/                         # a folder saved by gateway.policies.train_router
+      models: [small, big]                  # optional: must be the saved router's models
+      default_knob: 0.3                     # optional (0.5): strong fraction in [0, 1], or "$0.002"
+    cascade:                                # the policy "leanscale-cascade[:<threshold>]"
+      models: [small, big]                  # cheapest first; each but the last is gated
+      scorer: scorer/                       # optional: a folder saved by train_scorer
+      threshold: 0.5                        # optional (0.5): accept when confidence >= threshold
+      logprob_weight: 0.5                   # optional (0.5): weight of the logprob confidence
+      request_logprobs: false               # optional: ask the gated models for logprobs
+    log:
+      path: requests.jsonl                  # appended to, one JSON line per request, never rotated
+      prompts: hash                         # hash (sha256 of the prompt) or text (prompt and answer)
+      max_queue: 10000                      # optional: lines waiting for the writer; beyond, dropped
+
+Relative paths are relative to the YAML file's folder (to the working directory for a dict).
+The artefacts are loaded when the app is built; here their folders must hold a ``meta.json``.
 """
 
 from __future__ import annotations
@@ -48,7 +71,15 @@ from leanscale.core.errors import (
     MissingDependencyError,
 )
 
-__all__ = ["MAX_CONFIG_BYTES", "GatewayConfig", "ModelConfig"]
+from .breaker import BreakerConfig, parse_breaker
+from .store import StateConfig, parse_state
+
+__all__ = ["CASCADE_POLICY", "MAX_CONFIG_BYTES", "ROUTER_POLICY", "CascadeConfig", "GatewayConfig", "LogConfig",
+           "ModelConfig", "RouterConfig", "parse_cascade_threshold", "parse_router_knob"]
+
+ROUTER_POLICY = "leanscale-router"
+CASCADE_POLICY = "leanscale-cascade"
+POLICY_NAMES = (ROUTER_POLICY, CASCADE_POLICY)
 
 MAX_CONFIG_BYTES = 1_000_000
 _INSTALL = "pip install 'leanscale[gateway]'"
@@ -56,9 +87,49 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}\Z")
 
 _MODEL_KEYS = {"name", "base_url", "model", "api_key_env", "input_price_per_1k", "output_price_per_1k", "timeout_s",
-               "max_concurrency"}
-_TOP_KEYS = {"models", "fallbacks", "client_keys_env", "max_in_flight", "max_body_bytes", "backoff_s",
-             "max_backoff_s"}
+               "max_concurrency", "breaker"}
+_TOP_KEYS = {"state", "models", "fallbacks", "client_keys_env", "max_in_flight", "max_body_bytes", "backoff_s",
+             "max_backoff_s", "router", "cascade", "log", "rules", "cache"}
+_ROUTER_KEYS = {"path", "models", "default_knob"}
+_CASCADE_KEYS = {"models", "scorer", "threshold", "logprob_weight", "request_logprobs"}
+_LOG_KEYS = {"path", "prompts", "max_queue"}
+_KNOB_HELP = ("a strong-model fraction in [0, 1] (e.g. 0.3) or a budget in USD per request written '$0.002'")
+
+
+def parse_router_knob(value: Any) -> tuple[str, float]:
+    """``("fraction", f)`` for a number in [0, 1] (``0.3``, ``"0.3"``) or ``("budget", usd)`` for
+    ``"$0.002"`` (> 0); ValueError (its message says what is expected) otherwise."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        f = float(value)
+        if math.isfinite(f) and 0.0 <= f <= 1.0:
+            return "fraction", f
+        raise ValueError(f"the router knob must be {_KNOB_HELP}. Got {value!r}")
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            if text.startswith("$"):
+                usd = float(text[1:])
+                if math.isfinite(usd) and usd > 0:
+                    return "budget", usd
+            else:
+                f = float(text)
+                if math.isfinite(f) and 0.0 <= f <= 1.0:
+                    return "fraction", f
+        except ValueError:
+            pass
+    raise ValueError(f"the router knob must be {_KNOB_HELP}. Got {value!r:.60}")
+
+
+def parse_cascade_threshold(value: Any) -> float:
+    """A confidence threshold in [0, 1] from a number or its text; ValueError otherwise."""
+    try:
+        t = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        t = math.nan
+    if not (math.isfinite(t) and 0.0 <= t <= 1.0):
+        raise ValueError(f"the cascade threshold must be a number in [0, 1] (accept the cheap answer when the "
+                         f"confidence is at least this). Got {value!r:.60}")
+    return t
 
 
 @dataclass(frozen=True)
@@ -73,6 +144,7 @@ class ModelConfig:
     api_key_env: str | None = None
     timeout_s: float = 30.0
     max_concurrency: int = 64
+    breaker: BreakerConfig | None = BreakerConfig()  # None: no circuit breaker
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         """USD for a call with these token counts."""
@@ -91,6 +163,35 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class RouterConfig:
+    """The ``router:`` section: a router saved by :func:`~leanscale.cascade.gateway.policies.train_router`."""
+
+    path: str  # absolute
+    models: tuple[str, ...] | None = None  # None: the saved router's models
+    default_knob: tuple[str, float] = ("fraction", 0.5)  # parse_router_knob's result
+
+
+@dataclass(frozen=True)
+class CascadeConfig:
+    """The ``cascade:`` section: the models tried in order (cheapest first), the saved scorer."""
+
+    models: tuple[str, ...]
+    scorer: str | None = None  # absolute path of a saved AnswerScorer
+    threshold: float = 0.5
+    logprob_weight: float = 0.5
+    request_logprobs: bool = False
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """The ``log:`` section: the JSONL request log."""
+
+    path: str  # absolute
+    prompts: str = "hash"  # "hash" or "text"
+    max_queue: int = 10_000
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     """The validated configuration (see the module docstring). Build it with :meth:`from_yaml`
     or :meth:`from_dict`."""
@@ -103,10 +204,22 @@ class GatewayConfig:
     backoff_s: float = 0.05
     max_backoff_s: float = 1.0
     source: str = "config dict"
+    state: StateConfig = StateConfig()  # the top-level ``state`` section (store.py)
+    router: RouterConfig | None = None
+    cascade: CascadeConfig | None = None
+    log: LogConfig | None = None
+    rules: tuple[dict, ...] = ()  # the checked ``rules:`` section (rules.check_rules_config)
+    cache: dict | None = None  # the checked ``cache:`` section (cache.check_cache_config); None: no cache
 
     @property
     def model_names(self) -> list[str]:
         return [m.name for m in self.models]
+
+    @property
+    def policy_names(self) -> list[str]:
+        """The configured policies (``leanscale-router``, ``leanscale-cascade``)."""
+        return ([ROUTER_POLICY] if self.router is not None else []) + (
+            [CASCADE_POLICY] if self.cascade is not None else [])
 
     def model(self, name: str) -> ModelConfig:
         for m in self.models:
@@ -158,12 +271,13 @@ class GatewayConfig:
             raise DataFormatError(f"{source}: not UTF-8 text ({exc}).") from None
         except yaml.YAMLError as exc:
             raise DataFormatError(f"{source}: not valid YAML: {exc}") from None
-        return _parse(data, source, DataFormatError)
+        return _parse(data, source, DataFormatError, base=p.resolve().parent)
 
     @classmethod
-    def from_dict(cls, data: dict) -> GatewayConfig:
-        """Validate a dict of the YAML's shape."""
-        return _parse(data, "config dict", InvalidParameterError)
+    def from_dict(cls, data: dict, base_dir: str | os.PathLike | None = None) -> GatewayConfig:
+        """Validate a dict of the YAML's shape (relative paths: from ``base_dir``, default the
+        working directory)."""
+        return _parse(data, "config dict", InvalidParameterError, base=Path(base_dir or Path.cwd()))
 
 
 # ------------------------------------------------------------------------------------ checks
@@ -214,7 +328,84 @@ class _Checker:
         return value.rstrip("/")
 
 
-def _parse(data: Any, source: str, error: type[Exception]) -> GatewayConfig:
+def _path(c: _Checker, key: str, value: Any, base: Path) -> Path:
+    if not isinstance(value, str) or not value.strip():
+        raise c.fail(key, "must be a path (a non-empty string)", value)
+    p = Path(value).expanduser()
+    return (p if p.is_absolute() else base / p).resolve()
+
+
+def _artefact(c: _Checker, key: str, value: Any, base: Path, made_by: str) -> str:
+    p = _path(c, key, value, base)
+    if not (p / "meta.json").is_file():
+        raise c.fail(key, f"must be a folder saved by {made_by} (holding a meta.json); {str(p)!r} is not", value)
+    return str(p)
+
+
+def _names(c: _Checker, key: str, value: Any, seen: dict[str, int]) -> tuple[str, ...]:
+    if not isinstance(value, list) or len(value) < 2:
+        raise c.fail(key, "must be a list of at least 2 configured model names", value)
+    for j, name in enumerate(value):
+        if name not in seen:
+            raise c.fail(f"{key}[{j}]", f"must be a configured model name ({', '.join(map(repr, seen))})", name)
+    if len(set(value)) != len(value):
+        raise c.fail(key, "must not list a model twice", value)
+    return tuple(value)
+
+
+def _parse_router(c: _Checker, raw: Any, seen: dict[str, int], base: Path) -> RouterConfig:
+    r = c.mapping("router", raw, _ROUTER_KEYS)
+    if "path" not in r:
+        raise c.error(f"{c.source}: router.path (the folder saved by train_router) is missing.")
+    models = _names(c, "router.models", r["models"], seen) if r.get("models") is not None else None
+    knob = ("fraction", 0.5)
+    if r.get("default_knob") is not None:
+        try:
+            knob = parse_router_knob(r["default_knob"])
+        except ValueError:
+            raise c.fail("router.default_knob", f"must be {_KNOB_HELP}", r["default_knob"]) from None
+    return RouterConfig(path=_artefact(c, "router.path", r["path"], base, "train_router"), models=models,
+                        default_knob=knob)
+
+
+def _parse_cascade(c: _Checker, raw: Any, seen: dict[str, int], base: Path) -> CascadeConfig:
+    r = c.mapping("cascade", raw, _CASCADE_KEYS)
+    if "models" not in r:
+        raise c.error(f"{c.source}: cascade.models (the models tried in order, cheapest first) is missing.")
+    models = _names(c, "cascade.models", r["models"], seen)
+    scorer = _artefact(c, "cascade.scorer", r["scorer"], base, "train_scorer") if r.get("scorer") is not None \
+        else None
+    threshold = float(c.number("cascade.threshold", r.get("threshold", 0.5), 0))
+    weight = float(c.number("cascade.logprob_weight", r.get("logprob_weight", 0.5), 0))
+    if threshold > 1 or weight > 1:
+        raise c.error(f"{c.source}: cascade.threshold and cascade.logprob_weight must be in [0, 1]. Got "
+                      f"{threshold:g} and {weight:g}.")
+    request_logprobs = r.get("request_logprobs", False)
+    if not isinstance(request_logprobs, bool):
+        raise c.fail("cascade.request_logprobs", "must be true or false", request_logprobs)
+    return CascadeConfig(models=models, scorer=scorer, threshold=threshold, logprob_weight=weight,
+                         request_logprobs=request_logprobs)
+
+
+def _parse_log(c: _Checker, raw: Any, base: Path) -> LogConfig:
+    r = c.mapping("log", raw, _LOG_KEYS)
+    if "path" not in r:
+        raise c.error(f"{c.source}: log.path (the JSONL file the requests are appended to) is missing.")
+    p = _path(c, "log.path", r["path"], base)
+    if p.is_dir():
+        raise c.fail("log.path", "must be a file path, not a folder", r["path"])
+    if not p.parent.is_dir():
+        raise c.fail("log.path", f"must be in an existing folder ({str(p.parent)!r} does not exist)", r["path"])
+    prompts = r.get("prompts", "hash")
+    if prompts not in ("hash", "text"):
+        raise c.fail("log.prompts", "must be 'hash' (sha256 of the prompt) or 'text' (the prompt and the answer)",
+                     prompts)
+    max_queue = int(c.number("log.max_queue", r.get("max_queue", 10_000), 1, integer=True))
+    return LogConfig(path=str(p), prompts=prompts, max_queue=max_queue)
+
+
+def _parse(data: Any, source: str, error: type[Exception], base: Path | None = None) -> GatewayConfig:
+    base = base if base is not None else Path.cwd()
     c = _Checker(source, error)
     top = c.mapping("(top level)", data, _TOP_KEYS)
     if "models" not in top:
@@ -224,6 +415,7 @@ def _parse(data: Any, source: str, error: type[Exception]) -> GatewayConfig:
         raise c.fail("models", "must be a non-empty list of models", models_raw)
     models: list[ModelConfig] = []
     seen: dict[str, int] = {}
+    state = parse_state(c, top.get("state"))
     for i, raw in enumerate(models_raw):
         key = f"models[{i}]"
         m = c.mapping(key, raw, _MODEL_KEYS)
@@ -235,6 +427,9 @@ def _parse(data: Any, source: str, error: type[Exception]) -> GatewayConfig:
         if name in seen:
             raise c.error(f"{source}: {key}.name {name!r} is also the name of models[{seen[name]}]; model names must "
                           "be unique.")
+        if any(name == p or name.startswith(p + ":") for p in POLICY_NAMES):
+            raise c.fail(f"{key}.name", f"must not be a policy name of the gateway ({', '.join(POLICY_NAMES)}, "
+                         "optionally with ':<knob>')", name)
         seen[name] = i
         api_key_env = m.get("api_key_env")
         if api_key_env is not None:
@@ -248,6 +443,7 @@ def _parse(data: Any, source: str, error: type[Exception]) -> GatewayConfig:
             api_key_env=api_key_env,
             timeout_s=float(c.number(f"{key}.timeout_s", m.get("timeout_s", 30.0), 0, strict=True)),
             max_concurrency=int(c.number(f"{key}.max_concurrency", m.get("max_concurrency", 64), 1, integer=True)),
+            breaker=parse_breaker(c, f"{key}.breaker", m.get("breaker", {}), state),
         ))
     fallbacks: dict[str, tuple[str, ...]] = {}
     raw_fb = top.get("fallbacks")
@@ -280,7 +476,14 @@ def _parse(data: Any, source: str, error: type[Exception]) -> GatewayConfig:
     if backoff_s > 10 or max_backoff_s > 60:
         raise c.error(f"{source}: backoff_s must be at most 10 and max_backoff_s at most 60 (seconds). "
                       f"Got {backoff_s:g} and {max_backoff_s:g}.")
+    from .cache import check_cache_config
+    from .rules import check_rules_config
+
+    rules = tuple(check_rules_config(top.get("rules"), source, error)) if top.get("rules") is not None else ()
+    cache = check_cache_config(top.get("cache"), source, error) if "cache" in top else None
     return GatewayConfig(
+        rules=rules,
+        cache=cache,
         models=tuple(models),
         fallbacks=fallbacks,
         client_keys_env=client_keys_env,
@@ -289,4 +492,8 @@ def _parse(data: Any, source: str, error: type[Exception]) -> GatewayConfig:
         backoff_s=backoff_s,
         max_backoff_s=max_backoff_s,
         source=source,
+        state=state,
+        router=_parse_router(c, top["router"], seen, base) if top.get("router") is not None else None,
+        cascade=_parse_cascade(c, top["cascade"], seen, base) if top.get("cascade") is not None else None,
+        log=_parse_log(c, top["log"], base) if top.get("log") is not None else None,
     )

@@ -1,0 +1,1 @@
+"""Benchmarks of the OpenAI-compatible LLM gateway (:mod:`leanscale.cascade.gateway`)."""
