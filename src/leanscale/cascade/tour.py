@@ -1,12 +1,20 @@
-"""The tour's chapter on cascades and routers, and the README headline from the benchmark."""
+"""The tour's chapter on cascades and routers (WordNet glosses, then the LLM gateway on GSM8K), and the
+README headline from the benchmark."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import os
+from pathlib import Path
+
 import numpy as np
 
+from leanscale.core.errors import InvalidParameterError
 from leanscale.core.registry import read_result
 
-__all__ = ["chapter", "headline"]
+__all__ = ["chapter", "headline", "gateway_section", "gateway_comparison", "gsm8k_candidates",
+           "load_gsm8k_responses", "gsm8k_split"]
 
 _MAIN_BENCHMARK = "wordnet.json"
 
@@ -34,7 +42,6 @@ def chapter(ctx):
         mine_rules,
     )
     from leanscale.cascade.stacking import StackedEncoder, cross_fitted_logp
-    from leanscale.core.errors import InvalidParameterError
     from leanscale.data._sampling import stratified_indices
     from leanscale.data.embeddings import cached_text_embeddings
     from leanscale.data.wordnet import load_wordnet_glosses
@@ -165,6 +172,7 @@ def chapter(ctx):
          "value": " / ".join(f"{np.mean(out.stage == k):.0%}" for k in ("rules", "tfidf", "big")), "paper": ""},
         {"metric": "router APGR (random 0.5)", "value": f"{ev['apgr']:.3f}", "paper": "RouteLLM metric"},
     ]
+    summary += gateway_section(ctx)
     d = read_result("cascade", _MAIN_BENCHMARK)
     if d is not None:
         f = d["frontier"]
@@ -172,6 +180,337 @@ def chapter(ctx):
                         "value": f"{f['measured']['speedup']:.1f}x, {f['accuracy_gap_points']:.2f} points less",
                         "paper": "goal: >= 5x at <= 0.5 points"})
     return ChapterResult(title="Filters and simpler models first: cascades and routers", summary_rows=summary)
+
+
+# ------------------------------------------------------------------------------ the LLM gateway
+# Real model behaviour, offline: 1,319 GSM8K questions with Mixtral-8x7B's ("small") and GPT-4's
+# ("big") recorded answers and correctness (lm-sys/RouteLLM, Apache-2.0), replayed by two fake
+# OpenAI-compatible backends behind the gateway.
+GSM8K_FILE = "gsm8k_responses.csv"
+GSM8K_MODELS = {"small": "mistralai/Mixtral-8x7B-Instruct-v0.1", "big": "gpt-4-1106-preview"}
+GATEWAY_PRICES = {"small": (0.0006, 0.0018), "big": (0.01, 0.03)}  # USD per 1k prompt / completion tokens
+_NO_RECORD = "(no recorded answer for this prompt)"
+
+
+def gsm8k_candidates() -> list[Path]:
+    """Where the tour looks for the RouteLLM GSM8K responses file, in order:
+    ``$LEANSCALE_DATA_ROOT/routellm/`` and ``$LEANSCALE_DATA_ROOT/`` when that variable is set,
+    then ``shared/data/routellm/`` beside the source checkout and beside the current folder."""
+    from leanscale.data.paths import DATA_ROOT_ENV
+
+    out: list[Path] = []
+    env = os.environ.get(DATA_ROOT_ENV)
+    if env:
+        root = Path(env).expanduser()
+        out += [root / "routellm" / GSM8K_FILE, root / GSM8K_FILE]
+    checkout = Path(__file__).resolve().parents[3]  # src/leanscale/cascade/tour.py -> the repository
+    for base in (checkout.parent, Path.cwd().resolve().parent):
+        path = base / "shared" / "data" / "routellm" / GSM8K_FILE
+        if path not in out:
+            out.append(path)
+    return out
+
+
+def load_gsm8k_responses(path: str | os.PathLike) -> list[dict]:
+    """The GSM8K file's rows as ``{"prompt", "correct": {model: bool}, "response": {model: str}}``
+    (``model``: "small", "big").
+
+    Raises:
+        DataFormatError: the file lacks one of the columns (they are named).
+    """
+    import csv
+
+    from leanscale.core.errors import DataFormatError
+
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        need = ["prompt"] + [c + s for c in GSM8K_MODELS.values() for s in ("", "_response")]
+        missing = [c for c in need if c not in (reader.fieldnames or ())]
+        if missing:
+            raise DataFormatError(f"The GSM8K responses file {str(path)!r} must have the columns {need}. "
+                                  f"Missing: {missing}.")
+        return [{"prompt": r["prompt"],
+                 "correct": {m: r[c].strip().lower() == "true" for m, c in GSM8K_MODELS.items()},
+                 "response": {m: r[c + "_response"] for m, c in GSM8K_MODELS.items()}} for r in reader]
+
+
+def gsm8k_split(n_rows: int, n_train: int, n_test: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) row indices: a seeded permutation, its first ``n_test`` rows for the test and
+    the next ``n_train`` for training."""
+    order = np.random.default_rng(seed).permutation(n_rows)
+    return order[n_test:n_test + n_train], order[:n_test]
+
+
+@contextlib.contextmanager
+def _running_gateway(config):
+    """``create_gateway_app(config)`` served by uvicorn on a free 127.0.0.1 port in a thread;
+    yields the base URL (``.../v1``); stopped and joined on exit."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from leanscale.cascade.gateway import create_gateway_app
+
+    server = uvicorn.Server(uvicorn.Config(create_gateway_app(config), host="127.0.0.1", port=0,
+                                           log_level="error", access_log=False, lifespan="on", ws="none",
+                                           timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, name="tour-gateway", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    try:
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the gateway did not start within 30 s")
+            time.sleep(0.005)
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+    if thread.is_alive():  # reached only when the block ended without an exception
+        raise RuntimeError("the gateway did not shut down within 30 s")
+
+
+async def _send(url: str, model: str, prompts: list[str], concurrency: int) -> list[tuple]:
+    """POST a chat completion per prompt with ``model``; (status, answering model, text, cost header)."""
+    import asyncio
+
+    import httpx
+
+    gate = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=30.0) as client:
+        async def one(prompt: str):
+            async with gate:
+                r = await client.post("/chat/completions", json={
+                    "model": model, "messages": [{"role": "user", "content": prompt}]})
+            text = r.json()["choices"][0]["message"]["content"] if r.status_code == 200 else r.text
+            return r.status_code, r.headers.get("x-leanscale-model"), text, r.headers.get("x-leanscale-cost-usd")
+
+        return list(await asyncio.gather(*(one(p) for p in prompts)))
+
+
+def gateway_comparison(csv_path: str | os.PathLike, *, n_train: int = 300, n_test: int = 150,
+                       knobs: tuple[float, ...] = (0.2, 0.5, 0.8), threshold: float = 0.5, seed: int = 0,
+                       folds: int = 5, concurrency: int = 4, log=None) -> dict:
+    """Accuracy and cost per request of the gateway's policies on held-out GSM8K questions, through
+    the running gateway over HTTP.
+
+    Two :class:`~leanscale.cascade.gateway.testing.FakeOpenAIBackend` servers replay Mixtral's
+    ("small") and GPT-4's ("big") recorded answers; the router
+    (:func:`~leanscale.cascade.gateway.policies.train_router`) and the cascade's answer scorer
+    (:func:`~leanscale.cascade.gateway.policies.train_scorer`) are trained on ``n_train`` questions;
+    the ``n_test`` others are sent through the gateway once per policy, each answer scored with the
+    file's correctness of the model that answered (``x-leanscale-model``) and costed by
+    ``x-leanscale-cost-usd`` (the fake counts words as tokens; :data:`GATEWAY_PRICES`).
+
+    Args:
+        csv_path: the RouteLLM GSM8K responses file.
+        n_train, n_test: questions to train on and to test on (disjoint; :func:`gsm8k_split`).
+        knobs: the router's knobs (the share of requests sent to big), ``leanscale-router:<knob>``.
+        threshold: the cascade's threshold (``leanscale-cascade``).
+        seed: the split's seed.
+        folds: the router's cross-validation folds (its out-of-fold thresholds).
+        concurrency: requests in flight at once.
+        log: a function of one line of progress text, or None.
+
+    Returns:
+        ``{"rows": [{"policy", "model", "accuracy", "cost_per_request_usd", "big_share",
+        "gap_recovered", "failed"}...], "n_train", "n_test", "test_index", "train_s", "http_s",
+        "requests", "usd", "gateway_url"}``; the first two rows are always-small and always-big.
+    """
+    import asyncio
+    import tempfile
+    import time
+
+    from leanscale.cascade.gateway import GatewayConfig
+    from leanscale.cascade.gateway.policies import train_router, train_scorer
+    from leanscale.cascade.gateway.testing import FakeOpenAIBackend, count_tokens
+
+    say = log or (lambda message: None)
+    rows = load_gsm8k_responses(csv_path)
+    if n_train + n_test > len(rows):
+        raise InvalidParameterError(f"The 'n_train' and 'n_test' parameters of gateway_comparison must add up to at "
+                                    f"most the file's {len(rows)} questions. Got {n_train} + {n_test}.")
+    tr, te = gsm8k_split(len(rows), n_train, n_test, seed)
+    train, test = [rows[i] for i in tr], [rows[i] for i in te]
+    models = list(GSM8K_MODELS)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="leanscale-tour-gateway-") as tmp:
+        say(f"gateway: training the router and the answer scorer on {n_train} GSM8K questions")
+        prompts = [r["prompt"] for r in train]
+        p_tok = np.array([count_tokens(p) for p in prompts], dtype=float)
+        c_tok = {m: np.array([count_tokens(r["response"][m]) for r in train], dtype=float) for m in models}
+        train_router(prompts, {m: np.array([r["correct"][m] for r in train]) for m in models},
+                     {m: (p_tok * GATEWAY_PRICES[m][0] + c_tok[m] * GATEWAY_PRICES[m][1]) / 1000 for m in models},
+                     Path(tmp) / "router", folds=folds, seed=seed, prompt_tokens=p_tok, completion_tokens=c_tok)
+        train_scorer(prompts, [r["response"]["small"] for r in train],
+                     np.array([r["correct"]["small"] for r in train]), Path(tmp) / "scorer")
+        train_s = time.perf_counter() - t0
+        replies = {m: {r["prompt"]: r["response"][m] for r in test} for m in models}
+        policies = [("always-small", "small"), ("always-big", "big")]
+        policies += [(f"router, knob {k:g}", f"leanscale-router:{k:g}") for k in knobs]
+        policies.append((f"cascade, threshold {threshold:g}", "leanscale-cascade"))
+        out: list[dict] = []
+        t1 = time.perf_counter()
+        with FakeOpenAIBackend(reply=lambda p: replies["small"].get(p, _NO_RECORD)) as small, \
+                FakeOpenAIBackend(reply=lambda p: replies["big"].get(p, _NO_RECORD)) as big:
+            backend = {"small": small, "big": big}
+            config = GatewayConfig.from_dict({
+                "models": [{"name": m, "base_url": backend[m].base_url, "input_price_per_1k": GATEWAY_PRICES[m][0],
+                            "output_price_per_1k": GATEWAY_PRICES[m][1]} for m in models],
+                "fallbacks": {"small": ["big"]},
+                "router": {"path": str(Path(tmp) / "router")},
+                "cascade": {"models": models, "scorer": str(Path(tmp) / "scorer"), "threshold": threshold},
+            })
+            with _running_gateway(config) as url:
+                say(f"gateway: {len(policies)} policies x {n_test} questions through {url}")
+                for label, model in policies:
+                    answers = asyncio.run(_send(url, model, [r["prompt"] for r in test], concurrency))
+                    ok, cost, big_calls, failed = [], [], 0, 0
+                    for (status, by, text, usd), r in zip(answers, test):
+                        try:
+                            usd = float(usd)
+                        except (TypeError, ValueError):  # no header, or "unknown" (no usage)
+                            usd = None
+                        if status != 200 or by not in models or text != r["response"][by] or usd is None:
+                            failed += 1  # counted wrong and free: shown in the table, never hidden
+                            ok.append(False)
+                            cost.append(0.0)
+                            continue
+                        ok.append(r["correct"][by])
+                        cost.append(usd)
+                        big_calls += by == "big"
+                    out.append({"policy": label, "model": model, "accuracy": float(np.mean(ok)),
+                                "cost_per_request_usd": float(np.mean(cost)), "big_share": big_calls / n_test,
+                                "failed": failed})
+        http_s = time.perf_counter() - t1
+    acc_small, acc_big = out[0]["accuracy"], out[1]["accuracy"]
+    for row in out:
+        gap = acc_big - acc_small
+        row["gap_recovered"] = (row["accuracy"] - acc_small) / gap if gap > 0 else None
+    return {"rows": out, "n_train": n_train, "n_test": n_test, "test_index": te, "train_s": train_s,
+            "http_s": http_s, "requests": n_test * len(policies),
+            "usd": float(sum(r["cost_per_request_usd"] for r in out) * n_test), "gateway_url": url}
+
+
+def gateway_section(ctx, csv_path: str | os.PathLike | None = None) -> list[dict]:
+    """The cascade chapter's LLM gateway section: :func:`gateway_comparison` (``--quick``: 120
+    training and 40 test questions, router knobs 0.2 and 0.5; else 300 and 150, knobs 0.2, 0.5 and
+    0.8), a table and a figure in ``ctx.report``.
+    Skipped, with the reason in the report and the summary row, when the GSM8K file is not found
+    (``csv_path``, or :func:`gsm8k_candidates`) or the gateway's extra is not installed.
+
+    Returns:
+        The chapter's summary rows of this section.
+    """
+    import time
+
+    report = ctx.report
+    t0 = time.perf_counter()
+    # quick: 120 / 40 questions, 2 router knobs (200 requests); full: 300 / 150, 3 knobs (900 requests).
+    # Each request costs ~5 ms of CPU here (client, gateway and fakes share this process).
+    n_train, n_test, knobs, folds = (120, 40, (0.2, 0.5), 3) if ctx.quick else (300, 150, (0.2, 0.5, 0.8), 5)
+    report.add_section("An OpenAI-compatible LLM gateway: router and cascade on GSM8K "
+                       f"({n_train} training, {n_test} test questions)", level=3)
+    report.add_paragraph(
+        "The same ideas for LLM calls: `leanscale gateway` serves the OpenAI API; an app points its OpenAI "
+        "client at it (base_url) and picks a policy by the request's model name: a configured model, "
+        "`leanscale-router:<share of big calls>` (a router trained on logged outcomes decides up front) or "
+        "`leanscale-cascade` (the small model answers first; a trained answer scorer decides whether to "
+        "escalate to the big one, paying both calls). Here two fake OpenAI-compatible servers replay "
+        "Mixtral-8x7B's (small) and GPT-4's (big) real recorded answers to GSM8K questions (RouteLLM's data), "
+        "and every test question goes through the gateway over HTTP; each answer is scored with the recorded "
+        "correctness of the model that answered and costed by the gateway's x-leanscale-cost-usd header.")
+    tried = [Path(csv_path)] if csv_path is not None else gsm8k_candidates()
+    found = next((p for p in tried if p.is_file()), None)
+    reason = None
+    if found is None:
+        reason = ("the GSM8K responses file (RouteLLM's gsm8k_responses.csv) was not found; looked in "
+                  + ", ".join(str(p) for p in tried) + ". Put it in $LEANSCALE_DATA_ROOT/routellm/ to run this section")
+    else:
+        missing = [m for m in ("httpx", "uvicorn", "fastapi", "yaml") if importlib.util.find_spec(m) is None]
+        if missing:
+            reason = (f"the gateway's dependencies are not installed ({', '.join(missing)}): "
+                      "pip install 'leanscale[gateway]'")
+    if reason is not None:
+        report.add_note(f"Skipped: {reason}.", kind="planned")
+        ctx.log(f"gateway section skipped: {reason}")
+        return [{"metric": "LLM gateway on GSM8K", "value": f"skipped: {reason}", "paper": ""}]
+
+    res = gateway_comparison(found, n_train=n_train, n_test=n_test, knobs=knobs, folds=folds, seed=ctx.seed,
+                             log=ctx.log)
+    rows = res["rows"]
+    small, big = rows[0], rows[1]
+    big_usd = big["cost_per_request_usd"] or None
+    table = [{"policy": r["policy"], "model (request)": r["model"], "accuracy": r["accuracy"],
+              "USD / 1k requests": 1000 * r["cost_per_request_usd"],
+              "cost vs big": f"{r['cost_per_request_usd'] / big_usd:.0%}" if big_usd else None,
+              "answered by big": f"{r['big_share']:.0%}", "gap recovered": r["gap_recovered"],
+              "failed": r["failed"]} for r in rows]
+    report.add_table(table, caption=(
+        f"{n_test} held-out GSM8K questions through the gateway (prices per 1k tokens: small "
+        f"${GATEWAY_PRICES['small'][0]}/${GATEWAY_PRICES['small'][1]}, big ${GATEWAY_PRICES['big'][0]}/"
+        f"${GATEWAY_PRICES['big'][1]}, words as tokens); gap recovered = (accuracy - small's) / (big's - small's); "
+        "the cascade's cost includes the small call of every escalated request"))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        ends = [small, big]
+        ax.plot([r["cost_per_request_usd"] * 1e3 for r in ends], [100 * r["accuracy"] for r in ends], "--",
+                color="0.6", label="random mix of small and big")
+        ax.plot([r["cost_per_request_usd"] * 1e3 for r in ends], [100 * r["accuracy"] for r in ends], "ko")
+        for r, text in ((small, "always small"), (big, "always big")):
+            ax.annotate(text, (r["cost_per_request_usd"] * 1e3, 100 * r["accuracy"]), textcoords="offset points",
+                        xytext=(4, -10), fontsize=8)
+        routers = [r for r in rows if r["model"].startswith("leanscale-router")]
+        ax.plot([r["cost_per_request_usd"] * 1e3 for r in routers], [100 * r["accuracy"] for r in routers], "s-",
+                label="leanscale-router (knobs " + ", ".join(r["model"].split(":")[1] for r in routers) + ")")
+        casc = rows[-1]
+        ax.plot([casc["cost_per_request_usd"] * 1e3], [100 * casc["accuracy"]], "*", ms=13, label=casc["policy"])
+        ax.set_xlabel("USD per 1,000 requests")
+        ax.set_ylabel("test accuracy (%)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        report.add_figure(fig, caption="Accuracy against cost per request of each gateway policy (GSM8K, held out)")
+        plt.close(fig)
+    except ImportError:  # plots are an optional extra
+        pass
+    casc = rows[-1]
+    text = (f"The router and the scorer trained in {res['train_s']:.1f} s; {res['requests']:,} requests went "
+            f"through the gateway in {res['http_s']:.1f} s (gateway, fakes and client in this one process, so "
+            "these seconds say nothing about the gateway's overhead: benchmarks/gateway/load.py measures it). ")
+    bench = read_result("gateway", "quality.json")
+    try:
+        fam = bench["families"]
+        goal = bench["goals"]["cascade_default_within_1pt_of_big_at_le_40pct_cost"]
+        text += (f"The benchmark, on {bench['settings']['n_test']} held-out questions (quality.json): the cascade "
+                 f"recovers {fam['leanscale-cascade']['pgr_at_50pct_big']:.2f} of the small-to-big gap at 50% big "
+                 f"calls, the router {fam['leanscale-router']['pgr_at_50pct_big']:.2f}, random "
+                 f"{fam['random']['pgr_at_50pct_big']:.2f}; the goal (the cascade within 1 point of big's accuracy "
+                 f"at <= 40% of its cost) is {'met' if goal['met'] else 'not met'}. ")
+    except (TypeError, KeyError):  # no benchmark result (or another layout): nothing to quote
+        pass
+    report.add_paragraph(text + "How to point an app at the gateway and train the router from its own logs: the "
+                         "cascade method card (src/leanscale/cascade/README.md, 'LLM gateway').")
+    if ctx.ledger is not None:
+        ctx.ledger.record("cascade: LLM gateway, GSM8K policies over HTTP", seconds=res["http_s"],
+                          n_examples=res["requests"], usd_simulated=round(res["usd"], 6))
+    ctx.log(f"gateway section: {time.perf_counter() - t0:.1f} s")
+    return [
+        {"metric": f"gateway cascade vs always-big, GSM8K ({n_test} held out)",
+         "value": f"{casc['accuracy']:.1%} vs {big['accuracy']:.1%} at "
+                  f"{casc['cost_per_request_usd'] / big_usd:.0%} of its cost" if big_usd else "n/a",
+         "paper": "FrugalGPT: GPT-4's accuracy at up to 98% lower cost"},
+        {"metric": "gateway router: gap recovered at each knob",
+         "value": ", ".join(f"{r['model'].split(':')[1]}: {r['gap_recovered']:.2f}"
+                            if r["gap_recovered"] is not None else f"{r['model'].split(':')[1]}: n/a"
+                            for r in rows if r["model"].startswith("leanscale-router")),
+         "paper": "RouteLLM: random routing recovers the share of big calls"},
+    ]
 
 
 def headline(results_root=None) -> str:

@@ -23,8 +23,16 @@ Endpoints (clients use the official OpenAI clients with ``base_url=http://HOST:P
   model up front) or ``leanscale-cascade[:<threshold>]`` (cheap model first, escalate when the
   quality estimator does not trust its answer); see ``README.md``. With ``log:`` configured,
   every request is one line of a JSONL log (:mod:`.log`).
-* ``GET /v1/models`` -- the configured model names and policies. ``GET /healthz`` -- 200 ``{"status": "ok"}``
-  (the gateway is up; backends are not probed). ``GET /metrics`` -- Prometheus text format.
+* Before any policy or backend: canned answers (``rules:``, :mod:`.rules`; ``x-leanscale-model:
+  leanscale-rules``) and the exact + semantic response cache (``cache:``, :mod:`.cache`;
+  ``x-leanscale-cache: exact | semantic``), both at cost 0 and without calling a backend. A cache
+  that raises never fails a request (counted in ``leanscale_gateway_cache_errors``).
+* ``GET /v1/models`` -- the configured model names and policies. ``GET /healthz`` -- 200
+  ``{"status": "ok", "pid": ...}`` (the gateway is up, and which worker process answered; backends
+  are not probed). ``GET /metrics`` -- Prometheus text format.
+
+``serve_gateway(path, workers=N)`` runs N worker processes (:func:`_worker_app`); the cache and the
+circuit breakers are per process unless ``cache.redis_url`` / ``state.redis_url`` are set.
 
 Every answer has the headers ``x-leanscale-model`` (the model that answered) and, when not
 streamed, ``x-leanscale-cost-usd`` (from the answer's ``usage`` and the model's prices; ``unknown``
@@ -48,6 +56,7 @@ import hmac
 import json
 import logging
 import math
+import os
 import time
 import uuid
 from pathlib import Path
@@ -64,6 +73,7 @@ from .config import (
     parse_router_knob,
 )
 from .policies import answer_text, prompt_hash, prompt_text
+from .rules import RULES_MODEL
 from .scorer import combine_confidence, mean_logprob
 from .store import require_redis
 
@@ -82,6 +92,9 @@ BACKEND_OUTCOMES = ("ok", "timeout", "connection", "rate_limited", "saturated", 
                     "misconfigured",
                     "bad_response", "client_error", "stream_error")
 _NO_MODEL = "-"  # the model label of requests that named no configured model (bounded label values)
+# stored with each cached answer (and removed from a hit): the configured model that answered it
+_CACHE_MODEL_KEY = "_leanscale_model"
+CACHE_WARN_EVERY_S = 60.0  # a failing cache is logged at most once a minute (it is counted every time)
 
 
 def _require(module: str):
@@ -118,6 +131,11 @@ class _Metrics:
         self.in_flight = pc.Gauge("leanscale_gateway_in_flight", "Completion requests being answered.", registry=r)
         self.cache = pc.Gauge("leanscale_gateway_cache", "Response cache counters (hits_exact, hits_semantic, "
                               "misses, puts, evictions, expired, size, ...).", ["stat"], registry=r)
+        self.cache_errors = C("leanscale_gateway_cache_errors",
+                              "Response cache look-ups and stores that raised (the request was answered by the "
+                              "backends as if the cache were off).", ["op"], registry=r)
+        for op in ("get", "put"):
+            self.cache_errors.labels(op=op)
         self.breaker = pc.Gauge("leanscale_gateway_breaker_state", "Circuit breaker of each backend model: 0 closed, "
                                 "1 half-open, 2 open.", ["model"], registry=r)
         self.latency = pc.Histogram("leanscale_gateway_request_latency_seconds",
@@ -168,6 +186,15 @@ def _usage_cost(usage: Any, model) -> float | None:
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (p, c)):
         return None
     return model.cost(p, c)
+
+
+def _tokens(usage: Any) -> dict | None:
+    """``{"prompt_tokens", "completion_tokens"}`` of a usage block (for the request log: replay
+    reprices logged traffic with new prices), or None."""
+    if not isinstance(usage, dict):
+        return None
+    out = {k: usage.get(k) for k in ("prompt_tokens", "completion_tokens")}
+    return out if all(isinstance(v, int) and not isinstance(v, bool) for v in out.values()) else None
 
 
 def _cost_header(cost: float | None) -> str:
@@ -321,7 +348,7 @@ def create_gateway_app(config, *, docs: bool = False, transport=None, cache_embe
     metrics = _Metrics(config.model_names)
     _SSEResponse = _sse_response_class()
     backends: dict[str, Backend] = {}
-    state: dict[str, Any] = {"in_flight": 0, "log": None}
+    state: dict[str, Any] = {"in_flight": 0, "log": None, "cache_warned": -math.inf}
     router_policy, scorer = _load_policies(config)
     rules = None
     if config.rules:
@@ -472,6 +499,46 @@ def create_gateway_app(config, *, docs: bool = False, transport=None, cache_embe
             metrics.tokens.labels(model=name, kind="completion").inc(usage["completion_tokens"])
         return cost
 
+    # ---------------------------------------------------------------------------- cache
+    def cache_failed(op: str, exc: Exception) -> None:
+        metrics.cache_errors.labels(op=op).inc()
+        now = time.monotonic()
+        if now - state["cache_warned"] >= CACHE_WARN_EVERY_S:
+            state["cache_warned"] = now
+            logger.warning("the response cache failed (%s): %r; answering as if it were off (counted in "
+                           "leanscale_gateway_cache_errors, logged at most once a minute)", op, exc)
+
+    async def cache_get(body: dict) -> tuple[dict, str] | None:
+        """The cache's answer, or None (a miss, or a cache that raised: never a failed request)."""
+        try:
+            return await cache.aget(body)
+        except Exception as exc:  # noqa: BLE001 -- the embedding, Redis...: the backends answer instead
+            cache_failed("get", exc)
+            return None
+
+    async def cache_put(body: dict, answer: dict, name: str) -> None:
+        """Store ``answer`` (from the configured model ``name``); a failure is counted, never raised."""
+        try:
+            await cache.aput(body, {**answer, _CACHE_MODEL_KEY: name})
+        except Exception as exc:  # noqa: BLE001 -- the answer is there: the client gets it
+            cache_failed("put", exc)
+
+    def whole_events(answer: dict, want_usage: bool, finish):
+        """A canned or cached answer as a stream (every choice, as OpenAI streams them), ``[DONE]``."""
+        from .rules import completion_to_chunks
+
+        async def events():
+            outcome = "stream_error"
+            try:
+                for chunk in completion_to_chunks(answer, include_usage=want_usage):
+                    yield _sse(chunk)
+                yield b"data: [DONE]\n\n"
+                outcome = "ok"
+            finally:
+                await finish(outcome)
+
+        return events()
+
     # ----------------------------------------------------------------------- completions
     async def call_chain(requested: str, path: str, body: dict, stream: bool, called: list | None = None):
         """The first backend of the chain that answers: (name, JSON answer or BackendStream).
@@ -528,6 +595,12 @@ def create_gateway_app(config, *, docs: bool = False, transport=None, cache_embe
                 while True:
                     if data.strip() == "[DONE]":
                         outcome = "ok"
+                        if chunks:  # stored before [DONE]: a client that saw the end finds it cached
+                            from .cache import completion_from_chunks
+
+                            whole = completion_from_chunks(chunks)
+                            if whole is not None:
+                                await cache_put(cache_body, whole, name)
                         yield b"data: [DONE]\n\n"
                         return
                     try:
@@ -550,16 +623,19 @@ def create_gateway_app(config, *, docs: bool = False, transport=None, cache_embe
                             rec["_answer"].append(piece)
                     if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
                         usage = obj["usage"]
+                        if rec is not None and _tokens(usage) is not None:
+                            rec["usage"] = _tokens(usage)
                         cost = _usage_cost(usage, model)
                         if cost is not None and extra_cost is not None:
                             usage["cost_usd"] = cost + extra_cost
-                        if not want_usage:  # the client did not ask: as OpenAI, no usage chunk
-                            if obj.get("choices"):
-                                obj.pop("usage")
-                            else:
-                                send = False
                     if chunks is not None and isinstance(obj, dict):
-                        chunks.append(obj)
+                        chunks.append(dict(obj))  # a copy: the usage popped below is still stored
+                    if isinstance(obj, dict) and isinstance(obj.get("usage"), dict) and not want_usage:
+                        # the client did not ask: as OpenAI, no usage chunk
+                        if obj.get("choices"):
+                            obj.pop("usage")
+                        else:
+                            send = False
                     if send:
                         yield _sse(obj)
                     try:
@@ -577,13 +653,6 @@ def create_gateway_app(config, *, docs: bool = False, transport=None, cache_embe
                     cost = account(name, usage)
                     if rec is not None:
                         rec["cost_usd"] = None if cost is None or extra_cost is None else cost + extra_cost
-                if outcome == "ok" and chunks:
-                    from .cache import completion_from_chunks
-
-                    whole = completion_from_chunks(chunks)
-                    if whole is not None:
-                        with contextlib.suppress(Exception):  # a cache failure never fails the answer
-                            await cache.aput(cache_body, whole)
                 await finish(outcome)
 
         return events()
@@ -656,14 +725,16 @@ def create_gateway_app(config, *, docs: bool = False, transport=None, cache_embe
             cost = account(name, answer.get("usage"))
             spent = None if spent is None or cost is None else spent + cost
             if last or name != step:  # the last model, or a fallback of the step answered: final
-                steps.append({"model": name, "decision": "final", "cost_usd": cost})
+                steps.append({"model": name, "decision": "final", "cost_usd": cost,
+                              "usage": _tokens(answer.get("usage"))})
                 return name, answer, spent, None
             p = float(scorer.predict_proba([prompt], [answer_text(answer, chat)])[0]) if scorer is not None else None
             lp = mean_logprob(answer)
             conf = combine_confidence(p, lp, cfg.logprob_weight)
             accept = conf is not None and conf >= threshold
             steps.append({"model": name, "decision": "accept" if accept else "escalate", "scorer": p,
-                          "mean_logprob": lp, "confidence": conf, "cost_usd": cost})
+                          "mean_logprob": lp, "confidence": conf, "cost_usd": cost,
+                          "usage": _tokens(answer.get("usage"))})
             metrics.policy_decisions.labels(policy="cascade", decision="accepted" if accept else "escalated").inc()
             if accept:
                 if added_logprobs:  # the client did not ask for them
@@ -690,7 +761,7 @@ def create_gateway_app(config, *, docs: bool = False, transport=None, cache_embe
                 line["answer"] = "".join(answer) if isinstance(answer, list) else answer
             else:
                 line["prompt_sha256"] = prompt_hash(prompt)
-        for key in ("router", "cascade"):
+        for key in ("rule", "cache", "router", "cascade", "usage"):
             if key in rec:
                 line[key] = rec[key]
         if not log.log(line):
@@ -765,12 +836,17 @@ def create_gateway_app(config, *, docs: bool = False, transport=None, cache_embe
                     rec["rule"] = rule.name
                     metrics.policy_decisions.labels(policy="rules", decision=rule.name[:64]).inc()
             if early is None and cache is not None:
-                hit = await cache.aget(body)
+                hit = await cache_get(body)
                 if hit is not None:
                     early, rec["cache"] = hit
                     metrics.policy_decisions.labels(policy="cache", decision=rec["cache"]).inc()
             if early is not None:
-                label = rec["model"] = str(early.get("model") or "leanscale-rules")
+                if "cache" in rec:  # the configured model that answered originally (no backend called now)
+                    stored = early.pop(_CACHE_MODEL_KEY, None)
+                    label = stored if stored in config.model_names else _NO_MODEL
+                    rec["model"] = stored if isinstance(stored, str) else str(early.get("model") or _NO_MODEL)
+                else:
+                    label = rec["model"] = RULES_MODEL
                 rec["cost_usd"] = 0.0
                 if "_answer" in rec:
                     rec["_answer"] = answer_text(early, endpoint == "chat")
@@ -779,7 +855,7 @@ def create_gateway_app(config, *, docs: bool = False, transport=None, cache_embe
                     headers["x-leanscale-cache"] = rec["cache"]
                 if stream:
                     streaming = True
-                    return _SSEResponse(answer_events(early, want_usage, endpoint, done),
+                    return _SSEResponse(whole_events(early, want_usage, done),
                                         headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
                                         on_close=done)
                 outcome = "ok"
@@ -807,6 +883,8 @@ def create_gateway_app(config, *, docs: bool = False, transport=None, cache_embe
                 else:
                     name, answer = await call_chain(target, path, body, stream=False, called=rec["models_called"])
                     cost = account(name, answer.get("usage"))
+                    if _tokens(answer.get("usage")) is not None:
+                        rec["usage"] = _tokens(answer.get("usage"))
             label = name
             rec["model"] = name
             if backend_stream is not None:
@@ -830,8 +908,8 @@ def create_gateway_app(config, *, docs: bool = False, transport=None, cache_embe
                                     headers={**answer_headers(rec, ...), "cache-control": "no-cache",
                                              "x-accel-buffering": "no"}, on_close=_Done(finish_stream))
             rec["cost_usd"] = cost
-            if cache is not None and not rec.get("error"):
-                await cache.aput(body, answer)  # before cost_usd is added: a hit costs nothing
+            if cache is not None:
+                await cache_put(body, answer, name)  # before cost_usd is added: a hit costs nothing
             if cost is not None:
                 answer["usage"]["cost_usd"] = cost
             if "_answer" in rec:
@@ -871,7 +949,7 @@ def create_gateway_app(config, *, docs: bool = False, transport=None, cache_embe
 
     @app.get("/healthz")
     async def healthz():
-        return {"status": "ok", "models": config.model_names, "policies": config.policy_names,
+        return {"status": "ok", "pid": os.getpid(), "models": config.model_names, "policies": config.policy_names,
                 "in_flight": state["in_flight"],
                 "max_in_flight": config.max_in_flight}
 
@@ -887,20 +965,147 @@ def create_gateway_app(config, *, docs: bool = False, transport=None, cache_embe
     return app
 
 
-def serve_gateway(config, host: str = "127.0.0.1", port: int = 8080, *, log_level: str = "info",
+# ------------------------------------------------------------------------------------ workers
+WORKER_CONFIG_ENV = "LEANSCALE_GATEWAY_CONFIG"  # the YAML path each worker process reads
+WORKER_OPTIONS_ENV = "LEANSCALE_GATEWAY_WORKER"  # JSON: docs, max_connections, timeout_idle, parent_pid
+_WORKER_APP = "leanscale.cascade.gateway.app:_worker_app"
+_WORKER_PROTOCOL = "leanscale.cascade.gateway.app:_worker_protocol"
+_worker_state: dict[str, Any] = {}
+
+
+def _worker_options() -> dict:
+    raw = os.environ.get(WORKER_OPTIONS_ENV)
+    if not raw:
+        return {}
+    try:
+        options = json.loads(raw)
+    except ValueError:
+        options = None
+    if not isinstance(options, dict):
+        raise InvalidParameterError(f"the environment variable {WORKER_OPTIONS_ENV} must hold a JSON object (set by "
+                                    f"serve_gateway for its workers). Got {raw[:100]!r}.")
+    return options
+
+
+def _die_with_parent(parent_pid: Any) -> None:
+    """Linux: this process gets SIGTERM (a graceful stop) when its parent dies, even by SIGKILL,
+    so no worker outlives the supervisor; exits at once when the parent is already gone."""
+    if not isinstance(parent_pid, int) or not hasattr(os, "getppid"):
+        return
+    import sys
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        with contextlib.suppress(Exception):  # no libc / no prctl: the supervisor's own SIGTERM still works
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:  # the supervisor died before the call above: do not serve orphaned
+        raise SystemExit(0)
+
+
+def _worker_app():
+    """The app of one worker process: ``create_gateway_app`` of the YAML file named by the
+    environment variable ``LEANSCALE_GATEWAY_CONFIG``. :func:`serve_gateway` (``workers > 1``)
+    runs it with uvicorn's ``factory=True``; any process manager can too, e.g.
+    ``LEANSCALE_GATEWAY_CONFIG=gw.yaml gunicorn -w 4 -k uvicorn.workers.UvicornWorker
+    'leanscale.cascade.gateway.app:_worker_app()'``."""
+    path = os.environ.get(WORKER_CONFIG_ENV)
+    if not path:
+        raise InvalidParameterError(f"the environment variable {WORKER_CONFIG_ENV} must name the gateway's YAML "
+                                    "config for a worker process. It is not set.")
+    options = _worker_options()
+    _die_with_parent(options.get("parent_pid"))
+    return create_gateway_app(path, docs=bool(options.get("docs", False)))
+
+
+def _worker_protocol(*args, **kwargs):
+    """uvicorn's ``http`` protocol of a worker: the connection limits of ``leanscale serve``
+    (``max_connections``, ``timeout_idle`` from ``LEANSCALE_GATEWAY_WORKER``), built once per
+    process (the class cannot travel to a spawned worker: it is made by a function)."""
+    cls = _worker_state.get("protocol")
+    if cls is None:
+        from leanscale.cascade.server import _protocol_class
+
+        options = _worker_options()
+        cls = _worker_state["protocol"] = _protocol_class(int(options.get("max_connections", 1000)),
+                                                          float(options.get("timeout_idle", 10.0)), None)
+    return cls(*args, **kwargs)
+
+
+def serve_gateway(config, host: str = "127.0.0.1", port: int = 8080, *, workers: int = 1, log_level: str = "info",
                   access_log: bool = False, docs: bool = False, **options) -> None:
     """Serve the gateway with uvicorn until interrupted (SIGTERM: drain, then return).
-    ``config``: a :class:`GatewayConfig` or the path of its YAML file. ``options``: the connection
-    limits of :func:`leanscale.cascade.server.server_config` (``max_connections``,
-    ``timeout_keep_alive``, ``timeout_idle``, ``timeout_graceful_shutdown``, ``backlog``,
-    ``max_header_bytes``). Binds to loopback unless told otherwise."""
-    from leanscale.cascade.server import _is_loopback, _run, server_config
 
-    if isinstance(config, (str, Path)):
-        config = GatewayConfig.from_yaml(config)
-    app = create_gateway_app(config, docs=docs)
+    Args:
+        config: a :class:`GatewayConfig` or the path of its YAML file (a path when ``workers > 1``).
+        host, port: where to listen; loopback unless told otherwise.
+        workers: worker processes. 1 serves in this process. ``N > 1``: uvicorn's supervisor binds
+            the socket and runs N processes that share it, each reading the YAML file (named to
+            them by the environment variable ``LEANSCALE_GATEWAY_CONFIG``) with
+            :func:`_worker_app`; SIGTERM / SIGINT stop them all, and on Linux a worker also stops
+            when the supervisor dies. Each worker has its own response cache, circuit breakers,
+            in-flight bound, ``max_concurrency`` slots, metrics and request log writer: set
+            ``cache.redis_url`` (exact cache hits) and ``state.redis_url`` (breakers) to share
+            them; give each worker its own ``log.path`` or rotate from outside.
+        log_level, access_log, docs: uvicorn's log level, one line per request, Swagger UI at /docs.
+        options: the connection limits of :func:`leanscale.cascade.server.server_config`
+            (``max_connections`` per process, ``timeout_keep_alive``, ``timeout_idle``,
+            ``timeout_graceful_shutdown``, ``backlog``, ``max_header_bytes``).
+
+    Raises:
+        InvalidParameterError: ``workers`` is not an integer >= 1, or ``workers > 1`` with a
+            :class:`GatewayConfig` object.
+    """
+    from leanscale.cascade.server import _is_loopback, _run, server_config
+    from leanscale.core.validation import Interval, check_param
+
+    workers = int(check_param("workers", workers, [Interval(int, 1, None)], "serve_gateway"))
+    if workers > 1 and not isinstance(config, (str, Path)):
+        raise InvalidParameterError(
+            f"The 'workers' parameter of serve_gateway is {workers}: each worker process reads the config itself, "
+            f"so 'config' must be the path of the gateway YAML file. Got a {type(config).__name__} object "
+            "instead (use workers=1, or pass the YAML path).")
+    path = Path(config).resolve() if isinstance(config, (str, Path)) else None
+    if path is not None:
+        config = GatewayConfig.from_yaml(path)
+    app = create_gateway_app(config, docs=docs)  # workers > 1: checks the config (keys, policies) here, once
     uv_config = server_config(app, host=host, port=port, log_level=log_level, access_log=access_log, **options)
     if not _is_loopback(str(host)) and config.client_keys_env is None:
         logger.warning("serving the gateway on %s without client keys (client_keys_env): anyone who can reach this "
                        "address can spend the backends' budget. Set client_keys_env, or bind to 127.0.0.1.", host)
-    _run(uv_config)
+    if workers == 1:
+        _run(uv_config)
+        return
+    if config.cache is not None and config.cache.get("enabled") and config.cache.get("redis_url") is None:
+        logger.info("%d workers: each has its own response cache (set cache.redis_url to share exact hits)", workers)
+    if config.state.redis_url is None:
+        logger.info("%d workers: each has its own circuit breakers (set state.redis_url to share them)", workers)
+    _serve_workers(path, uv_config, workers, docs=docs, log_level=log_level, access_log=access_log,
+                   timeout_idle=float(options.get("timeout_idle", 10.0)))
+
+
+def _serve_workers(path: Path, uv_config, workers: int, *, docs: bool, log_level: str, access_log: bool,
+                   timeout_idle: float) -> None:
+    """uvicorn's multi-process supervisor over :func:`_worker_app` (``factory=True``), with the
+    limits already checked in ``uv_config``; the environment tells the workers the rest."""
+    import uvicorn
+
+    saved = {k: os.environ.get(k) for k in (WORKER_CONFIG_ENV, WORKER_OPTIONS_ENV)}
+    os.environ[WORKER_CONFIG_ENV] = str(path)
+    os.environ[WORKER_OPTIONS_ENV] = json.dumps({
+        "docs": bool(docs), "max_connections": int(uv_config.leanscale_max_connections),
+        "timeout_idle": timeout_idle, "parent_pid": os.getpid()})
+    try:
+        uvicorn.run(_WORKER_APP, factory=True, workers=workers, host=uv_config.host, port=uv_config.port,
+                    log_level=log_level, access_log=access_log, ws="none", lifespan="on", http=_WORKER_PROTOCOL,
+                    backlog=uv_config.backlog, timeout_keep_alive=uv_config.timeout_keep_alive,
+                    timeout_graceful_shutdown=uv_config.timeout_graceful_shutdown,
+                    h11_max_incomplete_event_size=uv_config.h11_max_incomplete_event_size)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

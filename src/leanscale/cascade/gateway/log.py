@@ -54,7 +54,9 @@ class RequestLog:
         """Open the file and start the writer thread (once)."""
         if self._thread is not None:
             return
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 -- closed by close()
+        # O_APPEND and unbuffered: one write() per line, so the lines of several workers
+        # appending to one file never interleave inside a line
+        self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 -- closed by close()
         self._thread = threading.Thread(target=self._run, name="gateway-request-log", daemon=True)
         self._thread.start()
 
@@ -78,7 +80,8 @@ class RequestLog:
             stop = item is _STOP
             if not stop:
                 try:
-                    f.write(json.dumps(item, separators=(",", ":"), ensure_ascii=False, default=str) + "\n")
+                    f.write((json.dumps(item, separators=(",", ":"), ensure_ascii=False, default=str) + "\n")
+                            .encode("utf-8", "surrogatepass"))
                     self.written += 1
                 except Exception:  # a full disk, a record that cannot be encoded: counted, not fatal
                     self.errors += 1

@@ -55,24 +55,251 @@ from leanscale.core.persistence import (
     register_fitted,
 )
 
-__all__ = ["DENSE_FEATURES", "AnswerScorer", "combine_confidence", "mean_logprob"]
+__all__ = ["ALL_FEATURES", "DENSE_FEATURES", "DENSE_FEATURES_V1", "SCORER_VERSION", "AnswerScorer",
+           "answer_features", "check_arithmetic", "combine_confidence", "evaluate_arithmetic", "final_answer",
+           "mean_logprob"]
+
+# -- answer features --------------------------------------------------------------------------
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 _GSM_FINAL = re.compile(r"####\s*\$?\s*-?\d[\d,]*(?:\.\d+)?\s*$")
-DENSE_FEATURES = ("log_answer_words", "log_prompt_words", "log_length_ratio", "log_numbers", "final_number",
-                  "gsm8k_final", "empty")
+_FINAL_MARK = re.compile(r"####\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)")
+_CALC = re.compile(r"<<([^<>]{1,200})>>")  # GSM8K's calculator annotations <<a*b=c>>
+_TIMES = re.compile(r"(?<=[\d)\s])[x\u00d7](?=\s*[\d($])")  # "9 x 2", "9×2" as a product
+# a run of arithmetic: numbers, operators, parentheses, $, %, '=' and spaces (no newline)
+_ARITH_RUN = re.compile(r"[\d.,$%()+\-*/\u00f7\u2212= \t]+")
+_ARITH_TOKEN = re.compile(r"[ \t]*(?:(\d[\d,]*(?:\.\d+)?|\.\d+)|([-+*/()%]))")
+_HEDGES = re.compile(r"\b(?:however|assum\w*|approximately|approx|about|around|round\w*|estimat\w*|cannot|can't|"
+                     r"not possible|impossible|unclear|not enough|actually|wait|mistake|sorry|maybe|perhaps|"
+                     r"might|probably|let's say|if we|doesn't make sense)\b", re.IGNORECASE)
+_MAX_ARITH_CHARS = 400  # longer runs are not checked (bounded work per request)
+
+#: every dense feature this version computes, in this order (a saved scorer names the ones it uses)
+ALL_FEATURES = (
+    # format 1 (the first scorer's features)
+    "log_answer_words", "log_prompt_words", "log_length_ratio", "log_numbers", "final_number", "gsm8k_final",
+    "empty",
+    # format 2: the structure of a math answer
+    "log_lines", "log_equations", "log_wrong_equations", "any_wrong_equation", "share_wrong_equations",
+    "final_integer", "final_negative", "log_abs_final", "final_is_last_result", "final_differs_from_last_result",
+    "prompt_numbers_used", "final_in_prompt", "log_hedges", "ends_cleanly",
+)
+#: the features of the first saved format (``scorer_version`` 1), kept readable
+DENSE_FEATURES_V1 = ALL_FEATURES[:7]
+DENSE_FEATURES = ALL_FEATURES  # the default of new scorers
 
 
-def dense_features(prompts: Sequence[str], answers: Sequence[str]) -> np.ndarray:
-    """``(n, len(DENSE_FEATURES))`` float64: the length and final-number features of each pair."""
-    out = np.zeros((len(answers), len(DENSE_FEATURES)))
+def _arith_tokens(text: str) -> list | None:
+    """``[("n", value) | ("o", op)]`` of an arithmetic text, or None when it holds anything else."""
+    out, i, n = [], 0, len(text)
+    while i < n:
+        if text[i] in " \t$":
+            i += 1
+            continue
+        m = _ARITH_TOKEN.match(text, i)
+        if m is None:
+            return None
+        if m.group(1) is not None:
+            num = m.group(1).replace(",", "")
+            try:
+                out.append(("n", float(num)))
+            except ValueError:  # "1,2.3.4"
+                return None
+        else:
+            out.append(("o", m.group(2)))
+        i = m.end()
+    return out
+
+
+def _parse(tokens: list, percent: bool) -> float:
+    """Evaluate ``tokens`` (``+ - * /``, parentheses, unary minus, postfix ``%``): a recursive
+    descent parser over the usual precedence; ValueError / ZeroDivisionError on a bad expression."""
+    pos = 0
+
+    def peek():
+        return tokens[pos] if pos < len(tokens) else None
+
+    def factor() -> float:
+        nonlocal pos
+        tok = peek()
+        if tok is None:
+            raise ValueError("expression ends early")
+        pos += 1
+        if tok == ("o", "-"):
+            return -factor()
+        if tok == ("o", "+"):
+            return factor()
+        if tok == ("o", "("):
+            v = expr()
+            if peek() != ("o", ")"):
+                raise ValueError("unbalanced parenthesis")
+            pos += 1
+        elif tok[0] == "n":
+            v = tok[1]
+        else:
+            raise ValueError(f"unexpected {tok[1]!r}")
+        while peek() == ("o", "%"):
+            pos += 1
+            if percent:
+                v /= 100.0
+        return v
+
+    def term() -> float:
+        nonlocal pos
+        v = factor()
+        while (tok := peek()) in (("o", "*"), ("o", "/")):
+            pos += 1
+            r = factor()
+            v = v * r if tok[1] == "*" else v / r
+        return v
+
+    def expr() -> float:
+        nonlocal pos
+        v = term()
+        while (tok := peek()) in (("o", "+"), ("o", "-")):
+            pos += 1
+            r = term()
+            v = v + r if tok[1] == "+" else v - r
+        return v
+
+    v = expr()
+    if pos != len(tokens):
+        raise ValueError("trailing tokens")
+    return v
+
+
+def evaluate_arithmetic(text: str, percent: bool = True) -> float | None:
+    """The value of an arithmetic expression -- numbers (``1,200``, ``3.5``, ``$2``), ``+ - * /``,
+    ``x`` / ``×`` / ``÷`` between numbers, parentheses, unary minus, postfix ``%`` (``/ 100`` when
+    ``percent``, else ignored) -- or None when ``text`` is anything else or does not evaluate
+    (division by zero, overflow). A tiny parser: no ``eval``, bounded by the text's length."""
+    if len(text) > _MAX_ARITH_CHARS:
+        return None
+    text = _TIMES.sub("*", text.replace("\u00f7", "/").replace("\u2212", "-").replace("\u00d7", "*"))
+    tokens = _arith_tokens(text)
+    if not tokens:
+        return None
+    try:
+        v = _parse(tokens, percent)
+    except (ValueError, ZeroDivisionError, OverflowError, RecursionError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _decimals(text: str) -> int:
+    """The most decimals of a number written in ``text`` (the precision it was rounded to)."""
+    return max((len(m) - 1 for m in re.findall(r"\.\d+", text)), default=0)
+
+
+def _equal_as_written(lhs: float, rhs: float, rhs_text: str) -> bool:
+    """Whether ``lhs`` equals ``rhs`` up to the rounding of the digits written in ``rhs_text``:
+    half a unit for a whole number (``2.5 = 3`` rounded up is equal, ``85 + 17 = 101`` is not), one
+    unit of the last decimal written otherwise (``250/3 = 83.33``, truncated ``2/3 = 0.66``)."""
+    k = _decimals(rhs_text)
+    tol = (0.5 if k == 0 else 10.0 ** -k) + 1e-9 * max(1.0, abs(lhs))
+    return abs(lhs - rhs) <= tol
+
+
+def _has_operator(tokens: list) -> bool:
+    return any(t[0] == "o" and t[1] in "+-*/" for t in tokens[1:])  # a leading "-" is a sign
+
+
+def check_arithmetic(answer: str) -> tuple[int, int, float | None]:
+    """``(checked, wrong, last_result)``: the ``a op b = c`` equalities of ``answer`` (chains
+    ``a = b = c`` give one per ``=``; GSM8K ``<<a*b=c>>`` annotations too) in which at least one
+    side has an operator and both sides evaluate; how many of them are false (both with ``%`` as
+    ``/ 100`` and ignored, up to the rounding of the right side's digits); the value right of the
+    last checked ``=`` (None when none)."""
+    calcs = _CALC.findall(answer)
+    text = _CALC.sub(" ", answer)
+    runs: list[str] = list(calcs)
+    for line in _TIMES.sub("*", text.replace("\u00d7", "*")).splitlines():
+        runs.extend(m.group(0) for m in _ARITH_RUN.finditer(line) if "=" in m.group(0))
+    checked = wrong = 0
+    last = None
+    for run in runs:
+        parts = run.split("=")
+        if len(parts) < 2 or len(run) > _MAX_ARITH_CHARS:
+            continue
+        parts[0] = parts[0].lstrip(" \t.,)")  # a run may start after a word ("is 3 + 4 = 7", "(so 3 + 4 = 7")
+        parts[-1] = parts[-1].rstrip(" \t.,(")
+        for left, right in zip(parts, parts[1:]):
+            lt, rt = _arith_tokens(left), _arith_tokens(right)
+            if not lt or not rt or not (_has_operator(lt) or _has_operator(rt)):
+                continue
+            ok = None
+            for percent in ((True, False) if "%" in left or "%" in right else (True,)):
+                a, b = evaluate_arithmetic(left, percent), evaluate_arithmetic(right, percent)
+                if a is None or b is None:
+                    continue
+                ok = bool(ok) or _equal_as_written(a, b, right)
+                last = b
+            if ok is None:
+                continue
+            checked += 1
+            wrong += not ok
+    return checked, wrong, last
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def final_answer(answer: str) -> float | None:
+    """The answer's final number: after the last ``####`` when there is one, else the last number."""
+    marks = _FINAL_MARK.findall(answer)
+    if marks:
+        return _number(marks[-1])
+    nums = _NUMBER.findall(_CALC.sub(" ", answer))
+    return _number(nums[-1]) if nums else None
+
+
+def _numbers(text: str) -> set[float]:
+    out = set()
+    for m in _NUMBER.findall(text):
+        v = _number(m.lstrip("-"))
+        if v is not None:
+            out.add(v)
+    return out
+
+
+def answer_features(prompt: str, answer: str) -> list[float]:
+    """The :data:`ALL_FEATURES` of one (prompt, answer) pair (a list of floats, that order)."""
+    a = answer.strip()
+    wa, wp = math.log1p(len(a.split())), math.log1p(len(prompt.split()))
+    lines = [ln for ln in a.splitlines() if ln.strip()]
+    last_line = lines[-1] if lines else ""
+    checked, wrong, last = check_arithmetic(a)
+    final = final_answer(a)
+    p_nums = _numbers(prompt)
+    a_nums = _numbers(_CALC.sub(" ", a))
+    has_final = final is not None
+    same_last = has_final and last is not None and abs(final - last) < 1e-6 * max(1.0, abs(final))
+    return [
+        wa, wp, wa - wp, math.log1p(len(_NUMBER.findall(a))), float(bool(_NUMBER.search(last_line))),
+        float(bool(_GSM_FINAL.search(a))), float(not a),
+        math.log1p(len(lines)), math.log1p(checked), math.log1p(wrong), float(wrong > 0),
+        wrong / checked if checked else 0.0,
+        float(has_final and final == round(final)), float(has_final and final < 0),
+        math.log1p(abs(final)) if has_final else 0.0,
+        float(same_last), float(has_final and last is not None and not same_last),
+        len(p_nums & a_nums) / len(p_nums) if p_nums else 1.0,
+        float(has_final and abs(final) in p_nums),
+        math.log1p(len(_HEDGES.findall(a))),
+        float(bool(a) and (a[-1] in ".!?)" or bool(_GSM_FINAL.search(a)))),
+    ]
+
+
+def dense_features(prompts: Sequence[str], answers: Sequence[str],
+                   names: Sequence[str] = DENSE_FEATURES) -> np.ndarray:
+    """``(n, len(names))`` float64: the named features (of :data:`ALL_FEATURES`) of each pair."""
+    cols = [ALL_FEATURES.index(n) for n in names]
+    out = np.zeros((len(answers), len(cols)))
     for i, (p, a) in enumerate(zip(prompts, answers)):
-        a = a.strip()
-        wa, wp = math.log1p(len(a.split())), math.log1p(len(p.split()))
-        lines = [ln for ln in a.splitlines() if ln.strip()]
-        last = lines[-1] if lines else ""
-        out[i] = (wa, wp, wa - wp, math.log1p(len(_NUMBER.findall(a))), float(bool(_NUMBER.search(last))),
-                  float(bool(_GSM_FINAL.search(a))), float(not a))
+        out[i] = np.asarray(answer_features(p, a))[cols]
     return out
 
 
@@ -118,25 +345,69 @@ def combine_confidence(p_scorer: float | None, logprob: float | None, weight: fl
     return float(_sigmoid(z))
 
 
+#: the version of the scorer's saved meta (``meta["scorer_version"]``; absent = 1): 1 = the first
+#: scorer (TF-IDF + :data:`DENSE_FEATURES_V1`), 2 = any subset of :data:`ALL_FEATURES`, named in
+#: ``meta["dense_features"]``. Both load; a newer version is refused with a message saying so.
+SCORER_VERSION = 2
+_TOKEN = re.compile(r"(?u)\b\w\w+\b")  # scikit-learn's default token pattern (the only one saved)
+
+
+class _LinearTfidf:
+    """``coef . tfidf(text)`` of one fitted TfidfVectorizer, computed directly from the text:
+    scikit-learn's word analyzer (lowercase, ``(?u)\\b\\w\\w+\\b``, n-grams), (sublinear) term
+    counts, idf and the l1/l2 norm over the vocabulary's terms -- the same number as
+    ``vectorizer.transform([text]) @ coef`` without building a sparse matrix (about 20x faster
+    for one text, which is what the gateway scores on its event loop)."""
+
+    def __init__(self, vectorizer: Any, coef: np.ndarray):
+        vocab = vectorizer.vocabulary_ if hasattr(vectorizer, "vocabulary_") else vectorizer.vocabulary
+        idf = np.asarray(vectorizer.idf_, dtype=np.float64) if vectorizer.use_idf else np.ones(len(vocab))
+        self.terms = {t: (float(idf[j]), float(coef[j])) for t, j in vocab.items()}
+        self.lo, self.hi = vectorizer.ngram_range
+        self.lowercase, self.sublinear, self.norm = vectorizer.lowercase, vectorizer.sublinear_tf, vectorizer.norm
+
+    def __call__(self, text: str) -> float:
+        tokens = _TOKEN.findall(text.lower() if self.lowercase else text)
+        counts: dict[str, int] = {}
+        terms = self.terms
+        for n in range(self.lo, self.hi + 1):
+            for i in range(len(tokens) - n + 1):
+                g = tokens[i] if n == 1 else " ".join(tokens[i:i + n])
+                if g in terms:
+                    counts[g] = counts.get(g, 0) + 1
+        dot = total = 0.0
+        for g, c in counts.items():
+            idf, w = terms[g]
+            v = (1.0 + math.log(c) if self.sublinear else float(c)) * idf
+            dot += v * w
+            total += v * v if self.norm == "l2" else abs(v)
+        if self.norm is None or total == 0.0:
+            return dot
+        return dot / (math.sqrt(total) if self.norm == "l2" else total)
+
+
 @register_fitted("GatewayAnswerScorer")
 class AnswerScorer(Fitted):
     """``P(the answer is correct | prompt, answer)``: logistic regression on TF-IDF of the prompt,
-    TF-IDF of the answer and :data:`DENSE_FEATURES` (see the module docstring).
+    TF-IDF of the answer and the named dense features (see the module docstring).
 
     Parameters:
         C: inverse L2 strength of the logistic regression.
         max_features: vocabulary size of each TF-IDF.
         ngram_range: n-gram lengths of each TF-IDF.
         seed: ``random_state`` of the logistic regression.
+        dense_features: names from :data:`ALL_FEATURES` (None: all of them, :data:`DENSE_FEATURES`;
+            :data:`DENSE_FEATURES_V1` is the first scorer's set).
 
     Learned attributes (after :meth:`fit`): ``prompt_vectorizer_``, ``answer_vectorizer_``,
     ``dense_mean_`` / ``dense_scale_`` (standardisation), ``coef_`` (d,), ``intercept_``,
-    ``base_rate_`` (training accuracy of the answers), ``converged_``.
+    ``base_rate_`` (training accuracy of the answers), ``converged_``, ``dense_features_`` (names).
     """
 
     def __init__(self, C: float = 1.0, max_features: int = 20_000, ngram_range: tuple[int, int] = (1, 2),
-                 seed: int = 0):
+                 seed: int = 0, dense_features: Sequence[str] | None = None):
         self.C, self.max_features, self.ngram_range, self.seed = C, max_features, ngram_range, seed
+        self.dense_features = dense_features
 
     def _check_params(self, owner: str) -> None:
         if isinstance(self.C, bool) or not isinstance(self.C, (int, float)) or not (math.isfinite(self.C)
@@ -150,6 +421,22 @@ class AnswerScorer(Fitted):
                 or not 1 <= ng[0] <= ng[1] <= 4):
             raise InvalidParameterError(
                 f"The 'ngram_range' parameter of {owner} must be (lo, hi) with 1 <= lo <= hi <= 4. Got {ng!r}.")
+        self._dense_names(owner)
+
+    def _dense_names(self, owner: str) -> tuple[str, ...]:
+        names = self.dense_features
+        if names is None:
+            return DENSE_FEATURES
+        if isinstance(names, str) or not isinstance(names, Sequence) or not all(isinstance(n, str) for n in names):
+            raise InvalidParameterError(
+                f"The 'dense_features' parameter of {owner} must be None or a list of feature names. Got "
+                f"{short(names)}.")
+        unknown = [n for n in names if n not in ALL_FEATURES]
+        if unknown or len(set(names)) != len(names):
+            raise InvalidParameterError(
+                f"The 'dense_features' parameter of {owner} must list distinct names of {list(ALL_FEATURES)}. Got "
+                f"{short(list(names))}" + (f" (unknown: {unknown})." if unknown else " (repeated names)."))
+        return tuple(names)
 
     def _pairs(self, prompts: Any, answers: Any, owner: str) -> tuple[list[str], list[str]]:
         prompts = texts_arg(prompts, owner, "prompts", min_len=0)
@@ -163,9 +450,23 @@ class AnswerScorer(Fitted):
     def _features(self, prompts: list[str], answers: list[str]):
         from scipy import sparse
 
-        dense = (dense_features(prompts, answers) - self.dense_mean_) / self.dense_scale_
+        dense = (dense_features(prompts, answers, self.dense_features_) - self.dense_mean_) / self.dense_scale_
         return sparse.hstack([self.prompt_vectorizer_.transform(prompts), self.answer_vectorizer_.transform(answers),
                               sparse.csr_matrix(dense)], format="csr")
+
+    def _prepare(self) -> None:
+        """The per-request scorers: the linear TF-IDF terms of each text and the dense weights."""
+        n_p, n_a = len(self._vocab(self.prompt_vectorizer_)), len(self._vocab(self.answer_vectorizer_))
+        self._score_prompt = _LinearTfidf(self.prompt_vectorizer_, self.coef_[:n_p])
+        self._score_answer = _LinearTfidf(self.answer_vectorizer_, self.coef_[n_p:n_p + n_a])
+        self._cols = [ALL_FEATURES.index(n) for n in self.dense_features_]
+        # (x - mean) / scale . w = x . (w / scale) - mean . (w / scale)
+        w = self.coef_[n_p + n_a:] / self.dense_scale_
+        self._dense_w, self._offset = w, self.intercept_ - float(self.dense_mean_ @ w)
+
+    @staticmethod
+    def _vocab(vec: Any) -> Mapping[str, int]:
+        return vec.vocabulary_ if hasattr(vec, "vocabulary_") else vec.vocabulary
 
     def fit(self, prompts: Sequence[str], answers: Sequence[str], correct: Any) -> AnswerScorer:
         """Learn ``P(correct | prompt, answer)``; returns self.
@@ -198,7 +499,8 @@ class AnswerScorer(Fitted):
                 raise InvalidParameterError(f"{owner} found no words in {name!r} ({exc}).") from None
             vecs.append(vec)
         self.prompt_vectorizer_, self.answer_vectorizer_ = vecs
-        dense = dense_features(prompts, answers)
+        self.dense_features_ = self._dense_names(owner)
+        dense = dense_features(prompts, answers, self.dense_features_)
         self.dense_mean_ = dense.mean(axis=0)
         scale = dense.std(axis=0)
         self.dense_scale_ = np.where(scale > 1e-12, scale, 1.0)
@@ -211,29 +513,37 @@ class AnswerScorer(Fitted):
             self.coef_, self.intercept_ = lr.coef_[0].astype(np.float64), float(lr.intercept_[0])
         else:  # always or never right: a constant, smoothed away from 0 and 1
             self.coef_, self.intercept_, self.converged_ = np.zeros(X.shape[1]), _logit((k + 0.5) / (n + 1)), True
+        self._prepare()
         return self
 
     def predict_proba(self, prompts: Sequence[str], answers: Sequence[str]) -> np.ndarray:
-        """``P(correct)`` of each (prompt, answer) pair: a float64 array of shape (n,)."""
+        """``P(correct)`` of each (prompt, answer) pair: a float64 array of shape (n,).
+
+        Computed per pair without sparse matrices (:class:`_LinearTfidf`); equal to
+        ``sigmoid(features @ coef_ + intercept_)`` up to float rounding."""
         if not hasattr(self, "coef_"):
             raise InvalidParameterError("This AnswerScorer is not fitted yet; call fit() or load() first.")
         prompts, answers = self._pairs(prompts, answers, "AnswerScorer.predict_proba")
-        if not prompts:
-            return np.zeros(0)
-        return _sigmoid(np.asarray(self._features(prompts, answers) @ self.coef_).ravel() + self.intercept_)
+        z = np.empty(len(prompts))
+        for i, (p, a) in enumerate(zip(prompts, answers)):
+            feats = answer_features(p, a)
+            dense = sum(w * feats[j] for w, j in zip(self._dense_w, self._cols))
+            z[i] = self._score_prompt(p) + self._score_answer(a) + dense + self._offset
+        return _sigmoid(z)
 
     # -- state --------------------------------------------------------------------------------
 
     def get_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """``(meta, arrays)``: parameters and both TF-IDF vocabularies (JSON), weights (float64)."""
+        """``(meta, arrays)``: parameters, both TF-IDF vocabularies and the dense features' names
+        (JSON, ``scorer_version`` :data:`SCORER_VERSION`), weights (float64)."""
         if not hasattr(self, "coef_"):
             raise InvalidParameterError("This AnswerScorer is not fitted yet; nothing to save.")
         tf_p, idf_p = tfidf_state(self.prompt_vectorizer_)
         tf_a, idf_a = tfidf_state(self.answer_vectorizer_)
-        meta = {"class": "GatewayAnswerScorer", "version": STATE_VERSION,
+        meta = {"class": "GatewayAnswerScorer", "version": STATE_VERSION, "scorer_version": SCORER_VERSION,
                 "params": {"C": float(self.C), "max_features": int(self.max_features),
                            "ngram_range": list(self.ngram_range), "seed": int(self.seed)},
-                "prompt_tfidf": tf_p, "answer_tfidf": tf_a, "dense_features": list(DENSE_FEATURES),
+                "prompt_tfidf": tf_p, "answer_tfidf": tf_a, "dense_features": list(self.dense_features_),
                 "n_features_in": int(len(self.coef_)), "base_rate": float(self.base_rate_),
                 "converged": bool(self.converged_)}
         arrays = {"coef": np.asarray(self.coef_, dtype=np.float64), "intercept": np.asarray([self.intercept_]),
@@ -243,24 +553,33 @@ class AnswerScorer(Fitted):
 
     @classmethod
     def from_state(cls, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> AnswerScorer:
-        """Rebuild a fitted scorer from :meth:`get_state` (identical predictions)."""
+        """Rebuild a fitted scorer from :meth:`get_state` (identical predictions). Reads
+        ``scorer_version`` 1 (the first scorer, no such key) and 2; a newer one is refused."""
         owner = "AnswerScorer.from_state"
         arrays = check_meta(meta, arrays, "GatewayAnswerScorer",
                             ("coef", "intercept", "idf_prompt", "idf_answer", "dense_mean", "dense_scale"))
+        version = meta.get("scorer_version", 1)
+        if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= SCORER_VERSION:
+            raise InvalidParameterError(
+                f"The 'meta' parameter of {owner} has scorer_version {short(version)}; this leanscale reads scorer "
+                f"versions 1 to {SCORER_VERSION} (a newer leanscale saved it: upgrade leanscale, or retrain the "
+                "scorer with `leanscale gateway train` / train_scorer).")
         params = meta.get("params")
         if not isinstance(params, Mapping) or set(params) != {"C", "max_features", "ngram_range", "seed"}:
             raise InvalidParameterError(f"The 'meta' parameter of {owner} has malformed 'params' {short(params)}.")
-        if list(meta.get("dense_features") or []) != list(DENSE_FEATURES):
+        names = meta.get("dense_features")
+        if version == 1 and list(names or []) != list(DENSE_FEATURES_V1):
             raise InvalidParameterError(
-                f"The 'meta' parameter of {owner} was saved with the dense features {short(meta.get('dense_features'))}; "
-                f"this leanscale computes {list(DENSE_FEATURES)}.")
+                f"The 'meta' parameter of {owner} (scorer_version 1) was saved with the dense features "
+                f"{short(names)}; scorer_version 1 has {list(DENSE_FEATURES_V1)}.")
         self = cls(C=params["C"], max_features=params["max_features"], ngram_range=tuple(params["ngram_range"]),
-                   seed=params["seed"])
+                   seed=params["seed"], dense_features=names if isinstance(names, list) else short(names))
         self._check_params(owner)
+        self.dense_features_ = self._dense_names(owner)
         self.prompt_vectorizer_ = tfidf_from_state(meta.get("prompt_tfidf"), arrays["idf_prompt"], owner)
         self.answer_vectorizer_ = tfidf_from_state(meta.get("answer_tfidf"), arrays["idf_answer"], owner)
         d = meta_int(meta, "n_features_in", owner, 1, 1 << 24)
-        k = len(DENSE_FEATURES)
+        k = len(self.dense_features_)
         expected = len(self.prompt_vectorizer_.vocabulary) + len(self.answer_vectorizer_.vocabulary) + k
         if d != expected:
             raise InvalidParameterError(
@@ -277,6 +596,7 @@ class AnswerScorer(Fitted):
             raise InvalidParameterError(f"The 'meta' parameter of {owner} has a malformed 'base_rate' {short(base)}.")
         self.base_rate_ = float(base)
         self.converged_ = bool(meta.get("converged", True))
+        self._prepare()
         return self
 
     @classmethod
