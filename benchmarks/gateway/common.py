@@ -148,9 +148,14 @@ class _Discard(list):
         pass
 
 
-def _gateway_main(conn, config: dict, server_options: dict) -> None:
-    """A child process serving the gateway with uvicorn (as ``leanscale gateway`` configures it)."""
+def _gateway_main(conn, config: dict, server_options: dict, torch_threads: int | None = None) -> None:
+    """A child process serving the gateway with uvicorn (as ``leanscale gateway`` configures it);
+    ``torch_threads``: ``torch.set_num_threads`` first (the semantic cache's MiniLM), None: torch's default."""
     try:
+        if torch_threads is not None:
+            import torch
+
+            torch.set_num_threads(int(torch_threads))
         import uvicorn
 
         from leanscale.cascade.gateway import GatewayConfig, create_gateway_app
@@ -229,9 +234,10 @@ def start_backend(name: str, reply: dict, **options) -> Child:
     return child
 
 
-def start_gateway(config: dict, **server_options) -> Child:
-    """The gateway (``config``: a dict of the YAML's shape) in its own process."""
-    child = Child(_gateway_main, config, server_options, what="gateway")
+def start_gateway(config: dict, *, torch_threads: int | None = None, **server_options) -> Child:
+    """The gateway (``config``: a dict of the YAML's shape) in its own process (``torch_threads``:
+    see :func:`_gateway_main`)."""
+    child = Child(_gateway_main, config, server_options, torch_threads, what="gateway")
     child.base_url = f"http://127.0.0.1:{child.port}/v1"
     return child
 

@@ -17,6 +17,8 @@ from openai.types.chat import ChatCompletion
 
 from leanscale.cascade.gateway.cache import (
     CACHE_DEFAULTS,
+    EmbedBatcher,
+    EmbedQueueFull,
     ResponseCache,
     check_cache_config,
     completion_from_chunks,
@@ -424,3 +426,167 @@ def test_config_defaults_source_and_error_class():
         check_cache_config({"treshold": 0.9}, "gateway config 'gw.yaml'", DataFormatError)
     assert str(e.value).startswith("gateway config 'gw.yaml': unknown key cache.treshold (allowed: ")
     assert str(e.value).endswith("Did you mean 'threshold'?")
+
+
+# ------------------------------------------------------------------------- embedding batcher
+class BatchRecorder(FakeEmbed):
+    """FakeEmbed that records the size of each call and can hold a call until released."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes: list[int] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def __call__(self, texts):
+        self.sizes.append(len(texts))
+        self.entered.set()
+        assert self.gate.wait(10)
+        return super().__call__(texts)
+
+
+def test_batcher_embeds_concurrent_texts_together_with_the_rows_of_unbatched_calls():
+    fn = BatchRecorder()
+    batcher = EmbedBatcher(fn, window_s=0.2, max_batch=8, max_queue=100)
+    texts = [f"question {i}" for i in range(20)] + ["base", "near", "far"]
+    futures = [batcher.submit(t) for t in texts]  # within the window: batches of max_batch
+    rows = [f.result(10) for f in futures]
+    assert fn.sizes == [8, 8, 7] and batcher.batches == 3 and batcher.texts == len(texts)
+    for text, row in zip(texts, rows):  # each row is the one of embedding its text alone
+        np.testing.assert_array_equal(row, FakeEmbed()([text])[0].astype(np.float32))
+    # from threads: the same rows, fewer calls than texts
+    fn2 = BatchRecorder()
+    batcher2 = EmbedBatcher(fn2, window_s=0.05, max_batch=64)
+    out: dict[int, np.ndarray] = {}
+    workers = [threading.Thread(target=lambda i=i: out.__setitem__(i, batcher2.embed(texts[i])))
+               for i in range(len(texts))]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(10)
+    assert len(fn2.sizes) < len(texts) and sum(fn2.sizes) == len(texts)
+    for i, text in enumerate(texts):
+        np.testing.assert_array_equal(out[i], rows[i])
+
+
+def test_batched_cache_answers_as_the_unbatched_one():
+    """The same requests, one cache batching (threads, async) and one embedding one text at a time:
+    the same hits, kinds and stored vectors."""
+    reqs = [body("base"), body("near"), body("far"), body("other"), body("near #4"), body("base"), body("near")]
+    plain = make(embed=FakeEmbed(), embed_batch_ms=0)
+    batched = make(embed=BatchRecorder(), embed_batch_ms=20)
+    want = []
+    for i, r in enumerate(reqs):
+        hit = plain.get(r)
+        want.append(None if hit is None else (hit[1], content(hit)))
+        if hit is None:
+            plain.put(r, answer(f"A{i}"))
+
+    async def main():
+        got = []
+        for i, r in enumerate(reqs):
+            hit = await batched.aget(r)
+            got.append(None if hit is None else (hit[1], content(hit)))
+            if hit is None:
+                await batched.aput(r, answer(f"A{i}"))
+        # many concurrent look-ups: one or a few embedding calls, the same answers
+        many = await asyncio.gather(*(batched.aget(body(f"new question {i}")) for i in range(30)))
+        return got, many
+
+    got, many = asyncio.run(main())
+    assert got == want and want[1] == ("semantic", "A0") and want[2] is None
+    assert many == [None] * 30 and len(batched._embed_fn.sizes) < 30 + len(reqs)
+    assert max(batched._embed_fn.sizes) > 1
+    np.testing.assert_allclose(batched._vecs[: len(plain)], plain._vecs[: len(plain)], atol=1e-7)
+    assert plain.stats()["hits"] == batched.stats()["hits"]  # the same hit counts
+
+
+def test_batcher_queue_is_bounded_and_a_full_queue_skips_the_semantic_layer():
+    fn = BatchRecorder()
+    cache = make(embed=fn, embed_batch_ms=1, embed_max_batch=1, embed_max_queue=3)
+    assert cache.put(body("base"), answer("A"))
+    fn.gate.clear()  # the next embedding call blocks: texts pile up in the queue
+    fn.entered.clear()
+    batcher = cache.batcher()
+    first = batcher.submit("held")
+    assert fn.entered.wait(10)  # taken off the queue, inside fn
+    queued = [batcher.submit(f"q{i}") for i in range(3)]
+    assert batcher.pending() == 3
+    with pytest.raises(EmbedQueueFull, match="embed_max_queue"):
+        batcher.submit("one too many")
+    # the cache answers at once: no semantic hit (a miss), counted; a put stores for exact hits only
+    assert cache.get(body("near")) is None
+    assert cache.put(body("near"), answer("N"))
+    s = cache.stats()
+    assert s["semantic_busy"] == 2 and s["misses"] == 1
+    fn.gate.set()
+    assert first.result(10).shape == (FakeEmbed.DIM,) and all(q.result(10) is not None for q in queued)
+    assert cache.get(body("near"))[1] == "exact"  # stored, without a vector
+    assert cache.get(body("near-scaled"))[1] == "semantic"  # via "base": the embedder works again
+
+
+def test_batcher_hands_an_embedding_failure_to_every_caller_of_the_batch():
+    def broken(texts):
+        raise RuntimeError("encoder down")
+
+    batcher = EmbedBatcher(broken, window_s=0.05)
+    futures = [batcher.submit(f"t{i}") for i in range(3)]
+    for f in futures:
+        with pytest.raises(RuntimeError, match="encoder down"):
+            f.result(10)
+    wrong = EmbedBatcher(lambda texts: np.zeros((1, 4)), window_s=0.05)
+    futures = [wrong.submit(f"t{i}") for i in range(2)]
+    with pytest.raises(InvalidParameterError, match=r"shape \(n, d\) for n texts. Got shape \(1, 4\) for 2"):
+        futures[0].result(10)
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("embed_batch_ms", -1, r"cache.embed_batch_ms must be a number of milliseconds in \[0, 1000\]. Got -1"),
+    ("embed_max_batch", 0, r"cache.embed_max_batch must be an integer in \[1, 4096\]. Got 0"),
+    ("embed_max_queue", 1.5, r"cache.embed_max_queue must be an integer in \[1, 1000000\]. Got 1.5"),
+])
+def test_batcher_settings_are_checked(key, value, message):
+    with pytest.raises(InvalidParameterError, match=message):
+        check_cache_config({key: value})
+
+
+def test_minilm_batched_rows_match_single_text_embeddings():
+    """The real MiniLM: texts of different lengths embedded in one batch (padded) give the rows of
+    embedding each alone, within float rounding."""
+    from leanscale.models import embed_texts
+
+    texts = ["Hi", "What is the capital of France?",
+             "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+             "How many clips did Natalia sell altogether in April and May?", "reset my password please"]
+    batcher = EmbedBatcher(embed_texts, window_s=0.5, max_batch=8)
+    futures = [batcher.submit(t) for t in texts]
+    rows = np.stack([f.result(60) for f in futures])
+    assert batcher.batches == 1
+    single = np.concatenate([embed_texts([t]) for t in texts])
+    np.testing.assert_allclose(rows, single, atol=2e-5)
+
+
+def test_embed_wait_budget_answers_a_late_lookup_as_a_miss_and_keeps_its_vector():
+    fn = BatchRecorder()
+    cache = make(embed=fn, embed_batch_ms=1, embed_wait_ms=50)
+    assert cache.put(body("base"), answer("A"))
+
+    async def main():
+        fn.gate.clear()  # the embedder is slow now
+        t0 = asyncio.get_running_loop().time()
+        late = await cache.aget(body("near"))  # would be a semantic hit, but its vector is late
+        waited = asyncio.get_running_loop().time() - t0
+        fn.gate.set()
+        for _ in range(200):  # the vector lands in the memo once computed
+            if cache._memo_get("near")[1] is not None:
+                break
+            await asyncio.sleep(0.01)
+        hit = await cache.aget(body("near"))  # now in time (remembered): the semantic hit
+        return late, waited, hit
+
+    late, waited, hit = asyncio.run(main())
+    assert late is None and waited < 5 and hit[1] == "semantic" and content(hit) == "A"
+    s = cache.stats()
+    assert s["semantic_late"] == 1 and s["misses"] == 1 and s["hits_semantic"] == 1
+    assert fn.calls.count("near") == 1  # embedded once

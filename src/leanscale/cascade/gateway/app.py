@@ -115,6 +115,7 @@ class _Metrics:
         pc = _require("prometheus_client")
         self._pc = pc
         self.registry = r = pc.CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple, Any] = {}
         C = pc.Counter
         self.requests = C("leanscale_gateway_requests",
                           "Completion requests by endpoint, model (the one that answered; the one asked for when "
@@ -159,6 +160,18 @@ class _Metrics:
                              "Request-log lines dropped because the log's queue was full.", registry=r)
         for endpoint in ENDPOINTS.values():
             self.latency.labels(endpoint=endpoint)
+
+    def child(self, metric, *values: str):
+        """``metric.labels(*values)`` (in the metric's label order), kept: prometheus_client checks
+        and joins the values on every call, a few microseconds each, several times a request. The
+        label values are bounded (configured names, fixed outcomes), and so is this table."""
+        key = (id(metric), values)
+        found = self._children.get(key)
+        if found is None:
+            if len(self._children) >= 10_000:
+                self._children.clear()
+            found = self._children[key] = metric.labels(*values)
+        return found
 
     def render(self) -> bytes:
         return self._pc.generate_latest(self.registry)
@@ -494,9 +507,9 @@ def create_gateway_app(config, *, docs: bool = False, transport=None, cache_embe
     def account(name: str, usage: Any) -> float | None:
         cost = _usage_cost(usage, config.model(name))
         if cost is not None:
-            metrics.cost.labels(model=name).inc(cost)
-            metrics.tokens.labels(model=name, kind="prompt").inc(usage["prompt_tokens"])
-            metrics.tokens.labels(model=name, kind="completion").inc(usage["completion_tokens"])
+            metrics.child(metrics.cost, name).inc(cost)
+            metrics.child(metrics.tokens, name, "prompt").inc(usage["prompt_tokens"])
+            metrics.child(metrics.tokens, name, "completion").inc(usage["completion_tokens"])
         return cost
 
     # ---------------------------------------------------------------------------- cache
@@ -549,7 +562,7 @@ def create_gateway_app(config, *, docs: bool = False, transport=None, cache_embe
             if attempt:
                 if failures[-1].kind != "circuit_open":  # the last model was not called: no need to wait
                     await asyncio.sleep(backoff(attempt))
-                metrics.fallbacks.labels(model=name).inc()
+                metrics.child(metrics.fallbacks, name).inc()
             if called is not None:
                 called.append(name)
             backend = backends[name]
@@ -557,7 +570,7 @@ def create_gateway_app(config, *, docs: bool = False, transport=None, cache_embe
             try:
                 answer = await (backend.open_stream(path, body) if stream else backend.request_json(path, body))
             except BackendError as e:
-                metrics.backend_calls.labels(model=name, outcome=_backend_outcome(e)).inc()
+                metrics.child(metrics.backend_calls, name, _backend_outcome(e)).inc()
                 logger.info("backend %r failed (%s): %s", name, e.kind, e.message)
                 if not e.retryable:
                     raise _passthrough(requested, e) from None
@@ -565,8 +578,8 @@ def create_gateway_app(config, *, docs: bool = False, transport=None, cache_embe
                     called.pop()  # refused by its breaker: the model was not called
                 failures.append(e)
                 continue
-            metrics.backend_calls.labels(model=name, outcome="ok").inc()
-            metrics.backend_latency.labels(model=name).observe(time.perf_counter() - t0)
+            metrics.child(metrics.backend_calls, name, "ok").inc()
+            metrics.child(metrics.backend_latency, name).observe(time.perf_counter() - t0)
             return name, answer
         raise _all_failed(requested, chain, failures)
 
@@ -789,8 +802,8 @@ def create_gateway_app(config, *, docs: bool = False, transport=None, cache_embe
         async def finish(final_outcome: str) -> None:
             state["in_flight"] -= 1
             metrics.in_flight.set(state["in_flight"])
-            metrics.requests.labels(endpoint=endpoint, model=label, outcome=final_outcome).inc()
-            metrics.latency.labels(endpoint=endpoint).observe(time.perf_counter() - t0)
+            metrics.child(metrics.requests, endpoint, label, final_outcome).inc()
+            metrics.child(metrics.latency, endpoint).observe(time.perf_counter() - t0)
             write_log(rec, final_outcome, t0)
 
         def failed(e: GatewayError) -> JSONResponse:
@@ -808,7 +821,7 @@ def create_gateway_app(config, *, docs: bool = False, transport=None, cache_embe
                                    "(max_in_flight); retry later.", "rate_limit_error", "gateway_overloaded",
                                    headers={"retry-after": "1"}, outcome="overloaded")
         except GatewayError as e:
-            metrics.requests.labels(endpoint=endpoint, model=_NO_MODEL, outcome=e.outcome).inc()
+            metrics.child(metrics.requests, endpoint, _NO_MODEL, e.outcome).inc()
             write_log(rec, e.outcome, t0)
             return failed(e)
         state["in_flight"] += 1
@@ -839,7 +852,7 @@ def create_gateway_app(config, *, docs: bool = False, transport=None, cache_embe
                 hit = await cache_get(body)
                 if hit is not None:
                     early, rec["cache"] = hit
-                    metrics.policy_decisions.labels(policy="cache", decision=rec["cache"]).inc()
+                    metrics.child(metrics.policy_decisions, "cache", rec["cache"]).inc()
             if early is not None:
                 if "cache" in rec:  # the configured model that answered originally (no backend called now)
                     stored = early.pop(_CACHE_MODEL_KEY, None)
