@@ -21,7 +21,13 @@ BIG = {"input": 0.01, "output": 0.03}
 @contextlib.contextmanager
 def running_gateway(config: GatewayConfig):
     """Serve ``create_gateway_app(config)`` with uvicorn in a thread; yields the base URL (…/v1)."""
-    app = create_gateway_app(config)
+    with serve_app(create_gateway_app(config)) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def serve_app(app):
+    """``app`` served by uvicorn in a thread on a free loopback port; yields the base URL (…/v1)."""
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error", lifespan="on",
                                            ws="none", timeout_graceful_shutdown=2))
     thread = threading.Thread(target=server.run, name="gateway-test", daemon=True)

@@ -6,21 +6,17 @@ request."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import threading
-import time
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 
 from leanscale.cascade.gateway import create_gateway_app
 from leanscale.cascade.gateway.testing import FakeOpenAIBackend
 
-from .conftest import SMALL, client, two_model_config
+from .conftest import SMALL, client, serve_app, two_model_config
 
 RULES = [{"name": "hours", "pattern": r"\bopening hours\b", "answer": "We are open 9:00-17:00, Monday to Friday."}]
 ASK = [{"role": "user", "content": "What are your OPENING HOURS please?"}]
@@ -28,25 +24,6 @@ ASK = [{"role": "user", "content": "What are your OPENING HOURS please?"}]
 
 def _cost(prices: dict, prompt_tokens: int, completion_tokens: int) -> float:
     return (prompt_tokens * prices["input"] + completion_tokens * prices["output"]) / 1000
-
-
-@contextlib.contextmanager
-def serve(app):
-    """``app`` served by uvicorn in a thread on a free loopback port; yields the base URL (…/v1)."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error", lifespan="on",
-                                           ws="none", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, name="gateway-e2e", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the gateway did not start"
-        time.sleep(0.005)
-    try:
-        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        assert not thread.is_alive(), "the gateway did not shut down"
 
 
 def metric(base: str, name: str, **labels) -> float:
@@ -76,7 +53,7 @@ def test_rule_answers_without_any_backend_streamed_too(backends, tmp_path):
     small, big = backends
     log = tmp_path / "req.jsonl"
     config = two_model_config(small, big, rules=RULES, log={"path": str(log), "prompts": "text"})
-    with serve(create_gateway_app(config)) as url:
+    with serve_app(create_gateway_app(config)) as url:
         c = client(url)
         raw = c.chat.completions.with_raw_response.create(model="small", messages=ASK)
         answer = raw.parse()
@@ -131,7 +108,7 @@ def test_exact_hit_at_temperature_0_only(echo_backends, tmp_path, monkeypatch):
     config = two_model_config(small, big, small={"model": "llama-8b-upstream"}, cache={"semantic": False},
                               log={"path": str(log), "prompts": "hash"})
     msgs = [{"role": "user", "content": "what is two plus two"}]
-    with serve(create_gateway_app(config)) as url:
+    with serve_app(create_gateway_app(config)) as url:
         c = client(url)
         first = c.chat.completions.with_raw_response.create(model="small", messages=msgs, temperature=0)
         second = c.chat.completions.with_raw_response.create(model="small", messages=msgs, temperature=0.0,
@@ -187,7 +164,7 @@ def fake_embed(texts: list[str]) -> np.ndarray:
 def test_semantic_hit_above_the_threshold_miss_below(echo_backends):
     small, big = echo_backends
     config = two_model_config(small, big, cache={})
-    with serve(create_gateway_app(config, cache_embed=fake_embed)) as url:
+    with serve_app(create_gateway_app(config, cache_embed=fake_embed)) as url:
         c = client(url)
 
         def ask(text: str, **kw):
@@ -215,7 +192,7 @@ def test_streamed_miss_serves_a_plain_request_and_vice_versa(echo_backends, tmp_
     small, big = echo_backends
     log = tmp_path / "req.jsonl"
     config = two_model_config(small, big, cache={}, log={"path": str(log), "prompts": "text"})
-    with serve(create_gateway_app(config, cache_embed=fake_embed)) as url:
+    with serve_app(create_gateway_app(config, cache_embed=fake_embed)) as url:
         c = client(url)
         one = [{"role": "user", "content": BASE}]
         # 1. a streamed miss (the client does not ask for usage) is stored whole, usage included
@@ -272,7 +249,7 @@ def test_a_failing_cache_never_fails_a_request(echo_backends, caplog):
         raise RuntimeError("the embedding model is gone")
 
     config = two_model_config(small, big, cache={})
-    with serve(create_gateway_app(config, cache_embed=broken_embed)) as url:
+    with serve_app(create_gateway_app(config, cache_embed=broken_embed)) as url:
         c = client(url)
         msgs = [{"role": "user", "content": "what time is it"}]
         for _ in range(2):
