@@ -154,13 +154,19 @@ def test_failure_kinds_timeout_connection_5xx_count_429_does_not_unless_configur
     run(main())
 
 
+async def tripped(**kw):
+    """A backend (failure_threshold 3) whose upstream answered 500 three times: its breaker is open."""
+    up, clock = Upstream(), Clock()
+    backend = make_backend(up, clock, **kw)
+    up.status = 500
+    for _ in range(3):
+        await call(backend)
+    return backend, up, clock
+
+
 def test_half_open_lets_exactly_one_probe_through_while_concurrent_callers_fail_fast():
     async def main():
-        up, clock = Upstream(), Clock()
-        backend = make_backend(up, clock)
-        up.status = 500
-        for _ in range(3):
-            await call(backend)
+        backend, up, clock = await tripped()
         assert backend.breaker_state() == OPEN and up.calls == 3
         clock.advance(10.0)
         assert backend.breaker_state() == HALF_OPEN  # the wait is over: the next call probes
@@ -191,11 +197,7 @@ def test_half_open_lets_exactly_one_probe_through_while_concurrent_callers_fail_
 
 def test_probe_failure_reopens_for_twice_as_long_up_to_the_cap_and_success_resets_it():
     async def main():
-        up, clock = Upstream(), Clock()
-        backend = make_backend(up, clock, max_open_s=25)
-        up.status = 500
-        for _ in range(3):
-            await call(backend)
+        backend, up, clock = await tripped(max_open_s=25)
         waits = []
         for _ in range(3):
             wait = (await call(backend)).retry_after
@@ -221,11 +223,7 @@ def test_probe_failure_reopens_for_twice_as_long_up_to_the_cap_and_success_reset
 
 def test_a_cancelled_probe_frees_the_half_open_slot():
     async def main():
-        up, clock = Upstream(), Clock()
-        backend = make_backend(up, clock)
-        up.status = 500
-        for _ in range(3):
-            await call(backend)
+        backend, up, clock = await tripped()
         clock.advance(10)
         up.gate, up.started = asyncio.Event(), asyncio.Event()
         probe = asyncio.create_task(call(backend))
