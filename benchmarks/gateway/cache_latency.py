@@ -10,6 +10,9 @@ word order..., the same numbers) and the rest are new, sent by ``--concurrency``
   (every miss of the exact layer embeds its text alone, in a worker thread: the code before the
   micro-batcher);
 * ``gateway_cache``: the same with the micro-batcher (``embed_batch_ms``, default 2).
+* ``gateway_cache_static``: the semantic layer with ``embedder: static`` (MiniLM-L6 distilled into
+  static token embeddings, ``leanscale.models.static_text_encoder``; ``embed_batch_ms: 0``: at
+  ~0.3 ms a text, waiting for a batch would cost more than it saves), its default threshold.
 
 Each gateway is a fresh process (an empty cache) with the real MiniLM-L6 (offline), warmed up by
 ``--warmup`` requests of other questions. Reported per class of request (new / exact repeat /
@@ -29,6 +32,7 @@ import csv
 import json
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -104,7 +108,10 @@ def main() -> int:
     ap.add_argument("--torch-threads", type=int, default=None,
                     help="torch.set_num_threads in the gateway process (default: torch's own)")
     ap.add_argument("--warmup", type=int, default=200, help="uncounted requests of other questions per gateway")
-    ap.add_argument("--phases", default="direct,gateway_nocache,gateway_cache_unbatched,gateway_cache",
+    ap.add_argument("--static-dir", default=None,
+                    help="the static embedder's folder (default: built in a temporary folder first)")
+    ap.add_argument("--phases", default="direct,gateway_nocache,gateway_cache_unbatched,gateway_cache,"
+                                        "gateway_cache_static",
                     help="comma-separated phases to run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(RESULTS / "gateway" / "cache_latency.json"))
@@ -125,6 +132,12 @@ def main() -> int:
              "output_price_per_1k": 0.0018, "timeout_s": 30, "max_concurrency": max(64, args.concurrency)}
     wanted = args.phases.split(",")
     phases: dict[str, dict] = {}
+    tmp = tempfile.TemporaryDirectory()
+    static_dir = args.static_dir or str(Path(tmp.name) / "static")
+    if "gateway_cache_static" in wanted:
+        from leanscale.models import static_text_encoder
+
+        static_text_encoder(static_dir)  # built here, not in the measured gateway's start
     try:
         def run(tag: str, url: str, extra: dict | None = None) -> None:
             if warm:
@@ -145,7 +158,9 @@ def main() -> int:
         for tag, cache in (("gateway_nocache", None),
                            ("gateway_cache_unbatched", {"semantic": True, "embed_batch_ms": 0}),
                            ("gateway_cache", {"semantic": True, "embed_batch_ms": args.embed_batch_ms,
-                                             "embed_wait_ms": args.embed_wait_ms})):
+                                             "embed_wait_ms": args.embed_wait_ms}),
+                           ("gateway_cache_static", {"semantic": True, "embedder": "static",
+                                                     "embedder_path": static_dir, "embed_batch_ms": 0})):
             if tag not in wanted:
                 continue
             config = {"models": [model]}
@@ -158,6 +173,7 @@ def main() -> int:
                 gateway.stop()
     finally:
         small.stop()
+        tmp.cleanup()
 
     overhead = {}
     if "direct" in phases:
@@ -168,7 +184,7 @@ def main() -> int:
             overhead[tag] = {c: ph[c]["latency_ms"]["p50"] - d[c]["latency_ms"]["p50"] for c in (*CLASSES, "all")}
             overhead[tag]["p99_new"] = ph["new"]["latency_ms"]["p99"] - d["new"]["latency_ms"]["p99"]
     goals = {}
-    for tag in ("gateway_cache", "gateway_cache_unbatched"):
+    for tag in ("gateway_cache", "gateway_cache_unbatched", "gateway_cache_static"):
         if tag in overhead:
             v = overhead[tag]["new"]
             goals[f"{tag}_overhead_p50_ms_on_backend_calls"] = {"value": v, "goal": "<= 10", "met": v <= 10.0}
@@ -178,7 +194,8 @@ def main() -> int:
                      "backend_latency_ms": args.backend_latency_ms, "latency_jitter": args.latency_jitter,
                      "embed_batch_ms": args.embed_batch_ms, "embed_wait_ms": args.embed_wait_ms,
                      "torch_threads": args.torch_threads,
-                     "warmup": args.warmup, "seed": args.seed, "embedding": "MiniLM-L6 (leanscale.models.embed_texts)",
+                     "warmup": args.warmup, "seed": args.seed, "embedding": "MiniLM-L6 (leanscale.models.embed_texts); gateway_cache_static: its static "
+                                  "distillation (leanscale.models.static_text_encoder, 256 dims)",
                      "mix": {c: classes.count(c) for c in CLASSES},
                      "data": "GSM8K questions of /work/shared/data/routellm/gsm8k_responses.csv; paraphrases: "
                              "lower case, prefixes, 'How many' -> 'What number of', final punctuation"},

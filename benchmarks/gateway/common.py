@@ -252,6 +252,32 @@ def cpu_seconds(pid: int | None = None) -> float | None:
         return None
 
 
+def pin_cores(gateway_pid: int, other_pids: list) -> dict:
+    """Give the gateway CPU 0 and every other process (``None``: this one) the remaining CPUs: the
+    gateway's overhead then measures the gateway, not its competition for a core with the load
+    generator and the fake backends (which in a deployment run on other machines). Returns what
+    was set, for the results' settings."""
+    import os
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise RuntimeError(f"--pin needs at least 2 CPUs; this process may use {len(cpus)}")
+    gateway_cpus, other_cpus = cpus[:1], cpus[1:]
+    os.sched_setaffinity(gateway_pid, gateway_cpus)
+    for pid in other_pids:
+        os.sched_setaffinity(0 if pid is None else pid, other_cpus)
+    return {"gateway": gateway_cpus, "client_and_fakes": other_cpus}
+
+
+def server_stack() -> str:
+    """The event loop and HTTP parser uvicorn picks here ("auto": uvloop and httptools when installed)."""
+    import importlib.util
+
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    return f"{loop} loop, {http}"
+
+
 # ---------------------------------------------------------------------------------- client
 Result = collections.namedtuple("Result", "status seconds data model cost")
 CLIENTS = ("raw", "httpx")

@@ -59,7 +59,9 @@ from benchmarks.gateway.common import (
     drive,
     healthz,
     latency_summary,
+    pin_cores,
     scrape,
+    server_stack,
     start_backend,
     start_gateway,
 )
@@ -150,6 +152,9 @@ def main() -> int:
     ap.add_argument("--client-timeout", type=float, default=30.0, help="the client's timeout per request (30 s)")
     ap.add_argument("--client", choices=CLIENTS, default="raw",
                     help="raw: HTTP/1.1 over asyncio streams (default); httpx: an httpx.AsyncClient per client")
+    ap.add_argument("--pin", action="store_true",
+                    help="give the gateway a core of its own (CPU 0) and the client and fakes the others, as in a "
+                         "deployment where the load generator and the LLM backends run on other machines")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(RESULTS / "gateway" / "load.json"))
     args = ap.parse_args()
@@ -182,6 +187,7 @@ def main() -> int:
         gateway = start_gateway(config)
         procs = {"client": None, "gateway": gateway.process.pid, "small_fake": small.process.pid,
                  "big_fake": big.process.pid}
+        pinned = pin_cores(gateway.process.pid, [small.process.pid, big.process.pid, None]) if args.pin else None
         direct_url = small.base_url + "/chat/completions"
         gateway_url = gateway.base_url + "/chat/completions"
 
@@ -283,7 +289,8 @@ def main() -> int:
             "client": "raw HTTP/1.1 over asyncio streams, one keep-alive connection per concurrent client (not the "
                       "openai client, not one shared httpx.AsyncClient: see benchmarks/gateway/common.py)",
             "processes": "client in the benchmark process; gateway (uvicorn via leanscale.cascade.server.server_config, "
-                         "asyncio loop, h11) in a second process; each fake backend in its own process",
+                         f"{server_stack()}) in a second process; each fake backend in its own process",
+            "cores": pinned or "shared: every process may run on every core",
             "request": "chat completion, model 'small', one short user message, not streamed",
         },
         "phases": phases,

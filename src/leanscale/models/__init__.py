@@ -7,9 +7,11 @@ from leanscale.models.cnn import BNCNN, MLPClassifier
 from leanscale.models.encoders import (
     TEXT_EMBEDDING_DIM,
     ConvEncoder,
+    StaticTextEncoder,
     embed_images,
     embed_texts,
     embed_with,
+    static_text_encoder,
 )
 from leanscale.models.linear import SoftmaxRegression
 from leanscale.models.transformer import (
@@ -40,6 +42,8 @@ __all__ = [
     "embed_texts",
     "embed_with",
     "embed_images",
+    "StaticTextEncoder",
+    "static_text_encoder",
 ]
 
 

@@ -441,7 +441,7 @@ def test_config_errors_name_the_key_path(value, needle):
 
 
 def test_config_defaults_source_and_error_class():
-    assert check_cache_config({}) == CACHE_DEFAULTS
+    assert check_cache_config({}) == {**CACHE_DEFAULTS, "threshold": 0.95}  # MiniLM's default threshold
     assert check_cache_config(None)["enabled"] is False
     out = check_cache_config({"threshold": 1, "ttl_s": 5})
     assert out["threshold"] == 1.0 and isinstance(out["ttl_s"], float)

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -88,6 +89,13 @@ def _descendants(pid: int) -> set[int]:
     return out
 
 
+def _owned_by_family(folder: Path, pid: int) -> bool:
+    """Whether ``folder`` holds the metrics files of a process of ``pid``'s family (``*_PID.db``)."""
+    family = _descendants(pid) | {pid}
+    return any(int(f.stem.rsplit("_", 1)[-1]) in family for f in folder.glob("*_*.db")
+               if f.stem.rsplit("_", 1)[-1].isdigit())
+
+
 def _wait(predicate, timeout: float, what: str, log: Path) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -146,11 +154,21 @@ def test_two_workers_answer_and_sigterm_stops_every_process(gateway_workers):
     with ThreadPoolExecutor(4) as pool:
         answers = list(pool.map(ask, range(20)))
     assert answers == ["the small model says hello"] * 20 and small.calls == 20
+    # /metrics of whichever worker a scrape reaches reports all of them (multi-process mode);
+    # a registry per worker would report only its own share of the 20 requests
+    series = 'leanscale_gateway_requests_total{endpoint="chat",model="small",outcome="ok"} '
+    for _ in range(6):
+        text = httpx.get(base + "/metrics", timeout=5).text  # a new connection each time
+        assert [line for line in text.splitlines() if line.startswith(series)] == [series + "20.0"]
+        assert 'leanscale_gateway_in_flight 0.0' in text  # summed over the live workers
+    metrics_dirs = [p for p in Path(tempfile.gettempdir()).glob("leanscale-gateway-metrics-*")
+                    if _owned_by_family(p, proc.pid)]
     family = _descendants(proc.pid)
     assert len(family) >= 2
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(10) == 0, log.read_text()[-3000:]
     _wait(lambda: not any(_alive(pid) for pid in family), 5, "a worker outlived the supervisor", log)
+    assert len(metrics_dirs) == 1 and not metrics_dirs[0].exists()  # the metrics folder removed at the end
 
 
 def test_no_worker_outlives_a_killed_supervisor(gateway_workers):

@@ -108,12 +108,26 @@ def _require(module: str):
 
 
 # ------------------------------------------------------------------------------------ metrics
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's multi-process mode (see _Metrics)
+
+
 class _Metrics:
-    """The gateway's Prometheus metrics, in a registry of its own."""
+    """The gateway's Prometheus metrics, in a registry of its own.
+
+    **Several worker processes** (``serve_gateway(workers=N)``, or gunicorn with
+    ``PROMETHEUS_MULTIPROC_DIR`` set): a scrape reaches one worker, but must report all of them.
+    ``serve_gateway`` gives its workers a fresh folder in ``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's
+    multi-process mode: each process writes its values to memory-mapped files there), and
+    ``/metrics`` of any worker then sums the counters and histograms of every worker (dead ones
+    included: their requests happened); the gauges are summed over the live workers (requests in
+    flight, cache counters) or their maximum taken (breaker state: 2 when any worker holds its
+    breaker open). Each worker refreshes its cache and breaker gauges once a second."""
 
     def __init__(self, models: list[str]):
         pc = _require("prometheus_client")
         self._pc = pc
+        folder = os.environ.get(METRICS_DIR_ENV)
+        self.multiprocess_dir: str | None = folder if folder and os.path.isdir(folder) else None
         self.registry = r = pc.CollectorRegistry(auto_describe=True)
         self._children: dict[tuple, Any] = {}
         C = pc.Counter
@@ -129,16 +143,18 @@ class _Metrics:
                       ["model"], registry=r)
         self.tokens = C("leanscale_gateway_tokens", "Tokens by model and kind (prompt, completion).",
                         ["model", "kind"], registry=r)
-        self.in_flight = pc.Gauge("leanscale_gateway_in_flight", "Completion requests being answered.", registry=r)
+        self.in_flight = pc.Gauge("leanscale_gateway_in_flight", "Completion requests being answered.", registry=r,
+                                  multiprocess_mode="livesum")
         self.cache = pc.Gauge("leanscale_gateway_cache", "Response cache counters (hits_exact, hits_semantic, "
-                              "misses, puts, evictions, expired, size, ...).", ["stat"], registry=r)
+                              "misses, puts, evictions, expired, size, ...).", ["stat"], registry=r,
+                              multiprocess_mode="livesum")
         self.cache_errors = C("leanscale_gateway_cache_errors",
                               "Response cache look-ups and stores that raised (the request was answered by the "
                               "backends as if the cache were off).", ["op"], registry=r)
         for op in ("get", "put"):
             self.cache_errors.labels(op=op)
         self.breaker = pc.Gauge("leanscale_gateway_breaker_state", "Circuit breaker of each backend model: 0 closed, "
-                                "1 half-open, 2 open.", ["model"], registry=r)
+                                "1 half-open, 2 open.", ["model"], registry=r, multiprocess_mode="livemax")
         self.latency = pc.Histogram("leanscale_gateway_request_latency_seconds",
                                     "Wall time of completion requests in the gateway (streams: to their end), any "
                                     "outcome.", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
@@ -174,7 +190,21 @@ class _Metrics:
         return found
 
     def render(self) -> bytes:
-        return self._pc.generate_latest(self.registry)
+        if self.multiprocess_dir is None:
+            return self._pc.generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        merged = self._pc.CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged, path=self.multiprocess_dir)
+        return self._pc.generate_latest(merged)
+
+    def process_exit(self) -> None:
+        """Multi-process mode: this worker's live gauges leave the sums (its counters stay)."""
+        if self.multiprocess_dir is not None:
+            from prometheus_client import multiprocess
+
+            with contextlib.suppress(Exception):
+                multiprocess.mark_process_dead(os.getpid(), self.multiprocess_dir)
 
 
 # ------------------------------------------------------------------------------------- errors
@@ -383,9 +413,24 @@ def create_gateway_app(config, *, docs: bool = False, transport=None, cache_embe
 
             state["log"] = RequestLog(config.log.path, config.log.max_queue)
         app.state.request_log = state["log"]
+        refresher = None
+        if metrics.multiprocess_dir is not None:  # a scrape reads every worker's gauges from its files
+
+            async def refresh_every_second() -> None:
+                while True:
+                    with contextlib.suppress(Exception):
+                        refresh_gauges()
+                    await asyncio.sleep(1.0)
+
+            refresher = asyncio.ensure_future(refresh_every_second())
         try:
             yield
         finally:
+            if refresher is not None:
+                refresher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await refresher
+            metrics.process_exit()
             for b in list(backends.values()):
                 with contextlib.suppress(Exception):
                     await b.aclose()
@@ -393,6 +438,14 @@ def create_gateway_app(config, *, docs: bool = False, transport=None, cache_embe
             if state["log"] is not None:
                 await asyncio.to_thread(state["log"].close)  # writes what is queued
                 state["log"] = None
+
+    def refresh_gauges() -> None:
+        """The breaker and cache gauges from their current state (they change without a request)."""
+        for name, backend in backends.items():
+            metrics.child(metrics.breaker, name).set(backend.breaker_state())
+        if cache is not None:
+            for stat, value in cache.stats().items():
+                metrics.child(metrics.cache, stat).set(value)
 
     app = FastAPI(title="leanscale LLM gateway", version="1", lifespan=lifespan, docs_url="/docs" if docs else None,
                   redoc_url=None)
@@ -968,11 +1021,7 @@ def create_gateway_app(config, *, docs: bool = False, transport=None, cache_embe
 
     @app.get("/metrics")
     async def prometheus_metrics():
-        for name, backend in backends.items():
-            metrics.breaker.labels(model=name).set(backend.breaker_state())
-        if cache is not None:
-            for stat, value in cache.stats().items():
-                metrics.cache.labels(stat=stat).set(value)
+        refresh_gauges()
         return Response(metrics.render(), media_type=_METRICS_CONTENT_TYPE)
 
     return app
@@ -1059,9 +1108,11 @@ def serve_gateway(config, host: str = "127.0.0.1", port: int = 8080, *, workers:
             them by the environment variable ``LEANSCALE_GATEWAY_CONFIG``) with
             :func:`_worker_app`; SIGTERM / SIGINT stop them all, and on Linux a worker also stops
             when the supervisor dies. Each worker has its own response cache, circuit breakers,
-            in-flight bound, ``max_concurrency`` slots, metrics and request log writer: set
+            in-flight bound, ``max_concurrency`` slots and request log writer: set
             ``cache.redis_url`` (exact cache hits) and ``state.redis_url`` (breakers) to share
-            them; give each worker its own ``log.path`` or rotate from outside.
+            them; give each worker its own ``log.path`` or rotate from outside. ``/metrics``
+            reports all workers together (prometheus_client's multi-process mode, in a temporary
+            folder, or in ``PROMETHEUS_MULTIPROC_DIR`` when set).
         log_level, access_log, docs: uvicorn's log level, one line per request, Swagger UI at /docs.
         options: the connection limits of :func:`leanscale.cascade.server.server_config`
             (``max_connections`` per process, ``timeout_keep_alive``, ``timeout_idle``,
@@ -1103,9 +1154,17 @@ def _serve_workers(path: Path, uv_config, workers: int, *, docs: bool, log_level
                    timeout_idle: float) -> None:
     """uvicorn's multi-process supervisor over :func:`_worker_app` (``factory=True``), with the
     limits already checked in ``uv_config``; the environment tells the workers the rest."""
+    import shutil
+    import tempfile
+
     import uvicorn
 
-    saved = {k: os.environ.get(k) for k in (WORKER_CONFIG_ENV, WORKER_OPTIONS_ENV)}
+    saved = {k: os.environ.get(k) for k in (WORKER_CONFIG_ENV, WORKER_OPTIONS_ENV, METRICS_DIR_ENV)}
+    # the workers' metrics in one folder (prometheus_client's multi-process mode: /metrics of any
+    # worker reports them all); a folder the user set is kept, ours is removed at the end
+    own_metrics_dir = None
+    if not os.environ.get(METRICS_DIR_ENV):
+        own_metrics_dir = os.environ[METRICS_DIR_ENV] = tempfile.mkdtemp(prefix="leanscale-gateway-metrics-")
     os.environ[WORKER_CONFIG_ENV] = str(path)
     os.environ[WORKER_OPTIONS_ENV] = json.dumps({
         "docs": bool(docs), "max_connections": int(uv_config.leanscale_max_connections),
@@ -1122,3 +1181,5 @@ def _serve_workers(path: Path, uv_config, workers: int, *, docs: bool, log_level
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+        if own_metrics_dir is not None:
+            shutil.rmtree(own_metrics_dir, ignore_errors=True)

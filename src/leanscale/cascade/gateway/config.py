@@ -480,7 +480,7 @@ def _parse(data: Any, source: str, error: type[Exception], base: Path | None = N
     from .rules import check_rules_config
 
     rules = tuple(check_rules_config(top.get("rules"), source, error)) if top.get("rules") is not None else ()
-    cache = check_cache_config(top.get("cache"), source, error) if "cache" in top else None
+    cache = check_cache_config(top.get("cache"), source, error, base=base) if "cache" in top else None
     return GatewayConfig(
         rules=rules,
         cache=cache,
