@@ -1,11 +1,29 @@
 """Compute-optimal scaling: fit L(N, D), plan N and D for a budget, run your own sweeps.
 
 Hoffmann et al. 2022, "Training Compute-Optimal Large Language Models", arXiv 2203.15556;
-Besiroglu et al. 2024, "Chinchilla Scaling: A replication attempt", arXiv 2404.10102.
+Besiroglu et al. 2024, "Chinchilla Scaling: A replication attempt", arXiv 2404.10102;
+Muennighoff et al. 2023, "Scaling Data-Constrained Language Models", arXiv 2305.16264 (repeated data);
+Sardana et al. 2024, "Beyond Chinchilla-Optimal", arXiv 2401.00448 (inference-aware planning).
 """
 
+from leanscale.scaling.data_constrained import (
+    MUENNIGHOFF_2023,
+    R_D_STAR,
+    R_N_STAR,
+    DataConstrainedPlan,
+    data_constrained_loss,
+    effective_data,
+    effective_params,
+    plan_data_constrained,
+)
 from leanscale.scaling.envelope import EnvelopeFit, fit_envelope
 from leanscale.scaling.flops import GPU_PEAK_FLOPS, gpu_hours, training_flops
+from leanscale.scaling.inference_aware import (
+    InferencePlan,
+    chinchilla_optimal_for_loss,
+    plan_inference_aware,
+    tokens_for_loss,
+)
 from leanscale.scaling.isoflop import IsoFLOPFit, fit_isoflop
 from leanscale.scaling.laws import (
     CHINCHILLA_2022,
@@ -27,10 +45,15 @@ __all__ = [
     "EPOCH_2024",
     "GPU_PEAK_FLOPS",
     "LAWS",
+    "MUENNIGHOFF_2023",
+    "R_D_STAR",
+    "R_N_STAR",
     "BootstrapResult",
     "ComputeOptimal",
     "Curves",
+    "DataConstrainedPlan",
     "EnvelopeFit",
+    "InferencePlan",
     "IsoFLOPFit",
     "ParametricScalingLaw",
     "Plan",
@@ -38,14 +61,21 @@ __all__ = [
     "ScalingWarning",
     "chinchilla_flops",
     "chinchilla_grid",
+    "chinchilla_optimal_for_loss",
+    "data_constrained_loss",
+    "effective_data",
+    "effective_params",
     "fit_envelope",
     "fit_isoflop",
     "fit_parametric",
     "get_law",
     "gpu_hours",
     "plan",
+    "plan_data_constrained",
+    "plan_inference_aware",
     "read_curves",
     "read_runs",
+    "tokens_for_loss",
     "training_flops",
 ]
 

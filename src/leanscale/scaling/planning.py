@@ -15,9 +15,10 @@ from leanscale.scaling.laws import ParametricScalingLaw, _warn, get_law
 __all__ = ["Plan", "plan"]
 
 # Smallest model behind each preset: both fits use Chinchilla's runs, 70M to 16B parameters
-# (Hoffmann et al. 2022, section 3). Below it the law is an extrapolation.
-_PRESET_MIN_PARAMS = {"chinchilla": 7e7, "epoch": 7e7}
-_PRESET_MAX_PARAMS = {"chinchilla": 1.6e10, "epoch": 1.6e10}
+# (Hoffmann et al. 2022, section 3). Below it the law is an extrapolation. Muennighoff et al.'s
+# C4 law (leanscale.scaling.data_constrained): runs of 7M to 9B parameters (their appendix A).
+_PRESET_MIN_PARAMS = {"chinchilla": 7e7, "epoch": 7e7, "muennighoff": 7e6}
+_PRESET_MAX_PARAMS = {"chinchilla": 1.6e10, "epoch": 1.6e10, "muennighoff": 9e9}
 # A plan beyond this factor past the largest run (FLOPs, or parameters for a preset) is warned about.
 EXTRAPOLATION_FACTOR = 10.0
 
