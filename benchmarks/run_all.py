@@ -16,8 +16,9 @@ BENCHMARKS = {
     "pruning": ["pruning/fraction_kept.py", "pruning/fraction_kept.py --data wordnet --n-train 20000 --n-test 5000",
                 "pruning/active_learning.py", "pruning/infobatch_fmnist.py", "pruning/ssl_encoder.py"],
     "byo": ["byo/moe_upcycling.py", "byo/swat_resnet.py"],
-    "large_batch": ["large_batch/hoffer_table1.py", "large_batch/critical_batch.py", "large_batch/throughput.py"],
-    "gateway": ["gateway/load.py", "gateway/quality.py"],
+    "large_batch": ["large_batch/hoffer_table1.py", "large_batch/critical_batch.py", "large_batch/throughput.py",
+                    "large_batch/adamw_rules.py"],
+    "gateway": ["gateway/load.py", "gateway/quality.py", "gateway/cache_latency.py", "gateway/cache_quality.py"],
 }
 
 

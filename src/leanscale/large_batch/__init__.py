@@ -3,7 +3,9 @@
 Hoffer, Hubara & Soudry 2017, "Train longer, generalize better", arXiv 1705.08741 (Ghost BatchNorm,
 square-root LR scaling, regime adaptation); Goyal et al. 2017, arXiv 1706.02677 (linear scaling,
 warmup); Keskar et al. 2017, arXiv 1609.04836 (sharpness); You et al. 2017/2019 (LARS, LAMB);
-McCandlish et al. 2018, arXiv 1812.06162 (gradient noise scale). Method card: README.md here.
+McCandlish et al. 2018, arXiv 1812.06162 (gradient noise scale); for AdamW, Wang & Aitchison 2024,
+arXiv 2405.13698, and Bergsma et al. 2025, arXiv 2505.13738 (EMA timescale), Marek et al. 2025, arXiv
+2507.07101 (beta2's half-life in examples). Method card: README.md here.
 """
 
 from leanscale.large_batch.ghost_bn import (
@@ -25,7 +27,13 @@ from leanscale.large_batch.noise_scale import (
     measure_noise_scale,
     two_batch_estimates,
 )
-from leanscale.large_batch.recipe import LargeBatchPlan, LargeBatchRecipe
+from leanscale.large_batch.recipe import (
+    LargeBatchPlan,
+    LargeBatchRecipe,
+    adamw_timescale,
+    beta_half_life,
+    scale_beta,
+)
 from leanscale.large_batch.schedules import (
     Regime,
     adapt_regime,
@@ -54,13 +62,16 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "accumulate_running_stats",
+    "adamw_timescale",
     "adapt_regime",
     "advise",
     "apply_ghost_batchnorm",
+    "beta_half_life",
     "clip_gradients",
     "ghost_batch_sizes",
     "lars_param_groups",
     "measure_noise_scale",
+    "scale_beta",
     "scale_lr",
     "sharpness",
     "train_classifier",
