@@ -77,12 +77,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         q.add_argument("--regime", type=float, default=1.0,
                        help="regime adaptation: 1 = as many updates as the small batch, 0 = as many epochs")
         q.add_argument("--warmup-epochs", type=float, default=0.0, help="gradual warmup epochs (0)")
-        q.add_argument("--optimizer", default="sgd", help="sgd, lars or lamb")
+        q.add_argument("--optimizer", default="sgd", help="sgd, lars or lamb (plan: also adamw)")
         q.add_argument("--clip", type=float, default=None, help="clip the gradient norm to this")
         q.add_argument("--max-lr", type=float, default=None, help="cap on the scaled LR")
 
     q = sub.add_parser("plan", help="large-batch settings from small-batch ones, with the reasoning")
     recipe_args(q)
+    q.add_argument("--weight-decay", type=float, default=None,
+                   help="AdamW: small-batch weight decay (0.01); moved to keep the EMA timescale")
+    q.add_argument("--betas", type=_floats, default=None, help="AdamW: small-batch beta1,beta2 (0.9,0.999)")
+    q.add_argument("--dataset-size", type=int, default=None,
+                   help="AdamW: examples per epoch, to report the EMA timescale tau = B/(lr*wd*D)")
+    q.add_argument("--no-timescale-rule", action="store_true", help="AdamW: keep the weight decay")
+    q.add_argument("--no-beta2-rule", action="store_true", help="AdamW: keep beta2")
+    q.add_argument("--beta1-rule", action="store_true", help="AdamW: scale beta1 like beta2")
     q.add_argument("--json", action="store_true", help="print JSON")
     q.set_defaults(action_func=run_plan)
 
@@ -123,6 +131,12 @@ def _recipe(args):
         base_milestones=args.milestones, lr_rule=args.rule, ghost_batch_size=args.ghost_batch,
         regime_adaptation=args.regime, warmup_epochs=args.warmup_epochs, optimizer=args.optimizer,
         clip_grad_norm=args.clip, max_lr=args.max_lr,
+        # AdamW's settings (``batch plan`` only; absent from ``batch train``, which has no AdamW)
+        base_weight_decay=getattr(args, "weight_decay", None), base_betas=getattr(args, "betas", None),
+        dataset_size=getattr(args, "dataset_size", None),
+        keep_timescale=not getattr(args, "no_timescale_rule", False),
+        keep_beta2_half_life=not getattr(args, "no_beta2_rule", False),
+        keep_beta1_half_life=getattr(args, "beta1_rule", False),
     )
 
 
