@@ -20,6 +20,23 @@ def test_batch_plan_json(capsys):
     assert blob["lr"] == pytest.approx(0.8) and blob["warmup_epochs"] == 2 and blob["ghost_batch_size"] == 128
 
 
+def test_batch_plan_adamw_rules_json(capsys):
+    """AdamW: batch 128 -> 512 with the sqrt LR rule and as many updates (regime 1): the timescale
+    rule gives wd0 * lr0 / lr = 0.1 / 2, the beta2 rule 0.95 ** 4 (the same half-life in examples)."""
+    assert main(["batch", "plan", "--batch", "512", "--optimizer", "adamw", "--base-lr", "1e-3",
+                 "--weight-decay", "0.1", "--betas", "0.9,0.95", "--json"]) == 0
+    blob = json.loads(capsys.readouterr().out)
+    assert blob["lr"] == pytest.approx(2e-3) and blob["weight_decay"] == pytest.approx(0.05)
+    assert blob["betas"] == pytest.approx([0.9, 0.95 ** 4])
+    assert main(["batch", "plan", "--batch", "512", "--optimizer", "adamw", "--weight-decay", "0.1", "--betas",
+                 "0.9,0.95", "--no-timescale-rule", "--no-beta2-rule", "--json"]) == 0
+    blob = json.loads(capsys.readouterr().out)
+    assert blob["weight_decay"] == pytest.approx(0.1) and blob["betas"] == pytest.approx([0.9, 0.95])
+    assert main(["batch", "plan", "--batch", "512", "--weight-decay", "0.1"]) == 2  # sgd has no weight decay rule
+    err = capsys.readouterr().err
+    assert "'base_weight_decay' parameter of LargeBatchRecipe" in err and "Traceback" not in err
+
+
 def test_batch_plan_rule_default_is_the_library_default():
     """#14: one LR-rule default; the parser writes it out (it must not import torch)."""
     import argparse
