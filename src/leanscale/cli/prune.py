@@ -31,6 +31,8 @@ examples:
   leanscale prune score --data tickets.csv --text-column body --label-column queue --metric prototypes --out p
   leanscale prune score --model mymodel.py:build --data photos/ --image-size 32 --out prune/mine
   torchrun --nproc_per_node=2 -m leanscale.cli.main prune score --metric grand --out prune/grand
+  leanscale prune dedup --data docs.jsonl --method exact,minhash --threshold 0.8 --out dedup/
+  leanscale prune dedup --data docs.csv --text-column body --method semantic --eps 0.05 --out d  (needs [encoders])
 
 data: fashion-mnist, wordnet, a folder with the IDX / WordNet files, or your own: an .npz with x (n, ...)
 and y (n,) (string labels allowed), a .csv / .tsv / .jsonl / .parquet table (feature columns, or a
@@ -87,6 +89,34 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     q.add_argument("--out", default=None, help="folder for kept.npy and manifest.json (default: next to the scores)")
     q.add_argument("--json", action="store_true", help="print the manifest as JSON")
     q.set_defaults(action_func=run_select)
+
+    q = sub.add_parser("dedup", help="remove exact, near (MinHash) and semantic (SemDeDup) duplicates",
+                       description="Deduplicate a text file: exact (hash of the normalised text), near "
+                       "duplicates (MinHash LSH, verified with the true Jaccard similarity; needs [dedup]) and "
+                       "semantic duplicates (SemDeDup, Abbas et al. 2023, on MiniLM or given embeddings). Writes "
+                       "the kept rows as they were, kept.npy, manifest.jsonl (each removed row, the row it "
+                       "duplicates, the method and the similarity) and summary.json.")
+    q.add_argument("--data", required=True, metavar="FILE",
+                   help=".jsonl / .ndjson (one JSON object per line), .csv / .tsv (a header row) or .txt (one item "
+                   "per line)")
+    q.add_argument("--text-column", default=None, help="key or column of the text (jsonl, csv, tsv; default 'text')")
+    q.add_argument("--method", default="exact,minhash", help="comma-separated: exact, minhash, semantic "
+                   "(default exact,minhash); they run in that order")
+    q.add_argument("--normalize", default="nfkc,casefold,whitespace",
+                   help="normalisation before hashing and shingling, comma-separated from nfkc, nfc, casefold, "
+                   "lower, punctuation, digits, whitespace, or 'none' (default nfkc,casefold,whitespace)")
+    q.add_argument("--threshold", type=float, default=0.8, help="minhash: Jaccard similarity of a near duplicate (0.8)")
+    q.add_argument("--shingle", default="word", help="minhash: word or char n-grams (word)")
+    q.add_argument("--shingle-size", type=int, default=5, help="minhash: n of the n-grams (5)")
+    q.add_argument("--num-perm", type=int, default=128, help="minhash: permutations (128)")
+    q.add_argument("--eps", type=float, default=0.05, help="semantic: remove at cosine similarity > 1 - eps (0.05)")
+    q.add_argument("--n-clusters", type=int, default=None, help="semantic: k-means clusters (default ceil(n/1000))")
+    q.add_argument("--embeddings", default=None, metavar="FILE.npy",
+                   help="semantic: an (n, d) .npy of the rows' embeddings instead of MiniLM's")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", required=True, help="folder for kept.<ext>, kept.npy, manifest.jsonl and summary.json")
+    q.add_argument("--json", action="store_true", help="print the summary as JSON")
+    q.set_defaults(action_func=run_dedup)
     return p
 
 
@@ -272,4 +302,58 @@ def run_select(args) -> int:
     _print(manifest, args.json, path)
     for w in manifest["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
+    return 0
+
+
+_DEDUP_FLAGS = {"method": "--method", "normalization": "--normalize", "threshold": "--threshold",
+                "shingle": "--shingle", "shingle_size": "--shingle-size", "num_perm": "--num-perm", "eps": "--eps",
+                "n_clusters": "--n-clusters", "embeddings": "--embeddings", "seed": "--seed", "path": "--data",
+                "text_column": "--text-column"}
+
+
+def _as_flag_error(exc, owner: str):
+    """An API error about parameter 'x' of deduplicate / read_text_rows, about the flag instead."""
+    from leanscale.core.errors import InvalidParameterError
+
+    message = str(exc)
+    for param, flag in _DEDUP_FLAGS.items():
+        for api in ("deduplicate", "read_text_rows"):
+            head = f"The {param!r} parameter of {api}"
+            if message.startswith(head):
+                return InvalidParameterError(f"The {flag!r} parameter of {owner}{message[len(head):]}")
+    return exc
+
+
+def run_dedup(args) -> int:
+    from leanscale.core.errors import InvalidParameterError
+    from leanscale.core.io import read_npy
+    from leanscale.pruning.dedup import deduplicate, read_text_rows, write_dedup
+
+    owner = "leanscale prune dedup"
+    from pathlib import Path
+
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise InvalidParameterError(
+            f"The '--out' parameter of {owner} must be a folder (created if missing). Got {args.out!r}, which is a file.")
+    normalization = None if args.normalize.strip().lower() == "none" else args.normalize
+    try:
+        rows = read_text_rows(args.data, args.text_column)
+        embeddings = None
+        if args.embeddings is not None:
+            embeddings = read_npy(args.embeddings, what="embeddings file (--embeddings)", ndim=2)
+        result = deduplicate(rows.texts, method=args.method, normalization=normalization, threshold=args.threshold,
+                             shingle=args.shingle, shingle_size=args.shingle_size, num_perm=args.num_perm,
+                             eps=args.eps, n_clusters=args.n_clusters, embeddings=embeddings, seed=args.seed)
+    except InvalidParameterError as exc:
+        raise _as_flag_error(exc, owner) from None
+    paths = write_dedup(args.out, result, rows)
+    summary = result.summary()
+    if args.json:
+        print_json({**summary, "files": {k: str(v) for k, v in paths.items()}})
+        return 0
+    print(f"kept {summary['n_kept']:,} of {summary['n_items']:,} rows ({summary['n_removed']:,} removed, "
+          f"{100 * summary['removed_share']:.1f}%)")
+    for stage in summary["stages"]:
+        print(f"  {stage['method']}: {stage['n_removed']:,} of {stage['n_in']:,} removed ({stage['seconds']:.2f} s)")
+    print(f"wrote {paths['kept']}, {paths['manifest']} and {paths['summary']}")
     return 0

@@ -13,6 +13,12 @@ Every score is one float per example, higher = harder. The pieces compose: a sco
 from leanscale.core.deprecation import moved_attributes
 from leanscale.pruning.active import ActiveLearner
 from leanscale.pruning.datasets import PruningData, load_pruning_data
+from leanscale.pruning.dedup import (
+    DedupResult,
+    deduplicate,
+    near_duplicate_pairs,
+    normalize_text,
+)
 from leanscale.pruning.embed import train_ssl_encoder
 from leanscale.pruning.forgetting import ForgettingTracker
 from leanscale.pruning.grand import grand_scores
@@ -26,14 +32,18 @@ from leanscale.pruning.select import resolve_strategy, select
 __all__ = [
     "ActiveLearner",
     "DataPruner",
+    "DedupResult",
     "ForgettingTracker",
     "InfoBatch",
     "KMeans",
     "PruningData",
     "collect_probs",
+    "deduplicate",
     "el2n_scores",
     "grand_scores",
     "load_pruning_data",
+    "near_duplicate_pairs",
+    "normalize_text",
     "prototype_scores",
     "resolve_strategy",
     "select",
