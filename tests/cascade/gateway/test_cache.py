@@ -203,6 +203,40 @@ def test_semantic_picks_the_most_similar_entry_and_skips_ineligible_requests():
     assert embed.calls.count("other") == 1
 
 
+@pytest.mark.parametrize("max_entries", [200, 40])  # 30 live rows: a small group (rows only) / most rows
+def test_semantic_best_entry_matches_brute_force_in_both_lookup_paths(max_entries):
+    """Random unit vectors in 8 dimensions; one group of 30 stored texts (and 5 of another system
+    prompt, never eligible): every look-up returns the brute-force best stored text of its group
+    when that cosine reaches the threshold, else a miss."""
+    rng = np.random.default_rng(max_entries)
+    table = {f"t{i}": v / np.linalg.norm(v) for i, v in enumerate(rng.normal(size=(60, 8)))}
+
+    def embed(texts):
+        return np.stack([table[t] for t in texts])
+
+    cache = make(embed=embed, max_entries=max_entries, threshold=0.8, semantic_same_numbers=False)
+    stored = [f"t{i}" for i in range(30)]
+    for t in stored:
+        cache.put(body(t), answer(t))
+    other = [{"role": "system", "content": "Another system prompt."}]
+    for i in range(30, 35):
+        b = body(f"t{i}")
+        b["messages"] = [*other, b["messages"][1]]
+        cache.put(b, answer(f"OTHER-{i}"))
+    hits = 0
+    for i in range(35, 60):
+        q = f"t{i}"
+        sims = {t: float(table[q] @ table[t]) for t in stored}
+        best = max(sims, key=sims.get)
+        got = cache.get(body(q))
+        if sims[best] >= 0.8:
+            hits += 1
+            assert got is not None and got[1] == "semantic" and content(got) == best
+        else:
+            assert got is None
+    assert 1 <= hits < 25  # both outcomes were exercised
+
+
 def test_ttl_expiry_with_an_injected_clock():
     clock = Clock()
     cache = make(clock=clock, ttl_s=10)

@@ -701,11 +701,18 @@ class ResponseCache:
                 with self._lock:
                     if self._vecs is not None and self._vecs.shape[1] == vec.shape[0]:
                         live = (self._slot_group == group) & (self._slot_expires > now)
-                        if live.any():
-                            sims = self._vecs @ vec  # (max_entries,)
-                            sims[~live] = -np.inf
-                            best = int(np.argmax(sims))
-                            if sims[best] >= self.threshold - 1e-6:
+                        rows = np.flatnonzero(live)
+                        if rows.size:
+                            if 4 * rows.size < live.size:  # a small group: its rows only (a copy)
+                                sub = self._vecs[rows] @ vec  # (rows,)
+                                best = int(rows[int(np.argmax(sub))])
+                                best_sim = float(sub.max())
+                            else:  # most rows: one product, no copy
+                                sims = self._vecs @ vec  # (max_entries,)
+                                sims[~live] = -np.inf
+                                best = int(np.argmax(sims))
+                                best_sim = float(sims[best])
+                            if best_sim >= self.threshold - 1e-6:
                                 key = self._slot_key[best]
                                 self._entries.move_to_end(key)
                                 self._counts["hits_semantic"] += 1
