@@ -23,6 +23,7 @@ from leanscale.sparse.moe import (
     moe_aux_loss,
     moe_layers,
     moe_stats,
+    moe_update_bias,
 )
 from leanscale.sparse.moe_parallel import (
     ExpertParallelMoE,
@@ -91,6 +92,7 @@ __all__ = [
     "moe_from_pretrained",
     "moe_layers",
     "moe_stats",
+    "moe_update_bias",
     "save_pruned",
     "save_swat_checkpoint",
     "set_swat_sparsity",

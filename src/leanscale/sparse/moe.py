@@ -14,16 +14,29 @@ by only ``top_k`` of them, so parameters grow ``E``-fold while the FLOPs per tok
   factor, the load-balancing loss (eq. 4), router in float32, multiplicative jitter;
 * Zoph et al. 2022, "ST-MoE", arXiv 2202.08906 -- the router z-loss (eq. 5);
 * Komatsuzaki et al. 2022, "Sparse Upcycling", arXiv 2212.05055 -- experts initialised as copies
-  of a trained dense MLP (``init="copy"``).
+  of a trained dense MLP (``init="copy"``);
+* Wang et al. 2024, "Auxiliary-Loss-Free Load Balancing Strategy for Mixture-of-Experts", arXiv
+  2408.15664, and DeepSeek-V3, arXiv 2412.19437 sec. 2.1.2 -- the selection bias
+  (``bias_update_rate``), MaxVio, sigmoid gates, the sequence-wise balancing loss; Dai et al.
+  2024, "DeepSeekMoE", arXiv 2401.06066 -- shared and fine-grained experts;
+* Qiu et al. 2025, "Demons in the Detail" (Qwen), arXiv 2501.11873 -- the global-batch
+  balancing loss.
 
 For ``N`` tokens of width ``C``, ``E`` experts of hidden width ``H`` and ``k = top_k``:
 
-1. **Router** (float32, also under autocast): ``logits = x W_r^T`` (N, E), ``p = softmax(logits)``.
+1. **Router** (float32, also under autocast): ``logits = x W_r^T`` (N, E), scores
+   ``p = softmax(logits)`` (``gate="sigmoid"``: ``p = sigmoid(logits)``, DeepSeek-V3).
    In training, with ``jitter > 0``, the router input is first multiplied by noise drawn
    uniformly from ``[1 - jitter, 1 + jitter]`` (Switch; the experts see the clean input).
-2. **Top-k**: each token picks its ``k`` most probable experts. Gates: top-1 uses the chosen
-   expert's probability (Switch); top-k with ``k >= 2`` renormalises the ``k`` probabilities to
-   sum to 1 (GShard).
+2. **Top-k**: each token picks the ``k`` experts of highest ``p + b``, ``b`` the per-expert
+   selection bias (``expert_bias``; zero and absent unless ``bias_update_rate > 0``). Gates use
+   the **unbiased** scores: top-1 the chosen expert's score (Switch); top-k with ``k >= 2``
+   renormalises the ``k`` scores to sum to 1 (GShard; DeepSeek-V3 for sigmoid scores).
+   Aux-loss-free balancing (Wang et al. 2024): after each optimizer step
+   :func:`moe_update_bias` sets ``b_i += bias_update_rate * sign(mean_j c_j - c_i)`` with ``c``
+   the assignments per expert of the step's training forwards (summed over the ranks under
+   torch.distributed), so an overloaded expert is chosen less and an idle one more, without a
+   gradient.
 3. **Capacity**: expert ``i`` processes at most ``ceil(capacity_factor * N * k / E)``
    assignments. Priority: **all first choices before any second choice** (then all second
    choices before any third, ...), and within one choice rank **by token position** (the order
@@ -33,12 +46,19 @@ For ``N`` tokens of width ``C``, ``E`` experts of hidden width ``H`` and ``k = t
 4. **Experts**: ``y_i = act(x W_fc[i] + b_fc[i]) W_proj[i] + b_proj[i]`` with ``act`` GELU by
    default (or the ``activation`` given); gated experts (``gated=True``, Llama-style SwiGLU)
    compute ``y_i = (act(x W_gate[i] + b_gate[i]) * (x W_fc[i] + b_fc[i])) W_proj[i] + b_proj[i]``.
-   Output: ``sum over kept assignments of gate * y_expert(token)``.
+   Output: ``sum over kept assignments of gate * y_expert(token)``, plus, with
+   ``n_shared_experts > 0``, the shared experts (ungated, on every token; DeepSeekMoE).
+   ``granularity=m`` makes each expert ``hidden / m`` wide (fine-grained experts: with ``m``
+   times the experts and ``top_k`` the active FLOPs stay the same).
 5. **Auxiliary losses**, to be added to the training loss (:func:`moe_aux_loss`):
    load balancing (Switch eq. 4, ``N`` there is the number of experts)
    ``load_balancing_coef * E * sum_i f_i P_i`` with ``f_i`` the fraction of the ``N * k``
    assignments routed to expert ``i`` **before** capacity dropping and ``P_i`` the mean router
    probability of expert ``i``; and the z-loss ``z_loss_coef * mean(logsumexp(logits)^2)``.
+   ``balance_loss="sequence"`` computes ``f_i`` and ``P_i`` per sequence (the second-to-last
+   axis of the input) and averages the losses (DeepSeek-V3 eq. 17-20); ``"global"`` counts
+   ``f_i`` over the tokens of all ranks (one ``all_reduce``; Qwen's global-batch loss). For
+   sigmoid scores ``P_i`` averages the scores normalised to sum to 1 per token.
    Counting ``f_i`` after dropping (as some implementations do) hides the overload the loss is
    meant to penalise: an expert that received 90% of the tokens but kept only its capacity looks
    barely overloaded.
@@ -91,9 +111,13 @@ __all__ = [
     "moe_aux_loss",
     "moe_layers",
     "moe_stats",
+    "moe_update_bias",
 ]
 
 INITS = ("random", "copy")
+SHARED_PARAMS = ("shared_fc", "shared_proj", "shared_gate", "shared_b_fc", "shared_b_proj", "shared_b_gate")
+GATES = ("softmax", "sigmoid")
+BALANCE_LOSSES = ("batch", "sequence", "global")
 
 # capacity_factor * N * k / E is rounded to this many decimals before ceil(), so that a product
 # that is an integer on paper (1.1 * 4000 / 4 = 1100) but not in floating point
@@ -111,6 +135,11 @@ _MOE_CONSTRAINTS = {
     "z_loss_coef": [Interval("real", 0, None)],
     "bias": [bool],
     "dropout": [Interval("real", 0, 1, closed="left")],
+    "bias_update_rate": [Interval("real", 0, None)],
+    "gate": [Options(GATES)],
+    "balance_loss": [Options(BALANCE_LOSSES)],
+    "n_shared_experts": [Interval(int, 0, None)],
+    "granularity": [Interval(int, 1, None)],
 }
 
 
@@ -181,6 +210,24 @@ class _Plan(NamedTuple):
     load: torch.Tensor  # (E,) f_i before dropping, detached
 
 
+def _world(group: Any) -> int:
+    """Processes in ``group`` (1 without an initialised torch.distributed)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+def _max_vio(counts: torch.Tensor) -> float | None:
+    """MaxVio (Wang et al. 2024): ``max_i c_i / mean(c) - 1`` of the assignments per expert;
+    0 is perfect balance, ``E - 1`` everything on one expert. ``None`` when nothing is counted."""
+    total = float(counts.sum())
+    if total <= 0:
+        return None
+    return float(counts.max()) * counts.numel() / total - 1.0
+
+
 def _check_moe_params(params: dict[str, Any], owner: str) -> None:
     for name, value in params.items():
         check_param(name, value, _MOE_CONSTRAINTS[name], owner=owner)
@@ -193,6 +240,12 @@ def _check_moe_params(params: dict[str, Any], owner: str) -> None:
         raise InvalidParameterError(
             f"The 'top_k' parameter of {owner} must be at most n_experts={params['n_experts']} "
             f"(each token picks top_k distinct experts). Got {params['top_k']} instead."
+        )
+    granularity = params.get("granularity", 1)
+    if "hidden" in params and granularity > 1 and params["hidden"] % granularity:
+        raise InvalidParameterError(
+            f"The 'granularity' parameter of {owner} must divide hidden={params['hidden']} (each expert "
+            f"gets hidden / granularity units). Got {granularity} instead."
         )
 
 
@@ -215,12 +268,24 @@ class MoE(nn.Module):
         activation: The experts' activation: ``None`` (GELU), an ``nn.Module`` or a function
             (kept as a module). :func:`apply_moe` passes the converted model's own.
         gated: Gated (GLU) experts, as Llama's MLP: ``(act(x W_gate) * (x W_fc)) W_proj``.
+        bias_update_rate: Aux-loss-free balancing: the step ``u`` of the selection bias
+            (Wang et al.: 1e-3); 0 (default) disables it. Call :func:`moe_update_bias` after
+            every optimizer step. Usually with ``load_balancing_coef=0``.
+        gate: ``"softmax"`` (Switch) or ``"sigmoid"`` (DeepSeek-V3) scores.
+        balance_loss: ``"batch"`` (Switch, this micro-batch), ``"sequence"`` (per sequence,
+            DeepSeek-V3) or ``"global"`` (``f_i`` over all ranks' tokens, Qwen).
+        n_shared_experts: Always-active experts, each ``hidden / granularity`` wide (DeepSeekMoE).
+        granularity: Each expert ``hidden / granularity`` wide (fine-grained experts); must
+            divide ``hidden``.
         device, dtype: Where and in which dtype to create the parameters.
 
     Parameters: ``router.weight`` (E, C); ``w_fc`` (E, C, H); ``w_proj`` (E, H, C); with
     ``bias``, ``b_fc`` (E, H) and ``b_proj`` (E, C); when ``gated``, ``w_gate`` (E, C, H) (and
-    ``b_gate`` (E, H) with ``bias``). Initialisation: normal with std 0.02
-    (GPT-2), biases zero; see :meth:`reset_parameters`.
+    ``b_gate`` (E, H) with ``bias``); with shared experts ``shared_fc`` (C, S), ``shared_proj``
+    (S, C) (``S = n_shared_experts * H``, and ``shared_gate``, ``shared_b_*`` as above). ``H`` is
+    ``hidden / granularity``. Buffer: ``expert_bias`` (E,) float32 when ``bias_update_rate > 0``
+    (in the state dict; keep it float32: ``model.half()`` would round the small steps away).
+    Initialisation: normal with std 0.02 (GPT-2), biases zero; see :meth:`reset_parameters`.
     """
 
     def __init__(
@@ -238,6 +303,11 @@ class MoE(nn.Module):
         activation: nn.Module | Any | None = None,
         gated: bool = False,
         *,
+        bias_update_rate: float = 0.0,
+        gate: str = "softmax",
+        balance_loss: str = "batch",
+        n_shared_experts: int = 0,
+        granularity: int = 1,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
@@ -248,14 +318,20 @@ class MoE(nn.Module):
                 "n_embd": n_embd, "hidden": hidden, "n_experts": n_experts, "top_k": top_k,
                 "capacity_factor": capacity_factor, "jitter": jitter, "load_balancing_coef": load_balancing_coef,
                 "z_loss_coef": z_loss_coef, "bias": bias, "dropout": dropout,
+                "bias_update_rate": bias_update_rate, "gate": gate, "balance_loss": balance_loss,
+                "n_shared_experts": n_shared_experts, "granularity": granularity,
             },
             owner="MoE",
         )
+        self.granularity = granularity
+        hidden = hidden // granularity  # the width of one (fine-grained) expert
         self.n_embd, self.hidden, self.n_experts, self.top_k = n_embd, hidden, n_experts, top_k
         self.capacity_factor = None if capacity_factor is None else float(capacity_factor)
         self.jitter = float(jitter)
         self.load_balancing_coef = float(load_balancing_coef)
         self.z_loss_coef = float(z_loss_coef)
+        self.bias_update_rate = float(bias_update_rate)
+        self.gate, self.balance_loss, self.n_shared_experts = gate, balance_loss, n_shared_experts
         factory = {"device": device, "dtype": dtype}
         self.router = nn.Linear(n_embd, n_experts, bias=False, **factory)  # x -> expert logits
         self.w_fc = nn.Parameter(torch.empty(n_experts, n_embd, hidden, **factory))  # (E, C, H)
@@ -276,10 +352,32 @@ class MoE(nn.Module):
         else:
             self.register_parameter("w_gate", None)
             self.register_parameter("b_gate", None)
+        if n_shared_experts:  # always-active experts, fused into one MLP of width n_shared * hidden
+            S = n_shared_experts * hidden
+            self.shared_fc = nn.Parameter(torch.empty(n_embd, S, **factory))  # (C, S)
+            self.shared_proj = nn.Parameter(torch.empty(S, n_embd, **factory))  # (S, C)
+            self.shared_gate = nn.Parameter(torch.empty(n_embd, S, **factory)) if gated else None  # (C, S)
+            self.shared_b_fc = nn.Parameter(torch.empty(S, **factory)) if bias else None  # (S,)
+            self.shared_b_proj = nn.Parameter(torch.empty(n_embd, **factory)) if bias else None  # (C,)
+            self.shared_b_gate = nn.Parameter(torch.empty(S, **factory)) if bias and gated else None  # (S,)
+        else:
+            for name in SHARED_PARAMS:
+                self.register_parameter(name, None)
+        # Auxiliary-loss-free balancing: the per-expert bias added to the scores for the top-k
+        # selection only; float32, saved in the state dict; None when bias_update_rate == 0.
+        if self.bias_update_rate > 0:
+            self.register_buffer("expert_bias", torch.zeros(n_experts, device=device, dtype=torch.float32))
+        else:
+            self.register_buffer("expert_bias", None)
         self.activation = activation  # None: F.gelu
         self.dropout = nn.Dropout(dropout)
         # (n_tokens, n_kept_assignments) of the last forward, read by the FLOP rule.
         self.last_counts: tuple[int, int] | None = None
+        # Assignments per expert (before dropping) over the training forwards since the last
+        # moe_update_bias / moe_stats(reset=True); plain tensors, not buffers (DDP would
+        # broadcast rank 0's over the others'), created on the first training forward.
+        self.pending_counts: torch.Tensor | None = None
+        self.stats_counts: torch.Tensor | None = None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -302,6 +400,14 @@ class MoE(nn.Module):
             nn.init.normal_(self.w_gate, mean=0.0, std=std)
             if self.b_gate is not None:
                 nn.init.zeros_(self.b_gate)
+        if getattr(self, "shared_fc", None) is not None:  # drawn after all the routed experts
+            nn.init.normal_(self.shared_fc, mean=0.0, std=std)
+            nn.init.normal_(self.shared_proj, mean=0.0, std=std if proj_std is None else proj_std)
+            if self.shared_gate is not None:
+                nn.init.normal_(self.shared_gate, mean=0.0, std=std)
+            for b in (self.shared_b_fc, self.shared_b_proj, self.shared_b_gate):
+                if b is not None:
+                    nn.init.zeros_(b)
 
     @torch.no_grad()
     def load_expert_weights(
@@ -323,6 +429,7 @@ class MoE(nn.Module):
                 cannot hold.
         """
         owner = "MoE.load_expert_weights"
+        self._refuse_fine_grained_copy(owner)
         C, H = self.n_embd, self.hidden
         given = {"w_fc": (w_fc, (C, H)), "w_proj": (w_proj, (H, C)), "b_fc": (b_fc, (H,)),
                  "b_proj": (b_proj, (C,)), "w_gate": (w_gate, (C, H)), "b_gate": (b_gate, (H,))}
@@ -358,6 +465,7 @@ class MoE(nn.Module):
                 match this layer's (the message names the mismatched weight).
         """
         _check_mlp(mlp, "mlp", "MoE.load_dense")
+        self._refuse_fine_grained_copy("MoE.load_dense")
         expected = {
             "c_fc.weight": (self.hidden, self.n_embd),
             "c_proj.weight": (self.n_embd, self.hidden),
@@ -382,6 +490,13 @@ class MoE(nn.Module):
             self.b_proj.copy_(mlp.c_proj.bias.unsqueeze(0).expand_as(self.b_proj))
         return self
 
+    def _refuse_fine_grained_copy(self, owner: str) -> None:
+        if self.granularity > 1:
+            raise InvalidParameterError(
+                f"{owner} copies a dense block into every expert, which needs granularity=1 (experts as wide "
+                f"as the block). Got granularity={self.granularity}: use init='random' for fine-grained experts."
+            )
+
     def capacity(self, n_tokens: int) -> int | None:
         """Assignments each expert keeps for a batch of ``n_tokens`` tokens (``None``: dropless)."""
         if self.capacity_factor is None:
@@ -390,14 +505,15 @@ class MoE(nn.Module):
         return max(1, math.ceil(round(share, _CAPACITY_DECIMALS)))
 
     def _route(self, xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Router logits and probabilities, both float32 (N, E), even under autocast."""
+        """Router logits and scores (softmax probabilities, or sigmoid affinities with
+        ``gate="sigmoid"``), both float32 (N, E), even under autocast."""
         with torch.autocast(device_type=xf.device.type, enabled=False):
             xr = xf.float()
             if self.training and self.jitter > 0:
                 noise = torch.empty_like(xr).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
                 xr = xr * noise
             logits = F.linear(xr, self.router.weight.float())  # (N, E)
-            return logits, logits.softmax(dim=-1)
+            return logits, (logits.sigmoid() if self.gate == "sigmoid" else logits.softmax(dim=-1))
 
     def _expert(self, e: int, xe: torch.Tensor, params: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
         """Expert ``e`` on its rows ``xe`` (n_e, C); ``params``: (w_fc, w_proj, b_fc, b_proj) to use
@@ -444,19 +560,27 @@ class MoE(nn.Module):
             )
         return x.reshape(-1, self.n_embd)
 
-    def _plan(self, xf: torch.Tensor) -> _Plan:
+    def _plan(self, xf: torch.Tensor, seq_len: int | None = None) -> _Plan:
         """Route the N tokens of ``xf`` (N, C): top-k, gates, auxiliary losses, capacity.
 
         Steps 1-3 and 5 of the module docstring; shared with the expert-parallel layer
         (:mod:`leanscale.sparse.moe_parallel`), which calls it on each rank's local tokens.
+        ``seq_len``: tokens per sequence (consecutive rows of ``xf``), for the sequence-wise
+        balancing loss.
         """
         E, k = self.n_experts, self.top_k
         N = xf.shape[0]
-        logits, probs = self._route(xf)  # (N, E) float32 each
+        logits, probs = self._route(xf)  # (N, E) float32 each: scores s
 
-        # Top-k choices and their gates.
-        top_p, top_e = probs.topk(k, dim=-1)  # (N, k), (N, k)
-        gates = top_p if k == 1 else top_p / top_p.sum(dim=-1, keepdim=True)  # (N, k)
+        # Top-k choices and their gates. The expert bias (aux-loss-free balancing) moves the
+        # selection only: the gates are the unbiased scores of the chosen experts.
+        if self.expert_bias is None:
+            top_p, top_e = probs.topk(k, dim=-1)  # (N, k), (N, k)
+        else:
+            top_e = (probs.detach() + self.expert_bias.float()).topk(k, dim=-1).indices  # (N, k)
+            top_p = probs.gather(1, top_e)  # (N, k) unbiased scores
+        normalise = k > 1  # GShard; sigmoid: DeepSeek-V3 (with k = 1 the gate would be a constant 1)
+        gates = top_p / top_p.sum(dim=-1, keepdim=True) if normalise else top_p  # (N, k)
 
         # Assignments in priority order: choice-major (all first choices, then all second
         # choices, ...), token order within a choice. Flat index a = j * N + t.
@@ -467,8 +591,9 @@ class MoE(nn.Module):
         # Load before dropping, and the auxiliary losses.
         counts = torch.bincount(expert, minlength=E)  # (E,) assignments per expert
         load = counts.float() / max(1, k * N)  # (E,) f_i, sums to 1
-        mean_prob = probs.mean(dim=0) if N else probs.new_zeros(E)  # (E,) P_i
-        lb_loss = self.load_balancing_coef * E * (load * mean_prob).sum()
+        if self.training:
+            self._count(counts)
+        lb_loss = self._balance_loss(probs, counts, top_e, seq_len)
         z = torch.logsumexp(logits, dim=-1)  # (N,)
         z_loss = self.z_loss_coef * (z.square().mean() if N else z.new_zeros(()))
 
@@ -486,21 +611,116 @@ class MoE(nn.Module):
             kept_counts = counts.clamp(max=capacity)
         return _Plan(token[kept], gate[kept], kept_counts, lb_loss, z_loss, load.detach())
 
+    @torch.no_grad()
+    def _count(self, counts: torch.Tensor) -> None:
+        """Add one training forward's assignments per expert to the pending (bias update) and
+        statistics counts."""
+        c = counts.to(torch.float64)
+        self.pending_counts = c.clone() if self.pending_counts is None else self.pending_counts + c
+        self.stats_counts = c.clone() if self.stats_counts is None else self.stats_counts + c
+
+    def _balance_loss(
+        self, probs: torch.Tensor, counts: torch.Tensor, top_e: torch.Tensor, seq_len: int | None
+    ) -> torch.Tensor:
+        """``coef * E * sum_i f_i P_i`` over the micro-batch (``"batch"``, Switch), per sequence then
+        averaged (``"sequence"``, DeepSeek-V3 eq. 17-20) or with ``f_i`` over the global batch of
+        all ranks (``"global"``, Qwen; in training mode only, so that an evaluation on one rank
+        does not wait for the others). ``P_i``: mean of the scores normalised to sum to 1 per
+        token (softmax: the probabilities)."""
+        E, k = self.n_experts, self.top_k
+        N = probs.shape[0]
+        if self.load_balancing_coef == 0 or N == 0:
+            return probs.new_zeros(()) if N == 0 else 0.0 * probs.sum()  # keeps the graph's device
+        scores = probs / probs.sum(dim=-1, keepdim=True) if self.gate == "sigmoid" else probs  # (N, E)
+        if self.balance_loss == "sequence" and seq_len and N % seq_len == 0:
+            S = N // seq_len
+            seq = torch.arange(N, device=probs.device).div(seq_len, rounding_mode="floor")  # (N,)
+            flat = (seq.unsqueeze(1) * E + top_e).reshape(-1)  # (N k,) sequence-major expert ids
+            f = torch.bincount(flat, minlength=S * E).view(S, E).float() / (k * seq_len)  # (S, E)
+            P = scores.view(S, seq_len, E).mean(dim=1)  # (S, E)
+            return self.load_balancing_coef * E * (f * P).sum(dim=1).mean()
+        f = counts.float()
+        if self.balance_loss == "global" and self.training and _world(None) > 1:  # eval: no collective
+            import torch.distributed as dist
+
+            f = f.clone()
+            dist.all_reduce(f)  # counts of every rank's micro-batch
+        f = f / f.sum().clamp(min=1)  # (E,)
+        return self.load_balancing_coef * E * (f * scores.mean(dim=0)).sum()
+
+    def _shared(self, xf: torch.Tensor) -> torch.Tensor:
+        """The shared experts (always active, no gate) on all tokens ``xf`` (N, C) -> (N, C)."""
+        h = xf @ self.shared_fc
+        if self.shared_b_fc is not None:
+            h = h + self.shared_b_fc
+        if self.shared_gate is not None:
+            g = xf @ self.shared_gate
+            if self.shared_b_gate is not None:
+                g = g + self.shared_b_gate
+            h = self._act(g) * h
+        else:
+            h = self._act(h)
+        y = h @ self.shared_proj
+        return y if self.shared_b_proj is None else y + self.shared_b_proj
+
     def forward(self, x: torch.Tensor) -> MoEOutput:
         xf = self._check_input(x, "MoE.forward")  # (N, C)
-        plan = self._plan(xf)
+        plan = self._plan(xf, x.shape[-2] if x.ndim >= 3 else None)
         sizes = plan.kept_counts.tolist()  # one host sync: the slice size of each expert
 
         # Experts on contiguous slices (see the timing note above _MOE_CONSTRAINTS for why a loop).
         xin = xf.index_select(0, plan.kept_tokens)  # (M, C)
         y = torch.cat([self._expert(e, xe) for e, xe in enumerate(torch.split(xin, sizes))])  # (M, C)
-        return self._combine(y, plan, x, sum(sizes))
+        out = self._combine(y, plan, x, sum(sizes))
+        if self.shared_fc is None:
+            return out
+        shared = self.dropout(self._shared(xf)).reshape(x.shape)
+        return out._replace(output=out.output + shared)
+
+    @torch.no_grad()
+    def update_bias(self, counts: torch.Tensor | None = None) -> float | None:
+        """One aux-loss-free balancing update (Wang et al. 2024, DeepSeek-V3 sec. 2.1.2):
+        ``expert_bias += bias_update_rate * sign(mean(c) - c)`` with ``c`` the assignments per
+        expert, by default the pending counts of the training forwards since the last update
+        (which are then cleared). :func:`moe_update_bias` calls this for every layer, with the
+        counts summed over the ranks. Returns the MaxVio of ``c`` (``None``, and no update, when
+        there is nothing counted).
+
+        Raises:
+            InvalidParameterError: the layer has ``bias_update_rate=0``, or ``counts`` is not a
+                tensor of ``n_experts`` values.
+        """
+        owner = "MoE.update_bias"
+        if self.expert_bias is None:
+            raise InvalidParameterError(
+                f"{owner} needs a layer built with bias_update_rate > 0 (aux-loss-free balancing). "
+                f"Got bias_update_rate={self.bias_update_rate}."
+            )
+        if counts is None:
+            counts, self.pending_counts = self.pending_counts, None
+        elif not isinstance(counts, torch.Tensor) or tuple(counts.shape) != (self.n_experts,):
+            got = f"shape {tuple(counts.shape)}" if isinstance(counts, torch.Tensor) else type(counts).__name__
+            raise InvalidParameterError(
+                f"The 'counts' parameter of {owner} must be a tensor of shape ({self.n_experts},) "
+                f"(assignments per expert). Got {got} instead."
+            )
+        if counts is None or float(counts.sum()) <= 0:
+            return None
+        c = counts.to(device=self.expert_bias.device, dtype=torch.float64)
+        step = self.bias_update_rate * torch.sign(c.mean() - c)  # (E,) underloaded up, overloaded down
+        self.expert_bias.add_(step.to(self.expert_bias.dtype))
+        return _max_vio(c)
 
     def extra_repr(self) -> str:
         return (
             f"n_embd={self.n_embd}, hidden={self.hidden}, n_experts={self.n_experts}, top_k={self.top_k}, "
             f"capacity_factor={self.capacity_factor}, jitter={self.jitter}, bias={self.b_fc is not None}"
             + (", gated=True" if self.gated else "")
+            + (f", bias_update_rate={self.bias_update_rate}" if self.bias_update_rate else "")
+            + (f", gate={self.gate!r}" if self.gate != "softmax" else "")
+            + (f", balance_loss={self.balance_loss!r}" if self.balance_loss != "batch" else "")
+            + (f", n_shared_experts={self.n_shared_experts}" if self.n_shared_experts else "")
+            + (f", granularity={self.granularity}" if self.granularity > 1 else "")
         )
 
 
@@ -604,7 +824,8 @@ def _grad(t: Any) -> bool:
 
 def _moe_flops(module: MoE, inputs: tuple, output: Any) -> tuple[float, float]:
     """FLOPs of the ACTIVE experts only: the router ``2 C E`` per token, and per kept
-    assignment two matmuls, ``2 * (C H + H C)`` (three for gated experts). Backward: per matmul, one forward's worth for
+    assignment two matmuls, ``2 * (C H + H C)`` (three for gated experts), plus the shared
+    experts' on every token. Backward: per matmul, one forward's worth for
     the input gradient and one for the weight gradient when autograd computes them (the ledger's
     convention; 2x forward in training). Gating, softmax and the scatter-add are not counted."""
     if module.last_counts is None:
@@ -621,6 +842,14 @@ def _moe_flops(module: MoE, inputs: tuple, output: Any) -> tuple[float, float]:
         fwd += fc
         bwd += fc * (_grad(x) + _grad(module.w_gate))
     bwd += proj * ((_grad(x) or _grad(module.w_fc)) + _grad(module.w_proj))
+    if module.shared_fc is not None:  # shared experts: every token, a dense MLP of width S
+        s_fc = s_proj = 2 * C * module.shared_fc.shape[1] * n_tokens
+        fwd += s_fc + s_proj
+        bwd += s_fc * (_grad(x) + _grad(module.shared_fc))
+        if module.shared_gate is not None:
+            fwd += s_fc
+            bwd += s_fc * (_grad(x) + _grad(module.shared_gate))
+        bwd += s_proj * ((_grad(x) or _grad(module.shared_fc)) + _grad(module.shared_proj))
     return fwd, bwd
 
 
@@ -714,6 +943,12 @@ def apply_moe(
     for key in moe_kwargs:
         if key not in allowed:
             raise unknown_name_error("moe_kwargs", key, allowed, owner=owner)
+    _check_moe_params({k: v for k, v in moe_kwargs.items() if k in _MOE_CONSTRAINTS}, owner)
+    if init == "copy" and moe_kwargs.get("granularity", 1) > 1:
+        raise InvalidParameterError(
+            f"The 'init' parameter of {owner} must be 'random' with fine-grained experts (granularity="
+            f"{moe_kwargs['granularity']}): 'copy' needs experts as wide as the dense block. Got 'copy' instead."
+        )
     root = _root(model, owner)
     blocks = mt._blocks(root, mt._selector(target, owner), owner)
     if not blocks:
@@ -769,22 +1004,91 @@ def moe_aux_loss(model: nn.Module) -> torch.Tensor:
     return torch.zeros((), device=None if param is None else param.device)
 
 
-def moe_stats(model: nn.Module) -> list[dict[str, Any]]:
-    """One row per :class:`MoEMLP`, from its last forward: ``name``, ``load`` (list of the ``E``
+def moe_stats(model: nn.Module, *, reset: bool = False) -> list[dict[str, Any]]:
+    """One row per :class:`MoEMLP`: ``name``; from its last forward, ``load`` (list of the ``E``
     fractions ``f_i``, before dropping), ``max_over_mean_load`` (1 is perfect balance, ``E`` is
-    everything on one expert) and ``dropped_fraction``. The values are ``None`` for a layer that
-    has not run."""
+    everything on one expert), ``max_vio`` (MaxVio, Wang et al. 2024: ``max_over_mean_load - 1``)
+    and ``dropped_fraction``; accumulated over the training forwards since the last
+    ``reset=True`` (this rank's tokens), ``max_vio_accumulated`` and ``n_assignments_accumulated``;
+    and ``expert_bias`` (list, or ``None`` without aux-loss-free balancing). The per-forward
+    values are ``None`` for a layer that has not run, the accumulated ones when nothing was
+    counted.
+
+    Args:
+        model: The model (DDP-wrapped or not).
+        reset: Clear the accumulated counts after reading them (e.g. once per logging window).
+    """
+    check_param("reset", reset, [bool], owner="moe_stats")
     rows = []
     for name, m in moe_layers(model):
-        out = m.last_output
-        if out is None:
-            rows.append({"name": name, "load": None, "max_over_mean_load": None, "dropped_fraction": None})
-            continue
-        load = out.load.tolist()
-        rows.append({
-            "name": name,
-            "load": load,
-            "max_over_mean_load": max(load) * len(load),  # mean of the fractions is 1 / E
-            "dropped_fraction": float(out.dropped_fraction),
-        })
+        out, moe = m.last_output, m.moe
+        acc = moe.stats_counts
+        row = {
+            "name": name, "load": None, "max_over_mean_load": None, "max_vio": None, "dropped_fraction": None,
+            "max_vio_accumulated": None if acc is None else _max_vio(acc),
+            "n_assignments_accumulated": 0 if acc is None else int(acc.sum()),
+            "expert_bias": None if moe.expert_bias is None else moe.expert_bias.tolist(),
+        }
+        if reset:
+            moe.stats_counts = None
+        if out is not None:
+            load = out.load.tolist()
+            ratio = max(load) * len(load)  # mean of the fractions is 1 / E
+            row.update(load=load, max_over_mean_load=ratio, max_vio=ratio - 1.0,
+                       dropped_fraction=float(out.dropped_fraction))
+            if sum(load) == 0:  # a forward on no tokens
+                row.update(max_over_mean_load=None, max_vio=None)
+        rows.append(row)
+    return rows
+
+
+@torch.no_grad()
+def moe_update_bias(model: nn.Module, *, group: Any = None) -> list[dict[str, Any]]:
+    """The aux-loss-free balancing update of every :class:`MoEMLP` built with
+    ``bias_update_rate > 0``: ``expert_bias += rate * sign(mean load - load_i)``, the load being
+    the assignments per expert counted over the training forwards since the last update (all
+    micro-batches of a gradient-accumulation step), then cleared.
+
+    Call it once per optimizer step, after ``optimizer.step()`` (anywhere between the step's last
+    forward and the next step's first forward is the same: the bias has no gradient, it only
+    changes the next selection; e.g. inside an ``extra_loss`` callback). Under an initialised
+    ``torch.distributed`` the counts are first summed over ``group`` (one ``all_reduce`` for all
+    layers), so every rank applies the same update from the global batch's load and the biases
+    stay identical; call it on every rank (collective).
+
+    Args:
+        model: The model (DDP-wrapped or not).
+        group: The process group of the data-parallel ranks (``None``: the default group).
+
+    Returns:
+        One row per updated layer: ``name`` and ``max_vio``, the MaxVio of the (global) load the
+        update used (``None`` when the layer had no training forward since the last update).
+
+    Raises:
+        InvalidParameterError: ``model`` has no MoE layer with ``bias_update_rate > 0``.
+    """
+    owner = "moe_update_bias"
+    layers = [(name, m.moe) for name, m in moe_layers(_root(model, owner)) if m.moe.expert_bias is not None]
+    if not layers:
+        raise InvalidParameterError(
+            f"The 'model' parameter of {owner} must contain MoE layers built with bias_update_rate > 0 "
+            f"(aux-loss-free balancing, e.g. apply_moe(model, 8, bias_update_rate=1e-3)). Got a "
+            f"{type(_root(model, owner)).__name__} with {len(moe_layers(model))} MoE layer(s) and none of them."
+        )
+    counts = [
+        torch.zeros(moe.n_experts, dtype=torch.float64, device=moe.expert_bias.device)
+        if moe.pending_counts is None else moe.pending_counts.to(moe.expert_bias.device)
+        for _, moe in layers
+    ]
+    flat = torch.cat(counts)  # (sum of E,)
+    if _world(group) > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(flat, group=group)
+    rows, offset = [], 0
+    for name, moe in layers:
+        c = flat[offset:offset + moe.n_experts]
+        offset += moe.n_experts
+        moe.pending_counts = None
+        rows.append({"name": name, "max_vio": moe.update_bias(c)})
     return rows

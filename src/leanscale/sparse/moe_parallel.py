@@ -196,7 +196,13 @@ class ExpertParallelMoE(MoE):
         owner = "ExpertParallelMoE"
         _refuse_form(bound.arguments["activation"], bound.arguments["gated"], owner)
         _check_moe_params(moe_args, owner=owner)
+        if moe_args["n_shared_experts"]:
+            raise InvalidParameterError(
+                f"The 'n_shared_experts' parameter of {owner} must be 0: shared experts are not supported "
+                f"with expert parallelism yet (train this model with plain DDP). Got {moe_args['n_shared_experts']}."
+            )
         n_embd, hidden, n_experts, bias = (moe_args[k] for k in ("n_embd", "hidden", "n_experts", "bias"))
+        hidden //= moe_args["granularity"]  # the width of one expert
         world, rank = _group_info(group, owner)
         if n_experts % world:
             raise InvalidParameterError(
@@ -213,6 +219,8 @@ class ExpertParallelMoE(MoE):
         factory = {"device": device, "dtype": dtype}
         n_local = self.n_local_experts
         self.router = nn.Linear(n_embd, n_experts, bias=False, **factory)
+        if self.expert_bias is not None:  # replicated, like the router (moe_update_bias all-reduces the counts)
+            self.expert_bias = torch.zeros(n_experts, device=device, dtype=torch.float32)
         self.w_fc = nn.Parameter(torch.empty(n_local, n_embd, hidden, **factory))
         self.w_proj = nn.Parameter(torch.empty(n_local, hidden, n_embd, **factory))
         if bias:
@@ -247,7 +255,7 @@ class ExpertParallelMoE(MoE):
     def forward(self, x: torch.Tensor) -> MoEOutput:
         xf = self._check_input(x, "ExpertParallelMoE.forward")  # (N, C) local tokens
         W, El = self.world_size, self.n_local_experts
-        plan = self._plan(xf)  # kept assignments grouped by expert, hence by destination rank
+        plan = self._plan(xf, x.shape[-2] if x.ndim >= 3 else None)  # kept assignments grouped by expert
 
         # Counts: send_counts[d * El + e] rows for expert e of rank d; recv_counts[s * El + e]
         # rows from rank s for local expert e.
@@ -313,10 +321,12 @@ def _refuse_form(activation: Any, gated: Any, owner: str) -> None:
 
 def _moe_kwargs(moe: MoE) -> dict[str, Any]:
     return {
-        "n_embd": moe.n_embd, "hidden": moe.hidden, "n_experts": moe.n_experts, "top_k": moe.top_k,
-        "capacity_factor": moe.capacity_factor, "jitter": moe.jitter,
+        "n_embd": moe.n_embd, "hidden": moe.hidden * moe.granularity, "n_experts": moe.n_experts,
+        "top_k": moe.top_k, "capacity_factor": moe.capacity_factor, "jitter": moe.jitter,
         "load_balancing_coef": moe.load_balancing_coef, "z_loss_coef": moe.z_loss_coef,
-        "bias": moe.b_fc is not None, "dropout": moe.dropout.p,
+        "bias": moe.b_fc is not None, "dropout": moe.dropout.p, "bias_update_rate": moe.bias_update_rate,
+        "gate": moe.gate, "balance_loss": moe.balance_loss, "n_shared_experts": moe.n_shared_experts,
+        "granularity": moe.granularity,
     }
 
 
@@ -342,6 +352,8 @@ def shard_experts(moe: MoE, group: Any = None) -> ExpertParallelMoE:
     local = slice(ep.first_expert, ep.first_expert + ep.n_local_experts)
     with torch.no_grad():
         ep.router.weight.copy_(moe.router.weight)
+        if moe.expert_bias is not None:
+            ep.expert_bias.copy_(moe.expert_bias)
         for name in EXPERT_PARAMS:
             if getattr(moe, name) is not None:
                 getattr(ep, name).copy_(getattr(moe, name)[local])
@@ -374,6 +386,8 @@ def gather_experts(ep_moe: ExpertParallelMoE) -> MoE:
     full = MoE(**_moe_kwargs(ep_moe), device="meta", dtype=ref.dtype).to_empty(device=ref.device)
     with torch.no_grad():
         full.router.weight.copy_(ep_moe.router.weight)
+        if ep_moe.expert_bias is not None:
+            full.expert_bias.copy_(ep_moe.expert_bias)
         for name in EXPERT_PARAMS:
             if getattr(ep_moe, name) is not None:
                 getattr(full, name).copy_(_gather(ep_moe, name))

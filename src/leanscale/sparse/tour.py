@@ -145,8 +145,8 @@ def _moe_section(ctx) -> list[dict]:
     if layers:
         report.add_paragraph(
             "Expert load at the last step (max / mean, 1 = perfectly even): "
-            + ", ".join(f"{r['name']}: {r['max_over_mean_load']:.2f} ({r['dropped_fraction']:.0%} dropped)"
-                        for r in layers)
+            + ", ".join(f"{r['name']}: {r['max_over_mean_load']:.2f}, MaxVio {r['max_vio']:.2f} "
+                        f"({r['dropped_fraction']:.0%} dropped)" for r in layers)
             + ". Short runs start unbalanced: the balancing loss needs steps to spread the tokens."
         )
     dense, moe_row = rows
