@@ -270,12 +270,12 @@ def pin_cores(gateway_pid: int, other_pids: list) -> dict:
 
 
 def server_stack() -> str:
-    """The event loop and HTTP parser uvicorn picks here ("auto": uvloop and httptools when installed)."""
+    """The event loop uvicorn picks here (``loop="auto"``: uvloop when installed) and the HTTP
+    protocol (always h11: ``server_config``'s connection-limited h11 protocol)."""
     import importlib.util
 
     loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
-    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
-    return f"{loop} loop, {http}"
+    return f"{loop} loop, h11"
 
 
 # ---------------------------------------------------------------------------------- client
