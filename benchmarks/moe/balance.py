@@ -31,20 +31,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import numpy as np
-import torch
 
 from benchmarks.common import RESULTS, machine
-from benchmarks.moe.equal_compute import make_spec, steps_to_reach
-from leanscale.core.flops import count_flops
+from benchmarks.moe.equal_compute import make_spec, steps_to_reach, train_and_cost
 from leanscale.core.io import JobState, atomic_write_json
 from leanscale.data.text import TokenStream, encode_corpus
-from leanscale.models.transformer import GPT
-from leanscale.scaling._train import model_config, train_run
 from leanscale.sparse import apply_moe, moe_aux_loss, moe_stats, moe_update_bias
 
 CAPACITY = 1.25
@@ -87,16 +82,7 @@ def run_variant(name: str, kw: dict | None, spec, stream: TokenStream, stats_eve
                 for r in moe_stats(model, reset=True)]})
         return moe_aux_loss(model)
 
-    t0 = time.perf_counter()
-    result = train_run(spec, stream, prepare_model=prepare, aux_loss=None if kw is None else aux)
-    result["wall_seconds"] = time.perf_counter() - t0
-    torch.manual_seed(spec.seed)
-    model = GPT(model_config(spec))
-    if prepare is not None:
-        model = prepare(model)
-    x = torch.randint(0, spec.vocab_size, (spec.batch_size, spec.seq_len))
-    result["flops_per_token"] = count_flops(model, x, x).total / x.numel()
-    result["n_params_total"] = sum(p.numel() for p in model.parameters())
+    result = train_and_cost(spec, stream, prepare, None if kw is None else aux)
     result["balance_history"] = history
     result["variant"], result["moe_settings"] = name, kw
     return result

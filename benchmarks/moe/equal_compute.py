@@ -84,10 +84,19 @@ def run_variant(name: str, spec: RunSpec, stream: TokenStream, stats_every: int)
             history.append({"step": step["n"], "layers": moe_stats(model)})
         return moe_aux_loss(model)
 
+    result = train_and_cost(spec, stream, prepare, None if kw is None else aux)
+    result["balance_history"] = history
+    result["variant"] = name
+    return result
+
+
+def train_and_cost(spec: RunSpec, stream: TokenStream, prepare, aux) -> dict:
+    """``train_run`` with ``prepare_model=prepare`` and ``aux_loss=aux``, timed; then the training
+    FLOPs per token from the ledger's rules (MoE: per active expert) and the parameter count of
+    the same model, measured on one batch."""
     t0 = time.perf_counter()
-    result = train_run(spec, stream, prepare_model=prepare, aux_loss=None if kw is None else aux)
+    result = train_run(spec, stream, prepare_model=prepare, aux_loss=aux)
     result["wall_seconds"] = time.perf_counter() - t0
-    # Training FLOPs per token from the ledger's rules (MoE: per active expert), on one batch.
     torch.manual_seed(spec.seed)
     model = GPT(model_config(spec))
     if prepare is not None:
@@ -95,8 +104,6 @@ def run_variant(name: str, spec: RunSpec, stream: TokenStream, stats_every: int)
     x = torch.randint(0, spec.vocab_size, (spec.batch_size, spec.seq_len))
     result["flops_per_token"] = count_flops(model, x, x).total / x.numel()
     result["n_params_total"] = sum(p.numel() for p in model.parameters())
-    result["balance_history"] = history
-    result["variant"] = name
     return result
 
 
