@@ -53,7 +53,7 @@ tour: install data
 	$(VENV)/bin/leanscale tour
 
 test: install-dev data
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 bench: install-dev data
 	$(PY) benchmarks/run_all.py

@@ -26,3 +26,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def static_encoder_dir(tmp_path_factory):
+    """One distillation of the static MiniLM embedder for the whole session (~15-20 s on 2 cores):
+    every test that needs ``leanscale.models.static_text_encoder`` shares this folder instead of
+    distilling its own."""
+    from leanscale.models import static_text_encoder
+
+    folder = tmp_path_factory.mktemp("static") / "minilm-static"
+    static_text_encoder(folder)
+    return folder

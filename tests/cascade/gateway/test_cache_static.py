@@ -38,11 +38,9 @@ PAIRS_OTHER = [  # different questions
 
 
 @pytest.fixture(scope="module")
-def static_dir(tmp_path_factory):
-    """One distillation for the module (~15 s on 2 cores)."""
-    folder = tmp_path_factory.mktemp("static") / "minilm-static"
-    static_text_encoder(folder)
-    return folder
+def static_dir(static_encoder_dir):
+    """The session's one distillation (tests/conftest.py)."""
+    return static_encoder_dir
 
 
 def test_built_atomically_and_loaded_from_the_folder(static_dir):
