@@ -116,7 +116,8 @@ def _worker_pids(base: str, proc: subprocess.Popen, log: Path) -> set[int]:
             pass
         return len(pids) >= 2
 
-    _wait(two, 10, "two workers did not answer /healthz", log)
+    # The deadline includes start-up: imports and two spawns (~3 s idle, ~20 s on loaded cores).
+    _wait(two, 60, "two workers did not answer /healthz", log)
     return pids
 
 
