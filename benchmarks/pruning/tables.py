@@ -11,7 +11,8 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "pruning"
 NAMES = {"random": "random", "el2n": "EL2N", "grand": "GraNd", "forgetting": "forgetting",
-         "ssl_prototypes": "self-sup. prototypes", "sup_prototypes": "sup. prototypes"}
+         "ssl_prototypes": "self-sup. prototypes", "sup_prototypes": "sup. prototypes", "rs2": "RS2 (new subset per epoch)",
+         "pca_prototypes": "PCA prototypes", "rp_prototypes": "random-projection prototypes"}
 
 
 def fraction_kept_table(blob: dict) -> str:
@@ -52,6 +53,27 @@ def cost_table(blob: dict) -> str:
     return "\n".join(lines)
 
 
+def tta_table(blob: dict) -> str:
+    """Time-to-accuracy (issue #17): scoring + one training run, for the rows that reach the target."""
+    tta = blob.get("tta")
+    if not tta:
+        return ""
+    lines = [f"Target: {100 * tta['target_accuracy']:.2f}% (full data - {tta['drop_points']:g} point)", "",
+             "| metric | keep | fraction | accuracy | scoring FLOPs / full run | time-to-accuracy FLOPs / full run | "
+             "scoring s | train s |", "|---|---|---|---|---|---|---|---|"]
+    full = blob["full_run_flops"]
+    for r in sorted(blob["summary"], key=lambda r: (-r["fraction"], r.get("tta_flops") or float("inf"))):
+        if "reaches_tta_target" not in r or r["fraction"] not in (0.9, 0.7, 0.5, 0.3):
+            continue
+        sf = "n/a" if r["scoring_flops"] is None else f"{r['scoring_flops'] / full:.3f}"
+        tf = ("not reached" if not r["reaches_tta_target"] else "n/a" if r["tta_flops"] is None
+              else f"**{r['tta_flops'] / full:.2f}**")
+        ss = "n/a" if r["scoring_s"] is None else f"{r['scoring_s']:.1f}"
+        lines.append(f"| {NAMES.get(r['metric'], r['metric'])} | {r['strategy']} | {r['fraction']:.0%} | "
+                     f"{100 * r['test_accuracy_mean']:.2f} | {sf} | {tf} | {ss} | {r['train_s_mean']:.1f} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     paths = [Path(p) for p in sys.argv[1:]] or sorted(RESULTS.glob("fraction_kept_*.json"))
     for p in paths:
@@ -61,6 +83,9 @@ def main() -> int:
         print()
         print(cost_table(blob))
         print()
+        if blob.get("tta"):
+            print(tta_table(blob))
+            print()
         print(json.dumps(blob["goals"], indent=1))
     return 0
 

@@ -27,6 +27,7 @@ examples:
   leanscale prune score --data fashion-mnist --metric el2n --seeds 2 --out prune/el2n
   leanscale prune select --scores prune/el2n --data fashion-mnist --keep 0.7 --strategy auto
   leanscale prune score --data wordnet --metric prototypes --out prune/proto    (needs [encoders])
+  leanscale prune score --data fashion-mnist --metric prototypes --embedding pca --out prune/pca   (no training)
   leanscale prune score --data my_data.npz --metric forgetting --epochs 5 --out prune/fg
   leanscale prune score --data tickets.csv --text-column body --label-column queue --metric prototypes --out p
   leanscale prune score --model mymodel.py:build --data photos/ --image-size 32 --out prune/mine
@@ -72,6 +73,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     q.add_argument("--epochs", type=float, default=None, help="epochs of each scoring run (metric's default)")
     q.add_argument("--seeds", type=int, default=1, help="scoring runs to average (1)")
     q.add_argument("--n-clusters", type=int, default=None, help="k-means clusters for prototypes (#classes)")
+    q.add_argument("--embedding", default=None, metavar="METHOD",
+                   help="prototypes: pca or random-projection, a training-free embedding of the inputs (seconds; "
+                   "default: a SimCLR encoder for images, MiniLM for texts, the features themselves)")
     q.add_argument("--batch-size", type=int, default=128)
     q.add_argument("--lr", type=float, default=0.1)
     q.add_argument("--seed", type=int, default=0)
@@ -214,7 +218,8 @@ def run_score(args) -> int:
     model_fn = _model_fn(args.model, owner)
     data = load_data(args, owner)
     pruner = DataPruner(metric=args.metric, keep=1.0, strategy="hard", score_epochs=args.epochs, model_fn=model_fn,
-                        n_seeds=args.seeds, n_clusters=args.n_clusters, out_dir=args.out, seed=args.seed,
+                        n_seeds=args.seeds, n_clusters=args.n_clusters, embedding=args.embedding, out_dir=args.out,
+                        seed=args.seed,
                         batch_size=args.batch_size, lr=args.lr)
     with torchrun_rank() as rank:
         pruner.fit(data.x_train, _labels(data), progress_bar=not args.json)

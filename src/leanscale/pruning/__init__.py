@@ -2,8 +2,8 @@
 
 Sorscher et al. 2022, "Beyond neural scaling laws", arXiv 2206.14486 (self-supervised prototypes,
 keep easy vs hard); Paul et al. 2021, arXiv 2107.07075 (EL2N, GraNd); Toneva et al. 2019,
-arXiv 1812.05159 (forgetting events); Qin et al. 2024, arXiv 2303.04947 (InfoBatch). Method card:
-README.md here.
+arXiv 1812.05159 (forgetting events); Qin et al. 2024, arXiv 2303.04947 (InfoBatch); Okanovic et al.
+2024, arXiv 2305.18424 (RS2: a fresh random subset per epoch). Method card: README.md here.
 
 Every score is one float per example, higher = harder. The pieces compose: a score function ->
 :func:`select` -> kept indices; :class:`DataPruner` does both and writes a manifest. The encoders
@@ -20,12 +20,14 @@ from leanscale.pruning.dedup import (
     normalize_text,
 )
 from leanscale.pruning.embed import train_ssl_encoder
+from leanscale.pruning.features import fast_embedding
 from leanscale.pruning.forgetting import ForgettingTracker
 from leanscale.pruning.grand import grand_scores
 from leanscale.pruning.infobatch import InfoBatch
 from leanscale.pruning.kmeans import KMeans
 from leanscale.pruning.prototypes import prototype_scores
 from leanscale.pruning.pruner import DataPruner, read_pruning_manifest
+from leanscale.pruning.rs2 import RS2Sampler
 from leanscale.pruning.scores import collect_probs, el2n_scores, uncertainty_scores
 from leanscale.pruning.select import resolve_strategy, select
 
@@ -37,9 +39,11 @@ __all__ = [
     "InfoBatch",
     "KMeans",
     "PruningData",
+    "RS2Sampler",
     "collect_probs",
     "deduplicate",
     "el2n_scores",
+    "fast_embedding",
     "grand_scores",
     "load_pruning_data",
     "near_duplicate_pairs",

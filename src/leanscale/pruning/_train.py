@@ -7,7 +7,9 @@ permutation of the data per epoch, in-memory tensors indexed directly (no DataLo
 
 Each epoch's permutation is cut into ``n // batch_size`` nearly equal global batches (the last
 few examples are spread over the batches, never dropped), so every example is seen exactly once
-per epoch -- a forgetting tracker needs that -- and no batch is smaller than ``batch_size``.
+per epoch -- a forgetting tracker needs that -- and no batch is smaller than ``batch_size``. With a
+``sampler`` (:class:`~leanscale.pruning.rs2.RS2Sampler`: RS2, a fresh random subset per epoch) the
+epoch is that subset instead, cut the same way.
 
 Under ``torchrun`` (an initialised process group) the model is wrapped in DDP and rank ``r``
 trains on the ``r``-th contiguous slice of every global batch. The local loss is the *sum* over
@@ -142,6 +144,7 @@ def train_scoring_model(
     weight_decay: float = 5e-4,
     seed: int = 0,
     on_batch: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+    sampler: Any = None,
 ) -> nn.Module:
     """Train ``model_fn()`` on ``(x, y)`` with SGD + momentum and a cosine learning rate.
 
@@ -162,6 +165,13 @@ def train_scoring_model(
             the GLOBAL example indices ``(b,)`` int64, the training forward's logits ``(b, k)``
             (detached) and the labels ``(b,)`` -- e.g. to feed a
             :class:`~leanscale.pruning.forgetting.ForgettingTracker`.
+        sampler: None: every epoch is a seeded permutation of all ``n`` examples. Else an object
+            whose ``subset(epoch)`` returns the global order of the examples of that epoch, e.g.
+            :class:`~leanscale.pruning.rs2.RS2Sampler` (RS2: a fresh random subset per epoch); its
+            ``n_examples`` must be ``n``. The epoch's order is cut into ``max(1, m // batch_size)``
+            nearly equal global batches (``m`` examples per epoch), so ``epochs`` then means passes of
+            ``m`` examples and the learning rate decays over all of them; under ``torchrun`` every
+            rank computes the same subset and trains on its slice of each global batch.
 
     Returns:
         The trained module (never the DDP wrapper), in train mode; identical on every rank.
@@ -177,18 +187,33 @@ def train_scoring_model(
     xt = as_float_tensor(x, keep_token_ids=True)
     n = int(xt.shape[0])
     yt = as_label_tensor(y, n).to(xt.device)
+    per_epoch = n  # examples of one epoch
+    if sampler is not None:
+        if not callable(getattr(sampler, "subset", None)) or getattr(sampler, "n_examples", None) != n:
+            raise InvalidParameterError(
+                f"The 'sampler' parameter of {_OWNER} must have a subset(epoch) method and n_examples equal to "
+                f"the {n} examples of x (e.g. RS2Sampler({n}, ratio=...)). Got {sampler!r:.120}."
+            )
+        per_epoch = len(sampler.subset(0))
     rank, world = rank_and_world()
-    if min(batch_size, n) < world:
+    if min(batch_size, per_epoch) < world:
         raise InvalidParameterError(
             f"The 'batch_size' parameter of {_OWNER} must give every one of the {world} processes at "
             f"least one example (batch_size and the number of examples >= {world}). Got batch_size="
             f"{batch_size} with {n} examples."
         )
     y_max = int(yt.max()) if n else 0
-    n_batches = max(1, n // batch_size)
+    n_batches = max(1, per_epoch // batch_size)
     total_steps = max(1, round(epochs * n_batches))
     device = xt.device
-    batches = (batch for epoch in itertools.count() for batch in epoch_batches(n, batch_size, epoch, seed))
+
+    def one_epoch(epoch: int) -> list[torch.Tensor]:
+        if sampler is None:
+            return epoch_batches(n, batch_size, epoch, seed)
+        order = torch.as_tensor(np.asarray(sampler.subset(epoch)), dtype=torch.int64)  # (m,) global
+        return list(torch.tensor_split(order, max(1, len(order) // batch_size)))
+
+    batches = (batch for epoch in itertools.count() for batch in one_epoch(epoch))
     checked = False
 
     def loss_fn(net: nn.Module, batch: torch.Tensor):

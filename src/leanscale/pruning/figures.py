@@ -19,6 +19,9 @@ LABELS = {
     "forgetting": "forgetting",
     "ssl_prototypes": "self-sup. prototypes",
     "sup_prototypes": "sup. prototypes",
+    "rs2": "RS2 (new subset per epoch)",
+    "pca_prototypes": "PCA prototypes",
+    "rp_prototypes": "random-proj. prototypes",
 }
 
 

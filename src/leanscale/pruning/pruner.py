@@ -84,6 +84,7 @@ from leanscale.core.validation import (
 )
 from leanscale.pruning import _train
 from leanscale.pruning.distributed import map_sharded, shard_indices
+from leanscale.pruning.features import FAST_EMBEDDINGS
 from leanscale.train.distributed import broadcast_object
 
 __all__ = [
@@ -277,7 +278,9 @@ class DataPruner(Estimator):
             trained on 4-d images (:func:`~leanscale.pruning.embed.train_ssl_encoder`, embedded
             with :func:`~leanscale.models.encoders.embed_images`), MiniLM
             (:func:`~leanscale.models.encoders.embed_texts`) for a list of texts, the rows of ``x``
-            themselves for 2-d features.
+            themselves for 2-d features; or ``"pca"`` / ``"random-projection"``: a training-free
+            embedding of the flattened ``x`` (:func:`~leanscale.pruning.features.fast_embedding`,
+            32 dimensions, seeded with ``seed``), a small fraction of the SimCLR encoder's cost.
         n_clusters: k-means clusters of ``"prototypes"``; None: the number of classes of ``y``.
         out_dir: Folder of the resumable scoring state (``out_dir/state``) and the default of
             :meth:`write_manifest`; None: nothing is written.
@@ -300,7 +303,8 @@ class DataPruner(Estimator):
         "model_fn": [None, callable],
         "score_epochs": [None, Interval(float, 0, None, closed="neither")],
         "n_seeds": [Interval(int, 1, None)],
-        "embedding": [None, callable, InstanceOf(np.ndarray, torch.Tensor, description="an array (n, d)")],
+        "embedding": [None, callable, InstanceOf(np.ndarray, torch.Tensor, description="an array (n, d)"),
+                      Options(FAST_EMBEDDINGS)],
         "n_clusters": [None, Interval(int, 1, None)],
         "out_dir": [None, str, os.PathLike],
         "seed": [Interval(int, 0, None)],
@@ -610,6 +614,17 @@ class DataPruner(Estimator):
             raise InvalidParameterError(
                 f"The 'x' parameter of DataPruner.fit is required to embed the examples (embedding={emb!r}). Got None."
             )
+        if isinstance(emb, str):  # a training-free embedding of the flattened inputs
+            from leanscale.pruning.features import fast_embedding
+
+            if _is_texts(x):
+                raise InvalidParameterError(
+                    f"The 'embedding' parameter of {owner} must be None (MiniLM), a callable or an array for a "
+                    f"list of texts: {emb!r} embeds numeric inputs. Got {emb!r} with {len(x)} texts."
+                )
+            xt = _train.as_float_tensor(x, owner="DataPruner.fit")
+            key = f"embedding-{emb}-seed{self.seed}-{digest}"
+            return cache.get(key, lambda: fast_embedding(xt, emb, seed=self.seed), rows=n)
         if callable(emb):
             key = f"embedding-{hashlib.blake2b(repr((digest, _fn_name(emb))).encode(), digest_size=6).hexdigest()}"
             if _is_texts(x):
@@ -717,7 +732,7 @@ class DataPruner(Estimator):
                 "seed": self.seed, "batch_size": self.batch_size, "lr": self.lr,
                 "model_fn": None if self.model_fn is None else _fn_name(self.model_fn),
                 "embedding": (None if embedding is None else "array" if isinstance(embedding, (np.ndarray, torch.Tensor))
-                              else _fn_name(embedding)),
+                              else embedding if isinstance(embedding, str) else _fn_name(embedding)),
             },
             "scoring_seconds": self.scoring_seconds_,
             "files": {"scores": "scores.npy", "kept": "kept.npy"},
