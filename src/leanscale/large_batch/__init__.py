@@ -5,9 +5,16 @@ square-root LR scaling, regime adaptation); Goyal et al. 2017, arXiv 1706.02677 
 warmup); Keskar et al. 2017, arXiv 1609.04836 (sharpness); You et al. 2017/2019 (LARS, LAMB);
 McCandlish et al. 2018, arXiv 1812.06162 (gradient noise scale); for AdamW, Wang & Aitchison 2024,
 arXiv 2405.13698, and Bergsma et al. 2025, arXiv 2505.13738 (EMA timescale), Marek et al. 2025, arXiv
-2507.07101 (beta2's half-life in examples). Method card: README.md here.
+2507.07101 (beta2's half-life in examples); Merrill et al. 2025, arXiv 2505.23971 (the critical batch
+by branching, batch-size warmup). Method card: README.md here.
 """
 
+from leanscale.large_batch.critical_batch import (
+    BatchSizeSchedule,
+    CriticalBatchResult,
+    batch_warmup,
+    branch_critical_batch,
+)
 from leanscale.large_batch.ghost_bn import (
     GhostBatchNorm1d,
     GhostBatchNorm2d,
@@ -49,6 +56,8 @@ __all__ = [
     "LAMB",
     "LARS",
     "BatchAdvice",
+    "BatchSizeSchedule",
+    "CriticalBatchResult",
     "GhostBatchNorm1d",
     "GhostBatchNorm2d",
     "GhostBatchNorm3d",
@@ -66,7 +75,9 @@ __all__ = [
     "adapt_regime",
     "advise",
     "apply_ghost_batchnorm",
+    "batch_warmup",
     "beta_half_life",
+    "branch_critical_batch",
     "clip_gradients",
     "ghost_batch_sizes",
     "lars_param_groups",

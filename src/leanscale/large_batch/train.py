@@ -225,6 +225,7 @@ def train_classifier(
     keep_model: bool = False,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 100,
+    batch_schedule: Any = None,
 ) -> TrainResult:
     """Train ``config``'s model on ``config``'s data and return the :class:`TrainResult`.
 
@@ -240,6 +241,10 @@ def train_classifier(
         checkpoint: Save the run to this file every ``checkpoint_every`` steps; started again with
             the same file (after a crash or ``kill -9``) it resumes there and ends as an
             uninterrupted run would. Removed when the run finishes.
+        batch_schedule: A :class:`~leanscale.large_batch.critical_batch.BatchSizeSchedule` (batch-size
+            warmup): the batch steps up at the schedule's numbers of examples, the LR follows by its
+            ``lr_rule`` from ``config.lr`` at ``config.batch_size``; step decay at the same fractions
+            of the examples. Not with ``target_accuracy``, ``max_examples``, ``checkpoint`` or cosine decay.
 
     Under ``torchrun`` (an initialised process group) the model is wrapped in DDP and every rank
     trains on its slice of each global batch; ``batch_size`` must be divisible by the world size.
@@ -262,6 +267,10 @@ def train_classifier(
     if data is not None:
         _check_data(data, config, owner, own_model=model is not None)
     _, world = rank_and_world()
+    if batch_schedule is not None:
+        from leanscale.large_batch.critical_batch import _check_schedule
+
+        _check_schedule(batch_schedule, config, world, checkpoint, owner)
     if config.batch_size % world:
         raise InvalidParameterError(
             f"The 'batch_size' parameter of TrainConfig must be divisible by the number of processes "
@@ -315,9 +324,9 @@ def train_classifier(
         from leanscale.large_batch.ghost_bn import (
             accumulate_running_stats as accumulate,
         )
-    run = fit_classifier(
-        model, (x_train, y_train, x_test, y_test), optimizer, batch_size=config.batch_size, epochs=config.epochs,
-        lr=config.lr, seed=config.seed, decay=config.decay, milestones=config.milestones, gamma=config.gamma,
+    fit_kwargs = dict(
+        batch_size=config.batch_size, epochs=config.epochs, lr=config.lr, seed=config.seed, decay=config.decay,
+        milestones=config.milestones, gamma=config.gamma,
         warmup_epochs=config.warmup_epochs, warmup_start=config.warmup_start_factor,
         clip_grad_norm=config.clip_grad_norm, micro_batch_size=micro, accumulate_context=accumulate,
         eval_every_epochs=config.eval_every_epochs, target_accuracy=config.target_accuracy,
@@ -325,6 +334,13 @@ def train_classifier(
         flops_per_example=flops_per_example, on_step=on_step, progress_bar=progress_bar, technique="large_batch",
         checkpoint=checkpoint, checkpoint_every=checkpoint_every, owner=owner,
     )
+    data4 = (x_train, y_train, x_test, y_test)
+    if batch_schedule is None:
+        run = fit_classifier(model, data4, optimizer, **fit_kwargs)
+    else:
+        from leanscale.large_batch.critical_batch import _fit_with_schedule
+
+        run = _fit_with_schedule(model, data4, optimizer, batch_schedule, config, fit_kwargs, world, owner)
     del optimizer
     release()
     return TrainResult(**{f.name: getattr(run, f.name) for f in fields(run)}, config=config,
