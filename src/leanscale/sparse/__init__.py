@@ -58,6 +58,12 @@ from leanscale.sparse.swat import (
     swat_summary,
     topk_threshold,
 )
+from leanscale.sparse.swat_structured import (
+    StructuredSWATConv2d,
+    StructuredSWATLinear,
+    apply_structured_swat,
+    top_channels,
+)
 
 __all__ = [
     "SUPPORTED_LAYERS",
@@ -75,8 +81,11 @@ __all__ = [
     "SWATMultiheadAttention",
     "SavedTensors",
     "SparseLinear",
+    "StructuredSWATConv2d",
+    "StructuredSWATLinear",
     "apply_expert_parallel",
     "apply_moe",
+    "apply_structured_swat",
     "apply_swat",
     "average_replicated_grads",
     "ddp_ignore_experts",
@@ -100,6 +109,7 @@ __all__ = [
     "swat_layers",
     "swat_summary",
     "to_sparse_kernels",
+    "top_channels",
     "topk_threshold",
     "track_saved_tensors",
     "weight_sparsity",

@@ -17,6 +17,7 @@ from leanscale.core.errors import InvalidParameterError
 from leanscale.core.flops import track_flops
 from leanscale.sparse.memory import track_saved_tensors
 from leanscale.sparse.swat import _RECORD, SWATMultiheadAttention, swat_layers
+from leanscale.sparse.swat_structured import StructuredSWATConv2d, StructuredSWATLinear
 
 __all__ = ["swat_conversion_report", "swat_report"]
 
@@ -210,8 +211,14 @@ def swat_conversion_report(model: nn.Module, inputs: Any = None) -> dict[str, An
     root = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     record = getattr(root, _RECORD, None) or {"reasons": {}, "settings": {}, "functional_relu": False}
     modules = dict(root.named_modules())
-    converted = [{"layer": n, "type": type(m).__name__, "sparsity": m.sparsity,
-                  "activations": _WEIGHTS_ONLY if isinstance(m, SWATMultiheadAttention) else "compact top-K"}
+    def saved(m: nn.Module) -> str:
+        if isinstance(m, SWATMultiheadAttention):
+            return _WEIGHTS_ONLY
+        if isinstance(m, (StructuredSWATLinear, StructuredSWATConv2d)):
+            return "kept input channels x[:, I] (structured)"
+        return "compact top-K"
+
+    converted = [{"layer": n, "type": type(m).__name__, "sparsity": m.sparsity, "activations": saved(m)}
                  for n, m in layers]
     skipped = [{"layer": n, "type": type(modules[n]).__name__, "reason": why}
                for n, why in record["reasons"].items() if n in modules and n not in {c["layer"] for c in converted}]

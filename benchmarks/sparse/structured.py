@@ -1,0 +1,306 @@
+"""Issue 17, "SWAT on real hardware": structured SWAT vs unstructured SWAT vs dense on this CPU.
+
+Two parts, results in ``benchmarks/results/sparse/structured.json`` (+ ``structured_step_time.csv``,
+``structured_accuracy.csv``):
+
+1. **Step time** (forward + backward + SGD-momentum update, batch 128 of Fashion-MNIST-shaped
+   inputs, ``--threads`` threads). Every setting of a model is built first; then ``--rounds``
+   rounds each run ``--steps`` steps of every setting in turn (interleaved, so a busy phase of the
+   shared machine hits all settings alike). Per step two clocks: wall time (``perf_counter``) and
+   the CPU time of the calling thread (``thread_time``; with 1 thread the whole step runs on it,
+   and time the OS gives to other processes is not counted). Reported per setting: min and
+   median over rounds of the round's median step, and the speed-up = dense / setting (median
+   over rounds of the per-round ratio). Training FLOPs per step from the cost ledger
+   (``count_flops`` on a training forward; SWAT layers counted as the paper does).
+2. **Accuracy**: Fashion-MNIST training (``swat_accuracy.py``'s data loading and schedule: SGD
+   momentum 0.9, cosine LR with 0.1 epoch warm-up, batch 128) of dense vs structured SWAT.
+
+Models: ``lenet`` (LeNet-300-100), ``wide`` (784-1024-1024-10 MLP), ``bncnn8`` (``BNCNN(width=8)``,
+``swat_accuracy.py``'s CNN), ``bncnn32`` (the default ``BNCNN(width=32)``). MLPs: every layer but
+the head converted; CNNs: first conv and head dense. Unstructured SWAT gets the same layers.
+
+Usage: python benchmarks/sparse/structured.py [--threads 1] [--rounds 8] [--steps 4]
+       [--models lenet,wide,bncnn8,bncnn32] [--acc-model wide] [--acc-epochs 2] [--seeds 2]
+       [--acc-variants structured:0.7,structured:0.8,structured-a0-first:0.8] [--acc-skip-dense]
+Rerunning a part (``--skip-accuracy``, ``--models wide``, ``--acc-skip-dense``) keeps the other
+models' rows and the other runs in the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmarks.common import RESULTS, machine
+from benchmarks.sparse.swat_accuracy import base_config, lenet_300_100
+from leanscale.core.flops import count_flops
+from leanscale.core.io import atomic_write_csv, atomic_write_json
+from leanscale.models import BNCNN
+from leanscale.sparse import apply_structured_swat, apply_swat
+
+BATCH = 128
+STRUCTURED = (0.5, 0.7, 0.8, 0.9)
+UNSTRUCTURED = (0.8,)
+OUT = RESULTS / "sparse"
+
+
+def wide_mlp() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
+                         nn.Linear(1024, 10))
+
+
+def build(model: str, kind: str, sparsity: float, seed: int = 0, activation_sparsity: float | None = None
+          ) -> nn.Module:
+    torch.manual_seed(seed)
+    net = {"lenet": lenet_300_100, "wide": wide_mlp, "bncnn8": lambda: BNCNN(width=8),
+           "bncnn32": lambda: BNCNN(width=32)}[model]()
+    first_dense = model.startswith("bncnn")
+    if kind == "swat":
+        apply_swat(net, sparsity, dense_first_layer=first_dense, dense_last_layer=True,
+                   activation_sparsity=activation_sparsity)
+    elif kind == "structured":
+        apply_structured_swat(net, sparsity, dense_first_layer=first_dense, activation_sparsity=activation_sparsity)
+    elif kind == "structured-a0":  # dense weight gradient: only the forward and input gradient reduced
+        apply_structured_swat(net, sparsity, dense_first_layer=first_dense, activation_sparsity=0.0)
+    elif kind == "structured-a0-first":  # MLPs: the first layer's input (raw pixels) kept whole for dW
+        first = next(n for n, m in net.named_modules() if isinstance(m, nn.Linear))
+        apply_structured_swat(net, sparsity, layers=[first], activation_sparsity=0.0)
+        apply_structured_swat(net, sparsity, dense_first_layer=True, activation_sparsity=activation_sparsity)
+    return net
+
+
+KINDS = {"structured": "structured {}%", "structured-a0": "structured {}%, activation_sparsity=0",
+         "structured-a0-first": "structured {}%, first layer's activation dense"}
+
+
+def settings() -> list[tuple[str, str, float, float | None]]:
+    out = [("dense", "dense", 0.0, None)]
+    out += [(f"SWAT-U {round(100 * s)}% (unstructured)", "swat", s, None) for s in UNSTRUCTURED]
+    out += [(f"structured {round(100 * s)}%", "structured", s, None) for s in STRUCTURED]
+    out += [("structured 80%, activation_sparsity=0", "structured", 0.8, 0.0)]
+    out += [(KINDS["structured-a0-first"].format(round(100 * s)), "structured-a0-first", s, None) for s in (0.8, 0.9)]
+    return out
+
+
+def training_flops(net: nn.Module, x: torch.Tensor) -> float:
+    """Training FLOPs (forward + backward) of one step on ``x``, on a copy of ``net``."""
+    net = copy.deepcopy(net).train()
+    return count_flops(net, x).total
+
+
+def step_time(args) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(BATCH, 1, 28, 28, generator=g), torch.randint(0, 10, (BATCH,), generator=g)
+    rows = []
+    for model in args.models.split(","):
+        steps, flops = {}, {}
+        for label, kind, sparsity, a_sparsity in settings():
+            if kind == "structured-a0-first" and model.startswith("bncnn"):
+                continue  # the CNNs' first layer is dense anyway
+            net = build(model, kind, sparsity, activation_sparsity=a_sparsity)
+            opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+
+            def step(net=net, opt=opt):
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(net(x), y).backward()
+                opt.step()
+
+            for _ in range(args.warmup):
+                step()
+            steps[label] = step
+            flops[label] = training_flops(net, x)
+        wall = {k: [] for k in steps}
+        cpu = {k: [] for k in steps}
+        for _ in range(args.rounds):
+            for label, step in steps.items():
+                w, c = [], []
+                for _ in range(args.steps):
+                    t0, c0 = time.perf_counter(), time.thread_time()
+                    step()
+                    c.append(time.thread_time() - c0)
+                    w.append(time.perf_counter() - t0)
+                wall[label].append(statistics.median(w))
+                cpu[label].append(statistics.median(c))
+        for label in steps:
+            speed_cpu = [d / s for d, s in zip(cpu["dense"], cpu[label])]
+            speed_wall = [d / s for d, s in zip(wall["dense"], wall[label])]
+            row = {"model": model, "setting": label,
+                   "cpu_ms_min": 1e3 * min(cpu[label]), "cpu_ms_median": 1e3 * statistics.median(cpu[label]),
+                   "wall_ms_min": 1e3 * min(wall[label]), "wall_ms_median": 1e3 * statistics.median(wall[label]),
+                   "speedup_cpu_median": statistics.median(speed_cpu),
+                   "speedup_cpu_of_min": min(cpu["dense"]) / min(cpu[label]),
+                   "speedup_cpu_range": [min(speed_cpu), max(speed_cpu)],
+                   "speedup_wall_median": statistics.median(speed_wall),
+                   "speedup_wall_of_min": min(wall["dense"]) / min(wall[label]),
+                   "training_flops_per_step": flops[label],
+                   "flops_vs_dense": flops[label] / flops["dense"]}
+            rows.append(row)
+            print(f"{model:>8} {label:<40} cpu {row['cpu_ms_min']:7.2f} / {row['cpu_ms_median']:7.2f} ms "
+                  f"x{row['speedup_cpu_median']:.2f}  wall {row['wall_ms_min']:7.2f} / {row['wall_ms_median']:7.2f} ms "
+                  f"x{row['speedup_wall_median']:.2f}  FLOPs {row['flops_vs_dense']:.2f}", flush=True)
+    return rows
+
+
+def accuracy(args) -> list[dict]:
+    from leanscale.large_batch.train import load_image_data, train_classifier
+
+    rows, data = [], None
+    runs = [] if args.acc_skip_dense else [("dense", "dense", 0.0)]
+    for item in args.acc_variants.split(","):
+        kind, sparsity = item.split(":")
+        runs.append((KINDS[kind].format(round(100 * float(sparsity))), kind, float(sparsity)))
+    for seed in range(args.seeds):
+        for label, kind, sparsity in runs:
+            cfg = base_config("bncnn" if args.acc_model.startswith("bncnn") else "mlp", args.acc_epochs, seed,
+                              args.n_train)
+            if data is None:
+                data = load_image_data(cfg)
+            net = build(args.acc_model, kind, sparsity, seed)
+            t0 = time.perf_counter()
+            c0 = time.process_time()
+            result = train_classifier(cfg, data=data, model=net)
+            row = {"model": args.acc_model, "setting": label, "sparsity": sparsity, "seed": seed,
+                   "test_accuracy": result.test_accuracy, "epochs": args.acc_epochs, "steps": result.steps,
+                   "wall_seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
+                   "lr": cfg.lr}
+            rows.append(row)
+            print(f"{args.acc_model} {label} seed {seed}: {100 * row['test_accuracy']:.2f}%  "
+                  f"{row['wall_seconds']:.0f} s wall, {row['cpu_seconds']:.0f} s CPU", flush=True)
+    return rows
+
+
+PROBE = [  # (label, kind, sparsity, apply_structured_swat keywords) for --probe
+    ("dense", "dense", 0.0, {}),
+    ("structured 80%", "structured", 0.8, {}),
+    ("structured 80%, topk_period=100", "structured", 0.8, {"topk_period": 100}),
+    ("structured 80%, activation_sparsity=0.5", "structured", 0.8, {"activation_sparsity": 0.5}),
+    ("structured 80%, activation_sparsity=0", "structured", 0.8, {"activation_sparsity": 0.0}),
+    ("structured 80%, warmup_steps=300", "structured", 0.8, {"warmup_steps": 300}),
+    ("structured 80%, first layer's activation dense", "structured-a0-first", 0.8, {}),
+    ("structured 80%, first layer dense", "structured-first-dense", 0.8, {}),
+]
+
+
+def probe(args) -> dict:
+    """What costs the structured MLP its accuracy: settings on a 20,000-image subset, 1 seed."""
+    from leanscale.large_batch.train import load_image_data, train_classifier
+
+    cfg = base_config("mlp", args.acc_epochs, 0, 20000)
+    data = load_image_data(cfg)
+    x = data[0].reshape(len(data[0]), -1)  # (N, 784) standardised pixels
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    counts = torch.zeros(x.shape[1])
+    n_batches = len(x) // BATCH
+    for i in range(n_batches):  # which pixels the top-K rule (80%: keep 20%) picks per batch
+        counts[x[perm[i * BATCH:(i + 1) * BATCH]].square().sum(0).topk(round(0.2 * x.shape[1])).indices] += 1
+    pixels = {"batches": n_batches, "pixels": x.shape[1], "ever_in_top_20pct": int((counts > 0).sum()),
+              "in_top_20pct_in_over_half_of_batches": int((counts > n_batches / 2).sum())}
+    print(pixels, flush=True)
+    out = {}
+    for label, kind, sparsity, kw in PROBE:
+        torch.manual_seed(0)
+        net = wide_mlp()
+        if kind == "structured":
+            apply_structured_swat(net, sparsity, dense_first_layer=False, **kw)
+        elif kind == "structured-first-dense":
+            apply_structured_swat(net, sparsity, dense_first_layer=True)
+        elif kind == "structured-a0-first":
+            net = build("wide", kind, sparsity)
+        out[label] = 100 * train_classifier(cfg, data=data, model=net).test_accuracy
+        print(f"probe {label}: {out[label]:.2f}%", flush=True)
+    return {"model": "wide", "n_train": 20000, "epochs": args.acc_epochs, "seed": 0, "pixel_selection": pixels,
+            "test_accuracy_percent": out}
+
+
+def goal(blob: dict) -> dict | None:
+    """The issue's goal (>= 1.5x step speed-up at <= 1 point lost) against the accuracy runs."""
+    if "accuracy" not in blob or "step_time" not in blob:
+        return None
+    model = blob["accuracy"]["model"]
+    speed = {r["setting"]: r for r in blob["step_time"]["rows"] if r["model"] == model}
+    rows = []
+    for s in blob["accuracy"]["summary"]:
+        if s["setting"] in speed and s["setting"] != "dense":
+            rows.append({"setting": s["setting"], "speedup_cpu_median": speed[s["setting"]]["speedup_cpu_median"],
+                         "speedup_cpu_range": speed[s["setting"]]["speedup_cpu_range"],
+                         "accuracy_drop_points": s["accuracy_drop_points"]})
+    for r in rows:
+        r["met"] = r["speedup_cpu_median"] >= 1.5 and r["accuracy_drop_points"] <= 1.0
+    return {"goal": "a variant with >= 1.5x faster training steps at <= 1 point accuracy loss", "model": model,
+            "settings": rows, "met": any(r["met"] for r in rows)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per setting and round")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--models", default="lenet,wide,bncnn8,bncnn32")
+    ap.add_argument("--acc-model", default="wide", choices=("lenet", "wide", "bncnn8", "bncnn32"),
+                    help="wide writes 'accuracy' (the goal is judged on it), others 'accuracy_<model>'")
+    ap.add_argument("--acc-variants", default="structured:0.7,structured:0.8,structured-a0-first:0.8",
+                    help="kind:sparsity,... with kind structured, structured-a0 or structured-a0-first")
+    ap.add_argument("--acc-skip-dense", action="store_true", help="reuse the dense runs already in the JSON")
+    ap.add_argument("--acc-epochs", type=float, default=2.0)
+    ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--n-train", type=int, default=None)
+    ap.add_argument("--skip-step-time", action="store_true")
+    ap.add_argument("--skip-accuracy", action="store_true")
+    ap.add_argument("--probe", action="store_true", help="also run the 20,000-image probe of settings")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    path = OUT / "structured.json"
+    blob = {"benchmark": "swat_structured", "issue": 17, "machine": machine(), "threads": args.threads,
+            "batch": BATCH, "optimizer": "SGD momentum 0.9 (step time: lr 0.01)",
+            "note": "other jobs shared the 2 cores: read the thread-CPU-time columns and the interleaved "
+                    "per-round ratios; wall times are noisy"}
+    old = json.loads(path.read_text()) if path.exists() else {}
+    blob.update({k: v for k, v in old.items() if k in ("step_time", "probe_20k") or k.startswith("accuracy")})
+    if not args.skip_step_time:
+        rows = step_time(args)
+        rerun = set(args.models.split(","))
+        rows = [r for r in old.get("step_time", {}).get("rows", []) if r["model"] not in rerun] + rows
+        blob["step_time"] = {"rounds": args.rounds, "steps_per_round": args.steps, "warmup_steps": args.warmup,
+                             "threads": args.threads, "rows": rows}
+        atomic_write_csv(OUT / "structured_step_time.csv",
+                         [{k: v for k, v in r.items() if k != "speedup_cpu_range"} for r in rows])
+    key = "accuracy" if args.acc_model == "wide" else f"accuracy_{args.acc_model}"
+    if not args.skip_accuracy:
+        rows = accuracy(args)
+        new = {(r["setting"], r["seed"]) for r in rows}
+        rows = [r for r in old.get(key, {}).get("runs", []) if r["model"] == args.acc_model
+                and (r["setting"], r["seed"]) not in new] + rows
+        dense = statistics.mean(r["test_accuracy"] for r in rows if r["setting"] == "dense")
+        summary = []
+        for label in dict.fromkeys(r["setting"] for r in rows):
+            acc = [r["test_accuracy"] for r in rows if r["setting"] == label]
+            summary.append({"setting": label, "n_seeds": len(acc), "test_accuracy_mean": statistics.mean(acc),
+                            "accuracy_drop_points": 100 * (dense - statistics.mean(acc))})
+        blob[key] = {"model": args.acc_model, "epochs": args.acc_epochs, "seeds": args.seeds,
+                            "n_train": args.n_train or 60000, "threads": args.threads,
+                            "schedule": f"SGD momentum 0.9, weight decay 5e-4, lr {rows[-1]['lr']} cosine, 0.1 epoch "
+                                        f"warm-up, batch 128 (swat_accuracy.py's settings)",
+                            "runs": rows, "summary": summary}
+        atomic_write_csv(OUT / f"structured_{key}.csv", rows)
+        for s in summary:
+            print(f"{s['setting']}: {100 * s['test_accuracy_mean']:.2f}% ({s['accuracy_drop_points']:+.2f} points lost)")
+    if args.probe:
+        blob["probe_20k"] = probe(args)
+    blob["goal"] = goal(blob)
+    atomic_write_json(path, blob)
+    print(json.dumps(blob["goal"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
