@@ -18,7 +18,12 @@ from leanscale.cascade import (
     RegexStage,
     RuleStage,
 )
-from leanscale.cascade.search import evaluate_config, fixed_sequence_test, frontier, pareto_mask
+from leanscale.cascade.search import (
+    evaluate_config,
+    fixed_sequence_test,
+    frontier,
+    pareto_mask,
+)
 from leanscale.core.errors import DataFormatError, InvalidParameterError, NotFittedError
 
 
@@ -294,7 +299,7 @@ def test_get_set_params():
     with pytest.raises(InvalidParameterError, match="Did you mean 'delta'"):
         c.set_params(deltaa=0.1)
     assert list(c.get_params()) == ["stages", "target_accuracy", "budget", "guarantee", "delta", "guarantee_split",
-                                    "calibrate", "max_thresholds", "fallback_label", "seed"]
+                                    "calibrate", "max_thresholds", "fallback_label", "seed", "deferral"]
     assert repr(Cascade([RuleStage(lambda t: None, name="r")], seed=3)) == \
         "Cascade(stages=[RuleStage(name='r', cost=None)], seed=3)"
     from sklearn.base import clone

@@ -436,3 +436,83 @@ def test_measure_cost_excludes_a_slow_first_call():
 
     cost = measure_cost(RuleStage(fn), ["x"] * 10)
     assert 0.002 <= cost < 0.02  # with the load counted it would be >= 0.03
+
+
+# ------------------------------------------------------------------ model features, static embeddings
+
+def test_model_stage_features_are_margin_and_normalised_entropy():
+    from leanscale.cascade.stages import proba_features
+
+    P = np.array([[0.7, 0.2, 0.1], [1 / 3, 1 / 3, 1 / 3], [0.0, 1.0, 0.0]])
+
+    class M:
+        classes_ = np.array(["a", "b", "c"])
+
+        def predict_proba(self, X):
+            return P[: len(X)]
+
+    out = ModelStage(M()).predict(["x", "y", "z"])
+    ent0 = -(0.7 * math.log(0.7) + 0.2 * math.log(0.2) + 0.1 * math.log(0.1)) / math.log(3)
+    np.testing.assert_allclose(out.features, [[0.5, ent0], [0.0, 1.0], [1.0, 0.0]], atol=1e-9)
+    np.testing.assert_allclose(proba_features(P), out.features)
+
+
+def _fake_encoder(texts):
+    """A deterministic 'static' encoder: character-class counts, unit-normalised (n, 4)."""
+    E = np.array([[t.count("a") + 1, t.count("b"), len(t), t.count(" ")] for t in texts], dtype=np.float32)
+    return E / np.linalg.norm(E, axis=1, keepdims=True)
+
+
+def _static_data(n=120):
+    rng = np.random.default_rng(0)
+    texts = ["".join(rng.choice(list("aab b"), size=int(rng.integers(3, 12)))) for _ in range(n)]
+    y = ["many_a" if t.count("a") > t.count("b") else "other" for t in texts]
+    return texts, y
+
+
+def test_static_embedding_stage_equals_encoder_then_head():
+    from leanscale.cascade import StaticEmbeddingStage
+
+    texts, y = _static_data()
+    head = LogisticRegression(C=100.0).fit(_fake_encoder(texts), y)  # any head with predict_proba(E)
+    stage = StaticEmbeddingStage(head, encoder=_fake_encoder, cost=0.001)
+    out = stage.predict(texts[:50])
+    p = head.predict_proba(_fake_encoder(texts[:50]))
+    np.testing.assert_allclose(out.confidence, p.max(1), rtol=1e-6)
+    assert out.labels.tolist() == head.classes_[p.argmax(1)].tolist()
+    assert np.mean(out.labels == np.array(y[:50], dtype=object)) >= 0.7  # it learned something
+    # an encoder object with .encode (a StaticTextEncoder) works the same
+    enc = type("Enc", (), {"encode": staticmethod(_fake_encoder)})()
+    np.testing.assert_allclose(StaticEmbeddingStage(head, encoder=enc).predict(texts[:50]).confidence, out.confidence)
+
+
+def test_static_embedding_stage_fit_with_stacked_tfidf():
+    from leanscale.cascade import StaticEmbeddingStage, TfidfClassifier
+    from leanscale.cascade.stacking import STACK_SCALE
+
+    texts, y = _static_data(200)
+    tfidf = TfidfClassifier(min_df=1).fit(texts, y)
+    stage = StaticEmbeddingStage.fit(texts, y, encoder=_fake_encoder, tfidf=tfidf, hidden=8, epochs=5)
+    assert stage.head.n_features_in_ == 4 + len(tfidf.classes_)
+    F = np.hstack([_fake_encoder(texts[:20]), STACK_SCALE * np.log(np.clip(tfidf.predict_proba(texts[:20]), 1e-6, 1))])
+    p = stage.head.predict_proba_embeddings(F.astype(np.float32))
+    np.testing.assert_allclose(stage.predict(texts[:20]).confidence, p.max(1), rtol=1e-6)
+    assert stage.predict(texts[:20]).features.shape == (20, 2)
+
+
+def test_static_embedding_stage_bad_inputs():
+    from leanscale.cascade import StaticEmbeddingStage
+
+    texts, y = _static_data(20)
+    with pytest.raises(InvalidParameterError, match="'head'"):
+        StaticEmbeddingStage(object())
+    with pytest.raises(InvalidParameterError, match="'encoder'"):
+        StaticEmbeddingStage.fit(texts, y, encoder=42)
+    with pytest.raises(InvalidParameterError, match="'texts' and 'y'"):
+        StaticEmbeddingStage.fit(texts, y[:-1], encoder=_fake_encoder)
+    with pytest.raises(InvalidParameterError, match="'texts'"):
+        StaticEmbeddingStage.fit("abc", ["x"], encoder=_fake_encoder)
+    stage = StaticEmbeddingStage.fit(texts, y, encoder=_fake_encoder, epochs=2)
+    stage.encoder, stage._encode_fn = None, (lambda t: np.zeros((len(t) + 1, 4)))
+    with pytest.raises(StageError, match="encoder returned shape"):
+        stage.predict(texts[:3])

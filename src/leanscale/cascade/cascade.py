@@ -28,6 +28,13 @@ off) with :func:`leanscale.cascade.search.frontier`, and picks from it:
 ``calibrate=True`` fits a temperature per model stage (on the selection data) so that thresholds
 read as probabilities.
 
+``deferral="learned"`` thresholds a *learned* score instead of the raw confidence: per stage, a
+logistic regression on its confidence, margin, entropy, the request's length and its agreement
+with the earlier stages predicts "is this stage's answer right?", cross-fitted on the calibration
+data (no request's own label enters the score its threshold is chosen on); every subset of
+switched-on stages gets its own models and the frontiers are merged
+(:mod:`leanscale.cascade.deferral`). The default, ``"confidence"``, is the raw confidence.
+
 Serving never loses a request: a stage that raises, answers in the wrong format or exceeds its
 ``timeout`` is counted in ``errors_`` and the batch goes to the next stage; what no stage answers
 gets the most confident answer seen on the way (or ``fallback_label``). :meth:`predict_detailed`
@@ -58,6 +65,7 @@ from leanscale.cascade.stages import (
     _re2,
     measure_cost,
 )
+from leanscale.core.deprecation import renamed_argument
 from leanscale.core.errors import (
     DataFormatError,
     DataNotFoundError,
@@ -65,12 +73,17 @@ from leanscale.core.errors import (
     LeanscaleError,
     MissingDependencyError,
 )
-from leanscale.core.deprecation import renamed_argument
 from leanscale.core.estimator import Estimator
 from leanscale.core.io import atomic_write_json, to_jsonable
-from leanscale.core.persistence import fitted_class, read_arrays_checked, read_json_file, write_arrays_addressed
+from leanscale.core.persistence import (
+    fitted_class,
+    read_arrays_checked,
+    read_json_file,
+    write_arrays_addressed,
+)
 from leanscale.core.validation import (
     Interval,
+    Options,
     check_consistent_length,
     check_is_fitted,
     check_items,
@@ -367,7 +380,9 @@ class Cascade(Estimator):
     :class:`~leanscale.cascade.search.FrontierResult` on all calibration data), ``choice_`` (index
     into ``frontier_`` of the chosen setting when it lies on it), ``calibration_`` (per-stage
     fractions answered and accuracies), ``guarantee_`` (the test's details), ``errors_``
-    (stage -> failures seen by predict), ``classes_``."""
+    (stage -> failures seen by predict), ``classes_``, ``deferral_`` (``deferral="learned"``: stage
+    name -> its :class:`~leanscale.cascade.deferral.DeferralModel`, for the switched-on stages;
+    None otherwise)."""
 
     _parameter_constraints = {
         "target_accuracy": [Interval("real", 0, 1, closed="both"), None],
@@ -378,13 +393,15 @@ class Cascade(Estimator):
         "calibrate": [bool],
         "max_thresholds": [Interval(int, 2, None), None],
         "seed": [Interval(int, 0, None), None],
+        "deferral": [Options(("confidence", "learned"))],
     }
     _renamed = {"random_state": "seed"}  # the old name works for one release, with a FutureWarning
 
     def __init__(self, stages: Sequence[Stage], *, target_accuracy: float | None = None,
                  budget: float | None = None, guarantee: bool = False, delta: float = 0.05,
                  guarantee_split: float = 0.5, calibrate: bool = False, max_thresholds: int | None = None,
-                 fallback_label: Any = None, seed: int | None = 0, random_state: Any = _UNSET):
+                 fallback_label: Any = None, seed: int | None = 0, random_state: Any = _UNSET,
+                 deferral: str = "confidence"):
         self.stages = stages
         self.target_accuracy = target_accuracy
         self.budget = budget
@@ -399,6 +416,7 @@ class Cascade(Estimator):
                                     _NONE if random_state is None else random_state, seed, 0)
             seed = None if seed is _NONE else seed
         self.seed = seed
+        self.deferral = deferral
         self._lock = threading.Lock()
         # per stage name: a semaphore bounding its calls in flight (see _call); hung calls of one
         # stage hold only that stage's slots, never another stage's capacity
@@ -433,6 +451,10 @@ class Cascade(Estimator):
             )
         if self.guarantee and self.target_accuracy is None:
             raise InvalidParameterError("The 'target_accuracy' parameter of Cascade is required when guarantee=True.")
+        if self.guarantee and self.deferral == "learned":
+            raise InvalidParameterError(
+                "The 'deferral' parameter of Cascade is 'learned', which is not available with guarantee=True (the "
+                "deferral models would have to be fitted on the selection half only); use deferral='confidence'.")
         return list(stages)
 
     # ------------------------------------------------------------------------------ fitting
@@ -493,15 +515,27 @@ class Cascade(Estimator):
         correct = np.stack([np.array([a and lab == t for a, lab, t in zip(o.answered, o.labels, y)]) for o in outs])
         self._cal = (answered, conf, correct, costs)
 
-        self.frontier_ = _search.frontier(answered, conf, correct, costs, self.max_thresholds)
         last_alone = tuple([None] * (len(stages) - 1))
         _, last_acc, _ = _search.evaluate_config(last_alone, answered, conf, correct, costs)
         self.reference_accuracy_ = float(last_acc)
         self.guarantee_ = None
+        self.deferral_ = None
 
-        if self.guarantee:
+        if self.deferral == "learned":
+            from leanscale.cascade import deferral as _deferral
+
+            lf = _deferral.learned_frontier(outs, correct, costs, _deferral._lengths(X), [s.name for s in stages],
+                                            seed=self.seed, max_thresholds=self.max_thresholds)
+            self.frontier_ = lf.frontier
+            thr = self._choose(self.frontier_)
+            subset = tuple(k for k, t in enumerate(thr) if t is not None)
+            self._cal = (answered, lf.scores[subset], correct, costs)  # the thresholds apply to these scores
+            self.deferral_ = {stages[k].name: m for k, m in lf.models[subset].items()}
+        elif self.guarantee:
+            self.frontier_ = _search.frontier(answered, conf, correct, costs, self.max_thresholds)
             thr = self._choose_guaranteed(answered, conf, correct, costs, sel, test)
         else:
+            self.frontier_ = _search.frontier(answered, conf, correct, costs, self.max_thresholds)
             thr = self._choose(self.frontier_)
         self._set_thresholds(stages, thr)
         labels = set()
@@ -664,6 +698,8 @@ class Cascade(Estimator):
         best_conf = np.full(n, -1.0)
         errors: dict[str, int] = {}
         remaining = np.arange(n)
+        learned = self.deferral_ if getattr(self, "deferral_", None) else None
+        ran: dict[str, tuple] = {}  # learned deferral: stage name -> its (labels, confidence, answered) over all n
         for k, s in enumerate(stages):
             if remaining.size == 0:
                 break
@@ -680,7 +716,21 @@ class Cascade(Estimator):
                 for i in remaining:
                     failed[i].append(s.name)
                 continue
-            take = out.answered & (out.confidence >= t)
+            if learned is not None and not last:
+                try:
+                    score = self._deferral_score(s, out, remaining, ran, X)
+                except StageError as exc:
+                    errors[s.name] = errors.get(s.name, 0) + int(remaining.size)
+                    reasons[s.name] = str(exc)
+                    for i in remaining:
+                        failed[i].append(s.name)
+                    continue
+                full = (np.full(n, None, dtype=object), np.zeros(n), np.zeros(n, dtype=bool))
+                full[0][remaining], full[1][remaining], full[2][remaining] = out.labels, out.confidence, out.answered
+                ran[s.name] = full
+                take = out.answered & (score >= t)
+            else:
+                take = out.answered & (out.confidence >= t)
             idx = remaining[take]
             labels[idx], stage_of[idx], confidence[idx] = out.labels[take], s.name, out.confidence[take]
             answered[idx] = True
@@ -701,6 +751,26 @@ class Cascade(Estimator):
         for i, f in enumerate(failed):  # element-wise: numpy would make equal-length tuples a 2-D array
             failed_arr[i] = tuple(f)
         return CascadeOutput(labels, stage_of, confidence, cost, errors, answered, failed_arr, reasons)
+
+    def _deferral_score(self, stage: Stage, out, remaining: np.ndarray, ran: dict, X: list) -> np.ndarray:
+        """The learned deferral score of ``stage``'s answers on the requests ``remaining``."""
+        from leanscale.cascade import deferral as _deferral
+        from leanscale.cascade.stages import StageOutput
+
+        model = self.deferral_[stage.name]
+        if model.n_stage_features:
+            if out.features is None or out.features.shape[1] != model.n_stage_features:
+                got = None if out.features is None else out.features.shape[1]
+                raise StageError(f"stage {stage.name!r} returned {got} feature columns; its deferral model was "
+                                 f"fitted on {model.n_stage_features}")
+        else:
+            out = out._replace(features=None)
+        earlier = []
+        for name in model.earlier:  # a stage that failed on this batch counts as having abstained
+            h = ran.get(name)
+            earlier.append(None if h is None else StageOutput(h[0][remaining], h[1][remaining], h[2][remaining]))
+        F = _deferral.deferral_features(out, earlier, _deferral._lengths([X[i] for i in remaining]))
+        return model.score(F)
 
     def predict(self, X: Sequence) -> np.ndarray:
         """Labels; ``fallback_label`` (``None`` unless configured) where no stage gave an answer
@@ -736,8 +806,11 @@ class Cascade(Estimator):
                 continue
             acc = c["accuracy_when_answering"]
             acc_s = "-" if acc is None else f"{acc:.4f}"
+            what = "predicted correctness (learned deferral)" if getattr(self, "deferral_", None) else "confidence"
             rule = "answers everything left" if k == len(self.stages) - 1 else \
-                f"answers when its confidence >= {c['threshold']:.4g}"
+                f"answers when its {what} >= {c['threshold']:.4g}"
+            if k < len(self.stages) - 1 and getattr(self, "deferral_", None) and c["threshold"] >= 1.0:
+                rule = "never answers: it runs only to inform the later stages' learned deferral"
             lines.append(f"  {s.name}: {rule}; on calibration data it answered {c['answered_fraction']:.1%} of all "
                          f"requests with accuracy {acc_s} (cost {c['cost']:.6g} per call)")
         if self.guarantee_:
@@ -790,7 +863,9 @@ class Cascade(Estimator):
             stages.append(d)
         doc = {
             "format": "leanscale.cascade", "version": version, "stages": stages,
-            "params": {k: v for k, v in self.get_params().items() if k != "stages"},
+            # deferral="confidence" (the default) is left out: such a file is what older leanscale reads
+            "params": {k: v for k, v in self.get_params().items()
+                       if k != "stages" and not (k == "deferral" and v == "confidence")},
             "thresholds": self.thresholds_, "costs": self.costs_, "temperatures": self.temperatures_,
             "expected_cost": self.expected_cost_, "expected_accuracy": self.expected_accuracy_,
             "reference_accuracy": self.reference_accuracy_, "calibration": self.calibration_,
@@ -798,6 +873,8 @@ class Cascade(Estimator):
             "frontier": {"cost": self.frontier_.cost, "accuracy": self.frontier_.accuracy,
                          "thresholds": [list(t) for t in self.frontier_.thresholds], "exact": self.frontier_.exact},
         }
+        if getattr(self, "deferral_", None):
+            doc["deferral"] = {name: m.to_dict() for name, m in self.deferral_.items()}
         atomic_write_json(path, to_jsonable(doc))  # the commit point
         for name in previous - written:
             try:
@@ -1019,7 +1096,39 @@ class Cascade(Estimator):
         self.frontier_ = _search.FrontierResult(np.asarray(f_cost, dtype=np.float64), np.asarray(f_acc, dtype=np.float64),
                                                 [tuple(t) for t in f_thr], 0, exact)
         self.errors_ = {s.name: 0 for s in stages}
+        self.deferral_ = cls._deferral_from_doc(v, doc, self, names) if self.deferral == "learned" else None
         return self
+
+    @staticmethod
+    def _deferral_from_doc(v: _SavedDoc, doc: dict, self: Cascade, names: list[str]) -> dict:
+        """The learned deferral models of a saved cascade, every field checked."""
+        from leanscale.cascade.deferral import DeferralModel
+
+        on = [n for n in names[:-1] if self.thresholds_[n] is not None]
+        d = v.get(doc, "deferral", "the file")
+        if not isinstance(d, dict) or set(d) != set(on):
+            raise v.error("'deferral'", f"an object with exactly the keys {on} (the switched-on stages)", d)
+        out = {}
+        for name in on:
+            e, w = d[name], f"'deferral'[{name!r}]"
+            earlier = v.lst(v.get(e, "earlier", w), f"{w}['earlier']", 0, len(names))
+            allowed = on[: on.index(name)]
+            if not all(isinstance(x, str) for x in earlier) or earlier != [x for x in allowed if x in earlier]:
+                raise v.error(f"{w}['earlier']", f"switched-on stages before {name!r}, in order (among {allowed})",
+                              earlier)
+            n_extra = v.num(v.get(e, "n_stage_features", w), f"{w}['n_stage_features']", 0, 10_000, integer=True)
+            width = 3 + n_extra + 4 * len(earlier)
+            coef = v.lst(v.get(e, "coef", w), f"{w}['coef']", width, width)
+            for j, c in enumerate(coef):
+                v.num(c, f"{w}['coef'][{j}]")
+            b = v.num(v.get(e, "intercept", w), f"{w}['intercept']")
+            n_train = v.num(v.get(e, "n_train", w), f"{w}['n_train']", 0, integer=True)
+            fnames = v.lst(v.get(e, "names", w), f"{w}['names']", width, width)
+            if not all(isinstance(x, str) for x in fnames):
+                raise v.error(f"{w}['names']", "a list of strings", fnames)
+            out[name] = DeferralModel(np.asarray(coef, dtype=np.float64), float(b), tuple(earlier), int(n_extra),
+                                      int(n_train), list(fnames))
+        return out
 
     @staticmethod
     def _stage(v: _SavedDoc, where: str, klass, *args, **kwargs) -> Stage:

@@ -49,6 +49,7 @@ __all__ = [
     "Stage",
     "StageError",
     "StageOutput",
+    "StaticEmbeddingStage",
     "check_regex_safety",
     "measure_cost",
 ]  # re-exported by leanscale.cascade; softmax_with_temperature is importable from here
@@ -62,12 +63,17 @@ class StageOutput(NamedTuple):
     """A stage's answers for a batch of ``n`` requests.
 
     ``labels``: (n,) object array (``None`` where abstained); ``confidence``: (n,) float64 in
-    [0, 1] (0 where abstained); ``answered``: (n,) bool, False where the stage abstains.
+    [0, 1] (0 where abstained); ``answered``: (n,) bool, False where the stage abstains;
+    ``features``: optional (n, f) float64 signals of each answer's reliability for a learned
+    deferral rule (``Cascade(deferral="learned")``; :class:`ModelStage` gives the margin between
+    its two top probabilities and the normalised entropy), 0 where abstained; ``None`` when the
+    stage has none.
     """
 
     labels: np.ndarray
     confidence: np.ndarray
     answered: np.ndarray
+    features: np.ndarray | None = None
 
 
 def _check_name(name: Any, owner: str) -> str:
@@ -133,7 +139,7 @@ class Stage:
 def _check_output(out: Any, n: int, name: str) -> StageOutput:
     if not isinstance(out, StageOutput):
         raise StageError(f"stage {name!r} must return a StageOutput; got {type(out).__name__}")
-    labels, conf, answered = (np.asarray(a) for a in out)
+    labels, conf, answered = (np.asarray(a) for a in out[:3])
     if labels.shape != (n,) or conf.shape != (n,) or answered.shape != (n,):
         raise StageError(
             f"stage {name!r} answered with shapes labels {labels.shape}, confidence {conf.shape}, "
@@ -151,7 +157,18 @@ def _check_output(out: Any, n: int, name: str) -> StageOutput:
     conf = np.where(answered, conf, 0.0)
     labels = labels.astype(object)
     labels[~answered] = None
-    return StageOutput(labels, conf, answered)
+    features = out.features
+    if features is not None:
+        try:
+            features = np.asarray(features, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise StageError(f"stage {name!r} returned features that are not numbers; expected an (n, f) "
+                             "float array") from None
+        if features.ndim != 2 or features.shape[0] != n or not np.isfinite(features).all():
+            raise StageError(f"stage {name!r} returned features of shape {features.shape}; expected finite "
+                             f"numbers of shape ({n}, f)")
+        features = np.where(answered[:, None], features, 0.0)
+    return StageOutput(labels, conf, answered, features)
 
 
 # ----------------------------------------------------------------------------------------- regex
@@ -636,7 +653,21 @@ class ModelStage(Stage):
             proba = softmax_with_temperature(proba, self.temperature)
         top = proba.argmax(axis=1)
         conf = proba[np.arange(len(items)), top]
-        return StageOutput(self.classes[top], conf, np.isfinite(conf))
+        return StageOutput(self.classes[top], conf, np.isfinite(conf), proba_features(proba))
+
+
+def proba_features(proba: np.ndarray) -> np.ndarray:
+    """(n, 2) reliability signals of class probabilities (n, k): the margin between the two top
+    probabilities and the entropy divided by log k (0: certain, 1: uniform)."""
+    proba = np.asarray(proba, dtype=np.float64)
+    n, k = proba.shape
+    if k < 2:
+        return np.column_stack([np.ones(n), np.zeros(n)])
+    top2 = np.partition(proba, k - 2, axis=1)[:, -2:]  # (n, 2): second, first
+    p = np.clip(proba, 1e-12, 1.0)
+    ent = -(p * np.log(p)).sum(axis=1) / math.log(k)
+    out = np.column_stack([top2[:, 1] - top2[:, 0], ent])
+    return np.where(np.isfinite(out), out, 0.0)
 
 
 def _is_torch_module(model: Any) -> bool:
@@ -645,6 +676,148 @@ def _is_torch_module(model: Any) -> bool:
     except ImportError:  # pragma: no cover - torch is a core dependency
         return False
     return isinstance(model, torch.nn.Module)
+
+
+STATIC_ENCODER_DIR = "minilm-static-256"  # under leanscale.data.paths.cache_dir(), as the gateway's semantic cache
+
+
+def _default_static_encoder():
+    from leanscale.data.paths import cache_dir
+    from leanscale.models import static_text_encoder
+
+    return static_text_encoder(cache_dir() / STATIC_ENCODER_DIR)
+
+
+class _EmbeddingHead:
+    """``predict_proba(features)`` of a head fitted on embeddings (what :class:`ModelStage` calls)."""
+
+    def __init__(self, head: Any):
+        self.head = head
+        self.classes_ = head.classes_
+
+    def predict_proba(self, F: Any) -> np.ndarray:
+        if callable(getattr(self.head, "predict_proba_embeddings", None)):
+            return self.head.predict_proba_embeddings(F)
+        return np.asarray(self.head.predict_proba(F), dtype=np.float64)
+
+
+class StaticEmbeddingStage(ModelStage):
+    """Static word embeddings with a trained head: a cheap middle stage between TF-IDF and a
+    transformer.
+
+    The encoder is MiniLM-L6 distilled by model2vec into static token embeddings
+    (:func:`leanscale.models.static_text_encoder`: a text is the mean of its tokens' rows, ~0.3 ms
+    a text instead of MiniLM's ~20 ms; ``pip install 'leanscale[static-embeddings]'``); the head is
+    a linear or small MLP :class:`~leanscale.cascade.EmbeddingClassifier` on the embeddings,
+    optionally on the embeddings stacked with a TF-IDF model's scaled log-probabilities (as
+    :class:`leanscale.cascade.stacking.StackedEncoder` does for MiniLM). Build one with
+    :meth:`fit`, or wrap a fitted head.
+
+    Parameters:
+        head: a fitted model of the features: ``predict_proba_embeddings(F)`` (an
+            :class:`EmbeddingClassifier`) or ``predict_proba(F)`` (e.g. a scikit-learn classifier),
+            and ``classes_``.
+        encoder: a :class:`~leanscale.models.StaticTextEncoder`, any callable ``texts -> (n, d)``,
+            or ``None``: the distilled MiniLM in ``cache_dir()/minilm-static-256`` (built there on
+            first use, ~15 s; the folder the gateway's semantic cache uses).
+        tfidf: a fitted :class:`~leanscale.cascade.TfidfClassifier` whose
+            ``STACK_SCALE * log p`` columns follow the embedding (None: the embedding alone).
+        name, cost, temperature, batch_size, timeout: as :class:`ModelStage`.
+
+    The stage's transform is Python code, so :meth:`Cascade.save` saves it by name (pass it back
+    in ``objects=`` to load).
+    """
+
+    def __init__(self, head: Any, encoder: Any = None, name: str = "static", cost: float | None = None, *,
+                 tfidf: Any = None, temperature: float = 1.0, batch_size: int = 1024, timeout: float | None = None):
+        owner = "StaticEmbeddingStage"
+        if getattr(head, "classes_", None) is None or not (
+                callable(getattr(head, "predict_proba_embeddings", None)) or callable(getattr(head, "predict_proba", None))):
+            raise InvalidParameterError(
+                f"The 'head' parameter of {owner} must be a fitted model of embeddings with classes_ and "
+                f"predict_proba_embeddings (an EmbeddingClassifier) or predict_proba. Got {type(head).__name__} instead.")
+        if encoder is not None and not callable(encoder) and not callable(getattr(encoder, "encode", None)):
+            raise InvalidParameterError(
+                f"The 'encoder' parameter of {owner} must be None, a StaticTextEncoder or a callable texts -> (n, d). "
+                f"Got {type(encoder).__name__} instead.")
+        if tfidf is not None and not callable(getattr(tfidf, "predict_proba", None)):
+            raise InvalidParameterError(
+                f"The 'tfidf' parameter of {owner} must be None or a fitted TfidfClassifier. "
+                f"Got {type(tfidf).__name__} instead.")
+        self.head, self.encoder, self.tfidf = head, encoder, tfidf
+        self._encode_fn = None
+        super().__init__(_EmbeddingHead(head), name, cost, transform=self.features, temperature=temperature,
+                         batch_size=batch_size, timeout=timeout)
+
+    def _encoder(self):
+        if self._encode_fn is None:
+            enc = _default_static_encoder() if self.encoder is None else self.encoder
+            self._encode_fn = enc.encode if callable(getattr(enc, "encode", None)) else enc
+        return self._encode_fn
+
+    def embed(self, texts: Sequence) -> np.ndarray:
+        """(n, d) float32 embeddings of ``texts`` by the encoder."""
+        texts = [str(t) for t in texts]
+        E = np.asarray(self._encoder()(texts), dtype=np.float32)
+        if E.ndim != 2 or E.shape[0] != len(texts):
+            raise StageError(f"stage {self.name!r}: the encoder returned shape {E.shape} for {len(texts)} texts; "
+                             "expected (n, d)")
+        return E
+
+    def features(self, texts: Sequence, embeddings: np.ndarray | None = None) -> np.ndarray:
+        """The head's input: the embeddings (given, or computed), then the TF-IDF block if any."""
+        E = self.embed(texts) if embeddings is None else np.asarray(embeddings, dtype=np.float32)
+        if self.tfidf is None:
+            return E
+        from leanscale.cascade.stacking import STACK_SCALE
+
+        logp = np.log(np.clip(self.tfidf.predict_proba([str(t) for t in texts]), 1e-6, 1.0))
+        return np.hstack([E, STACK_SCALE * logp]).astype(np.float32)
+
+    @classmethod
+    def fit(cls, texts: Sequence, y: Sequence, *, encoder: Any = None, tfidf: Any = None, hidden: int = 0,
+            epochs: int = 20, lr: float = 1e-3, seed: int = 0, name: str = "static", cost: float | None = None,
+            embeddings: np.ndarray | None = None, timeout: float | None = None) -> StaticEmbeddingStage:
+        """Train the head on ``texts`` (labels ``y``) and return the stage.
+
+        With ``tfidf``, the head's training features use *cross-fitted* TF-IDF log-probabilities
+        (:func:`leanscale.cascade.stacking.cross_fitted_logp`: TF-IDF is over-confident on its own
+        training texts) while prediction uses ``tfidf`` itself. ``embeddings``: the texts'
+        embeddings when already at hand (skips encoding). ``hidden``: 0 = logistic regression.
+        """
+        from leanscale.cascade.embedding_head import EmbeddingClassifier
+
+        owner = "StaticEmbeddingStage.fit"
+        if isinstance(texts, (str, bytes)) or not hasattr(texts, "__len__"):
+            raise InvalidParameterError(f"The 'texts' parameter of {owner} must be a list of texts. "
+                                        f"Got {type(texts).__name__} instead.")
+        texts = [str(t) for t in texts]
+        y = list(y)
+        if len(texts) != len(y) or not texts:
+            raise InvalidParameterError(f"The 'texts' and 'y' parameters of {owner} must be non-empty and of equal "
+                                        f"length. Got {len(texts)} texts and {len(y)} labels.")
+        stage = cls(_Unfitted(), encoder, name, cost, tfidf=tfidf, timeout=timeout)
+        E = stage.embed(texts) if embeddings is None else np.asarray(embeddings, dtype=np.float32)
+        if E.ndim != 2 or E.shape[0] != len(texts):
+            raise InvalidParameterError(f"The 'embeddings' parameter of {owner} must have shape ({len(texts)}, d). "
+                                        f"Got {E.shape}.")
+        F = E
+        if tfidf is not None:
+            from leanscale.cascade.stacking import cross_fitted_logp
+
+            F = np.hstack([E, cross_fitted_logp(texts, y, tfidf.classes_, seed)]).astype(np.float32)
+        head = EmbeddingClassifier(encoder=None, hidden=hidden, epochs=epochs, lr=lr, seed=seed).fit_embeddings(F, y)
+        stage.head = head
+        stage.model = _EmbeddingHead(head)
+        stage.classes = np.asarray(list(head.classes_), dtype=object)
+        return stage
+
+
+class _Unfitted:  # a placeholder head while StaticEmbeddingStage.fit trains the real one
+    classes_ = ()
+
+    def predict_proba(self, F):  # pragma: no cover - replaced before use
+        raise StageError("the head is not fitted")
 
 
 class CallableStage(Stage):
