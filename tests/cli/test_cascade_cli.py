@@ -164,6 +164,27 @@ def test_rules_stage_is_skipped_with_a_note_when_no_rule_passes(data, capsys):
     assert "left no stage to run" in capsys.readouterr().err
 
 
+def test_learned_deferral_is_fit_saved_and_used_after_load(data, capsys):
+    """`--deferral learned` reaches the Cascade, the saved file keeps the deferral models, and the
+    loaded cascade routes exactly as the fitted one did (the eval JSON written at fit time)."""
+    out = data["root"] / "learned.json"
+    assert main(["cascade", "fit", "--data", str(data["jsonl"]), "--stages", "rules,tfidf", "--costs", COSTS,
+                 "--min-precision", "0.8", "--deferral", "learned", "--out", str(out)]) == 0
+    capsys.readouterr()
+    cascade = Cascade.load(out)
+    assert cascade.deferral == "learned" and cascade.deferral_
+    doc = json.loads(out.with_name("learned.eval.json").read_text())
+    assert doc["settings"]["deferral"] == "learned"
+    texts = [t for t, _ in data["rows"]]
+    y = np.array([lab for _, lab in data["rows"]], dtype=object)
+    te = doc["indices"]["test"]
+    routed = cascade.predict_detailed([texts[i] for i in te])
+    assert doc["test"]["accuracy"] == pytest.approx(float(np.mean(routed.labels == y[te])), abs=1e-12)
+    assert doc["test"]["mean_cost"] == pytest.approx(float(routed.cost.mean()))
+    assert main(["cascade", "eval", str(out), "--data", str(data["jsonl"]), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == doc["test"]["accuracy"]
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--stages", "rules,bert"], ("The '--stages' parameter of leanscale cascade fit must be one of 'minilm', "
                                   "'rules', 'tfidf'. Got 'bert' instead.")),
@@ -173,6 +194,8 @@ def test_rules_stage_is_skipped_with_a_note_when_no_rule_passes(data, capsys):
     (["--stages", "tfidf", "--target-accuracy", "0.999", "--costs", "tfidf=1"],
      "no combination of stages reaches it on the calibration data: the best reachable accuracy is"),
     (["--stages", "tfidf", "--guarantee"], "'--guarantee' parameter of leanscale cascade fit needs --target-accuracy"),
+    (["--stages", "tfidf", "--target-accuracy", "0.6", "--guarantee", "--deferral", "learned"],
+     "'--deferral' parameter of leanscale cascade fit must be 'confidence' with --guarantee"),
     (["--stages", "tfidf", "--target-accuracy", "1.5"], "'--target-accuracy' parameter of leanscale cascade fit"),
     (["--stages", "tfidf", "--max-examples", "2"], "'--max-examples' parameter of leanscale cascade fit"),
 ])

@@ -384,6 +384,7 @@ def fit_text_cascade(
     model_sources: Mapping[str, str] | None = None,
     model_param: str = "models",
     owner: str | None = None,
+    deferral: str = "confidence",
 ) -> TextCascadeFit:
     """Train the built-in stages on train, fit the cascade's thresholds on calibration, test it.
 
@@ -393,7 +394,9 @@ def fit_text_cascade(
         split: where each example goes; None: ``split_labelled(labels, seed=seed)`` (every row).
         min_precision: the mined rules' precision bound (:func:`build_text_stages`).
         costs: declared cost per request of some stages; the others are measured.
-        target_accuracy, budget, guarantee, delta, calibrate: as in :class:`~leanscale.cascade.Cascade`.
+        target_accuracy, budget, guarantee, delta, calibrate, deferral: as in
+            :class:`~leanscale.cascade.Cascade` (``deferral="learned"``: a learned "is this answer right?"
+            score per stage instead of the raw confidence).
         seed: seeds the models and the cascade.
         log: called with progress lines (one per stage).
         models, model_sources, model_param, owner: the user's own stages, as in
@@ -443,13 +446,13 @@ def fit_text_cascade(
             f"The 'stages' parameter of {owner} left no stage to run: no rule passed min_precision={min_precision} "
             "(--min-precision). Add tfidf or minilm to the stages, or lower min_precision.")
     cascade = Cascade(built, target_accuracy=target_accuracy, budget=budget, guarantee=guarantee,
-                      delta=delta, calibrate=calibrate, seed=seed)
+                      delta=delta, calibrate=calibrate, seed=seed, deferral=deferral)
     cascade.fit(sub(ca), y[ca])
     summary = evaluate_cascade(cascade, sub(te), y[te])
     return TextCascadeFit(
         cascade=cascade, split=split, stages_requested=names, costs_declared=costs,
         settings={"target_accuracy": target_accuracy, "budget": budget, "guarantee": guarantee,
-                  "delta": delta, "calibrate": calibrate, "min_precision": min_precision},
+                  "delta": delta, "calibrate": calibrate, "min_precision": min_precision, "deferral": deferral},
         test_summary=summary, test_fingerprint=_fingerprint(texts, y, te), seed=seed,
     )
 

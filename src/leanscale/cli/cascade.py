@@ -35,6 +35,7 @@ examples:
   leanscale cascade fit --data tickets.jsonl --stages rules,tfidf --costs rules=0.0001,tfidf=0.01 \\
       --budget 0.005 --out tickets.json
   leanscale cascade fit --data wordnet --target-accuracy 0.7 --guarantee --delta 0.05 --out g.json
+  leanscale cascade fit --data tickets.csv --stages rules,tfidf,minilm --deferral learned --out l.json
   leanscale cascade fit --data tickets.csv --text-column body --label-column queue \
       --stages rules,mine,minilm --model mine=models.py:make --costs mine=0.01 --out c.json
       your model as the stage 'mine', between the rules and MiniLM (see --model below)
@@ -117,6 +118,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="certify --target-accuracy with probability >= 1 - delta (Learn-then-Test)")
     q.add_argument("--delta", type=float, default=0.05, help="risk level of --guarantee (0.05)")
     q.add_argument("--calibrate", action="store_true", help="fit a temperature per model stage first")
+    q.add_argument("--deferral", choices=("confidence", "learned"), default="confidence",
+                   help="when a stage passes a request on: its raw confidence below a threshold (default), or a "
+                   "learned score of whether its answer is right (margin, entropy, length, agreement with earlier "
+                   "stages; fitted on the calibration split)")
     q.add_argument("--costs", default=None, metavar="NAME=COST,...",
                    help="declared cost per request of some stages, e.g. rules=0.001,tfidf=0.05,minilm=2 "
                    "(default: measured, wall seconds per request)")
@@ -235,6 +240,10 @@ def _check_args(args) -> None:
     if args.guarantee and args.target_accuracy is None:
         raise InvalidParameterError(
             f"The '--guarantee' parameter of {_FIT} needs --target-accuracy: the accuracy to certify.")
+    if args.guarantee and args.deferral == "learned":
+        raise InvalidParameterError(
+            f"The '--deferral' parameter of {_FIT} must be 'confidence' with --guarantee (the certificate covers "
+            "thresholds on the raw confidence). Got 'learned'.")
 
 
 def _source_name(data: str) -> str:
@@ -311,7 +320,7 @@ def run_fit(args) -> int:
         texts, y, stages=names, split=split, min_precision=args.min_precision, costs=costs,
         target_accuracy=args.target_accuracy, budget=args.budget, guarantee=args.guarantee, delta=args.delta,
         calibrate=args.calibrate, seed=args.seed, log=_say, models=models, model_sources=sources,
-        model_param="--model", owner=_FIT,
+        model_param="--model", owner=_FIT, deferral=args.deferral,
     )
     _say("")
     _say(result.cascade.explain())
