@@ -213,6 +213,50 @@ def test_recorded_costs_are_saved_and_shown(tmp_path, chapters, monkeypatch, cap
     assert "omega train  1.5" in capsys.readouterr().out
 
 
+def test_the_ledger_figure_is_written_beside_the_ledger(tmp_path, chapters, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    from leanscale.core.ledger import CostLedger
+    from leanscale.core.measure import measure
+
+    def spends(ctx):
+        with measure("cpu") as m:
+            x = bytearray(b"\x01") * (20 * 2**20)  # 20 MiB, written
+        del x
+        ctx.ledger.record("base", flops=4e9, seconds=2.0, peak_memory_bytes=m.peak_memory_bytes,
+                          compare="omega vs base", side="baseline")
+        ctx.ledger.record("omega", flops=1e9, seconds=1.0, peak_memory_bytes=m.peak_memory_bytes // 2,
+                          compare="omega vs base", side="technique")
+        ctx.ledger.record("alone", seconds=1.0, peak_memory_bytes=0)
+        return ChapterResult(title="spends")
+
+    monkeypatch.setattr(chapters, "spends", spends, raising=False)
+    result = run_tour(tmp_path, techniques=[technique("omega", "spends")], ledger=CostLedger(), echo=True)
+    assert result.ledger_png == tmp_path / "ledger.png"
+    assert result.ledger_png.read_bytes()[:4] == b"\x89PNG"
+    summary = json.loads(result.summary_json.read_text())
+    assert summary["ledger_figure"] == "ledger.png"
+    assert summary["chapters"][0]["cpu_seconds"] >= 0
+    rows = json.loads(result.ledger_json.read_text())["entries"]
+    assert all(r["peak_memory_bytes"] is not None for r in rows)
+    assert rows[0]["peak_memory_bytes"] >= 19 * 2**20
+    page = result.index_html.read_text()
+    assert "cost next to its baseline" in page and page.count("data:image/png;base64,") == 1
+    assert "ledger.png" in capsys.readouterr().out
+
+
+def test_a_malformed_comparison_leaves_a_note_not_a_failed_tour(tmp_path, chapters, monkeypatch):
+    from leanscale.core.ledger import CostLedger
+
+    def spends(ctx):
+        ctx.ledger.record("odd", seconds=1.0, compare="c", side="middle")
+        return ChapterResult(title="spends")
+
+    monkeypatch.setattr(chapters, "spends", spends, raising=False)
+    result = run_tour(tmp_path, techniques=[technique("omega", "spends")], ledger=CostLedger(), echo=False)
+    assert result.ok and result.ledger_png is None and not (tmp_path / "ledger.png").exists()
+    assert "&#x27;side&#x27; metadata of ledger row &#x27;odd&#x27;" in result.index_html.read_text()
+
+
 def test_no_ledger_file_without_costs(tmp_path, chapters):
     result = run_tour(tmp_path, techniques=[technique("delta", "png")], ledger=FakeLedger(), echo=False)
     assert result.ledger_json is None and not (tmp_path / "ledger.json").exists()

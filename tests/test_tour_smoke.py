@@ -8,7 +8,7 @@ import pytest
 from leanscale.cli.main import main
 
 
-@pytest.mark.slow  # ~90 s: the whole quick tour
+@pytest.mark.slow  # ~2 minutes: the whole quick tour
 def test_quick_tour_runs_every_available_chapter(tmp_path, capsys):
     out = tmp_path / "tour-report"
     start = time.perf_counter()
@@ -28,6 +28,12 @@ def test_quick_tour_runs_every_available_chapter(tmp_path, capsys):
     assert any(m.startswith("accuracy gap") and "with the recipe" in m for m in rows)
     assert any(m.startswith("B_simple") for m in rows)
     assert (out / "ledger.json").is_file()
+    entries = json.loads((out / "ledger.json").read_text())["entries"]
+    assert entries and all(e["peak_memory_bytes"] is not None for e in entries)  # every row measured
+    assert summary["ledger_figure"] == "ledger.png" and (out / "ledger.png").is_file()
+    compared = {e["meta"]["compare"] for e in entries if "compare" in e["meta"]}
+    assert len(compared) >= 5  # large batch, pruning, SWAT, MoE, cascade: each next to its baseline
+    assert all(c["cpu_seconds"] is not None for c in summary["chapters"] if c["status"] == "ok")
     assert chapters["cascade"]["status"] == "ok"
     rows = {row["metric"]: row["value"] for row in chapters["cascade"]["summary_rows"]}
     assert any(m.startswith("cascade vs big model") for m in rows)

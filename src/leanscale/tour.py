@@ -9,7 +9,9 @@ techniques appear as "planned (issue #N)". A chapter that raises is reported as 
 message, and the tour goes on; :attr:`TourResult.failed` lists it and the CLI exits with 1.
 
 Output, written atomically under ``out_dir``: ``index.html`` (self-contained, figures embedded),
-``summary.json`` and, when chapters recorded costs in ``ctx.ledger``, ``ledger.json``; a chapter
+``summary.json`` and, when chapters recorded costs in ``ctx.ledger``, ``ledger.json`` and, when
+rows pair a technique with its baseline (metadata ``compare`` / ``side``, see
+:mod:`leanscale.report.costs`), ``ledger.png`` (each technique's cost next to its baseline's); a chapter
 may keep files in ``ctx.chapter_dir`` (``out_dir/<name>/``).
 
 A chapter is a function ``chapter(ctx: TourContext) -> ChapterResult`` (an example is in
@@ -26,6 +28,7 @@ technique never imports this module, which loads the chapters). They stay import
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import time
 import traceback
@@ -80,9 +83,17 @@ def _say(echo: bool, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its children that have been waited for
+    (the scaling chapter trains in worker processes)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def _run_chapter(technique: TechniqueInfo, ctx: TourContext) -> ChapterOutcome:
     base = dict(name=technique.name, papers=tuple(technique.papers), issues=tuple(technique.issues))
     start = time.perf_counter()
+    cpu_start = _cpu_seconds()
     try:
         chapter = load_object(technique.tour_chapter)  # type: ignore[arg-type]
         result = chapter(ctx)
@@ -95,12 +106,13 @@ def _run_chapter(technique: TechniqueInfo, ctx: TourContext) -> ChapterOutcome:
         seconds = time.perf_counter() - start
         error = f"{type(exc).__name__}: {exc}"
         return ChapterOutcome(title=technique.title, status="failed", label="failed", seconds=seconds,
-                              error=error, traceback=traceback.format_exc(), **base)
+                              cpu_seconds=_cpu_seconds() - cpu_start, error=error,
+                              traceback=traceback.format_exc(), **base)
     seconds = time.perf_counter() - start
     result.seconds = seconds
     rows = [dict(r) for r in result.summary_rows]
     return ChapterOutcome(title=result.title, status="ok", label="ok", seconds=seconds,
-                          summary_rows=rows, **base)
+                          cpu_seconds=_cpu_seconds() - cpu_start, summary_rows=rows, **base)
 
 
 def _terminal_summary(result: TourResult) -> str:
@@ -115,7 +127,8 @@ def _terminal_summary(result: TourResult) -> str:
     if metrics:
         parts.append(format_table(metrics, title="Results: ours next to the paper", max_width=60))
     if result.ledger_json is not None:
-        parts.append("Cost ledger (every chapter, one bill)\n" + result.ledger.summary_table())
+        parts.append("Cost ledger (every chapter, one bill)\n" + result.ledger.summary_table()
+                     + (f"\nEach technique next to its baseline: {result.ledger_png}" if result.ledger_png else ""))
     parts.append(f"Report: {result.index_html}  ({result.seconds:.1f} s in all)")
     if result.failed:
         parts.append(f"FAILED: {', '.join(c.name for c in result.failed)} (see the report for the traceback)")
@@ -146,10 +159,35 @@ def _build_report(result: TourResult, body: HTMLReport) -> HTMLReport:
         report.add_section("Cost ledger")
         report.add_paragraph(
             "What every chapter spent, on one bill: FLOPs, wall seconds, peak memory and examples "
-            f"(entries in {result.ledger_json.name})."
+            f"(entries in {result.ledger_json.name}). Peak memory is the largest increase of the "
+            "process's resident memory over its value when the block started, sampled from "
+            "/proc/self/statm (worker processes included for the scaling sweep; the CUDA allocator's "
+            "peak on a GPU): memory the process had already mapped and reuses does not count again."
         )
         report.add_preformatted(result.ledger.summary_table())
+        if result.ledger_png is not None:
+            report.add_figure(result.ledger_png.read_bytes(), caption=(
+                "Each technique's cost next to its baseline's (log scale; the multiple is the technique's "
+                f"cost over the baseline's; {result.ledger_png.name}). Rows without a baseline (the scaling "
+                "sweep, the gateway replay) are in the table only."))
+        elif result.ledger_figure_note:
+            report.add_note(result.ledger_figure_note, kind="planned")
     return report
+
+
+def _ledger_figure(result: TourResult) -> None:
+    """``out_dir/ledger.png`` beside ``ledger.json`` when the ledger pairs a technique with its
+    baseline; without matplotlib, a note says why there is no figure."""
+    from leanscale.core.errors import MissingDependencyError
+    from leanscale.report.costs import ledger_comparisons, ledger_figure
+
+    try:
+        if not hasattr(result.ledger, "to_rows") or not ledger_comparisons(result.ledger):
+            return
+        ledger_figure(result.ledger, result.out_dir / "ledger.png")
+        result.ledger_png = result.out_dir / "ledger.png"
+    except (MissingDependencyError, InvalidParameterError) as exc:  # no matplotlib; a malformed row
+        result.ledger_figure_note = f"No figure of the cost ledger: {exc}"
 
 
 def run_tour(
@@ -173,7 +211,8 @@ def run_tour(
             tests pass their own.
         ledger: the cost ledger chapters record into (default: a new
             :class:`~leanscale.core.ledger.CostLedger`). When it has entries after the tour it is
-            saved as ``out_dir/ledger.json`` and summarised in the report.
+            saved as ``out_dir/ledger.json`` and summarised in the report, and its comparisons
+            drawn in ``out_dir/ledger.png`` (:func:`~leanscale.report.costs.ledger_figure`).
         echo: print progress to stderr and the summary tables to stdout.
 
     Returns:
@@ -231,7 +270,8 @@ def run_tour(
             continue
         outcomes.append(outcome)
         if outcome.status == "ok":
-            _say(echo, f"[tour {i}/{len(selected)}] {t.name}: ok in {outcome.seconds:.1f} s")
+            _say(echo, f"[tour {i}/{len(selected)}] {t.name}: ok in {outcome.seconds:.1f} s "
+                       f"({outcome.cpu_seconds:.1f} s CPU)")
             if outcome.summary_rows:
                 body.add_table(outcome.summary_rows, caption="Summary: ours next to the paper")
             body.add_note(f"Chapter ran in {outcome.seconds:.1f} s.", kind="ok")
@@ -246,6 +286,7 @@ def run_tour(
     )
     if ledger is not None and len(ledger):
         result.ledger_json = ledger.save(out / "ledger.json")
+        _ledger_figure(result)
     _build_report(result, body).write(result.index_html)
     atomic_write_json(result.summary_json, result.to_dict())
     if interrupted is not None:

@@ -261,9 +261,72 @@ def test_measure_cpu_sees_a_freed_peak():
     assert m.peak_memory_bytes >= 150 * MB
 
 
+def test_measure_cpu_peak_is_the_allocation_within_a_tolerance():
+    # brute force: a block that holds a known 200 MiB tensor (written, so resident) and nothing
+    # else big reads 200 MiB, give or take the allocator's and the sampler's few MiB
+    with measure("cpu", interval_seconds=0.001) as m:
+        x = torch.full((50 * MB,), 1.5)  # 50 Mi float32 = 200 MiB
+    assert 195 * MB <= m.peak_memory_bytes <= 215 * MB
+    del x
+
+
+def test_measure_counts_memory_freed_before_the_block_and_reused_in_it():
+    # 100 chunks of 1 MiB, written and freed twice, a live tensor above them: glibc keeps them
+    # mapped (freeing a mmap'd chunk raised its mmap threshold, so the second round came from the
+    # heap). The same allocation inside the block must still read ~100 MiB: without measure's
+    # malloc_trim it read ~1 MiB here.
+    for _ in range(2):
+        chunks = [torch.full((MB // 4,), 1.0) for _ in range(100)]
+        keep = torch.ones(10)  # noqa: F841 -- pins the top of the heap
+        del chunks
+    with measure("cpu", interval_seconds=0.001) as m:
+        chunks = [torch.full((MB // 4,), 2.0) for _ in range(100)]  # 100 x 1 MiB
+    assert 95 * MB <= m.peak_memory_bytes <= 115 * MB
+    del chunks
+
+
+def test_measure_children_counts_a_child_process():
+    import subprocess
+    import sys
+
+    # the child writes 200 MiB, says so, and waits: the sampler sees its RSS; without children=True
+    # this process's own RSS barely moves
+    code = ("import sys, time; b = b'\\x01' * (200 * 2**20); print('ready', flush=True); "
+            "sys.stdin.readline()")
+    for children in (True, False):
+        with measure("cpu", interval_seconds=0.005, children=children) as m:
+            child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+            assert child.stdout.readline().strip() == "ready"
+            time.sleep(0.05)  # a few samples while the child holds its 200 MiB
+            child.communicate("\n", timeout=30)
+        if children:
+            assert m.method == "proc_statm_rss_tree"
+            assert 195 * MB <= m.peak_memory_bytes <= 260 * MB  # + the interpreter's own ~10 MiB
+        else:
+            assert m.method == "proc_statm_rss" and m.peak_memory_bytes < 50 * MB
+
+
+def test_tracked_memory_round_trips_through_the_ledger_file(tmp_path):
+    ledger = CostLedger()
+    with ledger.track("alloc", device="cpu", compare="c", side="technique"):
+        x = torch.ones(25 * MB)  # 100 MiB
+    del x
+    ledger.record("base", seconds=2.0, peak_memory_bytes=123_456_789, compare="c", side="baseline")
+    assert ledger.entries[0].peak_memory_bytes >= 90 * MB
+    back = CostLedger.load(ledger.save(tmp_path / "ledger.json"))
+    assert back.entries == ledger.entries
+    assert [e.peak_memory_bytes for e in back] == [e.peak_memory_bytes for e in ledger]
+    assert back.entries[0].meta["memory_method"] == "proc_statm_rss"
+    assert "117.7 MiB" in back.summary_table()  # 123,456,789 B
+
+
 def test_measure_rejects_bad_device():
     with pytest.raises(InvalidParameterError, match="'device' parameter of measure"):
         with measure("tpu"):
+            pass
+    with pytest.raises(InvalidParameterError, match="'children' parameter of measure"):
+        with measure("cpu", children="yes"):
             pass
     with pytest.raises(InvalidParameterError, match="'interval_seconds' parameter of measure"):
         with measure("cpu", interval_seconds=0):

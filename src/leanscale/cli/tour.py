@@ -40,7 +40,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from leanscale.tour import run_tour  # the tour imports more than `leanscale --help` needs
+    # the tour imports more than `leanscale --help` needs
+    from leanscale.tour import run_tour
 
     result = run_tour(out_dir=args.out, quick=args.quick, chapters=args.only, seed=args.seed)
     return 1 if result.failed else 0

@@ -186,9 +186,13 @@ class CostLedger:
         flops: float | FlopCount | None = None,
         n_examples: int | None = None,
         device: str | torch.device | None = None,
+        children: bool = False,
         **meta: Any,
     ) -> Iterator[CostEntry]:
         """Measure the ``with`` block (see :func:`measure`) and record it as one entry.
+
+        ``children=True`` counts the resident memory of child processes too (on the CPU), e.g.
+        the workers of a sweep.
 
         The entry is yielded, so the block may fill in ``flops``, ``n_examples`` or ``meta``
         once it knows them. It is appended when the block ends without an exception; a block
@@ -196,7 +200,7 @@ class CostLedger:
         """
         entry = CostEntry(name, flops, None, None, n_examples, dict(meta))
         _check_entry(entry, "CostLedger.track")  # fail before the work, not after
-        with measure(device) as m:
+        with measure(device, children=children) as m:
             yield entry
         entry.seconds = m.seconds
         entry.peak_memory_bytes = m.peak_memory_bytes

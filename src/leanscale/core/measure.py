@@ -38,7 +38,8 @@ class Measurement:
         peak_memory_bytes: Peak increase of memory over its value at the start (see ``method``).
         device: ``"cpu"`` or ``"cuda:N"``.
         method: How memory was measured: ``"cuda_max_memory_allocated"``, ``"proc_statm_rss"``,
-            ``"getrusage_maxrss"`` or ``"unavailable"``.
+            ``"proc_statm_rss_tree"`` (with child processes), ``"getrusage_maxrss"`` or
+            ``"unavailable"``.
     """
 
     seconds: float = 0.0
@@ -91,11 +92,43 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-class _RSSSampler:
-    """Samples the resident set size from /proc/self/statm in a daemon thread; keeps the max."""
+def _descendants(pid: int) -> list[int]:
+    """The live descendants of ``pid`` (children, grandchildren, ...) from
+    ``/proc/<pid>/task/<tid>/children``; a process that ends meanwhile is skipped."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{p}/task/{tid}/children", "rb") as f:
+                    kids = [int(k) for k in f.read().split()]
+            except (OSError, ValueError):
+                continue
+            out += kids
+            todo += kids
+    return out
 
-    def __init__(self, interval_seconds: float):
+
+def _rss_of(pid: int, page_size: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * page_size
+    except (OSError, ValueError, IndexError):  # ended meanwhile
+        return 0
+
+
+class _RSSSampler:
+    """Samples the resident set size from /proc/self/statm in a daemon thread; keeps the max.
+
+    With ``children``, the sum over this process and its live descendants (worker processes)."""
+
+    def __init__(self, interval_seconds: float, children: bool = False):
         self.interval = interval_seconds
+        self.children = children
         self.page_size = os.sysconf("SC_PAGE_SIZE")
         self.fd = os.open(_STATM, os.O_RDONLY)
         self.start = self.peak = self.read()
@@ -105,7 +138,10 @@ class _RSSSampler:
 
     def read(self) -> int:
         # statm: size resident shared text lib data dt, in pages; the 2nd field is the RSS.
-        return int(os.pread(self.fd, 256, 0).split()[1]) * self.page_size
+        own = int(os.pread(self.fd, 256, 0).split()[1]) * self.page_size
+        if not self.children:
+            return own
+        return own + sum(_rss_of(pid, self.page_size) for pid in _descendants(os.getpid()))
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -119,6 +155,26 @@ class _RSSSampler:
         return self.peak - self.start
 
 
+def _malloc_trim() -> None:
+    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim(0)``; elsewhere
+    nothing), so that memory freed before a measured block and reused inside it counts as the
+    block's: glibc keeps freed chunks below its mmap threshold (which grows up to 32 MiB) mapped."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):  # not glibc
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+
+
 def _maxrss_bytes() -> int | None:
     try:
         import resource
@@ -130,7 +186,7 @@ def _maxrss_bytes() -> int | None:
 
 @contextlib.contextmanager
 def measure(
-    device: str | torch.device | None = None, *, interval_seconds: float = 0.002
+    device: str | torch.device | None = None, *, interval_seconds: float = 0.002, children: bool = False
 ) -> Iterator[Measurement]:
     """Measure wall seconds and peak memory of the ``with`` block.
 
@@ -145,11 +201,27 @@ def measure(
       synchronized at the start and the end, so ``seconds`` includes the queued kernels.
     * **CPU**: the largest increase of this process's resident set size (all threads) over its
       value at the start, sampled from ``/proc/self/statm`` every ``interval_seconds`` by a
-      background thread and once more at the end. Memory that is allocated but never touched,
-      or that the allocator reuses from what it had already mapped, does not raise the RSS; a
-      spike shorter than the interval can be missed. Without ``/proc`` (macOS) the fallback is
-      the increase of ``getrusage``'s lifetime max RSS, which is 0 unless the block sets a new
-      lifetime peak.
+      background thread and once more at the end. The C heap's free pages are handed back first
+      (glibc's ``malloc_trim``), so that memory freed before the block and reused in it counts.
+      Memory that is allocated but never touched, or that another allocator keeps mapped after
+      freeing it, does not raise the RSS; a spike shorter than the interval can be missed. With ``children=True`` each sample is the
+      sum over this process and its live descendants (e.g. the worker processes of a sweep;
+      ``method`` ``"proc_statm_rss_tree"``): a page shared by two processes (the libraries every
+      worker maps) counts once in each, so this errs high, and a worker that starts and ends
+      between two samples is missed. Without ``/proc`` (macOS) the fallback is the increase of
+      ``getrusage``'s lifetime max RSS, which is 0 unless the block sets a new lifetime peak.
+
+    Why sampling: ``tracemalloc`` sees only Python's allocator, not the buffers of torch or
+    numpy; ``getrusage(RUSAGE_SELF).ru_maxrss`` is the maximum over the whole life of the
+    process, so a block that stays below an earlier peak (a chapter after a bigger one) reads 0.
+    A thread reading the 2nd field of ``/proc/self/statm`` (one ``pread``, a few microseconds)
+    every ``interval_seconds`` gives the block's own peak over its start.
+
+    Args:
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, a :class:`torch.device` or None (the GPU
+            when one is available, else the CPU).
+        interval_seconds: the CPU sampling interval.
+        children: on the CPU, also count the resident memory of child processes.
 
     Example:
         >>> import torch
@@ -161,6 +233,7 @@ def measure(
     dev = _resolve_device(device)
     check_param("interval_seconds", interval_seconds, [Interval("real", 0, None, closed="neither")],
                 owner="measure")
+    check_param("children", children, [bool], owner="measure")
     record = Measurement(device=str(dev))
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -183,7 +256,11 @@ def measure(
             record.method = "cuda_max_memory_allocated"
         return
 
-    sampler = _RSSSampler(interval_seconds) if os.path.exists(_STATM) else None
+    if os.path.exists(_STATM):
+        _malloc_trim()  # the start value without freed memory the block would reuse unseen
+        sampler = _RSSSampler(interval_seconds, children)
+    else:
+        sampler = None
     rss_start = _maxrss_bytes() if sampler is None else None
     t0 = time.perf_counter()
     try:
@@ -192,7 +269,7 @@ def measure(
         record.seconds = time.perf_counter() - t0
         if sampler is not None:
             record.peak_memory_bytes = max(0, sampler.stop())
-            record.method = "proc_statm_rss"
+            record.method = "proc_statm_rss_tree" if children else "proc_statm_rss"
         elif rss_start is not None:
             record.peak_memory_bytes = max(0, (_maxrss_bytes() or 0) - rss_start)
             record.method = "getrusage_maxrss"

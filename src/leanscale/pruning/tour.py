@@ -20,6 +20,7 @@ def _accuracy(model, x, y) -> float:
 
 def chapter(ctx):
     from leanscale.core.flops import count_flops
+    from leanscale.core.measure import measure
     from leanscale.models.cnn import MLPClassifier
     from leanscale.pruning._train import train_scoring_model
     from leanscale.pruning.datasets import load_pruning_data
@@ -44,14 +45,18 @@ def chapter(ctx):
     make_model = functools.partial(MLPClassifier, 784, 256, data.n_classes)
     flops_per_example = count_flops(make_model().eval(), x[:1]).total * 3  # forward + backward ~ 3x forward
 
+    # the cost ledger's figure sets scoring + training on the kept half next to training on all data
+    compare = f"pruning: EL2N scoring + train on the hardest {keep:.0%} vs all data"
     t0 = time.perf_counter()
-    pruner = DataPruner(metric="el2n", keep=keep, strategy="hard", model_fn=make_model, score_epochs=1.0,
-                        n_seeds=2, seed=ctx.seed, lr=0.05).fit(x, y.numpy())
+    with measure("cpu", interval_seconds=0.01) as m:
+        pruner = DataPruner(metric="el2n", keep=keep, strategy="hard", model_fn=make_model, score_epochs=1.0,
+                            n_seeds=2, seed=ctx.seed, lr=0.05).fit(x, y.numpy())
     score_s = time.perf_counter() - t0
     score_examples = 2 * 1.0 * n_train
     if ctx.ledger is not None:
         ctx.ledger.record("pruning: EL2N scoring (2 seeds x 1 epoch)", flops=flops_per_example * score_examples,
-                          seconds=score_s, n_examples=int(score_examples))
+                          seconds=score_s, n_examples=int(score_examples), peak_memory_bytes=m.peak_memory_bytes,
+                          memory_method=m.method, compare=compare, side="technique")
     subsets = [
         ("all data", None),
         (f"random {keep:.0%}", select(pruner.scores_, keep, strategy="random", labels=y.numpy(), seed=ctx.seed)),
@@ -63,15 +68,18 @@ def chapter(ctx):
     for label, idx in ctx.progress(subsets, desc="pruning: training"):
         xs, ys = (x, y) if idx is None else (x[idx], y[idx])
         t0 = time.perf_counter()
-        model = train_scoring_model(make_model, xs, ys, epochs=epochs, lr=0.05, seed=ctx.seed)
+        with measure("cpu", interval_seconds=0.01) as m:
+            model = train_scoring_model(make_model, xs, ys, epochs=epochs, lr=0.05, seed=ctx.seed)
         seconds = time.perf_counter() - t0
         examples = epochs * len(ys)
         rows.append({"training set": label, "examples": len(ys), "epochs": epochs,
                      "test accuracy": _accuracy(model, data.x_test, data.y_test),
                      "training GFLOPs": flops_per_example * examples / 1e9, "seconds": seconds})
         if ctx.ledger is not None:
+            side = {"all data": "baseline", f"EL2N, hardest {keep:.0%}": "technique"}.get(label)
             ctx.ledger.record(f"pruning: train on {label}", flops=flops_per_example * examples, seconds=seconds,
-                              n_examples=int(examples))
+                              n_examples=int(examples), peak_memory_bytes=m.peak_memory_bytes,
+                              memory_method=m.method, **({"compare": compare, "side": side} if side else {}))
     report.add_table(rows, caption=f"MLP 784-256-10, {epochs:g} epochs on each set; scoring cost "
                      f"{score_examples / (epochs * n_train):.0%} of one full-data run")
     report.add_paragraph(

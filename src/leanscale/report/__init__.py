@@ -2,11 +2,13 @@
 
 ``format_number`` decides how every number is shown, in the terminal and in HTML alike.
 matplotlib is imported only when a figure is made (``pip install 'leanscale[plots]'``).
+:func:`ledger_figure` draws a cost ledger: each technique's cost next to its baseline's.
 A technique's tour chapter takes a :class:`TourContext` and returns a :class:`ChapterResult`
 (:mod:`leanscale.report.chapter`); :mod:`leanscale.tour` runs the chapters.
 """
 
 from leanscale.report.chapter import ChapterOutcome, ChapterResult, TourContext, TourResult
+from leanscale.report.costs import ledger_comparisons, ledger_figure
 from leanscale.report.figures import figure_to_png_bytes, new_figure, plot_style
 from leanscale.report.html import HTMLReport, RawHTML
 from leanscale.report.table import format_number, format_table
@@ -23,4 +25,6 @@ __all__ = [
     "ChapterResult",
     "ChapterOutcome",
     "TourResult",
+    "ledger_figure",
+    "ledger_comparisons",
 ]

@@ -81,6 +81,7 @@ class ChapterOutcome:
     seconds: float | None = None
     summary_rows: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None  # "ValueError: ..." when the chapter failed
+    cpu_seconds: float | None = None  # user + system CPU of this process and its finished children
     traceback: str | None = None
     papers: tuple[str, ...] = ()
     issues: tuple[int, ...] = ()
@@ -99,6 +100,8 @@ class TourResult:
     seed: int
     ledger: Any = None  # the CostLedger every chapter recorded into (None without core.ledger)
     ledger_json: Path | None = None  # out_dir/ledger.json, written when the ledger has entries
+    ledger_png: Path | None = None  # out_dir/ledger.png: each technique's cost next to its baseline's
+    ledger_figure_note: str | None = None  # why there is no ledger.png (e.g. matplotlib missing)
 
     @property
     def failed(self) -> list[ChapterOutcome]:
@@ -116,6 +119,7 @@ class TourResult:
             "seconds": self.seconds,
             "failed": [c.name for c in self.failed],
             "ledger": self.ledger_json.name if self.ledger_json is not None else None,
+            "ledger_figure": self.ledger_png.name if self.ledger_png is not None else None,
             "chapters": [
                 {
                     "name": c.name,
@@ -123,6 +127,7 @@ class TourResult:
                     "status": c.status,
                     "label": c.label,
                     "seconds": c.seconds,
+                    "cpu_seconds": c.cpu_seconds,
                     "summary_rows": c.summary_rows,
                     "error": c.error,
                     "traceback": c.traceback,

@@ -29,6 +29,7 @@ def tour_sweep_config(quick: bool, seed: int = 0):
 
 
 def chapter(ctx):
+    from leanscale.core.measure import measure
     from leanscale.report.chapter import ChapterResult
     from leanscale.scaling.figures import contour_figure, isoflop_figure
     from leanscale.scaling.sweep import run_sweep
@@ -57,13 +58,16 @@ def chapter(ctx):
     sweep_dir = ctx.chapter_dir / "sweep"
     t0 = time.perf_counter()
     ctx.log(f"training {len(config.budgets_flops)} budgets x {config.n_sizes} sizes in {sweep_dir}")
-    result = run_sweep(config, sweep_dir, progress=ctx.echo)
+    # the runs train in worker processes: their resident memory counts too (measure's children=True)
+    with measure("cpu", interval_seconds=0.05, children=True) as m:
+        result = run_sweep(config, sweep_dir, progress=ctx.echo)
     seconds = time.perf_counter() - t0
     runs = read_runs(result.runs_csv)
     curves = read_curves(result.curves_csv)
     if ctx.ledger is not None:
         ctx.ledger.record("scaling: IsoFLOP sweep", flops=float(runs.flops.sum()), seconds=seconds,
-                          n_examples=int(runs.n_tokens.sum()), runs=int(runs.n_params.size))
+                          n_examples=int(runs.n_tokens.sum()), runs=int(runs.n_params.size),
+                          peak_memory_bytes=m.peak_memory_bytes, memory_method=m.method)
     analysis = analyze_runs(runs, curves, n_resamples=1000 if ctx.quick else 4000, seed=ctx.seed)
     analysis.write(ctx.chapter_dir / "fit", figures=False)
     report.add_paragraph(

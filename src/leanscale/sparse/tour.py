@@ -12,13 +12,14 @@ _MAIN_BENCHMARK = "swat_bncnn.json"
 def chapter(ctx):
     import torch
 
+    from leanscale.core.measure import measure
     from leanscale.data.fashion_mnist import fashion_mnist_tensors
     from leanscale.models.cnn import BNCNN
-    from leanscale.train import param_groups, seeded
-    from leanscale.train.classifier import fit_classifier
+    from leanscale.report.chapter import ChapterResult
     from leanscale.sparse import apply_swat
     from leanscale.sparse.report import swat_report
-    from leanscale.report.chapter import ChapterResult
+    from leanscale.train import param_groups, seeded
+    from leanscale.train.classifier import fit_classifier
 
     report = ctx.report
     report.add_paragraph(
@@ -45,15 +46,19 @@ def chapter(ctx):
         # SGD, momentum 0.9, weight decay 5e-4, LR 0.1 with a 0.1-epoch warmup and a cosine (the
         # large-batch chapter's baseline); one evaluation at the end
         optimizer = torch.optim.SGD(param_groups(model, 5e-4), lr=0.1, momentum=0.9)
-        result = fit_classifier(model, data, optimizer, batch_size=128, epochs=epochs, lr=0.1, seed=ctx.seed,
-                                decay="cosine", milestones=(), warmup_epochs=0.1, eval_every_epochs=epochs,
-                                technique="sparse")
+        with measure("cpu", interval_seconds=0.01) as m:
+            result = fit_classifier(model, data, optimizer, batch_size=128, epochs=epochs, lr=0.1, seed=ctx.seed,
+                                    decay="cosine", milestones=(), warmup_epochs=0.1, eval_every_epochs=epochs,
+                                    technique="sparse")
         measured[label] = model
         rows.append({"model": label, "test accuracy": result.test_accuracy, "seconds": result.seconds,
                      "steps": result.steps})
         if ctx.ledger is not None:
             ctx.ledger.record(f"sparse: train {label}", flops=result.flops_per_example * result.examples,
-                              seconds=result.seconds, n_examples=int(result.examples))
+                              seconds=result.seconds, n_examples=int(result.examples),
+                              peak_memory_bytes=m.peak_memory_bytes, memory_method=m.method,
+                              compare=f"sparse: SWAT-U {sparsity:.0%} vs dense (BNCNN)",
+                              side="baseline" if label == "dense" else "technique")
     dense_model, swat_model = measured["dense"], measured[f"SWAT-U {sparsity:.0%}"]
     step = swat_report(dense_model, swat_model, data[0][:128])
     t = step["total"]
@@ -95,11 +100,12 @@ def _moe_section(ctx) -> list[dict]:
     """Dense GPT vs the same GPT with every second MLP turned into 8 top-1 experts, same tokens."""
     import numpy as np
 
+    from leanscale.core.measure import measure
     from leanscale.data.text import TokenStream, encode_corpus
     from leanscale.models.transformer import GPT, GPTConfig
+    from leanscale.sparse import apply_moe, moe_aux_loss, moe_stats
     from leanscale.train import seeded
     from leanscale.train.lm import train_lm
-    from leanscale.sparse import apply_moe, moe_aux_loss, moe_stats
 
     report = ctx.report
     report.add_section("Mixture of experts: 8x the MLP parameters, the same FLOPs per token", level=3)
@@ -131,14 +137,19 @@ def _moe_section(ctx) -> list[dict]:
             if moe:
                 model = apply_moe(model, 8, every=2)
         # the sweep's optimisation (AdamW, warmup + cosine to 10%, clipping at 1)
-        run = train_lm(model, stream, n_steps=n_tokens // (batch_size * seq), batch_size=batch_size, seq_len=seq,
-                       lr=5e-3 * (32 / n_embd) ** 1.5, seed=ctx.seed, extra_loss=aux if moe else None, label=label)
+        with measure("cpu", interval_seconds=0.01) as m:
+            run = train_lm(model, stream, n_steps=n_tokens // (batch_size * seq), batch_size=batch_size,
+                           seq_len=seq, lr=5e-3 * (32 / n_embd) ** 1.5, seed=ctx.seed,
+                           extra_loss=aux if moe else None, label=label)
         stats[label] = last.get("stats")
         rows.append({"model": label, "parameters": model.n_params(), "validation loss": run.loss,
                      "tokens / s": run.n_tokens / run.seconds, "seconds": run.seconds})
         if ctx.ledger is not None:
             ctx.ledger.record(f"sparse: GPT {label}", flops=6.0 * n_params * run.n_tokens,
-                              seconds=run.seconds, n_examples=int(run.n_tokens))
+                              seconds=run.seconds, n_examples=int(run.n_tokens),
+                              peak_memory_bytes=m.peak_memory_bytes, memory_method=m.method,
+                              compare="sparse: MoE, 8 experts top-1, vs dense GPT (equal FLOPs per token)",
+                              side="technique" if moe else "baseline")
     report.add_table(rows, caption=f"{n_tokens:,} tokens each, same optimiser and seed; the MoE's FLOPs per token "
                      "are the dense model's plus the router's")
     layers = stats["MoE, 8 experts, top-1"] or []
