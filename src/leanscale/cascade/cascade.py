@@ -374,6 +374,14 @@ def _load_external_model(v: _SavedDoc, path: Path, where: str, m: Any, n_classes
     return graph
 
 
+def _stage_failed(name: str, exc: Exception, remaining: np.ndarray, errors: dict, reasons: dict, failed: list) -> None:
+    """Book a stage failure: every request in ``remaining`` falls through to the next stage."""
+    errors[name] = errors.get(name, 0) + int(remaining.size)
+    reasons[name] = str(exc)
+    for i in remaining:
+        failed[i].append(name)
+
+
 class Cascade(Estimator):
     """See the module docstring. Learned attributes: ``thresholds_`` (stage name -> threshold or
     ``None`` for off; the last stage has none), ``costs_``, ``frontier_`` (a
@@ -711,19 +719,13 @@ class Cascade(Estimator):
             try:
                 out = self._call(s, [X[i] for i in remaining])
             except StageError as exc:
-                errors[s.name] = errors.get(s.name, 0) + int(remaining.size)
-                reasons[s.name] = str(exc)
-                for i in remaining:
-                    failed[i].append(s.name)
+                _stage_failed(s.name, exc, remaining, errors, reasons, failed)
                 continue
             if learned is not None and not last:
                 try:
                     score = self._deferral_score(s, out, remaining, ran, X)
                 except StageError as exc:
-                    errors[s.name] = errors.get(s.name, 0) + int(remaining.size)
-                    reasons[s.name] = str(exc)
-                    for i in remaining:
-                        failed[i].append(s.name)
+                    _stage_failed(s.name, exc, remaining, errors, reasons, failed)
                     continue
                 full = (np.full(n, None, dtype=object), np.zeros(n), np.zeros(n, dtype=bool))
                 full[0][remaining], full[1][remaining], full[2][remaining] = out.labels, out.confidence, out.answered

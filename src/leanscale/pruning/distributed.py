@@ -30,6 +30,21 @@ from leanscale.core.validation import Interval, check_param
 __all__ = ["gather_rows", "map_sharded", "shard_indices"]
 
 
+def resolve_rank(rank: int | None, world_size: int | None, owner: str) -> tuple[int, int]:
+    """``(rank, world_size)`` of a sampler: each None is taken from the process group (0 and 1
+    without one); the error names ``owner``'s ``rank`` parameter when it is not below
+    ``world_size``."""
+    dist_rank, dist_world = rank_and_world()
+    world_size = dist_world if world_size is None else world_size
+    rank = dist_rank if rank is None else rank
+    if rank >= world_size:
+        raise InvalidParameterError(
+            f"The 'rank' parameter of {owner} must be an int in the range [0, {world_size - 1}] "
+            f"(world_size={world_size}). Got {rank!r} instead."
+        )
+    return rank, world_size
+
+
 def _bounds(n: int, rank: int, world: int) -> tuple[int, int]:
     # Block r is [r n / W, (r + 1) n / W): sizes differ by at most one, blocks tile [0, n).
     return rank * n // world, (rank + 1) * n // world

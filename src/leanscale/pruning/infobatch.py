@@ -76,7 +76,6 @@ import numpy as np
 import torch
 
 from leanscale.core.deprecation import renamed_argument
-from leanscale.core.distributed import rank_and_world
 from leanscale.core.errors import InvalidParameterError
 from leanscale.core.validation import (
     Interval,
@@ -84,6 +83,7 @@ from leanscale.core.validation import (
     check_consistent_length,
     check_param,
 )
+from leanscale.pruning.distributed import resolve_rank
 from leanscale.train.distributed import all_gather_rows
 
 __all__ = ["InfoBatch"]
@@ -195,14 +195,7 @@ class InfoBatch(torch.utils.data.Sampler):
                   "delta": delta, "seed": seed, "rank": rank, "world_size": world_size, "drop_last": drop_last}
         for name, value in params.items():
             check_param(name, value, self._parameter_constraints[name], owner=_OWNER)
-        dist_rank, dist_world = rank_and_world()
-        world_size = dist_world if world_size is None else world_size
-        rank = dist_rank if rank is None else rank
-        if rank >= world_size:
-            raise InvalidParameterError(
-                f"The 'rank' parameter of {_OWNER} must be an int in the range [0, {world_size - 1}] "
-                f"(world_size={world_size}). Got {rank!r} instead."
-            )
+        rank, world_size = resolve_rank(rank, world_size, _OWNER)
         self.n_examples = int(n_examples)
         self.epochs = int(epochs)
         self.prune_ratio = float(prune_ratio)
