@@ -156,7 +156,7 @@ def test_fit_trains_on_train_calibrates_on_calibration_and_reports_test(data, fi
     assert [st.name for st in c.stages] == ["rules", "tfidf"] and c.costs_ == COSTS
     assert fitted.stages_requested == ["rules", "tfidf"] and fitted.costs_declared == COSTS
     assert fitted.settings == {"target_accuracy": None, "budget": None, "guarantee": False, "delta": 0.05,
-                               "calibrate": False, "min_precision": 0.8}
+                               "calibrate": False, "min_precision": 0.8, "deferral": "confidence"}
     # the default split is split_labelled(labels, seed=seed)
     assert np.array_equal(s.test, split_labelled(y, seed=0).test)
     # the test summary is the cascade measured on exactly the test split
