@@ -58,8 +58,10 @@ def test_process_workers_die_with_a_killed_parent(tmp_path):
         import _sleepy_worker
         from leanscale.scaling.executors import _run_process
         from leanscale.scaling.sweep import SweepConfig
+        from types import SimpleNamespace
         config = SweepConfig(executor="process", n_workers=2, n_threads=1)
-        _run_process([0, 1, 2, 3], np.zeros(4, dtype=np.int64), config, lambda spec, result: None,
+        specs = [SimpleNamespace(n_tokens=i) for i in range(4)]  # the worker never trains them
+        _run_process(specs, np.zeros(4, dtype=np.int64), config, lambda spec, result: None,
                      worker=_sleepy_worker.sleep_and_report)
     """)
     env = {**os.environ, "LEANSCALE_TEST_PID_DIR": str(pid_dir)}
@@ -228,3 +230,50 @@ def test_sweep_cli_reports_a_damaged_task_in_text_and_json(tmp_path, fake_traini
     assert blob["n_trained"] == 1 and len(blob["warnings"]) == 1 and str(task) in blob["warnings"][0]
     assert "WARNING:" in captured.err and "Traceback" not in captured.err
     assert len(fake_training) == 8  # 6, then the damaged run twice
+
+
+def test_process_executor_starts_the_longest_runs_first(monkeypatch):
+    """The parallel executors submit runs by tokens, most first (a long run started last would keep
+    one worker busy while the others idle); the tables stay in grid order (run_sweep's job)."""
+    import concurrent.futures
+
+    from leanscale.scaling.executors import _run_process, longest_first
+    from leanscale.scaling.grid import plan_isoflop_grid
+    from leanscale.scaling.tour import tour_sweep_config
+
+    grid = plan_isoflop_grid(tour_sweep_config(quick=False))
+    submitted = []
+
+    class InlinePool:  # runs each submission at once, in this process: the order is the test
+        def __init__(self, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def submit(self, fn, spec, max_minutes):
+            submitted.append(spec.run_id)
+            future = concurrent.futures.Future()
+            future.set_result({"run_id": spec.run_id})
+            return future
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", InlinePool)
+    recorded = []
+    _run_process(grid, np.zeros(4, dtype=np.int64), SweepConfig(executor="process", n_workers=2),
+                 lambda spec, result: recorded.append(result["run_id"]), worker=None)
+    tokens = {s.run_id: s.n_tokens for s in grid}
+    assert sorted(recorded) == sorted(tokens) and submitted == [s.run_id for s in longest_first(grid)]
+    assert [tokens[r] for r in submitted] == sorted(tokens.values(), reverse=True)
+    assert [tokens[r] for r in submitted] != [s.n_tokens for s in grid]  # grid order differs: the test can fail
+
+    # makespan of the tour's measured run times (seconds ~ tokens) on 2 workers: longest first is no worse
+    def makespan(order):
+        load = [0.0, 0.0]
+        for spec in order:
+            load[load.index(min(load))] += spec.n_tokens
+        return max(load)
+
+    assert makespan(longest_first(grid)) <= makespan(grid)

@@ -117,6 +117,15 @@ def _run_serial(todo, tokens, config, record, train: Callable = train_run):
         torch.set_num_threads(before)
 
 
+def longest_first(todo: list[RunSpec]) -> list[RunSpec]:
+    """The runs by tokens to train, most first (ties in grid order): the parallel executors'
+    order. A run's time grows with its tokens (a tiny model's throughput in tokens/s varies ~2.5x
+    over a sweep's sizes, its tokens ~7x within one budget), and starting the longest first keeps
+    a long run from starting last while the other workers idle (the tour's 15 runs on 2 workers:
+    238 s instead of 250 s in grid order, for 236 s of runs per worker)."""
+    return sorted(todo, key=lambda spec: -spec.n_tokens)
+
+
 def _run_process(todo, tokens, config, record, worker: Callable = _worker_train):
     # ``worker(spec, max_minutes)`` trains one run in a worker process (a module-level function:
     # the tests pass a quick fake one).
@@ -128,7 +137,7 @@ def _run_process(todo, tokens, config, record, worker: Callable = _worker_train)
         max_workers=config.n_workers, mp_context=multiprocessing.get_context("spawn"),
         initializer=_init_worker, initargs=(tokens, n_threads, os.getpid()),
     ) as pool:
-        pending = {pool.submit(worker, spec, config.max_minutes): spec for spec in todo}
+        pending = {pool.submit(worker, spec, config.max_minutes): spec for spec in longest_first(todo)}
         try:
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -164,7 +173,7 @@ def _run_ray(todo, tokens, config, record):
         remote = ray.remote(num_cpus=1)(_ray_train)
         tokens_ref = ray.put(tokens)
         pending = {remote.remote(spec, tokens_ref, n_threads, config.max_minutes): spec
-                   for spec in todo}
+                   for spec in longest_first(todo)}
         try:
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
