@@ -161,6 +161,22 @@ def test_schedule_phases_hand_computed():
     assert s.to_dict() == {"batch_sizes": [128, 256, 512], "boundaries": [10_000, 30_000], "lr_rule": "linear"}
 
 
+def test_schedule_from_fractions_hand_computed():
+    s = BatchSizeSchedule.from_fractions([(0, 128), (0.25, 256), (0.6, 512)], 60_000, lr_rule="linear")
+    assert s == BatchSizeSchedule((128, 256, 512), (15_000, 36_000), "linear")
+    assert BatchSizeSchedule.from_fractions([(0.0, 64)], 10) == BatchSizeSchedule((64,))
+    assert BatchSizeSchedule.from_fractions([(0, 32), (1 / 3, 64)], 512).boundaries == (171,)  # 170.67 -> 171
+    for points, match in (([(0.1, 128)], "start at 0"), ([(0, 128), (0.5, 256), (0.4, 512)], "increase strictly"),
+                          ([(0, 128), (1.0, 256)], "below 1"), ([], "non-empty"), ("0:128", "non-empty"),
+                          ([(0, 128), (0.001, 256), (0.002, 512)], "at least one example apart")):
+        with pytest.raises(InvalidParameterError, match=f"'points' parameter of BatchSizeSchedule.from_fractions.*{match}"):
+            BatchSizeSchedule.from_fractions(points, 512)
+    with pytest.raises(InvalidParameterError, match="'batch_sizes' parameter of BatchSizeSchedule"):
+        BatchSizeSchedule.from_fractions([(0, 128), (0.5, -256)], 512)
+    with pytest.raises(InvalidParameterError, match="'total_examples' parameter"):
+        BatchSizeSchedule.from_fractions([(0, 128)], 0)
+
+
 def test_batch_warmup_hand_computed():
     meas = [(4000, 900), (1000, 100), (2000, 300), (3000, 1100)]  # any order
     # base 64: at 1000 the CBS 100 < 128 -> stay; at 2000: 300 >= 256 -> 256; at 3000: 1100 -> 1024, capped 512;
@@ -292,3 +308,23 @@ def test_batch_warmup_under_ddp_matches_one_process(tmp_path):
         assert got[3] == pytest.approx(want["test_loss"], rel=1e-4)
     for got, p in zip(ddp["weights"], model.parameters()):
         assert torch.allclose(torch.tensor(got), p.detach().reshape(-1), atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"at": (0.5, 0.2)}, "'at' parameter of measure_batch_warmup must be checkpoints"),
+    ({"at": (0.0,)}, "'at' parameter"),
+    ({"at": "0.5"}, "'at' parameter"),
+    ({"batch_sizes": (64, 64)}, "'batch_sizes' parameter of measure_batch_warmup must hold distinct"),
+    ({"batch_sizes": (64,)}, "'batch_sizes' parameter of measure_batch_warmup must be a sequence of at least 2"),
+    ({"batch_sizes": (32, 64)}, "at least the ghost batch"),
+    ({"examples": 100}, "'examples' parameter of measure_batch_warmup must be a multiple"),
+    ({"eval_mode": "test"}, "'eval_mode' parameter of measure_batch_warmup"),
+    ({"max_batch_size": 32}, "'max_batch_size' parameter of measure_batch_warmup"),
+])
+def test_measure_batch_warmup_refuses_bad_parameters_before_training(kwargs, match):
+    from leanscale.large_batch import measure_batch_warmup
+    from leanscale.large_batch.train import TrainConfig
+
+    config = TrainConfig(batch_size=64, ghost_batch_size=64, n_train=512, n_test=128, width=4)
+    with pytest.raises(InvalidParameterError, match=match):
+        measure_batch_warmup(config, **kwargs)

@@ -198,8 +198,10 @@ def test_adamw_fields_refused_for_other_optimizers(name, value):
 
 def test_adamw_entry_points_refuse_what_they_cannot_do():
     r = _recipe(512, base_epochs=2.0)
-    with pytest.raises(InvalidParameterError, match="'optimizer' parameter of LargeBatchRecipe.train_config"):
-        r.train_config(TrainConfig(batch_size=128, lr=1e-3, epochs=2.0))
+    config = r.train_config(TrainConfig(batch_size=128, lr=1e-3, epochs=2.0))  # AdamW: the plan's decay and betas
+    plan = r.plan()
+    assert (config.optimizer, config.weight_decay, (config.momentum, config.beta2)) == ("adamw", plan.weight_decay,
+                                                                                      plan.betas)
     with pytest.raises(InvalidParameterError, match="'lr' parameter of LargeBatchRecipe.adamw"):
         r.adamw([nn.Parameter(torch.zeros(1))], lr=0.1)
     with pytest.raises(InvalidParameterError, match="'optimizer' parameter of LargeBatchRecipe must be 'adamw'"):

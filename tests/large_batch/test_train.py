@@ -95,7 +95,10 @@ def test_bad_training_settings(changes, match):
 @pytest.mark.parametrize(
     "changes,name",
     [({"optimizer": "adam"}, "optimizer"), ({"milestones": (0.8, 0.5)}, "milestones"),
-     ({"lr": 0.0}, "lr"), ({"epochs": -1.0}, "epochs"), ({"momentum": 1.0}, "momentum")],
+     ({"lr": 0.0}, "lr"), ({"epochs": -1.0}, "epochs"), ({"momentum": 1.0}, "momentum"),
+     ({"beta2": 1.0}, "beta2"), ({"beta2": -0.1}, "beta2"), ({"weight_decay": float("inf")}, "weight_decay"),
+     # AdamW multiplies the weights by 1 - lr * weight_decay: at >= 1 they flip sign every step
+     ({"optimizer": "adamw", "lr": 0.1, "weight_decay": 10.0}, "weight_decay")],
 )
 def test_config_validation_names_the_field(changes, name):
     with pytest.raises(InvalidParameterError, match=f"'{name}' parameter of TrainConfig"):
@@ -163,3 +166,35 @@ def test_a_model_of_ones_own_takes_flat_features_whatever_config_model_says():
     assert result.test_accuracy > 0.8
     with pytest.raises(InvalidParameterError, match="must hold images"):
         train_classifier(cfg, data=(x, y, x, y))  # the built-in BNCNN does need images
+
+
+def test_adamw_builds_torch_adamw_with_the_config_and_trains():
+    """optimizer="adamw": torch.optim.AdamW with betas (momentum, beta2), the decoupled weight decay on
+    rank >= 2 weights only; one step of the run equals one torch.optim.AdamW step done by hand."""
+    from leanscale.large_batch.train import build_model, build_optimizer
+
+    data = synthetic()
+    cfg = TrainConfig(model="mlp", width=2, batch_size=256, lr=0.01, optimizer="adamw", momentum=0.8, beta2=0.99,
+                      weight_decay=0.5, epochs=1.0, milestones=(), decay="none")
+    model = build_model(cfg, (1, 12, 12), 10)
+    opt = build_optimizer(model, cfg)
+    assert type(opt) is torch.optim.AdamW
+    decayed, plain = opt.param_groups
+    assert decayed["betas"] == (0.8, 0.99) and decayed["lr"] == 0.01 and not decayed["amsgrad"]
+    assert decayed["weight_decay"] == 0.5 and plain["weight_decay"] == 0.0
+    assert {id(p) for p in decayed["params"]} == {id(p) for p in model.parameters() if p.ndim >= 2}
+    # the whole 256-example set is the one batch: the run's step is a hand-made AdamW step on it
+    hand = build_model(cfg, (1, 12, 12), 10)
+    ref = torch.optim.AdamW([{"params": [p for p in hand.parameters() if p.ndim >= 2], "weight_decay": 0.5},
+                             {"params": [p for p in hand.parameters() if p.ndim <= 1], "weight_decay": 0.0}],
+                            lr=0.01, betas=(0.8, 0.99))
+    hand.train()
+    torch.nn.functional.cross_entropy(hand(data[0]), data[1]).backward()
+    ref.step()
+    run = train_classifier(cfg, data=data, keep_model=True)
+    assert run.steps == 1
+    for (name, a), b in zip(run.model.state_dict().items(), hand.state_dict().values()):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-6, msg=name)
+    longer = train_classifier(with_overrides(cfg, batch_size=32, epochs=3.0, weight_decay=0.01, eval_every_epochs=3.0),
+                              data=data)
+    assert longer.test_accuracy > 0.3  # chance is 0.1

@@ -12,8 +12,10 @@ by branching, batch-size warmup). Method card: README.md here.
 from leanscale.large_batch.critical_batch import (
     BatchSizeSchedule,
     CriticalBatchResult,
+    WarmupMeasurement,
     batch_warmup,
     branch_critical_batch,
+    measure_batch_warmup,
 )
 from leanscale.large_batch.ghost_bn import (
     GhostBatchNorm1d,
@@ -58,6 +60,7 @@ __all__ = [
     "BatchAdvice",
     "BatchSizeSchedule",
     "CriticalBatchResult",
+    "WarmupMeasurement",
     "GhostBatchNorm1d",
     "GhostBatchNorm2d",
     "GhostBatchNorm3d",
@@ -78,6 +81,7 @@ __all__ = [
     "batch_warmup",
     "beta_half_life",
     "branch_critical_batch",
+    "measure_batch_warmup",
     "clip_gradients",
     "ghost_batch_sizes",
     "lars_param_groups",

@@ -15,7 +15,9 @@ as the abstract states).
   copied per branch and left untouched);
 - :class:`BatchSizeSchedule`: a batch that steps up at given numbers of examples;
   :func:`batch_warmup` builds it from measurements (the batch doubles once the measured CBS
-  reaches twice the current batch); ``train_classifier(config, batch_schedule=...)`` trains with it
+  reaches twice the current batch); :func:`measure_batch_warmup` does both on a
+  ``TrainConfig`` run (branches at fractions of it, then the schedule: ``leanscale batch critical``);
+  ``train_classifier(config, batch_schedule=...)`` trains with it
   (under ``torchrun`` too: every phase runs in the shared loop, per-rank batch = global / world).
 
 Our choices, not the paper's (whose exact tolerance we could not read, see the method card):
@@ -39,7 +41,7 @@ import torch
 from torch import nn
 
 from leanscale.core.errors import InvalidParameterError
-from leanscale.core.validation import Interval, check_param
+from leanscale.core.validation import Interval, Options, check_param
 from leanscale.large_batch.schedules import _check_rule, scale_lr
 from leanscale.train.loop import MicroBatches, seeded, train_step
 from leanscale.train.user_data import (
@@ -49,7 +51,8 @@ from leanscale.train.user_data import (
     model_loss,
 )
 
-__all__ = ["BatchSizeSchedule", "CriticalBatchResult", "batch_warmup", "branch_critical_batch"]
+__all__ = ["BatchSizeSchedule", "CriticalBatchResult", "WarmupMeasurement", "batch_warmup", "branch_critical_batch",
+           "measure_batch_warmup"]
 
 _SIZE = Interval(int, 1, None)
 
@@ -385,6 +388,47 @@ class BatchSizeSchedule:
         object.__setattr__(self, "batch_sizes", sizes)
         object.__setattr__(self, "boundaries", bounds)
 
+    @classmethod
+    def from_fractions(cls, points: Sequence[tuple[float, int]], total_examples: int,
+                       lr_rule: str = "sqrt") -> BatchSizeSchedule:
+        """The schedule of ``(fraction of the run, batch)`` points for a run of ``total_examples``
+        examples (``leanscale batch train --batch-schedule 0:128,0.3:256`` is ``[(0, 128), (0.3, 256)]``):
+        a boundary at ``round(fraction * total_examples)`` examples.
+
+        Args:
+            points: ``(fraction, batch_size)`` pairs; the first fraction is 0 (the batch from the
+                start), the fractions increase strictly and stay below 1.
+            total_examples: Examples of the run (``int(epochs * n_train)`` for ``train_classifier``).
+            lr_rule: How the LR follows the batch.
+
+        Example:
+            >>> BatchSizeSchedule.from_fractions([(0, 128), (0.25, 256)], 60_000).boundaries
+            (15000,)
+        """
+        owner = "BatchSizeSchedule.from_fractions"
+        check_param("total_examples", total_examples, [_SIZE], owner=owner)
+        if isinstance(points, (str, bytes)) or not isinstance(points, Sequence) or not points or not all(
+                isinstance(p, (tuple, list)) and len(p) == 2 and isinstance(p[0], (int, float))
+                and not isinstance(p[0], bool) for p in points):
+            raise InvalidParameterError(
+                f"The 'points' parameter of {owner} must be a non-empty sequence of (fraction, batch_size) pairs. "
+                f"Got {points!r} instead."
+            )
+        fractions = [float(p[0]) for p in points]
+        if fractions[0] != 0 or any(not (0 <= f < 1) for f in fractions) or fractions != sorted(set(fractions)):
+            raise InvalidParameterError(
+                f"The 'points' parameter of {owner} must have fractions of the run that start at 0 and increase "
+                f"strictly below 1. Got fractions {fractions} instead."
+            )
+        bounds = [round(f * total_examples) for f in fractions[1:]]
+        if any(b <= 0 for b in bounds) or bounds != sorted(set(bounds)):
+            raise InvalidParameterError(
+                f"The 'points' parameter of {owner} must have fractions at least one example apart in the run of "
+                f"{total_examples} examples (each batch must start at its own example). Got fractions {fractions}, "
+                f"boundaries {bounds}."
+            )
+        return cls(tuple(p[1] for p in points), tuple(bounds), lr_rule=lr_rule)
+
     def batch_at(self, examples_seen: int) -> int:
         """The batch size after ``examples_seen`` training examples."""
         check_param("examples_seen", examples_seen, [Interval(int, 0, None)], owner="BatchSizeSchedule.batch_at")
@@ -494,6 +538,154 @@ def batch_warmup(
                 bounds.append(seen)
             current = target
     return BatchSizeSchedule(tuple(sizes), tuple(bounds), lr_rule=lr_rule)
+
+
+@dataclass
+class WarmupMeasurement:
+    """What :func:`measure_batch_warmup` measured: the small-batch run, the branching result at
+    each checkpoint and the warmup schedule built from them."""
+
+    base_run: Any  # the small-batch run's TrainResult
+    checkpoints: list[tuple[int, CriticalBatchResult]]  # (step of the small-batch run, its branches)
+    schedule: BatchSizeSchedule
+    total_examples: int  # examples of a run of config.epochs (the schedule's steps count over them)
+    steps: int  # optimizer steps of a run with the schedule
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def steps_saved(self) -> float:
+        """1 - steps with the schedule / steps of the small-batch run."""
+        return 1 - self.steps / self.base_run.steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"base_run": {"batch_size": self.base_run.config.batch_size, "lr": self.base_run.config.lr,
+                             "steps": self.base_run.steps, "test_accuracy": self.base_run.test_accuracy,
+                             "test_loss": self.base_run.test_loss,
+                             "ghost_batch_size": self.base_run.config.ghost_batch_size},
+                "checkpoints": [{"step": step, **res.to_dict()} for step, res in self.checkpoints],
+                "schedule": self.schedule.to_dict(), "steps": self.steps, "steps_saved": self.steps_saved,
+                "warnings": list(self.warnings)}
+
+
+def measure_batch_warmup(
+    config: Any,
+    *,
+    data: tuple | None = None,
+    model: nn.Module | None = None,
+    at: Sequence[float] = (0.05, 0.15, 0.4),
+    batch_sizes: Sequence[int] | None = None,
+    examples: int | None = None,
+    lr_grid: Sequence[float] = (1.0,),
+    tolerance: float = 0.01,
+    margin: float = 2.0,
+    max_batch_size: int | None = None,
+    lr_rule: str = "sqrt",
+    eval_mode: str = "auto",
+    progress_bar: bool = False,
+) -> WarmupMeasurement:
+    """Train ``config``'s small-batch run, branch from it at fractions ``at`` of the run
+    (:func:`branch_critical_batch` on deep copies of the model and optimizer at those steps; the run
+    itself goes on untouched) and build the warmup with :func:`batch_warmup`. One process only.
+
+    Args:
+        config: The small-batch :class:`~leanscale.large_batch.train.TrainConfig` (its batch, LR, seed).
+        data: ``(x_train, y_train, x_test, y_test)`` instead of ``config.dataset``; the branches
+            train on the training split and are compared on the test split.
+        model: Your model instead of ``config.model`` (as in ``train_classifier``).
+        at: Checkpoints, increasing fractions of the run in (0, 1).
+        batch_sizes: The branches' batches (default: 1, 2, 4 and 8 times ``config.batch_size``).
+        examples: Examples per branch, a multiple of every batch (default: 32 small batches).
+        lr_grid, tolerance: As in :func:`branch_critical_batch`.
+        margin, max_batch_size: As in :func:`batch_warmup` (``max_batch_size`` default: the largest
+            of ``batch_sizes``).
+        lr_rule: How the LR follows the batch, in the branches and the schedule.
+        eval_mode: ``"auto"`` (compare in train mode when the model has BatchNorm: its running
+            statistics lag a branch's few steps), ``"train"`` or ``"eval"``.
+        progress_bar: A progress bar over the small-batch run.
+
+    Raises:
+        InvalidParameterError: a bad parameter (named), or called under ``torchrun``.
+    """
+    from leanscale.core.distributed import rank_and_world
+    from leanscale.large_batch.train import (
+        TrainConfig,
+        _check_config,
+        load_image_data,
+        train_classifier,
+    )
+    from leanscale.train.user_data import output_cross_entropy
+
+    owner = "measure_batch_warmup"
+    check_param("config", config, [TrainConfig], owner=owner)
+    _check_config(config)
+    if rank_and_world()[1] > 1:
+        raise InvalidParameterError(
+            f"{owner} runs in one process (the branches are short independent runs from copies of the checkpoint): "
+            "call it without torchrun, then train the schedule under torchrun.")
+    at = tuple(at) if isinstance(at, Sequence) and not isinstance(at, (str, bytes)) else None
+    if (not at or any(isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1 for f in at)
+            or list(at) != sorted(set(at))):
+        raise InvalidParameterError(
+            f"The 'at' parameter of {owner} must be checkpoints as increasing fractions of the run in (0, 1), "
+            f"e.g. (0.05, 0.15, 0.4). Got {at!r}.")
+    sizes = tuple(sorted(_check_sizes(batch_sizes if batch_sizes is not None
+                                      else tuple(config.batch_size * k for k in (1, 2, 4, 8)),
+                                      "batch_sizes", owner, 2)))
+    if len(set(sizes)) != len(sizes):
+        raise InvalidParameterError(f"The 'batch_sizes' parameter of {owner} must hold distinct batches. Got {sizes}.")
+    ghost = config.ghost_batch_size
+    if ghost is not None and sizes[0] < ghost:
+        raise InvalidParameterError(
+            f"The 'batch_sizes' parameter of {owner} must hold batches of at least the ghost batch ({ghost}). "
+            f"Got {sizes}.")
+    examples = 32 * config.batch_size if examples is None else examples
+    check_param("examples", examples, [_SIZE], owner=owner)
+    odd = [b for b in sizes if examples % b]
+    if odd:
+        raise InvalidParameterError(
+            f"The 'examples' parameter of {owner} must be a multiple of every batch size (each branch trains on "
+            f"the same examples); {examples} is not a multiple of {odd}. Got {examples}.")
+    check_param("eval_mode", eval_mode, [Options({"auto", "train", "eval"})], owner=owner)
+    top = sizes[-1] if max_batch_size is None else max_batch_size
+    check_param("max_batch_size", top, [Interval(int, config.batch_size, None)], owner=owner)
+    data = load_image_data(config) if data is None else data
+    x_train, y_train, x_test, y_test = data
+    n = len(y_train)
+    if sizes[-1] > n:
+        raise InvalidParameterError(
+            f"The 'batch_sizes' parameter of {owner} must hold batches of at most the {n:,} training examples. "
+            f"Got {sizes}.")
+    total_steps = max(1, int(config.epochs * n // config.batch_size))  # as train_classifier counts them
+    steps = sorted({min(total_steps, max(1, round(f * total_steps))) for f in at})
+    snaps: dict[int, tuple] = {}
+
+    def on_step(step, net, optimizer):  # the checkpoints: model and optimizer state, the run goes on
+        if step in steps and step not in snaps:
+            snaps[step] = copy.deepcopy((net, optimizer))
+
+    base_run = train_classifier(config, data=data, model=model, on_step=on_step, progress_bar=progress_bar)
+    cautions = list(base_run.warnings)
+    results = []
+    for step in steps:
+        net, opt = snaps.pop(step)
+        with_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+        with warnings.catch_warnings(record=True) as caught:  # kept with the result
+            warnings.simplefilter("always", RuntimeWarning)
+            res = branch_critical_batch(
+                net, output_cross_entropy, (x_train, y_train), sizes, optimizer=opt, examples=examples,
+                eval_data=(x_test, y_test), base_batch_size=config.batch_size, lr_rule=lr_rule,
+                lr_grid=tuple(lr_grid), tolerance=tolerance, seed=config.seed + step,
+                micro_batch_size=config.micro_batch_size,
+                eval_train_mode=with_bn if eval_mode == "auto" else eval_mode == "train",
+                examples_seen=step * config.batch_size)
+        cautions += [f"step {step}: {w.message}" for w in caught if issubclass(w.category, RuntimeWarning)]
+        results.append((step, res))
+        del net, opt
+    schedule = batch_warmup([r for _, r in results], config.batch_size, max_batch_size=top, margin=margin,
+                            lr_rule=lr_rule)
+    total_examples = max(1, int(config.epochs * n))
+    return WarmupMeasurement(base_run=base_run, checkpoints=results, schedule=schedule,
+                             total_examples=total_examples, steps=schedule.steps(total_examples), warnings=cautions)
 
 
 # --- training with a schedule (called by leanscale.large_batch.train.train_classifier) -------------------

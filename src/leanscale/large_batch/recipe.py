@@ -543,16 +543,12 @@ class LargeBatchRecipe:
 
         ``base``'s batch, LR and epochs must be this recipe's base settings (its milestones are
         fractions of training and stay as they are: regime adaptation moves them with the epochs).
+        With ``optimizer="adamw"`` the config also carries the plan's weight decay and betas
+        (``momentum`` is beta1).
         """
         from leanscale.large_batch.train import TrainConfig
 
         check_param("base", base, [TrainConfig], owner="LargeBatchRecipe.train_config")
-        if self.optimizer == "adamw":
-            raise InvalidParameterError(
-                "The 'optimizer' parameter of LargeBatchRecipe.train_config must be 'sgd', 'lars' or 'lamb': "
-                "TrainConfig has no AdamW. Got 'adamw' instead: build the optimizer with "
-                "LargeBatchRecipe.adamw(params) in your own loop."
-            )
         for name, mine, theirs in (("base_batch_size", self.base_batch_size, base.batch_size),
                                    ("base_lr", self.base_lr, base.lr), ("base_epochs", self.base_epochs, base.epochs)):
             if not math.isclose(mine, theirs, rel_tol=1e-9):
@@ -562,9 +558,12 @@ class LargeBatchRecipe:
                 )
         p = self.plan()
         warm_start = self.base_lr / p.lr if p.warmup_epochs else base.warmup_start_factor
+        # AdamW: the plan's weight decay (timescale rule) and betas (beta2 rule); beta1 is TrainConfig's momentum
+        adamw = ({"weight_decay": p.weight_decay, "momentum": p.betas[0], "beta2": p.betas[1]}
+                 if p.optimizer == "adamw" else {})
         return replace(
             base, batch_size=p.batch_size, lr=p.lr, epochs=p.epochs, ghost_batch_size=p.ghost_batch_size,
             warmup_epochs=p.warmup_epochs, warmup_start_factor=min(1.0, warm_start), optimizer=p.optimizer,
             clip_grad_norm=p.clip_grad_norm,
-            eval_every_epochs=base.eval_every_epochs * p.compute_ratio,
+            eval_every_epochs=base.eval_every_epochs * p.compute_ratio, **adamw,
         )

@@ -44,7 +44,7 @@ __all__ = ["TrainConfig", "TrainResult", "build_model", "load_image_data", "trai
 
 _DATASETS = ("fashion-mnist",)
 _MODELS = ("bncnn", "mlp")
-_OPTIMIZERS = ("sgd", "lars", "lamb")
+_OPTIMIZERS = ("sgd", "lars", "lamb", "adamw")
 _DECAYS = ("step", "cosine", "none")
 
 
@@ -68,10 +68,12 @@ class TrainConfig:
     # --- optimisation ---
     batch_size: int = 128  # global batch (split over ranks under DDP)
     lr: float = 0.1  # peak learning rate
-    optimizer: str = "sgd"  # "sgd" (momentum), "lars" (needs ~10-100x SGD's lr: trust coefficient 1e-3) or "lamb"
-    momentum: float = 0.9  # SGD/LARS momentum (LAMB: beta1)
+    optimizer: str = "sgd"  # "sgd" (momentum), "lars" (needs ~10-100x SGD's lr: trust coefficient 1e-3), "lamb"
+    # or "adamw" (torch.optim.AdamW, decoupled weight decay; LargeBatchRecipe(optimizer="adamw") plans it)
+    momentum: float = 0.9  # SGD/LARS momentum (LAMB, AdamW: beta1)
+    beta2: float = 0.999  # LAMB/AdamW: the second-moment decay rate
     nesterov: bool = False  # Nesterov momentum for SGD
-    weight_decay: float = 5e-4  # L2 on conv/linear weights; none on BatchNorm and biases
+    weight_decay: float = 5e-4  # L2 on conv/linear weights (AdamW: decoupled); none on BatchNorm and biases
     epochs: float = 1.0  # passes over the training set (fractional allowed)
     milestones: tuple[float, ...] = (0.5, 0.75)  # LR drops, as FRACTIONS of training (decay="step")
     gamma: float = 0.1  # LR factor at each milestone
@@ -127,7 +129,14 @@ def _check_config(c: TrainConfig) -> None:
     check_param("batch_size", c.batch_size, [Interval(int, 1, None)], owner=owner)
     check_param("lr", c.lr, [Interval(float, 0, None, closed="neither")], owner=owner)
     check_param("momentum", c.momentum, [Interval(float, 0, 1, closed="left")], owner=owner)
-    check_param("weight_decay", c.weight_decay, [Interval(float, 0, None)], owner=owner)
+    check_param("beta2", c.beta2, [Interval(float, 0, 1, closed="left")], owner=owner)
+    check_param("weight_decay", c.weight_decay, [Interval(float, 0, math.inf, closed="left")], owner=owner)
+    if c.optimizer == "adamw" and c.lr * c.weight_decay >= 1:
+        raise InvalidParameterError(
+            f"The 'weight_decay' parameter of TrainConfig must give lr * weight_decay < 1 with optimizer='adamw' "
+            f"(AdamW multiplies the weights by 1 - lr * weight_decay every step). Got weight_decay="
+            f"{c.weight_decay:g} with lr={c.lr:g}."
+        )
     check_param("epochs", c.epochs, [Interval(float, 0, None, closed="neither")], owner=owner)
     check_param("gamma", c.gamma, [Interval(float, 0, 1, closed="right")], owner=owner)
     check_param("warmup_epochs", c.warmup_epochs, [Interval(float, 0, None)], owner=owner)
@@ -196,15 +205,18 @@ def build_model(config: TrainConfig, in_shape: tuple[int, ...], n_classes: int) 
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """SGD with momentum, LARS or LAMB on ``model`` with ``config``'s settings."""
+    """SGD with momentum, LARS, LAMB or AdamW on ``model`` with ``config``'s settings (AdamW:
+    ``betas=(momentum, beta2)``, decoupled weight decay)."""
     from leanscale.large_batch.lars import lars_param_groups
 
     # Weight decay (and LARS/LAMB trust ratios) on weights of rank >= 2 only; biases and norm
     # weights excluded, the usual practice for large-batch training (Goyal et al. 2017; You et al.).
     groups = lars_param_groups(model, config.weight_decay, optimizer="lamb" if config.optimizer == "lamb" else "lars")
-    if config.optimizer == "sgd":
+    if config.optimizer in ("sgd", "adamw"):
         for group in groups:
             group.pop("lars_adaptation", None)
+        if config.optimizer == "adamw":
+            return torch.optim.AdamW(groups, lr=config.lr, betas=(config.momentum, config.beta2))
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
     if config.optimizer == "lars":
         from leanscale.large_batch.lars import LARS
@@ -212,7 +224,7 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
         return LARS(groups, lr=config.lr, momentum=config.momentum)
     from leanscale.large_batch.lamb import LAMB
 
-    return LAMB(groups, lr=config.lr, betas=(config.momentum, 0.999))
+    return LAMB(groups, lr=config.lr, betas=(config.momentum, config.beta2))
 
 
 def train_classifier(
