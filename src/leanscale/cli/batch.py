@@ -94,6 +94,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         q.add_argument("--clip", type=float, default=None, help="clip the gradient norm to this")
         q.add_argument("--max-lr", type=float, default=None, help="cap on the scaled LR")
 
+    def run_args(q):  # the training subcommands: your model and data, config overrides, output
+        _user_args(q)
+        q.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                       help="change a field of the small-batch TrainConfig (repeatable), e.g. n_train=10000")
+        q.add_argument("--out", default=None, help="write the result JSON here")
+        q.add_argument("--json", action="store_true", help="print JSON")
+
     def adamw_args(q, dataset_size=True):
         q.add_argument("--weight-decay", type=float, default=None,
                        help="AdamW: small-batch weight decay (0.01); moved to keep the EMA timescale")
@@ -149,11 +156,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     q.add_argument("--eval-mode", default="auto", choices=("auto", "train", "eval"),
                    help="branch loss with batch statistics (train) or running ones (eval); auto: train if the "
                    "model has BatchNorm")
-    _user_args(q)
-    q.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
-                   help="change a field of the small-batch TrainConfig (repeatable), e.g. n_train=10000")
-    q.add_argument("--out", default=None, help="write the result JSON here")
-    q.add_argument("--json", action="store_true", help="print JSON")
+    run_args(q)
     q.set_defaults(action_func=run_critical)
 
     q = sub.add_parser("train", help="train the reference CNN on Fashion-MNIST (or your model on your data) "
@@ -164,11 +167,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "examples from 0 (e.g. 0:128,0.3:256,0.6:512; `leanscale batch critical` suggests one); the "
                    "LR follows each batch by --rule from --base-lr at --base-batch")
     adamw_args(q, dataset_size=False)
-    _user_args(q)
-    q.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
-                   help="change a field of the small-batch TrainConfig (repeatable), e.g. n_train=10000")
-    q.add_argument("--out", default=None, help="write the result JSON here")
-    q.add_argument("--json", action="store_true", help="print JSON")
+    run_args(q)
     q.set_defaults(action_func=run_train)
     return p
 
