@@ -40,6 +40,7 @@ def _entry(summary: dict, wall: float | None, cpu: float | None, note: str) -> d
     mode = "quick" if summary["quick"] else "full"
     return {"mode": mode, "wall_s": wall, "cpu_s": cpu, "goal_wall_s": GOALS[mode],
             "goal_met": wall <= GOALS[mode], "failed": summary["failed"], "chapters": chapters,
+            "load_average": summary.get("load_average"),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "note": note}
 
 

@@ -131,6 +131,19 @@ def test_terminal_summary(tmp_path, chapters, capsys):
     assert "[tour 1/4] gamma: running" in captured.err
 
 
+@pytest.mark.parametrize("load,busy", [(0.2, False), (8.0, True)])
+def test_load_average_is_recorded_and_a_busy_machine_named(tmp_path, chapters, capsys, monkeypatch, load, busy):
+    """Timings from a shared machine are not the tour's own: summary.json keeps the load average at
+    the start and the end, and a busy start is said on the terminal."""
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, 0.0, 0.0))
+    result = run_tour(tmp_path, techniques=[technique("delta", "png")], echo=True)
+    assert json.loads(result.summary_json.read_text())["load_average"] == {"start": load, "end": load}
+    assert ("the machine is busy (load average 8.0 on 2 cores)" in capsys.readouterr().err) is busy
+
+
 def test_chapters_select_a_subset_in_registry_order(tmp_path, chapters):
     techniques = [technique("gamma", "broken"), technique("delta", "png"), technique("alpha", "png")]
     result = run_tour(tmp_path, chapters=["alpha", "delta"], techniques=techniques, echo=False)

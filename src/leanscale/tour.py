@@ -41,9 +41,19 @@ from leanscale import __version__
 from leanscale.core.errors import InvalidParameterError
 from leanscale.core.io import atomic_write_json
 from leanscale.core.progress import progress as _progress
-from leanscale.core.registry import TechniqueInfo, list_techniques, load_object, status_label
+from leanscale.core.registry import (
+    TechniqueInfo,
+    list_techniques,
+    load_object,
+    status_label,
+)
 from leanscale.core.validation import Interval, check_param, unknown_name_error
-from leanscale.report.chapter import ChapterOutcome, ChapterResult, TourContext, TourResult
+from leanscale.report.chapter import (
+    ChapterOutcome,
+    ChapterResult,
+    TourContext,
+    TourResult,
+)
 from leanscale.report.html import HTMLReport
 from leanscale.report.table import format_table
 
@@ -190,6 +200,17 @@ def _ledger_figure(result: TourResult) -> None:
         result.ledger_figure_note = f"No figure of the cost ledger: {exc}"
 
 
+BUSY_LOAD_PER_CORE = 0.5  # a 1-minute load average above this many per core at the start: say so
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average (None where the OS has none)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
 def run_tour(
     out_dir: str | Path = "tour-report",
     quick: bool = False,
@@ -240,6 +261,11 @@ def run_tour(
                       progress=_progress if echo else functools.partial(_progress, disable=True),
                       echo=echo)
     outcomes: list[ChapterOutcome] = []
+    load_start = _load_average()
+    if load_start is not None and load_start >= BUSY_LOAD_PER_CORE * (os.cpu_count() or 1):
+        _say(echo, f"note: the machine is busy (load average {load_start:.1f} on {os.cpu_count()} cores): the "
+                   "chapters' seconds will be longer than the tour's own (torch's threads wait for each other "
+                   "on shared cores), and summary.json records it")
     start = time.perf_counter()
     interrupted: KeyboardInterrupt | None = None
     for i, t in enumerate(selected, 1):
@@ -283,6 +309,7 @@ def run_tour(
     result = TourResult(
         out_dir=out, index_html=out / "index.html", summary_json=out / "summary.json",
         chapters=outcomes, seconds=time.perf_counter() - start, quick=quick, seed=seed, ledger=ledger,
+        load_average=(load_start, _load_average()),
     )
     if ledger is not None and len(ledger):
         result.ledger_json = ledger.save(out / "ledger.json")

@@ -102,6 +102,9 @@ class TourResult:
     ledger_json: Path | None = None  # out_dir/ledger.json, written when the ledger has entries
     ledger_png: Path | None = None  # out_dir/ledger.png: each technique's cost next to its baseline's
     ledger_figure_note: str | None = None  # why there is no ledger.png (e.g. matplotlib missing)
+    # 1-minute load averages at the start and the end (None where the OS has none): above ~1 on a
+    # 2-core machine other work shared the cores, and the seconds are not the tour's own
+    load_average: tuple[float | None, float | None] = (None, None)
 
     @property
     def failed(self) -> list[ChapterOutcome]:
@@ -117,6 +120,7 @@ class TourResult:
             "quick": self.quick,
             "seed": self.seed,
             "seconds": self.seconds,
+            "load_average": {"start": self.load_average[0], "end": self.load_average[1]},
             "failed": [c.name for c in self.failed],
             "ledger": self.ledger_json.name if self.ledger_json is not None else None,
             "ledger_figure": self.ledger_png.name if self.ledger_png is not None else None,
