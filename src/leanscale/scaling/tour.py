@@ -16,7 +16,8 @@ __all__ = ["chapter", "headline", "tour_sweep_config"]
 def tour_sweep_config(quick: bool, seed: int = 0):
     """The tour's own IsoFLOP sweep on Webster 1913 (gcide), from the ``benchmark`` preset's settings.
 
-    quick: 2 budgets x 3 sizes (8e11 FLOPs in all, ~1 minute); full: 3 budgets over 5.6x x 4 sizes
+    quick: 2 budgets x 3 sizes over a 4x bracket (~1 minute: with 5x the smallest size at 1.8e11
+    was d8, 5M tokens and 60 s alone); full: 3 budgets over 5.6x x 4 sizes
     (3.2e12 FLOPs, ~3 minutes on 2 cores). Both train in 2 worker processes. The smallest budgets
     are set by the smallest model of the shape family (~6k parameters at 80 tokens per parameter).
     The full sweep was 3 budgets over 7.8x x 5 sizes (5.2e12 FLOPs): 283 s of runs and 325 s of
@@ -28,7 +29,8 @@ def tour_sweep_config(quick: bool, seed: int = 0):
 
     base = preset_config("benchmark", [f"seed={seed}"])
     if quick:
-        return dataclasses.replace(base, budgets_flops=(9e10, 1.8e11), n_sizes=3)
+        # a 4x bracket (not 5x): its smallest model at 1.8e11 is d16, not d8 (5M tokens, 60 s alone)
+        return dataclasses.replace(base, budgets_flops=(9e10, 1.8e11), n_sizes=3, size_span=4.0)
     return dataclasses.replace(base, budgets_flops=(9e10, 2e11, 5e11), n_sizes=4)
 
 
