@@ -204,10 +204,7 @@ def frontier_all_on(answered: np.ndarray, score: np.ndarray, correct: np.ndarray
     thresholds are its distinct scores plus 1.0 ("on, never answers": it is run for the features
     it gives the later stages). Scores must lie in [0, 1).
     """
-    answered = np.asarray(answered, dtype=bool)
-    score = np.asarray(score, dtype=np.float64)
-    correct = np.asarray(correct, dtype=bool) & answered
-    costs = np.asarray(costs, dtype=np.float64)
+    answered, score, correct, costs = _search._as_arrays(answered, score, correct, costs)
     m, n = answered.shape
     last_correct = correct[-1]
     col = _search._Collector()

@@ -105,6 +105,13 @@ def _candidates(values: np.ndarray, max_thresholds: int | None) -> tuple[np.ndar
     return np.unique(q)[::-1], False
 
 
+def _as_arrays(answered, score, correct, costs):
+    """The frontier searches' inputs as arrays: ``correct`` only where the stage answered."""
+    answered = np.asarray(answered, dtype=bool)
+    return (answered, np.asarray(score, dtype=np.float64), np.asarray(correct, dtype=bool) & answered,
+            np.asarray(costs, dtype=np.float64))
+
+
 def frontier(answered: np.ndarray, confidence: np.ndarray, correct: np.ndarray, costs,
              max_thresholds: int | None = None) -> FrontierResult:
     """The exact Pareto frontier of (mean cost, accuracy) over all threshold configurations.
@@ -112,10 +119,7 @@ def frontier(answered: np.ndarray, confidence: np.ndarray, correct: np.ndarray, 
     ``answered``, ``confidence``, ``correct``: (m, n) arrays (stage x request); ``costs``: (m,)
     cost per call. See the module docstring for the model and the algorithm.
     """
-    answered = np.asarray(answered, dtype=bool)
-    confidence = np.asarray(confidence, dtype=np.float64)
-    correct = np.asarray(correct, dtype=bool) & answered
-    costs = np.asarray(costs, dtype=np.float64)
+    answered, confidence, correct, costs = _as_arrays(answered, confidence, correct, costs)
     m, n = answered.shape
     last_correct = correct[-1]
     col = _Collector()
@@ -157,10 +161,7 @@ def frontier(answered: np.ndarray, confidence: np.ndarray, correct: np.ndarray, 
 def evaluate_config(thresholds, answered, confidence, correct, costs, idx=None) -> tuple[float, float, np.ndarray]:
     """Mean cost, accuracy and the answering stage of each request (``-1``: nobody answered) for
     one configuration, on the requests ``idx`` (default all). The reference the search must match."""
-    answered = np.asarray(answered, dtype=bool)
-    confidence = np.asarray(confidence, dtype=np.float64)
-    correct = np.asarray(correct, dtype=bool) & answered
-    costs = np.asarray(costs, dtype=np.float64)
+    answered, confidence, correct, costs = _as_arrays(answered, confidence, correct, costs)
     m, n = answered.shape
     if idx is None:
         idx = np.arange(n)
