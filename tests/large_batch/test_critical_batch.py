@@ -177,6 +177,23 @@ def test_schedule_from_fractions_hand_computed():
         BatchSizeSchedule.from_fractions([(0, 128)], 0)
 
 
+def test_schedule_ghost_batch_is_the_base_batch_capped_by_the_smallest_per_process_batch():
+    s = BatchSizeSchedule((128, 256, 512), (10_000, 30_000))
+    assert s.ghost_batch_size(128) == 128 and s.ghost_batch_size(32) == 32
+    assert s.ghost_batch_size(256) == 128  # never above the first phase's batch
+    assert s.ghost_batch_size(128, world_size=2) == 64 and s.ghost_batch_size(128, world_size=4) == 32
+    # one batch size: the ghost batch would be every whole batch, which plain BatchNorm already is
+    assert BatchSizeSchedule((64,)).ghost_batch_size(128) is None
+    assert BatchSizeSchedule((64,)).ghost_batch_size(16) == 16
+    assert BatchSizeSchedule((64,)).ghost_batch_size(64, world_size=2) is None  # 32 per process: the whole batch
+    with pytest.raises(InvalidParameterError, match="'world_size' parameter of BatchSizeSchedule.ghost_batch_size "
+                                                    "must divide every batch size .*Got 3"):
+        s.ghost_batch_size(128, world_size=3)
+    for bad in (0, -1, 2.0, True, None):
+        with pytest.raises(InvalidParameterError, match="'base_batch_size' parameter"):
+            s.ghost_batch_size(bad)
+
+
 def test_batch_warmup_hand_computed():
     meas = [(4000, 900), (1000, 100), (2000, 300), (3000, 1100)]  # any order
     # base 64: at 1000 the CBS 100 < 128 -> stay; at 2000: 300 >= 256 -> 256; at 3000: 1100 -> 1024, capped 512;

@@ -476,21 +476,20 @@ def _schedule_flag(schedule, total_examples: int) -> str:
     return ",".join(parts)
 
 
-def _schedule_ghost(ghost: int | None, base_batch: int, points, owner: str) -> int | None:
+def _schedule_ghost(ghost: int | None, base_batch: int, schedule, owner: str) -> int | None:
     """The ghost batch (per process) of a ``--batch-schedule`` run: ``--ghost-batch`` (0: none), or the
-    recipe's default, the BatchNorm statistics of the small batch: the base batch, at most the smallest
-    per-process batch of the schedule. None where it would be a whole batch of every phase (plain BatchNorm)."""
+    schedule's default (:meth:`BatchSizeSchedule.ghost_batch_size`)."""
     from leanscale.core.distributed import rank_and_world
 
     world = rank_and_world()[1]
-    smallest = min(b for _, b in points) // world
+    smallest = min(schedule.batch_sizes) // world
     if ghost is None:
-        ghost = min(base_batch, smallest)
-    elif ghost > smallest:
+        return schedule.ghost_batch_size(base_batch, world)
+    if ghost > smallest:
         raise InvalidParameterError(
             f"The '--ghost-batch' parameter of {owner} must be at most the smallest per-process batch of "
             f"--batch-schedule ({smallest} = {smallest * world} / {world} process(es)). Got {ghost}.")
-    return ghost if 0 < ghost < max(b for _, b in points) // world else None
+    return ghost if 0 < ghost < max(schedule.batch_sizes) // world else None
 
 
 # --set keys an AdamW run takes from --weight-decay and --betas (through the recipe)
@@ -575,7 +574,7 @@ def run_train(args) -> int:
             data = load_image_data(config) if user is None else user[0]
             schedule = _schedule(points, args.batch_schedule, owner, len(data[1]), config.epochs, args.rule)
             config = TrainConfig(**{**config.__dict__,
-                                    "ghost_batch_size": _schedule_ghost(args.ghost_batch, args.base_batch, points,
+                                    "ghost_batch_size": _schedule_ghost(args.ghost_batch, args.base_batch, schedule,
                                                                         owner)})
             user_tensors = data
         else:

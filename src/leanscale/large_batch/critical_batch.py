@@ -460,6 +460,30 @@ class BatchSizeSchedule:
         """Optimizer steps of a run of ``total_examples`` examples."""
         return sum(p["steps"] for p in self.phases(total_examples))
 
+    def ghost_batch_size(self, base_batch_size: int, world_size: int = 1) -> int | None:
+        """The Ghost BatchNorm batch (per process) for ``TrainConfig.ghost_batch_size`` of a run with this
+        schedule: the BatchNorm statistics of the small batch the run starts from, ``base_batch_size``,
+        at most the smallest per-process batch of the schedule. None where that is the whole per-process
+        batch of every phase (plain BatchNorm computes the same statistics).
+
+        Example:
+            >>> s = BatchSizeSchedule((128, 256, 512), boundaries=(10_000, 30_000))
+            >>> s.ghost_batch_size(128), s.ghost_batch_size(128, world_size=2), s.ghost_batch_size(32)
+            (128, 64, 32)
+            >>> BatchSizeSchedule((128,)).ghost_batch_size(128) is None  # every batch is one ghost batch
+            True
+        """
+        owner = "BatchSizeSchedule.ghost_batch_size"
+        check_param("base_batch_size", base_batch_size, [_SIZE], owner=owner)
+        check_param("world_size", world_size, [_SIZE], owner=owner)
+        if any(b % world_size for b in self.batch_sizes):
+            raise InvalidParameterError(
+                f"The 'world_size' parameter of {owner} must divide every batch size of the schedule "
+                f"{list(self.batch_sizes)}. Got {world_size}."
+            )
+        ghost = min(base_batch_size, min(self.batch_sizes) // world_size)
+        return ghost if ghost < max(self.batch_sizes) // world_size else None
+
     def to_dict(self) -> dict[str, Any]:
         return {"batch_sizes": list(self.batch_sizes), "boundaries": list(self.boundaries), "lr_rule": self.lr_rule}
 
