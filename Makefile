@@ -53,7 +53,9 @@ tour: install data
 	$(VENV)/bin/leanscale tour
 
 test: install-dev data
-	$(PY) -m pytest -q --durations=25
+	@# two workers for the 2-core CI machine, whole files each (module fixtures built once); tests/conftest.py
+	@# gives each worker one torch thread
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25
 
 bench: install-dev data
 	$(PY) benchmarks/run_all.py

@@ -7,6 +7,12 @@ fuzzing session), run with ``HYPOTHESIS_PROFILE=explore`` and turn what it finds
 
 import os
 
+# Under pytest-xdist each worker is one of two processes on two cores: torch's default of one
+# thread per core would put four busy threads on two cores, and torch's threads wait for each
+# other (a step can run 20x slower). One thread per worker; subprocesses (torchrun) inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 from hypothesis import settings
 
@@ -38,3 +44,10 @@ def static_encoder_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("static") / "minilm-static"
     static_text_encoder(folder)
     return folder
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first: under ``pytest -n 2 --dist loadfile`` (``make test``) a worker takes whole
+    files in collection order, so the two-minute tour smoke test starts at once instead of being the
+    last file left while the other worker idles."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: otherwise collection order

@@ -9,6 +9,7 @@ from leanscale.cli.main import main
 
 
 @pytest.mark.slow  # ~2 minutes: the whole quick tour
+@pytest.mark.timeout(900)  # not the suite's 300 s per test: on a loaded machine it takes 4-5 minutes
 def test_quick_tour_runs_every_available_chapter(tmp_path, capsys):
     out = tmp_path / "tour-report"
     start = time.perf_counter()

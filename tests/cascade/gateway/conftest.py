@@ -48,13 +48,17 @@ def serve_app(app):
 
 
 def two_model_config(small_backend: FakeOpenAIBackend, big_backend: FakeOpenAIBackend, **top) -> GatewayConfig:
+    """'small' and 'big' (small falls back to big). The backend timeouts are generous (5 s, 10 s): a
+    fake backend's answer can take over a second on a loaded machine, and a test that does not test
+    timeouts must not fall back because of one. Tests of timeouts set their own (``small={"timeout_s":
+    0.5}``, or the ``short_timeout_gateway`` fixture)."""
     small_extra = top.pop("small", {})
     return GatewayConfig.from_dict({
         "models": [
             {"name": "small", "base_url": small_backend.base_url, "input_price_per_1k": SMALL["input"],
-             "output_price_per_1k": SMALL["output"], "timeout_s": 0.5, **small_extra},
+             "output_price_per_1k": SMALL["output"], "timeout_s": 5, **small_extra},
             {"name": "big", "base_url": big_backend.base_url, "input_price_per_1k": BIG["input"],
-             "output_price_per_1k": BIG["output"], "timeout_s": 2},
+             "output_price_per_1k": BIG["output"], "timeout_s": 10},
         ],
         "fallbacks": {"small": ["big"]},
         "backoff_s": 0.01,
@@ -91,6 +95,14 @@ def backends():
 def gateway(backends):
     small, big = backends
     with running_gateway(two_model_config(small, big)) as url:
+        yield url, small, big
+
+
+@pytest.fixture
+def short_timeout_gateway(backends):
+    """As ``gateway``, with a 0.5 s timeout on 'small': for the tests of what a hung backend does."""
+    small, big = backends
+    with running_gateway(two_model_config(small, big, small={"timeout_s": 0.5})) as url:
         yield url, small, big
 
 

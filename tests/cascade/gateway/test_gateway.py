@@ -89,8 +89,8 @@ def test_streaming_text_completions(gateway):
 
 @pytest.mark.parametrize("fault", [{"status": 500}, {"status": 429, "retry_after": 5}, {"hang_s": 3.0}],
                          ids=["500", "429", "timeout"])
-def test_fallback_to_big(gateway, fault):
-    url, small, big = gateway
+def test_fallback_to_big(short_timeout_gateway, fault):
+    url, small, big = short_timeout_gateway
     small.set_fault(**fault)
     t0 = time.perf_counter()
     raw = client(url).chat.completions.with_raw_response.create(model="small", messages=MESSAGES)
@@ -103,8 +103,8 @@ def test_fallback_to_big(gateway, fault):
     assert elapsed < (2.5 if "hang_s" in fault else 1.0)  # small's timeout is 0.5 s, not the 3 s hang
 
 
-def test_stream_falls_back_before_the_first_chunk(gateway):
-    url, small, big = gateway
+def test_stream_falls_back_before_the_first_chunk(short_timeout_gateway):
+    url, small, big = short_timeout_gateway
     small.set_fault(status=503)
     c = client(url)
     raw = c.chat.completions.with_raw_response.create(model="small", messages=MESSAGES, stream=True)

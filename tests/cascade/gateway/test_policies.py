@@ -59,9 +59,9 @@ def _config(small, big, folder: Path, **extra) -> GatewayConfig:
     return GatewayConfig.from_dict({
         "models": [
             {"name": "small", "base_url": small.base_url, "input_price_per_1k": SMALL["input"],
-             "output_price_per_1k": SMALL["output"], "timeout_s": 2},
+             "output_price_per_1k": SMALL["output"], "timeout_s": 30},
             {"name": "big", "base_url": big.base_url, "input_price_per_1k": BIG["input"],
-             "output_price_per_1k": BIG["output"], "timeout_s": 2},
+             "output_price_per_1k": BIG["output"], "timeout_s": 30},
         ],
         "router": {"path": str(folder / "router"), "default_knob": 0.3},
         "cascade": {"models": ["small", "big"], "scorer": str(folder / "scorer"), "threshold": 0.5},

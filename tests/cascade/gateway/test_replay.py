@@ -41,9 +41,9 @@ def _cost(model: str, prompt: str, answer: str) -> float:
 
 def _models(small, big) -> list[dict]:
     return [{"name": "small", "base_url": small.base_url, "input_price_per_1k": SMALL["input"],
-             "output_price_per_1k": SMALL["output"], "timeout_s": 2},
+             "output_price_per_1k": SMALL["output"], "timeout_s": 30},
             {"name": "big", "base_url": big.base_url, "input_price_per_1k": BIG["input"],
-             "output_price_per_1k": BIG["output"], "timeout_s": 2}]
+             "output_price_per_1k": BIG["output"], "timeout_s": 30}]
 
 
 def _wait_lines(path: Path, n: int) -> list[dict]:
