@@ -57,6 +57,32 @@ def main() -> None:
         print(f"| {k} | {v['apgr']:.3f} | {v['cpt_50']:.1%} | {v['cpt_80']:.1%} | {v['random']['apgr']:.3f} | "
               f"{v['oracle']['apgr']:.3f} |")
 
+    distill_table()
+
+
+def distill_table() -> None:
+    """Section 1c: the distilled cheap stages (``wordnet_distill*.json``), where they have been run."""
+    for path in sorted((RESULTS / "cascade").glob("wordnet_distill*.json")):
+        distill_run(path)
+
+
+def distill_run(path: Path) -> None:
+    d = read_json(path)
+    a, c = d["alone"], d.get("configurations", {})
+    print(f"\n{path.name}: {d['data']['unlabelled_pool']}.\n")
+    print("| middle stage (unlabelled pool m) | test accuracy | agreement with big (test) |")
+    print("|---|---|---|")
+    for k, v in a.items():
+        print(f"| {k} | {v['test_accuracy']:.2%} | {v['test_agreement_with_big']:.1%} |")
+    print("\n| cascade (deferral) | test accuracy gap | answered (test) | speed-up by cost (min / median costs) | measured |")
+    print("|---|---|---|---|---|")
+    for k, v in c.items():
+        fr = " / ".join(f"{x:.1%}" for x in v["answered_fraction_test"].values())
+        m = v.get("measured")
+        meas = f"{m['speedup_min']:.2f}x (median {m['speedup_median']:.2f}x)" if m else ""
+        print(f"| {k} | {v['accuracy_gap_points']:.2f} points | {fr} | {v['speedup_by_cost']:.2f}x / "
+              f"{v['speedup_by_median_cost']:.2f}x | {meas} |")
+
 
 if __name__ == "__main__":
     main()

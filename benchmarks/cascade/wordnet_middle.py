@@ -33,7 +33,9 @@ import argparse
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import numpy as np
@@ -86,8 +88,8 @@ def timed(fn, items, batch=64) -> float:
     return time.perf_counter() - t0
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def add_setup_args(ap: argparse.ArgumentParser) -> None:
+    """The data, stage and timing options shared with ``wordnet_distill.py``."""
     ap.add_argument("--n-train", type=int, default=20_000)
     ap.add_argument("--n-cal", type=int, default=8_000)
     ap.add_argument("--n-test", type=int, default=8_000)
@@ -99,11 +101,18 @@ def main() -> None:
     ap.add_argument("--throughput-requests", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default=None)
-    args = ap.parse_args()
-    torch.set_num_threads(2)
-    name = "wordnet_middle" + (f"_{args.tag}" if args.tag else "")
-    t_start = time.perf_counter()
 
+
+def setup(args, log=print) -> SimpleNamespace:
+    """Data, split and the three stages of this benchmark (all trained on the training split).
+
+    Returns a namespace: ``texts`` (the sample, in split order), ``emb`` (MiniLM, cached), ``S``
+    (static embeddings), ``X_tr``/``X_pool`` (training texts / calibration + test texts),
+    ``y_tr``/``y_pool``, ``cal``/``test`` (indices into the pool), ``tfidf``, ``L_tr`` (cross-fitted
+    TF-IDF block of the training split), ``stack``, ``big``, ``encoder``, ``head`` (static),
+    ``real`` (name -> stage) and ``train_seconds``.
+    """
+    t_start = time.perf_counter()
     g = load_wordnet_glosses()
     names = np.array(g.label_names, dtype=object)
     labels_all = names[g.labels]
@@ -118,7 +127,6 @@ def main() -> None:
     n_pool = len(pool)
     cal, test = np.arange(args.n_cal), np.arange(args.n_cal, n_pool)
 
-    # ---- stages -----------------------------------------------------------------------------
     t0 = time.perf_counter()
     tfidf = TfidfClassifier().fit(X_tr, y_tr)
     L_tr = cross_fitted_logp(X_tr, y_tr, tfidf.classes_, args.seed)  # shared by both stacked heads
@@ -135,53 +143,69 @@ def main() -> None:
         np.hstack([S[: args.n_train], L_tr]).astype(np.float32), y_tr)
     static_stage = StaticEmbeddingStage(head, encoder, tfidf=tfidf, name="static")
     t_static = time.perf_counter() - t0
-    print(f"trained in {time.perf_counter() - t_start:.0f} s (static embeddings of {len(texts)} texts "
-          f"{t_embed_static:.1f} s, static head {t_static:.1f} s)", flush=True)
+    log(f"trained in {time.perf_counter() - t_start:.0f} s (static embeddings of {len(texts)} texts "
+        f"{t_embed_static:.1f} s, static head {t_static:.1f} s)")
+    real = {"tfidf": ModelStage(tfidf, name="tfidf"), "static": static_stage, "big": ModelStage(big, name="big")}
+    return SimpleNamespace(
+        texts=texts, emb=emb, S=S, X_tr=X_tr, X_pool=X_pool, y_tr=y_tr, y_pool=y_pool, cal=cal, test=test,
+        tfidf=tfidf, L_tr=L_tr, stack=stack, big=big, encoder=encoder, head=head, real=real,
+        train_seconds={"tfidf_and_big": t_big, "static_embed_all_texts": t_embed_static, "static_head": t_static})
 
-    tfidf_stage = ModelStage(tfidf, name="tfidf")
-    big_stage = ModelStage(big, name="big")
-    real = {"tfidf": tfidf_stage, "static": static_stage, "big": big_stage}
 
-    # ---- per-stage costs, measured separately: interleaved repetitions, min and median ----------
-    sample = X_pool[: args.cost_sample]
+def measure_costs(real: dict, sample: list, repeats: int, log=print) -> tuple[dict, dict, dict]:
+    """Seconds per request of each stage (batches of 64): ``(min, median, all repetitions)`` over
+    ``repeats`` interleaved repetitions on ``sample``, after a warm-up call each."""
     for s in real.values():
         s.predict(sample[:64])  # warm-up (loads MiniLM, allocates)
     reps = {k: [] for k in real}
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         for k, s in real.items():
             reps[k].append(timed(s.predict, sample) / len(sample))
     costs = {k: float(min(v)) for k, v in reps.items()}
     costs_median = {k: float(np.median(v)) for k, v in reps.items()}
-    print("seconds per request (min): " + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in costs.items()), flush=True)
+    log("seconds per request (min): " + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in costs.items()))
+    return costs, costs_median, reps
 
-    # ---- outputs on the pool, computed once ------------------------------------------------------
-    p_tf = tfidf.predict_proba(X_pool)
-    L_pool = stack.features(np.zeros((n_pool, 0), np.float32), X_pool)  # STACK_SCALE * log p_tfidf
+
+def pool_outputs(d: SimpleNamespace) -> tuple[dict, np.ndarray]:
+    """Outputs of tfidf, static and big on the calibration + test texts, and the TF-IDF block
+    ``L_pool`` (STACK_SCALE * log p_tfidf) of those texts."""
+    n_pool = len(d.X_pool)
+    n_train = len(d.X_tr)
+    p_tf = d.tfidf.predict_proba(d.X_pool)
+    L_pool = d.stack.features(np.zeros((n_pool, 0), np.float32), d.X_pool)  # STACK_SCALE * log p_tfidf
     outs = {
-        "tfidf": output_from_proba(p_tf, tfidf.classes_),
-        "static": output_from_proba(head.predict_proba_embeddings(np.hstack([S[args.n_train:], L_pool])), head.classes_),
-        "big": output_from_proba(big.predict_proba_embeddings(np.hstack([emb[args.n_train:], L_pool])), big.classes_),
+        "tfidf": output_from_proba(p_tf, d.tfidf.classes_),
+        "static": output_from_proba(d.head.predict_proba_embeddings(np.hstack([d.S[n_train:], L_pool])),
+                                    d.head.classes_),
+        "big": output_from_proba(d.big.predict_proba_embeddings(np.hstack([d.emb[n_train:], L_pool])),
+                                 d.big.classes_),
     }
-    correct = {k: o.labels == y_pool for k, o in outs.items()}
-    alone = {k: {"test_accuracy": float(correct[k][test].mean()), "cal_accuracy": float(correct[k][cal].mean()),
-                 "seconds_per_request": costs[k], "speedup_by_cost": costs["big"] / costs[k]} for k in outs}
-    print("alone on test: " + ", ".join(f"{k} {v['test_accuracy']:.4f}" for k, v in alone.items()), flush=True)
+    return outs, L_pool
 
-    # ---- cascades -----------------------------------------------------------------------------
+
+def accuracy_alone(outs: dict, d: SimpleNamespace, costs: dict) -> dict:
+    correct = {k: o.labels == d.y_pool for k, o in outs.items()}
+    return {k: {"test_accuracy": float(correct[k][d.test].mean()), "cal_accuracy": float(correct[k][d.cal].mean()),
+                "seconds_per_request": costs[k], "speedup_by_cost": costs["big"] / costs[k]} for k in outs}
+
+
+def run_cascades(chains, outs: dict, d: SimpleNamespace, costs: dict, costs_median: dict, target: float,
+                 big_test: float, max_thresholds: int, log=print) -> tuple[dict, dict]:
+    """Fit every chain with raw-confidence and learned deferral on the calibration split (replayed
+    outputs), evaluate on the test split; returns ``(configs, fitted)`` keyed "a->b (deferral)"."""
     row = {}
-    for i, t in enumerate(X_pool):  # a repeated gloss: every stage answers it the same way
+    for i, t in enumerate(d.X_pool):  # a repeated gloss: every stage answers it the same way
         row.setdefault(t, i)
-    X_cal, X_test = [X_pool[i] for i in cal], [X_pool[i] for i in test]
-    target = alone["big"]["cal_accuracy"] - args.slack / 100
-    big_test = alone["big"]["test_accuracy"]
-    configs = {}
-    fitted = {}
-    for chain in (("tfidf", "big"), ("tfidf", "static", "big")):
+    X_cal, X_test = [d.X_pool[i] for i in d.cal], [d.X_pool[i] for i in d.test]
+    y_pool, test = d.y_pool, d.test
+    configs, fitted = {}, {}
+    for chain in chains:
         for deferral in ("confidence", "learned"):
             key = f"{'->'.join(chain)} ({deferral})"
             t0 = time.perf_counter()
             casc = Cascade([LookupStage(k, costs[k], outs[k], row) for k in chain], target_accuracy=target,
-                           deferral=deferral, max_thresholds=args.max_thresholds).fit(X_cal, y_pool[cal])
+                           deferral=deferral, max_thresholds=max_thresholds).fit(X_cal, y_pool[d.cal])
             t_fit = time.perf_counter() - t0
             det = casc.predict_detailed(X_test)
             acc = float(np.mean(det.labels == y_pool[test]))
@@ -189,7 +213,6 @@ def main() -> None:
             mean_cost = float(det.cost.mean())
             mean_cost_median = float(sum(costs_median[k] * np.mean([chain.index(st) >= chain.index(k)
                                                                     for st in det.stage]) for k in chain))
-            # the test split's own frontier (descriptive: the best any threshold choice could do here)
             configs[key] = {
                 "thresholds": casc.thresholds_, "fit_seconds": t_fit, "test_accuracy": acc,
                 "accuracy_gap_points": 100 * (big_test - acc), "answered_fraction_test": fractions,
@@ -200,13 +223,18 @@ def main() -> None:
             c = configs[key]
             c["goal_5x_at_0.5_points_by_cost"] = bool(c["speedup_by_cost"] >= 5 and c["accuracy_gap_points"] <= 0.5)
             fitted[key] = casc
-            print(f"{key}: test accuracy {acc:.4f} (gap {c['accuracy_gap_points']:.2f} points), answered "
-                  f"{fractions}, speed-up by cost {c['speedup_by_cost']:.2f}x (fit {t_fit:.1f} s)", flush=True)
+            log(f"{key}: test accuracy {acc:.4f} (gap {c['accuracy_gap_points']:.2f} points), answered "
+                f"{fractions}, speed-up by cost {c['speedup_by_cost']:.2f}x (fit {t_fit:.1f} s)")
+    return configs, fitted
 
-    # ---- measured end to end: the real stages on test requests, interleaved with the big model ----
-    n_thr = min(args.throughput_requests, len(test))
-    X_thr = [X_pool[i] for i in test[:n_thr]]
-    runners = {"big alone": big_stage.predict}
+
+def measure_end_to_end(fitted: dict, configs: dict, real: dict, X_thr: list, target: float, repeats: int,
+                       log=print) -> dict:
+    """The real stages (MiniLM included) on ``X_thr`` through each fitted cascade and through the
+    big model alone, interleaved, ``repeats`` times; adds ``measured`` to ``configs``; returns the
+    walls."""
+    n_thr = len(X_thr)
+    runners = {"big alone": real["big"].predict}
     for key, casc in fitted.items():
         chain = [s.name for s in casc.stages]
         r = Cascade([real[k] for k in chain], target_accuracy=target, deferral=casc.deferral)
@@ -216,7 +244,7 @@ def main() -> None:
     for fn in runners.values():
         fn(X_thr[:64])
     walls = {k: [] for k in runners}
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         for k, fn in runners.items():
             walls[k].append(timed(fn, X_thr))
     for key in fitted:
@@ -228,18 +256,44 @@ def main() -> None:
         }
         configs[key]["goal_5x_at_0.5_points_measured"] = bool(
             configs[key]["measured"]["speedup_min"] >= 5 and configs[key]["accuracy_gap_points"] <= 0.5)
-        print(f"{key}: measured speed-up {configs[key]['measured']['speedup_min']:.2f}x (min), "
-              f"{configs[key]['measured']['speedup_median']:.2f}x (median)", flush=True)
+        log(f"{key}: measured speed-up {configs[key]['measured']['speedup_min']:.2f}x (min), "
+            f"{configs[key]['measured']['speedup_median']:.2f}x (median)")
+    return walls
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    add_setup_args(ap)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    name = "wordnet_middle" + (f"_{args.tag}" if args.tag else "")
+    t_start = time.perf_counter()
+    log = partial(print, flush=True)
+
+    d = setup(args, log)
+    real = d.real
+    costs, costs_median, reps = measure_costs(real, d.X_pool[: args.cost_sample], args.repeats, log)
+    outs, _ = pool_outputs(d)
+    alone = accuracy_alone(outs, d, costs)
+    log("alone on test: " + ", ".join(f"{k} {v['test_accuracy']:.4f}" for k, v in alone.items()))
+
+    target = alone["big"]["cal_accuracy"] - args.slack / 100
+    big_test = alone["big"]["test_accuracy"]
+    configs, fitted = run_cascades((("tfidf", "big"), ("tfidf", "static", "big")), outs, d, costs, costs_median,
+                                   target, big_test, args.max_thresholds, log)
+    n_thr = min(args.throughput_requests, len(d.test))
+    walls = measure_end_to_end(fitted, configs, real, [d.X_pool[i] for i in d.test[:n_thr]], target,
+                               args.repeats, log)
 
     atomic_write_json(OUT / f"{name}.json", {
         "benchmark": "cascade/wordnet_middle", "machine": machine(), "settings": vars(args),
-        "data": {"source": "WordNet 3.0 glosses -> 45 lexicographer files", "n_train": len(tr),
-                 "n_cal": len(cal), "n_test": len(test)},
+        "data": {"source": "WordNet 3.0 glosses -> 45 lexicographer files", "n_train": len(d.X_tr),
+                 "n_cal": len(d.cal), "n_test": len(d.test)},
         "stages": {"tfidf": "TfidfClassifier (word uni+bigrams, logistic regression)",
                    "static": f"StaticEmbeddingStage: model2vec-distilled MiniLM-L6 (256-d) + cross-fitted TF-IDF "
                              f"log-probabilities, MLP head (hidden {args.static_hidden})",
                    "big": "MiniLM-L6 embeddings + cross-fitted TF-IDF log-probabilities, MLP head (hidden 512)"},
-        "train_seconds": {"tfidf_and_big": t_big, "static_embed_all_texts": t_embed_static, "static_head": t_static},
+        "train_seconds": d.train_seconds,
         "costs_seconds_per_request": costs, "costs_seconds_per_request_median": costs_median,
         "cost_repeats": reps, "alone": alone, "target_cal_accuracy": target, "big_test_accuracy": big_test,
         "configurations": configs, "measured_walls_s": walls,
@@ -249,7 +303,7 @@ def main() -> None:
         "goal": ">= 5x the big model's requests/s at <= 0.5 points less accuracy (issue 17)",
         "seconds_total": time.perf_counter() - t_start,
     })
-    print(f"wrote {OUT / (name + '.json')} in {time.perf_counter() - t_start:.0f} s")
+    log(f"wrote {OUT / (name + '.json')} in {time.perf_counter() - t_start:.0f} s")
 
 
 if __name__ == "__main__":
