@@ -121,42 +121,13 @@ def fit_soft_head(F: np.ndarray, T: np.ndarray, classes: np.ndarray, *, hidden: 
                   seed: int = 0, lr: float = 1e-3, batch_size: int = 256, weight_decay: float = 1e-2
                   ) -> EmbeddingClassifier:
     """An :class:`EmbeddingClassifier` head trained on features ``F`` (n, d) against target
-    distributions ``T`` (n, k; rows sum to 1, columns in ``classes`` order): cross-entropy
-    ``-sum_j T_ij log softmax(z_i)_j`` (one-hot rows give the usual loss), with
-    ``fit_embeddings``'s architecture, AdamW, cosine schedule and seeded shuffles."""
-    import torch.nn.functional as Fn
-
-    from leanscale.train import fit, lr_factor
-
+    distributions ``T`` (n, k; rows sum to 1, columns in ``classes`` order): ``fit_embeddings``
+    with ``soft_targets`` (cross-entropy to ``T``; one-hot rows give the usual loss)."""
     clf = EmbeddingClassifier(encoder=None, hidden=hidden, epochs=epochs, lr=lr, batch_size=batch_size,
                               weight_decay=weight_decay, seed=seed)
-    n, d = F.shape
-    head = clf._build_head(d, len(classes))
-    x, t = torch.from_numpy(np.ascontiguousarray(F, dtype=np.float32)), torch.from_numpy(T.astype(np.float32))
-    bs = min(batch_size, n)
-    steps_per_epoch = -(-n // bs)
-    total = epochs * steps_per_epoch
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    gen = torch.Generator().manual_seed(seed)
-    losses, running = [], {"loss": 0.0}
-
-    def batches():
-        for _ in range(epochs):
-            perm = torch.randperm(n, generator=gen)
-            for s in range(0, n, bs):
-                yield perm[s: s + bs]
-
-    def on_step(out) -> None:
-        running["loss"] += float(out.loss) * len(out.batch)
-        if out.step % steps_per_epoch == 0:
-            losses.append(running["loss"] / n)
-            running["loss"] = 0.0
-
-    head.train()
-    fit(head, opt, batches(), lambda net, idx: -(t[idx] * Fn.log_softmax(net(x[idx]), dim=-1)).sum(1).mean(),
-        n_steps=total, lr=lr, schedule=lambda step: lr_factor(step, total), on_step=on_step, ddp=False)
-    head.eval()
-    clf.head_, clf.classes_, clf.n_features_in_, clf.loss_history_ = head, np.asarray(classes), d, losses
+    clf.fit_embeddings(F, np.asarray(classes)[T.argmax(1)], soft_targets=T)
+    if list(clf.classes_) != list(classes):  # every class is some row's argmax (the labelled rows)
+        raise ValueError(f"the targets' argmax covers {len(clf.classes_)} of {len(classes)} classes")
     return clf
 
 

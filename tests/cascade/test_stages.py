@@ -500,6 +500,22 @@ def test_static_embedding_stage_fit_with_stacked_tfidf():
     assert stage.predict(texts[:20]).features.shape == (20, 2)
 
 
+def test_static_embedding_stage_fit_passes_soft_targets_to_the_head():
+    from leanscale.cascade import EmbeddingClassifier, StaticEmbeddingStage
+
+    texts, y = _static_data(120)
+    classes = sorted(set(y))
+    q = np.full((len(y), len(classes)), 0.1 / (len(classes) - 1))
+    q[np.arange(len(y)), [classes.index(v) for v in y]] = 0.9  # label smoothing as the "teacher"
+    stage = StaticEmbeddingStage.fit(texts, y, encoder=_fake_encoder, hidden=8, epochs=5, soft_targets=q)
+    ref = EmbeddingClassifier(encoder=None, hidden=8, epochs=5).fit_embeddings(_fake_encoder(texts), y,
+                                                                               soft_targets=q)
+    E = _fake_encoder(texts[:30])
+    np.testing.assert_array_equal(stage.head.predict_proba_embeddings(E), ref.predict_proba_embeddings(E))
+    with pytest.raises(InvalidParameterError, match="'soft_targets' parameter"):
+        StaticEmbeddingStage.fit(texts, y, encoder=_fake_encoder, epochs=1, soft_targets=q[:5])
+
+
 def test_static_embedding_stage_bad_inputs():
     from leanscale.cascade import StaticEmbeddingStage
 

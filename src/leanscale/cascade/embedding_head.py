@@ -159,11 +159,21 @@ class EmbeddingClassifier(TextClassifier):
         check_consistent_length("EmbeddingClassifier.fit", texts=texts, y=check_labels("y", y))
         return self.fit_embeddings(self.embed(texts), y)
 
-    def fit_embeddings(self, E: Any, y: Sequence) -> EmbeddingClassifier:
+    def fit_embeddings(self, E: Any, y: Sequence, *, soft_targets: Any = None) -> EmbeddingClassifier:
         """Train the head on precomputed embeddings ``E`` (n, d); returns self.
 
         AdamW on seeded shuffles (every example once per epoch), the learning rate on a cosine to
         0 over the run (:func:`leanscale.train.lr_factor`), with the shared engine's loop.
+
+        Args:
+            E: Embeddings, shape (n, d).
+            y: Labels (n,); their sorted distinct values are ``classes_``.
+            soft_targets: Knowledge distillation (Hinton et al. 2015): target distributions, shape
+                (n, n_classes), columns in ``classes_`` order, rows of non-negative numbers summing
+                to 1 (e.g. a bigger model's ``predict_proba`` on unlabelled texts, one-hot rows for
+                labelled ones). The loss is the cross-entropy to them, ``-sum_j q_ij log p_ij``;
+                one-hot rows of ``y`` give the usual loss. ``y`` still sets the classes (pass the
+                targets' argmax where there is no label).
         """
         import torch
         import torch.nn.functional as F
@@ -180,6 +190,14 @@ class EmbeddingClassifier(TextClassifier):
         head = self._build_head(d, len(classes))
         x = torch.from_numpy(E)
         t = torch.from_numpy(codes.astype(np.int64))
+        if soft_targets is None:
+            def loss(net, idx):
+                return F.cross_entropy(net(x[idx]), t[idx])
+        else:
+            q = torch.from_numpy(_check_soft_targets(soft_targets, n, classes, owner))
+
+            def loss(net, idx):
+                return -(q[idx] * F.log_softmax(net(x[idx]), dim=-1)).sum(1).mean()
         bs = min(self.batch_size, n)
         steps_per_epoch = -(-n // bs)
         total = self.epochs * steps_per_epoch
@@ -200,7 +218,7 @@ class EmbeddingClassifier(TextClassifier):
                 running["loss"] = 0.0
 
         head.train()
-        fit(head, opt, batches(), lambda net, idx: F.cross_entropy(net(x[idx]), t[idx]), n_steps=total,
+        fit(head, opt, batches(), loss, n_steps=total,
             lr=float(self.lr), schedule=lambda step: lr_factor(step, total), on_step=on_step, ddp=False)
         head.eval()
         self.head_ = head
@@ -311,3 +329,30 @@ class EmbeddingClassifier(TextClassifier):
         self.head_, self.classes_, self.n_features_in_ = head, classes, d
         self.loss_history_ = [float(v) for v in loss]
         return self
+
+
+def _check_soft_targets(q: Any, n: int, classes: np.ndarray, owner: str) -> np.ndarray:
+    """``soft_targets`` as a float32 (n, n_classes) array of distributions, or a clear error."""
+    if hasattr(q, "detach") and hasattr(q, "cpu"):
+        q = q.detach().cpu().numpy()
+    k = len(classes)
+    try:
+        arr = np.asarray(q, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InvalidParameterError(
+            f"The 'soft_targets' parameter of {owner} must be an array of numbers of shape ({n}, {k}) (rows: "
+            f"distributions over the classes of y). Got {type(q).__name__}."
+        ) from None
+    if arr.shape != (n, k):
+        raise InvalidParameterError(
+            f"The 'soft_targets' parameter of {owner} must have shape ({n}, {k}): one row per embedding, one column "
+            f"per class of y ({k} classes, in sorted order). Got shape {arr.shape}."
+        )
+    bad = ~np.isfinite(arr).all(axis=1) | (arr < 0).any(axis=1) | (np.abs(arr.sum(axis=1) - 1.0) > 1e-4)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise InvalidParameterError(
+            f"The 'soft_targets' parameter of {owner} must hold distributions: finite, non-negative numbers whose "
+            f"rows sum to 1. Row {i} (of {int(bad.sum())} such rows) sums to {arr[i].sum():.6g}, min {arr[i].min():.6g}."
+        )
+    return np.ascontiguousarray(arr, dtype=np.float32)

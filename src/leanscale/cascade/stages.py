@@ -777,13 +777,18 @@ class StaticEmbeddingStage(ModelStage):
     @classmethod
     def fit(cls, texts: Sequence, y: Sequence, *, encoder: Any = None, tfidf: Any = None, hidden: int = 0,
             epochs: int = 20, lr: float = 1e-3, seed: int = 0, name: str = "static", cost: float | None = None,
-            embeddings: np.ndarray | None = None, timeout: float | None = None) -> StaticEmbeddingStage:
+            embeddings: np.ndarray | None = None, timeout: float | None = None,
+            soft_targets: Any = None) -> StaticEmbeddingStage:
         """Train the head on ``texts`` (labels ``y``) and return the stage.
 
         With ``tfidf``, the head's training features use *cross-fitted* TF-IDF log-probabilities
         (:func:`leanscale.cascade.stacking.cross_fitted_logp`: TF-IDF is over-confident on its own
         training texts) while prediction uses ``tfidf`` itself. ``embeddings``: the texts'
         embeddings when already at hand (skips encoding). ``hidden``: 0 = logistic regression.
+        ``soft_targets``: distill a bigger model into the stage -- its class probabilities (n,
+        n_classes, columns in the sorted order of ``y``'s classes), as in
+        :meth:`EmbeddingClassifier.fit_embeddings`; ``y`` is then the labels where known and the
+        bigger model's argmax elsewhere.
         """
         from leanscale.cascade.embedding_head import EmbeddingClassifier
 
@@ -806,7 +811,8 @@ class StaticEmbeddingStage(ModelStage):
             from leanscale.cascade.stacking import cross_fitted_logp
 
             F = np.hstack([E, cross_fitted_logp(texts, y, tfidf.classes_, seed)]).astype(np.float32)
-        head = EmbeddingClassifier(encoder=None, hidden=hidden, epochs=epochs, lr=lr, seed=seed).fit_embeddings(F, y)
+        head = EmbeddingClassifier(encoder=None, hidden=hidden, epochs=epochs, lr=lr, seed=seed).fit_embeddings(
+            F, y, soft_targets=soft_targets)
         stage.head = head
         stage.model = _EmbeddingHead(head)
         stage.classes = np.asarray(list(head.classes_), dtype=object)
