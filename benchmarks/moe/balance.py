@@ -17,9 +17,14 @@ that each run fits in ~10 minutes on 2 shared cores. Runs (same tokens, optimise
 * ``switch_fine``: fine-grained with the Switch loss 0.01 (the same experts, the other balancing);
 * ``switch_seq``: as ``switch`` with the loss computed per sequence and averaged
   (``balance_loss="sequence"``, DeepSeek-V3 eq. 17-20; the micro-batch end of Qiu et al. 2025).
+* ``lossfree_fine_shared``: ``lossfree_fine`` with one of its 32 quarter-width experts made an
+  always-active shared expert (``n_shared_experts=1``, DeepSeekMoE): 31 routed, top-3. Per token
+  1 + 3 quarter-width MLPs = one dense MLP, as ``lossfree_fine``'s 4 routed ones (the router has
+  31 outputs instead of 32); the same parameters (32 quarter-width experts per layer).
 
-Not run: ``switch_global`` (``balance_loss="global"``, Qwen, Qiu et al. 2025, arXiv 2501.11873).
-That option counts ``f_i`` over all DDP ranks' tokens; this benchmark trains in one process on
+Not run here: ``switch_global`` (``balance_loss="global"``, Qwen, Qiu et al. 2025, arXiv
+2501.11873; ``global_balance.py`` runs it under torchrun with 2 ranks). That option counts ``f_i``
+over all DDP ranks' tokens; this benchmark trains in one process on
 one micro-batch per step, where it is the ``switch`` run exactly (the same operations: ``_world()``
 is 1). Here ``switch`` (``f_i`` over the step's 16 sequences) is the global-batch loss and
 ``switch_seq`` the per-sequence one; a run under DDP with small micro-batches per rank would be
@@ -82,6 +87,10 @@ def variants(rate: float) -> dict[str, dict | None]:
         # the Switch loss per sequence (DeepSeek-V3's sequence-wise loss at Switch's coefficient)
         "switch_seq": {"n_experts": 8, "every": 2, "top_k": 1, "load_balancing_coef": 0.01,
                        "balance_loss": "sequence"},
+        # DeepSeekMoE's layout at lossfree_fine's active FLOPs and parameters: 1 always-active shared
+        # expert + 31 routed, top-3, all a quarter width: 1 + 3 = 4 quarter-width MLPs per token
+        "lossfree_fine_shared": {"n_experts": 31, "every": 1, "top_k": 3, "granularity": 4, "n_shared_experts": 1,
+                                 "load_balancing_coef": 0.0, "bias_update_rate": rate},
     }
 
 
@@ -89,7 +98,9 @@ NOT_RUN = {
     "switch_global": "balance_loss='global' (Qwen, arXiv 2501.11873) counts f_i over all DDP ranks; in this "
                      "one-process benchmark with one micro-batch per step it is the 'switch' run exactly, so "
                      "'switch' is the global-batch loss here (16 sequences) and 'switch_seq' the per-sequence "
-                     "one. Not accumulated over gradient-accumulation micro-batches (leanscale.sparse.moe).",
+                     "one. Not accumulated over gradient-accumulation micro-batches (leanscale.sparse.moe). "
+                     "benchmarks/moe/global_balance.py contrasts it with the per-rank loss under torchrun "
+                     "(results/moe/global_balance.json).",
 }
 
 
@@ -238,16 +249,18 @@ def summarize(name: str, state: JobState, args, table: dict) -> None:
         return
     goals = {variant: stats for variant in table if (stats := seed_stats(variant, per_seed))}
     seeds = sorted(s["seed"] for s in per_seed)
+    walls = (min(r["wall_seconds"] for r in rows.values()), max(r["wall_seconds"] for r in rows.values()))
     atomic_write_json(RESULTS / "moe" / f"{name}.json", {
         "benchmark": name, "machine": machine(), "corpus": "gcide (Webster 1913), byte-level BPE",
         "settings": {k: v for k, v in vars(args).items() if k not in ("only", "summarize_only")} | {"capacity_factor": CAPACITY,
                                                                             "variants": table},
-        "note": "wall_seconds: other jobs shared the 2 cores (runs took 212-2249 s), not comparable between "
-                f"runs. Seeds {seeds}; goals.<variant>: mean, sd (sample, n-1; null for one seed) and n over the "
-                "seeds that ran; final_loss_minus_switch and steps_ratio paired by seed (each seed's own Switch "
-                "and dense runs). Seed 0 ran with torch's default threads (2), later runs with --threads 1. "
+        "note": f"wall_seconds: other jobs shared the 2 cores (runs took {walls[0]:.0f}-{walls[1]:.0f} s), not "
+                f"comparable between runs. Seeds {seeds}; goals.<variant>: mean, sd (sample, n-1; null for one seed) "
+                "and n over the seeds that ran; final_loss_minus_switch and steps_ratio paired by seed (each seed's "
+                "own Switch and dense runs). Seed 0 ran with torch's default threads (2), later runs with "
+                "--threads 1; lossfree_fine_shared (added later) ran every seed with --threads 1. "
                 "MaxVio floor of uniformly random routing: batch 0.09 (8 experts top-1, 2048 "
-                "tokens), 0.13 (32 experts top-4); window of 10 batches 0.03 / 0.04",
+                "tokens), 0.13 (32 experts top-4), 0.14 (31 experts top-3); window of 10 batches 0.03 / 0.04 / 0.04",
         "per_seed": per_seed, "goals": goals, "not_run": NOT_RUN,
         "runs": rows,
         "paper": "Wang et al. 2024 (arXiv 2408.15664), Table 2: MaxVio_global 0.72 -> 0.04 (1B) and "
