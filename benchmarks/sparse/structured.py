@@ -24,6 +24,14 @@ Usage: python benchmarks/sparse/structured.py [--threads 1] [--rounds 8] [--step
        [--acc-variants structured:0.7,structured:0.8,structured-a0-first:0.8] [--acc-skip-dense]
 Rerunning a part (``--skip-accuracy``, ``--models wide``, ``--acc-skip-dense``) keeps the other
 models' rows and the other runs in the JSON.
+
+The input-channel choice (``apply_structured_swat(selection=...)``): variants ``sampled:0.8``,
+``unbiased:0.8[:explore]``, ``unbiased-a0-first:0.8`` (``structured-a0-first`` on a CNN keeps the
+first *converted* conv's input whole); ``--settings kind:sparsity[:explore],...`` times dense plus
+those settings in one interleaved run (rows of the same (model, setting) are replaced, the rest
+kept; each row records its ``run``); ``--first-seed 1 --seeds 1`` adds a seed. Every finished
+accuracy run is written at once (a cut run keeps its finished rows); concurrent runs merge under
+a file lock.
 """
 
 from __future__ import annotations
@@ -59,37 +67,72 @@ def wide_mlp() -> nn.Module:
                          nn.Linear(1024, 10))
 
 
-def build(model: str, kind: str, sparsity: float, seed: int = 0, activation_sparsity: float | None = None
-          ) -> nn.Module:
+def build(model: str, kind: str, sparsity: float, seed: int = 0, activation_sparsity: float | None = None,
+          explore: float | None = None) -> nn.Module:
     torch.manual_seed(seed)
     net = {"lenet": lenet_300_100, "wide": wide_mlp, "bncnn8": lambda: BNCNN(width=8),
            "bncnn32": lambda: BNCNN(width=32)}[model]()
     first_dense = model.startswith("bncnn")
+    # "sampled..." / "unbiased..." kinds: the same layers as "structured...", input channels by
+    # selection="sampled" / "unbiased"
+    selection = next((k for k in ("sampled", "unbiased") if kind.startswith(k)), None)
+    sel = {"selection": selection, "explore": explore} if selection else {}
+    if selection:
+        kind = kind.replace(selection, "structured")
     if kind == "swat":
         apply_swat(net, sparsity, dense_first_layer=first_dense, dense_last_layer=True,
                    activation_sparsity=activation_sparsity)
     elif kind == "structured":
-        apply_structured_swat(net, sparsity, dense_first_layer=first_dense, activation_sparsity=activation_sparsity)
+        apply_structured_swat(net, sparsity, dense_first_layer=first_dense, activation_sparsity=activation_sparsity,
+                              **sel)
     elif kind == "structured-a0":  # dense weight gradient: only the forward and input gradient reduced
-        apply_structured_swat(net, sparsity, dense_first_layer=first_dense, activation_sparsity=0.0)
-    elif kind == "structured-a0-first":  # MLPs: the first layer's input (raw pixels) kept whole for dW
-        first = next(n for n, m in net.named_modules() if isinstance(m, nn.Linear))
-        apply_structured_swat(net, sparsity, layers=[first], activation_sparsity=0.0)
-        apply_structured_swat(net, sparsity, dense_first_layer=True, activation_sparsity=activation_sparsity)
+        apply_structured_swat(net, sparsity, dense_first_layer=first_dense, activation_sparsity=0.0, **sel)
+    elif kind == "structured-a0-first":
+        # the first converted layer's input kept whole for dW: raw pixels (MLPs), the dense first
+        # conv's output (CNNs: their first conv stays dense, the second is the first converted)
+        convertible = [n for n, m in net.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
+        first = convertible[1 if first_dense else 0]
+        apply_structured_swat(net, sparsity, layers=[first], activation_sparsity=0.0, **sel)
+        apply_structured_swat(net, sparsity, dense_first_layer=True, activation_sparsity=activation_sparsity, **sel)
     return net
 
 
 KINDS = {"structured": "structured {}%", "structured-a0": "structured {}%, activation_sparsity=0",
-         "structured-a0-first": "structured {}%, first layer's activation dense"}
+         "structured-a0-first": "structured {}%, first layer's activation dense",
+         "sampled": "sampled {}% (explore {})", "sampled-a0": "sampled {}% (explore {}), activation_sparsity=0",
+         "sampled-a0-first": "sampled {}% (explore {}), first layer's activation dense",
+         "unbiased": "unbiased {}% (explore {})",
+         "unbiased-a0-first": "unbiased {}% (explore {}), first layer's activation dense"}
 
 
-def settings() -> list[tuple[str, str, float, float | None]]:
+def parse_variant(item: str) -> tuple[str, str, float, float | None]:
+    """``kind:sparsity[:explore]`` -> (label, kind, sparsity, explore); explore for sampled kinds
+    only (default 0.5, apply_structured_swat's)."""
+    parts = item.split(":")
+    kind, sparsity = parts[0], float(parts[1])
+    if kind not in KINDS and kind not in ("swat", "dense"):
+        raise SystemExit(f"unknown kind {kind!r} in {item!r}: one of {', '.join(KINDS)}")
+    explore = float(parts[2]) if len(parts) > 2 else (0.5 if kind.startswith(("sampled", "unbiased")) else None)
+    if kind == "dense":
+        return "dense", "dense", 0.0, None
+    if kind == "swat":
+        return f"SWAT-U {round(100 * sparsity)}% (unstructured)", "swat", sparsity, None
+    return KINDS[kind].format(round(100 * sparsity), explore), kind, sparsity, explore
+
+
+def settings(spec: str | None = None) -> list[tuple[str, str, float, float | None, float | None]]:
+    """(label, kind, sparsity, activation_sparsity, explore) of the timed settings: the default
+    list, or dense plus ``spec`` (``kind:sparsity[:explore],...``, as ``--acc-variants``)."""
+    if spec:
+        chosen = [parse_variant(item) for item in spec.split(",") if item]
+        return [("dense", "dense", 0.0, None, None)] + [(label, kind, s, None, e) for label, kind, s, e in chosen
+                                                          if kind != "dense"]
     out = [("dense", "dense", 0.0, None)]
     out += [(f"SWAT-U {round(100 * s)}% (unstructured)", "swat", s, None) for s in UNSTRUCTURED]
     out += [(f"structured {round(100 * s)}%", "structured", s, None) for s in STRUCTURED]
     out += [("structured 80%, activation_sparsity=0", "structured", 0.8, 0.0)]
     out += [(KINDS["structured-a0-first"].format(round(100 * s)), "structured-a0-first", s, None) for s in (0.8, 0.9)]
-    return out
+    return [(*row, None) for row in out]
 
 
 def training_flops(net: nn.Module, x: torch.Tensor) -> float:
@@ -102,12 +145,13 @@ def step_time(args) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(BATCH, 1, 28, 28, generator=g), torch.randint(0, 10, (BATCH,), generator=g)
     rows = []
+    run = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # rows of one interleaved run share it
     for model in args.models.split(","):
         steps, flops = {}, {}
-        for label, kind, sparsity, a_sparsity in settings():
-            if kind == "structured-a0-first" and model.startswith("bncnn"):
-                continue  # the CNNs' first layer is dense anyway
-            net = build(model, kind, sparsity, activation_sparsity=a_sparsity)
+        for label, kind, sparsity, a_sparsity, explore in settings(args.settings):
+            if kind == "structured-a0-first" and model.startswith("bncnn") and not args.settings:
+                continue  # the default list: the CNNs' first layer is dense anyway
+            net = build(model, kind, sparsity, activation_sparsity=a_sparsity, explore=explore)
             opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
 
             def step(net=net, opt=opt):
@@ -134,7 +178,7 @@ def step_time(args) -> list[dict]:
         for label in steps:
             speed_cpu = [d / s for d, s in zip(cpu["dense"], cpu[label])]
             speed_wall = [d / s for d, s in zip(wall["dense"], wall[label])]
-            row = {"model": model, "setting": label,
+            row = {"model": model, "setting": label, "run": run,
                    "cpu_ms_min": 1e3 * min(cpu[label]), "cpu_ms_median": 1e3 * statistics.median(cpu[label]),
                    "wall_ms_min": 1e3 * min(wall[label]), "wall_ms_median": 1e3 * statistics.median(wall[label]),
                    "speedup_cpu_median": statistics.median(speed_cpu),
@@ -151,31 +195,32 @@ def step_time(args) -> list[dict]:
     return rows
 
 
-def accuracy(args) -> list[dict]:
+def accuracy(args, save=None) -> list[dict]:
+    """Train every variant for every seed; ``save(rows)`` after each run (partial results)."""
     from leanscale.large_batch.train import load_image_data, train_classifier
 
     rows, data = [], None
-    runs = [] if args.acc_skip_dense else [("dense", "dense", 0.0)]
-    for item in args.acc_variants.split(","):
-        kind, sparsity = item.split(":")
-        runs.append((KINDS[kind].format(round(100 * float(sparsity))), kind, float(sparsity)))
-    for seed in range(args.seeds):
-        for label, kind, sparsity in runs:
+    runs = [] if args.acc_skip_dense else [("dense", "dense", 0.0, None)]
+    runs += [parse_variant(item) for item in args.acc_variants.split(",") if item]
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        for label, kind, sparsity, explore in runs:
             cfg = base_config("bncnn" if args.acc_model.startswith("bncnn") else "mlp", args.acc_epochs, seed,
                               args.n_train)
             if data is None:
                 data = load_image_data(cfg)
-            net = build(args.acc_model, kind, sparsity, seed)
+            net = build(args.acc_model, kind, sparsity, seed, explore=explore)
             t0 = time.perf_counter()
             c0 = time.process_time()
             result = train_classifier(cfg, data=data, model=net)
             row = {"model": args.acc_model, "setting": label, "sparsity": sparsity, "seed": seed,
                    "test_accuracy": result.test_accuracy, "epochs": args.acc_epochs, "steps": result.steps,
                    "wall_seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
-                   "lr": cfg.lr}
+                   "lr": cfg.lr, "n_train": args.n_train or 60000, "explore": explore}
             rows.append(row)
             print(f"{args.acc_model} {label} seed {seed}: {100 * row['test_accuracy']:.2f}%  "
                   f"{row['wall_seconds']:.0f} s wall, {row['cpu_seconds']:.0f} s CPU", flush=True)
+            if save is not None:
+                save(rows)
     return rows
 
 
@@ -222,18 +267,20 @@ def probe(args) -> dict:
             "test_accuracy_percent": out}
 
 
-def goal(blob: dict) -> dict | None:
+def goal(blob: dict, key: str = "accuracy") -> dict | None:
     """The issue's goal (>= 1.5x step speed-up at <= 1 point lost) against the accuracy runs."""
-    if "accuracy" not in blob or "step_time" not in blob:
+    if key not in blob or "step_time" not in blob:
         return None
-    model = blob["accuracy"]["model"]
+    model = blob[key]["model"]
     speed = {r["setting"]: r for r in blob["step_time"]["rows"] if r["model"] == model}
     rows = []
-    for s in blob["accuracy"]["summary"]:
+    for s in blob[key]["summary"]:
         if s["setting"] in speed and s["setting"] != "dense":
             rows.append({"setting": s["setting"], "speedup_cpu_median": speed[s["setting"]]["speedup_cpu_median"],
                          "speedup_cpu_range": speed[s["setting"]]["speedup_cpu_range"],
-                         "accuracy_drop_points": s["accuracy_drop_points"]})
+                         # against the dense runs of the same seeds where there are such
+                         "accuracy_drop_points": s.get("accuracy_drop_points_same_seeds", s["accuracy_drop_points"]),
+                         "n_seeds": s["n_seeds"]})
     for r in rows:
         r["met"] = r["speedup_cpu_median"] >= 1.5 and r["accuracy_drop_points"] <= 1.0
     return {"goal": "a variant with >= 1.5x faster training steps at <= 1 point accuracy loss", "model": model,
@@ -250,7 +297,12 @@ def main() -> None:
     ap.add_argument("--acc-model", default="wide", choices=("lenet", "wide", "bncnn8", "bncnn32"),
                     help="wide writes 'accuracy' (the goal is judged on it), others 'accuracy_<model>'")
     ap.add_argument("--acc-variants", default="structured:0.7,structured:0.8,structured-a0-first:0.8",
-                    help="kind:sparsity,... with kind structured, structured-a0 or structured-a0-first")
+                    help="kind:sparsity[:explore],... with kind structured, structured-a0, structured-a0-first, "
+                         "sampled, sampled-a0, sampled-a0-first (selection='sampled', explore default 0.5), "
+                         "unbiased or unbiased-a0-first (selection='unbiased')")
+    ap.add_argument("--settings", default=None,
+                    help="time dense plus these kind:sparsity[:explore] settings instead of the default list")
+    ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--acc-skip-dense", action="store_true", help="reuse the dense runs already in the JSON")
     ap.add_argument("--acc-epochs", type=float, default=2.0)
     ap.add_argument("--seeds", type=int, default=1)
@@ -261,45 +313,87 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     path = OUT / "structured.json"
-    blob = {"benchmark": "swat_structured", "issue": 17, "machine": machine(), "threads": args.threads,
+    head = {"benchmark": "swat_structured", "issue": 17, "machine": machine(), "threads": args.threads,
             "batch": BATCH, "optimizer": "SGD momentum 0.9 (step time: lr 0.01)",
             "note": "other jobs shared the 2 cores: read the thread-CPU-time columns and the interleaved "
                     "per-round ratios; wall times are noisy"}
-    old = json.loads(path.read_text()) if path.exists() else {}
-    blob.update({k: v for k, v in old.items() if k in ("step_time", "probe_20k") or k.startswith("accuracy")})
+
+    def merge(update) -> dict:
+        """Re-read the JSON, apply ``update(blob)`` to it, recompute the goals, write it back:
+        another run of this script writing other keys meanwhile keeps its results (an exclusive
+        lock on a side file makes the read-modify-write atomic between concurrent runs)."""
+        import fcntl
+        import tempfile
+
+        with open(Path(tempfile.gettempdir()) / "leanscale_structured_json.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            old = json.loads(path.read_text()) if path.exists() else {}
+            blob = {**head, **{k: v for k, v in old.items() if k in ("step_time", "probe_20k")
+                               or k.startswith("accuracy") or k.startswith("goal")}}
+            update(blob)
+            for k in [k for k in blob if k.startswith("accuracy")]:
+                g = goal(blob, k)
+                if g is not None:
+                    blob["goal" if k == "accuracy" else f"goal_{k[len('accuracy_'):]}"] = g
+            atomic_write_json(path, blob)
+        return blob
+
     if not args.skip_step_time:
         rows = step_time(args)
-        rerun = set(args.models.split(","))
-        rows = [r for r in old.get("step_time", {}).get("rows", []) if r["model"] not in rerun] + rows
-        blob["step_time"] = {"rounds": args.rounds, "steps_per_round": args.steps, "warmup_steps": args.warmup,
-                             "threads": args.threads, "rows": rows}
-        atomic_write_csv(OUT / "structured_step_time.csv",
-                         [{k: v for k, v in r.items() if k != "speedup_cpu_range"} for r in rows])
+
+        def put_steps(blob):
+            # rows of the same (model, setting) are replaced; other settings of the model are kept
+            # (each row's speed-up is against the dense row of its own interleaved run: "run")
+            new = {(r["model"], r["setting"]) for r in rows}
+            merged = [r for r in blob.get("step_time", {}).get("rows", []) if (r["model"], r["setting"]) not in new]
+            merged += rows
+            blob["step_time"] = {"rounds": args.rounds, "steps_per_round": args.steps, "warmup_steps": args.warmup,
+                                 "threads": args.threads, "rows": merged}
+            cols = list(dict.fromkeys(k for r in merged for k in r if k != "speedup_cpu_range"))
+            atomic_write_csv(OUT / "structured_step_time.csv", merged, columns=cols)
+
+        merge(put_steps)
     key = "accuracy" if args.acc_model == "wide" else f"accuracy_{args.acc_model}"
+
+    def put_accuracy(rows):
+        def update(blob):
+            new = {(r["setting"], r["seed"]) for r in rows}
+            merged = [r for r in blob.get(key, {}).get("runs", []) if r["model"] == args.acc_model
+                      and (r["setting"], r["seed"]) not in new] + rows
+            dense = [r["test_accuracy"] for r in merged if r["setting"] == "dense"]
+            dense_by_seed = {r["seed"]: r["test_accuracy"] for r in merged if r["setting"] == "dense"}
+            summary = []
+            for label in dict.fromkeys(r["setting"] for r in merged):
+                runs = [r for r in merged if r["setting"] == label]
+                acc = [r["test_accuracy"] for r in runs]
+                item = {"setting": label, "n_seeds": len(acc), "seeds": [r["seed"] for r in runs],
+                        "test_accuracy_mean": statistics.mean(acc),
+                        "accuracy_drop_points": 100 * (statistics.mean(dense) - statistics.mean(acc)) if dense
+                        else None}
+                paired = [dense_by_seed[r["seed"]] - r["test_accuracy"] for r in runs if r["seed"] in dense_by_seed]
+                if paired:  # against the dense run of the same seed (seeds differ between settings)
+                    item["accuracy_drop_points_same_seeds"] = 100 * statistics.mean(paired)
+                summary.append(item)
+            blob[key] = {"model": args.acc_model, "epochs": args.acc_epochs,
+                         "n_train": args.n_train or 60000, "threads": args.threads,
+                         "schedule": f"SGD momentum 0.9, weight decay 5e-4, lr {merged[-1]['lr']} cosine, 0.1 epoch "
+                                     f"warm-up, batch 128 (swat_accuracy.py's settings)",
+                         "runs": merged, "summary": summary}
+            cols = list(dict.fromkeys(k for r in merged for k in r))
+            atomic_write_csv(OUT / f"structured_{key}.csv", merged, columns=cols)
+            for s in summary:
+                drop = s.get("accuracy_drop_points_same_seeds", s["accuracy_drop_points"])
+                print(f"  {s['setting']}: {100 * s['test_accuracy_mean']:.2f}% (n={s['n_seeds']}, "
+                      f"{drop if drop is not None else float('nan'):+.2f} points lost)", flush=True)
+        merge(update)
+
     if not args.skip_accuracy:
-        rows = accuracy(args)
-        new = {(r["setting"], r["seed"]) for r in rows}
-        rows = [r for r in old.get(key, {}).get("runs", []) if r["model"] == args.acc_model
-                and (r["setting"], r["seed"]) not in new] + rows
-        dense = statistics.mean(r["test_accuracy"] for r in rows if r["setting"] == "dense")
-        summary = []
-        for label in dict.fromkeys(r["setting"] for r in rows):
-            acc = [r["test_accuracy"] for r in rows if r["setting"] == label]
-            summary.append({"setting": label, "n_seeds": len(acc), "test_accuracy_mean": statistics.mean(acc),
-                            "accuracy_drop_points": 100 * (dense - statistics.mean(acc))})
-        blob[key] = {"model": args.acc_model, "epochs": args.acc_epochs, "seeds": args.seeds,
-                            "n_train": args.n_train or 60000, "threads": args.threads,
-                            "schedule": f"SGD momentum 0.9, weight decay 5e-4, lr {rows[-1]['lr']} cosine, 0.1 epoch "
-                                        f"warm-up, batch 128 (swat_accuracy.py's settings)",
-                            "runs": rows, "summary": summary}
-        atomic_write_csv(OUT / f"structured_{key}.csv", rows)
-        for s in summary:
-            print(f"{s['setting']}: {100 * s['test_accuracy_mean']:.2f}% ({s['accuracy_drop_points']:+.2f} points lost)")
+        accuracy(args, save=put_accuracy)
     if args.probe:
-        blob["probe_20k"] = probe(args)
-    blob["goal"] = goal(blob)
-    atomic_write_json(path, blob)
-    print(json.dumps(blob["goal"], indent=1))
+        result = probe(args)
+        merge(lambda blob: blob.update(probe_20k=result))
+    blob = merge(lambda blob: None)
+    print(json.dumps({k: v for k, v in blob.items() if k.startswith("goal")}, indent=1))
 
 
 if __name__ == "__main__":

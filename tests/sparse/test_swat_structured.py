@@ -3,7 +3,10 @@ smaller dense matmuls. Checked against brute force: a dense layer whose non-kept
 are zeroed (forward, input gradient) and whose weight gradient sees the activation with the
 non-kept input channels zeroed; the kept channels against a sort of the norms; the masked
 ``apply_swat(structured=True)`` as a second reference; bad input; a small third-party-like model
-(conversion, training, state_dict round trip, export)."""
+(conversion, training, state_dict round trip, export). ``selection="sampled"``: the layer against
+the same masked dense layer built from the channels it chose, the chosen channels against the
+rule replayed under the same seed, the sampling frequencies against the rule's closed form, every
+channel chosen over a few steps (and top-K's dead filters on a BatchNorm CNN), determinism."""
 
 import copy
 
@@ -24,6 +27,7 @@ from leanscale.sparse import (
     top_channels,
 )
 from leanscale.sparse.report import swat_conversion_report
+from leanscale.sparse.swat_structured import _channel_scores, _sampled_channels
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,16 +40,20 @@ def brute_top(scores: torch.Tensor, density: float) -> list[int]:
     return sorted(order[:k])
 
 
-def masked_reference(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, w_sparsity: float, a_sparsity: float):
-    """Output, dL/dx, dL/dW, dL/db of the masked dense layer, all by brute force (float64)."""
+def masked_reference(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, w_sparsity: float, a_sparsity: float,
+                     rows: list[int] | None = None, cols: list[int] | None = None):
+    """Output, dL/dx, dL/dW, dL/db of the masked dense layer, all by brute force (float64); kept
+    rows / input channels by a full sort of the norms unless given."""
     w = layer.weight.detach().double()
     b = None if layer.bias is None else layer.bias.detach().double()
     x = x.detach().double()
     is_conv = w.dim() == 4
-    rows = brute_top(torch.tensor([float(w[i].pow(2).sum()) for i in range(w.shape[0])]), 1 - w_sparsity)
+    if rows is None:
+        rows = brute_top(torch.tensor([float(w[i].pow(2).sum()) for i in range(w.shape[0])]), 1 - w_sparsity)
     cdim = 1 if is_conv else x.dim() - 1
     xs = x.movedim(cdim, 0)
-    cols = brute_top(torch.tensor([float(xs[c].pow(2).sum()) for c in range(xs.shape[0])]), 1 - a_sparsity)
+    if cols is None:
+        cols = brute_top(torch.tensor([float(xs[c].pow(2).sum()) for c in range(xs.shape[0])]), 1 - a_sparsity)
     row_mask = torch.zeros(w.shape[0], dtype=torch.double)
     row_mask[rows] = 1
     col_mask = torch.zeros(x.shape[cdim], dtype=torch.double)
@@ -174,7 +182,10 @@ def test_eval_forward_uses_the_kept_channels_and_flops_shrink():
     ({"activation_sparsity": 1.5}, "activation_sparsity"), ({"topk_period": 0}, "topk_period"),
     ({"warmup_steps": -1}, "warmup_steps"), ({"dense_first_layer": "yes"}, "dense_first_layer"),
     ({"layers": ["1"]}, "layers"), ({"layers": ["nope"]}, "layers"), ({"layers": []}, "layers"),
-    ({"layers": ["3"]}, "layers"),
+    ({"layers": ["3"]}, "layers"), ({"selection": "random"}, "selection"), ({"selection": None}, "selection"),
+    ({"explore": 0.5}, "explore"),  # with the default selection="topk"
+    ({"selection": "sampled", "explore": 0.0}, "explore"), ({"selection": "sampled", "explore": 1.5}, "explore"),
+    ({"selection": "sampled", "explore": "0.5"}, "explore"), ({"selection": "sampled", "explore": True}, "explore"),
 ])
 def test_bad_arguments_name_the_parameter(kwargs, param):
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 8), nn.Conv2d(2, 4, 3, groups=2),
@@ -265,3 +276,161 @@ def test_per_layer_settings_by_two_calls():
     model(torch.randn(8, 6, 6)).sum().backward()
     assert model[1].last_stats == {"weight_density": 0.25, "activation_density": 1.0}
     assert model[3].last_stats == {"weight_density": 0.25, "activation_density": 0.25}
+
+
+# --- selection="sampled"
+
+def test_sampled_rule_keeps_the_top_and_draws_the_rest_uniformly():
+    """K - R top channels in every draw; each other channel with probability R / (n - K + R)."""
+    torch.manual_seed(7)
+    n, draws = 20, 2000
+    scores = torch.rand(n)
+    for density, explore in ((0.4, 0.5), (0.4, 1.0), (0.25, 0.2)):
+        k = round(density * n)
+        r = round(explore * k)
+        top = brute_top(scores, (k - r) / n) if k > r else []
+        counts = torch.zeros(n)
+        for _ in range(draws):
+            idx = _sampled_channels(scores, density, explore)
+            assert idx.tolist() == sorted(set(idx.tolist())) and idx.numel() == k  # K distinct, ascending
+            assert set(top) <= set(idx.tolist())
+            counts[idx] += 1
+        rest = sorted(set(range(n)) - set(top))
+        assert (counts[top] == draws).all()
+        p = r / len(rest)
+        freq = counts[rest] / draws
+        sd = (p * (1 - p) / draws) ** 0.5
+        assert (freq - p).abs().max() < 5 * sd, (density, explore, freq, p)
+        assert freq.min() > 0  # every channel chosen
+    assert _sampled_channels(scores, 1.0, 0.5).tolist() == list(range(n))  # K == n: all, no draw
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_sampled_layer_equals_the_masked_dense_layer_with_its_channels(conv):
+    """The layer computes the masked dense layer's output and gradients for the channels it
+    chose: the top-K output channels of the weights (as with "topk") and the input channels the
+    rule draws, replayed here under the same seed."""
+    torch.manual_seed(8)
+    if conv:
+        dense = nn.Conv2d(8, 12, 3, padding=1)
+        x = torch.randn(4, 8, 7, 7)
+    else:
+        dense = nn.Linear(24, 20)
+        x = torch.randn(6, 5, 24)
+    g = torch.randn_like(dense(x))
+    layer = (StructuredSWATConv2d if conv else StructuredSWATLinear).from_dense(
+        copy.deepcopy(dense), sparsity=0.5, activation_sparsity=0.5, selection="sampled", explore=0.5)
+    torch.manual_seed(123)
+    y, gx, gw, gb = run_layer(layer, x, g)
+    out_idx, in_idx = layer.last_channels
+    w_top = brute_top(dense.weight.detach().flatten(1).pow(2).sum(1), 0.5)
+    assert out_idx.tolist() == w_top
+    torch.manual_seed(123)  # replay the rule
+    assert in_idx.tolist() == _sampled_channels(_channel_scores(x, 1 if conv else 2), 0.5, 0.5).tolist()
+    xs = x.movedim(1 if conv else 2, 0).flatten(1).pow(2).sum(1)
+    assert in_idx.tolist() != brute_top(xs, 0.5)  # a random share: not the plain top-K (for this seed)
+    ref = masked_reference(dense, x, g, 0.5, 0.5, rows=out_idx.tolist(), cols=in_idx.tolist())
+    for got, want in zip((y, gx, gw, gb), ref[:4]):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert "selection='sampled', explore=0.5" in repr(layer)
+
+
+def columns_that_learned(selection: str, steps: int = 40) -> tuple[torch.Tensor, list]:
+    """Train a small MLP whose first 3 input features have 3x the scale of the other 9 (the
+    bright pixels of an image) at 75% structured sparsity; which weight columns of the first
+    layer ever got a gradient, and the final weights."""
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    apply_structured_swat(model, 0.75, dense_first_layer=False, selection=selection,
+                          explore=None if selection == "topk" else 0.5)
+    scale = torch.tensor([3.0] * 3 + [1.0] * 9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    learned = torch.zeros(12, dtype=torch.bool)
+    for _ in range(steps):
+        x, y = torch.randn(16, 12) * scale, torch.randint(0, 4, (16,))
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        learned |= model[0].weight.grad.abs().sum(0) > 0
+        opt.step()
+    return learned, [p.detach().clone() for p in model.parameters()]
+
+
+def test_sampled_every_input_column_learns_where_topk_starves_them():
+    """The MLP's failure on raw pixels: with "topk" the 3 large features win every batch and the
+    other 9 weight columns never get a gradient; with "sampled" every column does within 40
+    steps (each of the 11 non-top columns with probability 2/11 per step)."""
+    learned, _ = columns_that_learned("topk")
+    assert learned.tolist() == [True] * 3 + [False] * 9
+    learned, _ = columns_that_learned("sampled")
+    assert learned.all()
+
+
+def test_sampled_is_deterministic_under_a_seed():
+    a, b = columns_that_learned("sampled", steps=4)[1], columns_that_learned("sampled", steps=4)[1]
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+    scores = torch.arange(64.0)
+    draws = {}
+    for seed in (10, 10, 11):
+        torch.manual_seed(seed)
+        draws.setdefault(seed, []).append(_sampled_channels(scores, 0.25, 0.5).tolist())
+    assert draws[10][0] == draws[10][1] != draws[11][0]
+
+
+def bn_cnn() -> nn.Module:
+    def block(i, o):
+        return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU()]
+    return nn.Sequential(*block(1, 8), *block(8, 16), *block(16, 16), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(16, 4))
+
+
+def test_sampled_settings_are_recorded_and_validated_per_layer():
+    model = apply_structured_swat(bn_cnn(), 0.5, selection="sampled")
+    assert {(m.selection, m.explore) for _, m in swat_layers(model)} == {("sampled", 0.5)}
+    assert swat_conversion_report(model)["settings"]["selection"] == "sampled"
+    model = apply_structured_swat(bn_cnn(), 0.5)
+    assert {(m.selection, m.explore) for _, m in swat_layers(model)} == {("topk", 0.0)}
+    with pytest.raises(InvalidParameterError, match="'selection' parameter of StructuredSWATConv2d"):
+        StructuredSWATConv2d(4, 4, 3, selection="top")
+    with pytest.raises(InvalidParameterError, match="'explore' parameter of StructuredSWATLinear must be None"):
+        StructuredSWATLinear(4, 4, explore=0.3)
+
+
+# --- selection="unbiased"
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_unbiased_weight_gradient_is_the_dense_one_in_expectation(conv):
+    """Exact, not Monte Carlo: with n = 6 input channels, K = 4, R = 2 (top 2 always), each of
+    the C(4, 2) = 6 draws of the rest is equally likely; the layer's weight gradient for a draw
+    equals the masked reference (its channels, drawn columns scaled by 4 / 2), and the average
+    over the 6 draws is the dense layer's weight gradient."""
+    import itertools
+
+    torch.manual_seed(11)
+    dense = nn.Conv2d(6, 5, 3, padding=1) if conv else nn.Linear(6, 5)
+    x = torch.randn(4, 6, 5, 5) if conv else torch.randn(7, 6)
+    g = torch.randn_like(dense(x))
+    xd = x.clone().requires_grad_()
+    dense(xd).backward(g)
+    dense_gw = dense.weight.grad.double()
+    layer = (StructuredSWATConv2d if conv else StructuredSWATLinear).from_dense(
+        copy.deepcopy(dense), sparsity=0.0, activation_sparsity=1 / 3, selection="unbiased", explore=0.5)
+    xs = x.movedim(1, 0).flatten(1).pow(2).sum(1)
+    top = brute_top(xs, 2 / 6)
+    rest = sorted(set(range(6)) - set(top))
+    seen, total = set(), torch.zeros_like(dense_gw)
+    for seed in range(60):  # the layer's own draws cover all 6 subsets; check each against brute force
+        torch.manual_seed(seed)
+        layer.weight.grad = None
+        _, _, gw, _ = run_layer(layer, x, g)
+        cols = layer.last_channels[1].tolist()
+        drawn = tuple(sorted(set(cols) - set(top)))
+        assert set(top) <= set(cols) and len(drawn) == 2
+        ref = masked_reference(dense, x, g, 0.0, 1 / 3, rows=list(range(5)), cols=cols)[2]
+        ref[:, list(drawn)] *= len(rest) / 2
+        torch.testing.assert_close(gw.double(), ref, rtol=1e-5, atol=1e-5)
+        if drawn not in seen:
+            seen.add(drawn)
+            total += gw.double()
+    assert seen == set(itertools.combinations(rest, 2))
+    torch.testing.assert_close(total / len(seen), dense_gw, rtol=1e-5, atol=1e-5)

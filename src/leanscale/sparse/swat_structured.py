@@ -14,7 +14,23 @@ Here the same rule picks whole channels, and the work is done on the kept channe
   pruned weights do in SWAT; the input columns outside ``I`` get none this step)
             ``dL/db = sum(g)``                                   (dense)
 
-This is exactly the math of ``apply_swat(..., structured=True)`` (a masked dense layer whose
+**Input-channel choice** (``selection``): ``"topk"`` (the default, SWAT's rule) takes the ``K``
+input channels with the largest norms. The same channels then win every batch (the bright
+pixels of an image, the channels with the largest BatchNorm scale), and the weight columns of
+the others never get a gradient. ``"sampled"`` keeps the top ``K - R`` by norm and draws the
+other ``R = round(explore * K)`` uniformly at random from the remaining channels, fresh at every
+training step: each channel outside the top ``K - R`` is chosen with probability
+``R / (n - K + R)`` per step, so every weight column keeps learning, at the cost of the top-K
+(one ``rand`` of ``n`` keys more). ``"unbiased"`` draws the same way and multiplies the drawn
+channels' weight-gradient columns by ``(n - K + R) / R`` = 1 / P(drawn): the weight gradient is
+then the dense one in expectation (with more variance). The draws use torch's global random
+generator (``torch.manual_seed`` makes them repeatable; under DDP seed every rank alike).
+The output channels of the forward stay the top-K of the weights in every mode: drawing them at
+random too was tried and fails on a BatchNorm CNN (18% on Fashion-MNIST): a dropped filter's
+constant output has zero variance, BatchNorm's backward multiplies its gradient by
+``1 / sqrt(eps)`` (316), and the dropped filters' weights grew to norms of ~5e4.
+
+With ``selection="topk"`` this is exactly the math of ``apply_swat(..., structured=True)`` (a masked dense layer whose
 non-kept rows are zero, and whose weight gradient uses the activation with non-kept channels
 zeroed); only the computation differs: ``index_select`` the kept rows / channels, one smaller
 dense ``matmul`` / ``conv2d``, ``index_add_`` back into the full-size output / weight gradient.
@@ -48,7 +64,7 @@ from torch.autograd.function import once_differentiable
 
 from leanscale.core.errors import InvalidParameterError
 from leanscale.core.surgery import replace_module_classes
-from leanscale.core.validation import Interval, check_param
+from leanscale.core.validation import Interval, Options, check_param
 from leanscale.sparse.swat import (
     _LAYER_CONSTRAINTS,
     SWATConv2d,
@@ -60,6 +76,9 @@ from leanscale.sparse.swat import (
 )
 
 __all__ = ["StructuredSWATConv2d", "StructuredSWATLinear", "apply_structured_swat", "top_channels"]
+
+SELECTIONS = ("topk", "sampled", "unbiased")
+DEFAULT_EXPLORE = 0.5  # the share of K drawn at random by selection="sampled" / "unbiased"
 
 
 def top_channels(scores: torch.Tensor, density: float) -> torch.Tensor:
@@ -82,6 +101,33 @@ def top_channels(scores: torch.Tensor, density: float) -> torch.Tensor:
     if k == n:
         return torch.arange(n, device=scores.device)
     return scores.detach().topk(k, sorted=False).indices.sort().values
+
+
+def _sampled_channels(scores: torch.Tensor, density: float, explore: float, with_scale: bool = False):
+    """``selection="sampled"``: the top ``K - R`` of ``scores`` plus ``R = round(explore * K)``
+    channels drawn uniformly without replacement from the rest (``K`` as in :func:`top_channels`),
+    in increasing order. One ``rand`` of ``n`` keys from torch's global generator: the top
+    channels' keys are set above 1, the ``K`` largest keys win.
+
+    With ``with_scale`` also returns the inverse inclusion probability of each chosen channel
+    (``(k,)``: 1 for the top ones, ``(n - K + R) / R`` for the drawn ones; None when ``K == n``):
+    the weights that make the weight gradient an unbiased estimate of the dense one."""
+    n = scores.numel()
+    k = max(1, min(n, round(density * n)))
+    if k == n:
+        idx = torch.arange(n, device=scores.device)
+        return (idx, None) if with_scale else idx
+    r = min(k, round(explore * k))
+    k_top = k - r
+    keys = torch.rand(n, device=scores.device)  # the random ones: uniform among the rest
+    if k_top > 0:
+        keys[scores.detach().topk(k_top, sorted=False).indices] = 2.0  # always kept
+    idx = keys.topk(k, sorted=False).indices.sort().values
+    if not with_scale:
+        return idx
+    drawn = keys[idx] < 2.0
+    scale = torch.where(drawn, (n - k_top) / max(r, 1), 1.0).to(scores.dtype)
+    return idx, scale
 
 
 def _channel_scores(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -130,7 +176,7 @@ class _StructuredSWATFunction(torch.autograd.Function):
     """Forward and backward on the kept channels only (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, out_idx, in_idx, op: _Op):
+    def forward(ctx, x, weight, bias, out_idx, in_idx, op: _Op, in_scale=None):
         out, w_k = _reduced_forward(x, weight, bias, out_idx, op)
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         cdim = x.dim() - 1 if op.kind == "linear" else 1
@@ -138,13 +184,13 @@ class _StructuredSWATFunction(torch.autograd.Function):
         x_k = None
         if need_w:
             x_k = x if in_idx is None else x.index_select(cdim, in_idx)  # the kept input channels only
-        ctx.save_for_backward(w_k if need_x else None, x_k, out_idx, in_idx)
+        ctx.save_for_backward(w_k if need_x else None, x_k, out_idx, in_idx, in_scale)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        w_k, x_k, out_idx, in_idx = ctx.saved_tensors
+        w_k, x_k, out_idx, in_idx, in_scale = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         op = ctx.op
         grad_x = grad_w = grad_b = None
@@ -155,10 +201,12 @@ class _StructuredSWATFunction(torch.autograd.Function):
                 grad_x = (g_k @ w_k).view(ctx.x_shape)  # (N, k_out) @ (k_out, in) -> (..., in)
             if need_w:
                 gw = g2.t() @ x_k.reshape(-1, x_k.shape[-1])  # (out, N) @ (N, k_in) -> (out, k_in)
+                if in_scale is not None:  # "unbiased": drawn columns weighted by 1 / P(drawn)
+                    gw.mul_(in_scale)
                 grad_w = gw if in_idx is None else _put(gw.new_zeros(ctx.w_shape), 1, in_idx, gw)
             if need_b:
                 grad_b = g2.sum(0)
-            return grad_x, grad_w, grad_b, None, None, None
+            return grad_x, grad_w, grad_b, None, None, None, None
         stride, padding, dilation = list(op.stride), list(op.padding), list(op.dilation)
         if need_x:
             g_k = grad_out if out_idx is None else grad_out.index_select(1, out_idx)  # (B, k_out, H', W')
@@ -169,30 +217,71 @@ class _StructuredSWATFunction(torch.autograd.Function):
             _, gw, _ = torch.ops.aten.convolution_backward(
                 grad_out, x_k, grad_out.new_zeros(()).expand(w_shape), None, stride, padding, dilation, False,
                 [0, 0], 1, [False, True, False])
+            if in_scale is not None:
+                gw.mul_(in_scale.view(1, -1, 1, 1))
             grad_w = gw if in_idx is None else _put(gw.new_zeros(ctx.w_shape), 1, in_idx, gw)
         if need_b:
             grad_b = grad_out.sum((0, 2, 3))
-        return grad_x, grad_w, grad_b, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
-def _check_layer_args(owner: str, sparsity, activation_sparsity, topk_period, warmup_steps) -> None:
+_SELECTION_CONSTRAINTS = {
+    "selection": [Options(SELECTIONS)],
+    "explore": [Interval(float, 0, 1, closed="right"), None],
+}
+
+
+def _check_layer_args(owner: str, sparsity, activation_sparsity, topk_period, warmup_steps, selection="topk",
+                      explore=None) -> float:
+    """Check the layer arguments; returns the ``explore`` share to use (0.0 for ``"topk"``)."""
     for name, value in (("sparsity", sparsity), ("activation_sparsity", activation_sparsity),
                         ("topk_period", topk_period), ("warmup_steps", warmup_steps)):
         check_param(name, value, _LAYER_CONSTRAINTS[name], owner=owner)
+    return _check_selection(owner, selection, explore)
+
+
+def _check_selection(owner: str, selection, explore) -> float:
+    check_param("selection", selection, _SELECTION_CONSTRAINTS["selection"], owner=owner)
+    check_param("explore", explore, _SELECTION_CONSTRAINTS["explore"], owner=owner)
+    if selection == "topk":
+        if explore is not None:
+            raise InvalidParameterError(
+                f"The 'explore' parameter of {owner} must be None with selection='topk' (it is the random share "
+                f"of selection='sampled'). Got {explore!r} instead.")
+        return 0.0
+    return DEFAULT_EXPLORE if explore is None else float(explore)
 
 
 class _StructuredMixin:
     """The forward shared by :class:`StructuredSWATLinear` and :class:`StructuredSWATConv2d`.
 
-    Kept output channels are recomputed every ``topk_period`` training steps (and whenever the
-    sparsity changes), kept input channels of the activation at every training step (exact
-    top-K of the batch's channel norms). In evaluation the forward uses the top-K output
-    channels of the current weights, computed the same reduced way.
+    Kept output channels (top-K of the weights) are recomputed every ``topk_period`` training
+    steps (and whenever the sparsity changes), kept input channels of the activation at every
+    training step (top-K of the batch's channel norms, or the ``"sampled"`` mix of top-K and
+    random channels). In evaluation the forward uses the top-K output channels of the current
+    weights, computed the same reduced way.
+
+    Attributes (besides the SWAT layer's): ``selection`` (``"topk"`` or ``"sampled"``: how the
+    input channels of the weight gradient are chosen), ``explore`` (the random share of ``K``
+    for ``"sampled"``, 0.0 for ``"topk"``),
+    ``last_channels`` (``(out_idx, in_idx)`` of the last training forward; None where all
+    channels were kept).
     """
 
-    def _init_structured(self) -> None:
+    def _init_structured(self, selection: str = "topk", explore: float = 0.0) -> None:
+        self.selection = selection
+        self.explore = explore
         self._out_idx: torch.Tensor | None = None
         self._out_idx_for: float | None = None  # the weight sparsity it was computed at
+        self.last_channels: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+
+    def _choose(self, scores: torch.Tensor, density: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The training-time input-channel choice: top-K, or top-K mixed with random channels;
+        and the weight-gradient scale of each chosen channel ("unbiased"; else None)."""
+        if self.selection == "topk":
+            return top_channels(scores, density), None
+        idx, scale = _sampled_channels(scores, density, self.explore, with_scale=True)
+        return idx, scale if self.selection == "unbiased" else None
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._out_idx = None  # new weights: pick the kept channels again at the next step
@@ -225,17 +314,22 @@ class _StructuredMixin:
             self._out_idx_for = w_sparsity
         out_idx = self._out_idx
         cdim = x.dim() - 1 if op.kind == "linear" else 1
-        in_idx = top_channels(_channel_scores(x, cdim), 1.0 - a_sparsity) if a_sparsity > 0 else None
+        in_idx, in_scale = self._choose(_channel_scores(x, cdim), 1.0 - a_sparsity) if a_sparsity > 0 else (None, None)
         if in_idx is not None and in_idx.numel() == x.shape[cdim]:
-            in_idx = None
+            in_idx = in_scale = None
         if out_idx is not None and out_idx.numel() == self.weight.shape[0]:
             out_idx = None
-        out = _StructuredSWATFunction.apply(x, self.weight, self.bias, out_idx, in_idx, op)
+        out = _StructuredSWATFunction.apply(x, self.weight, self.bias, out_idx, in_idx, op, in_scale)
+        self.last_channels = (out_idx, in_idx)
         self.swat_step += 1
         n_out, n_in = self.weight.shape[0], x.shape[cdim]
         self.last_stats = {"weight_density": 1.0 if out_idx is None else out_idx.numel() / n_out,
                            "activation_density": 1.0 if in_idx is None else in_idx.numel() / n_in}
         return out
+
+    def extra_repr(self) -> str:
+        extra = f", explore={self.explore}" if self.selection != "topk" else ""
+        return f"{super().extra_repr()}, selection={self.selection!r}{extra}"
 
 
 class StructuredSWATLinear(_StructuredMixin, SWATLinear):
@@ -248,12 +342,13 @@ class StructuredSWATLinear(_StructuredMixin, SWATLinear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, sparsity: float = 0.5,
                  activation_sparsity: float | None = None, topk_period: int = 1, warmup_steps: int = 0,
-                 device=None, dtype=None):
-        _check_layer_args("StructuredSWATLinear", sparsity, activation_sparsity, topk_period, warmup_steps)
+                 selection: str = "topk", explore: float | None = None, device=None, dtype=None):
+        explore = _check_layer_args("StructuredSWATLinear", sparsity, activation_sparsity, topk_period,
+                                    warmup_steps, selection, explore)
         super().__init__(in_features, out_features, bias, sparsity=sparsity, activation_sparsity=activation_sparsity,
                          topk_period=topk_period, structured=True, warmup_steps=warmup_steps, device=device,
                          dtype=dtype)
-        self._init_structured()
+        self._init_structured(selection, explore)
 
 
 class StructuredSWATConv2d(_StructuredMixin, SWATConv2d):
@@ -265,16 +360,18 @@ class StructuredSWATConv2d(_StructuredMixin, SWATConv2d):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, *, sparsity: float = 0.5, activation_sparsity: float | None = None,
-                 topk_period: int = 1, warmup_steps: int = 0, device=None, dtype=None):
+                 topk_period: int = 1, warmup_steps: int = 0, selection: str = "topk", explore: float | None = None,
+                 device=None, dtype=None):
         if groups != 1:
             raise InvalidParameterError(
                 f"The 'groups' parameter of StructuredSWATConv2d must be 1 (a grouped or depthwise convolution ties "
                 f"its channels to groups; leave it dense). Got {groups!r} instead.")
-        _check_layer_args("StructuredSWATConv2d", sparsity, activation_sparsity, topk_period, warmup_steps)
+        explore = _check_layer_args("StructuredSWATConv2d", sparsity, activation_sparsity, topk_period,
+                                    warmup_steps, selection, explore)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          sparsity=sparsity, activation_sparsity=activation_sparsity, topk_period=topk_period,
                          structured=True, warmup_steps=warmup_steps, device=device, dtype=dtype)
-        self._init_structured()
+        self._init_structured(selection, explore)
 
 
 _STRUCTURED = {nn.Linear: StructuredSWATLinear, nn.Conv2d: StructuredSWATConv2d}
@@ -286,6 +383,7 @@ _APPLY_CONSTRAINTS = {
     "warmup_steps": _LAYER_CONSTRAINTS["warmup_steps"],
     "dense_first_layer": [bool],
     "dense_last_layer": [bool],
+    **_SELECTION_CONSTRAINTS,
 }
 
 
@@ -312,6 +410,8 @@ def apply_structured_swat(
     dense_last_layer: bool = True,
     layers: Iterable[str] | None = None,
     optimizers: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
+    selection: str = "topk",
+    explore: float | None = None,
 ) -> nn.Module:
     """Convert ``model``'s ``nn.Linear`` and ``nn.Conv2d`` (``groups=1``) layers to structured
     SWAT layers, in place: whole channels chosen by SWAT's top-K rule, computed with smaller
@@ -331,13 +431,26 @@ def apply_structured_swat(
             settings first (``layers=[name]``) and then the rest with a second call works. That
             is the recipe for MLPs on raw pixels: ``activation_sparsity=0`` for the first layer
             (top-K by norm picks the constant background pixels of standardised images, and
-            its weight gradient then misses the informative ones), full sparsity elsewhere.
+            its weight gradient then misses the informative ones), full sparsity elsewhere. On
+            a conv-BatchNorm-ReLU CNN (first conv dense) the same for the first converted conv:
+            deeper in a stack the dropped filters' channels are exactly 0, and top-K of those
+            inputs at the same sparsity loses nothing.
         dense_last_layer: Leave the output head dense (``get_output_embeddings()`` when the
             model has one, else the last convertible layer): dropping a classifier's output
             channels would drop classes.
         layers: Qualified names of the modules to convert (default: every convertible one,
             first layer and head excepted as set above).
         optimizers: Not changed (the new layers reuse the Parameters); accepted for symmetry.
+        selection: How the input channels of the weight gradient are chosen: ``"topk"``
+            (SWAT's rule: the ``K`` largest norms of the batch) or ``"sampled"`` (the top
+            ``K - R`` by norm plus ``R = round(explore * K)`` drawn uniformly at random from the
+            other channels, fresh at every step, so every weight column keeps learning; see the
+            module docstring); ``"unbiased"`` also weights the drawn channels' gradient columns
+            by 1 / P(drawn), so the weight gradient is the dense one in expectation. The
+            forward's output channels are the top-K of the weights in every case. On
+            Fashion-MNIST neither beat keeping the first layer's input whole (see the card).
+        explore: The random share of ``K`` for ``selection="sampled"``, in (0, 1] (default
+            0.5; 1.0 draws all ``K`` at random). Must be None with ``"topk"``.
 
     Returns:
         ``model`` itself. ``swat_conversion_report(model)`` lists what was converted and why the
@@ -356,6 +469,8 @@ def apply_structured_swat(
               "dense_last_layer": dense_last_layer}
     for name, value in params.items():
         check_param(name, value, _APPLY_CONSTRAINTS[name], owner=owner)
+    explore = _check_selection(owner, selection, explore)
+    params.update(selection=selection, explore=None if selection == "topk" else explore)
     named = dict(model.named_modules())
     candidates = [(n, m) for n, m in named.items() if n and type(m) in _STRUCTURED]
     kept: dict[str, str] = {}
@@ -404,7 +519,8 @@ def apply_structured_swat(
         raise InvalidParameterError(f"The 'model' parameter of {owner} has nothing to convert: {why}.")
     wanted = {id(m) for _, m in targets}
     kw = {"sparsity": float(sparsity), "topk_period": topk_period, "warmup_steps": warmup_steps,
-          "activation_sparsity": float(sparsity if activation_sparsity is None else activation_sparsity)}
+          "activation_sparsity": float(sparsity if activation_sparsity is None else activation_sparsity),
+          "selection": selection, "explore": None if selection == "topk" else explore}
 
     def policy(module: nn.Module, index: int) -> nn.Module | None:
         if id(module) not in wanted:
