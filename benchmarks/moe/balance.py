@@ -223,6 +223,14 @@ def seed_stats(variant: str, per_seed: list[dict]) -> dict | None:
     }
 
 
+def runs_without_history(rows: dict, name: str) -> dict:
+    """The runs for a summary JSON: each run's MaxVio history (per layer, every --stats-every steps)
+    stays in its task file ``<name>/tasks/<run>.json``, named instead; the summaries ship in the wheel
+    (tests/test_wheel.py caps the results at 2 MB)."""
+    return {k: {kk: v for kk, v in r.items() if kk != "balance_history"}
+            | {"balance_history_file": f"{name}/tasks/{k}.json"} for k, r in rows.items()}
+
+
 def summarize(name: str, state: JobState, args, table: dict) -> None:
     rows = {k: state.load(k) for k in state}
     tps = args.batch_size * args.seq_len
@@ -262,10 +270,7 @@ def summarize(name: str, state: JobState, args, table: dict) -> None:
                 "MaxVio floor of uniformly random routing: batch 0.09 (8 experts top-1, 2048 "
                 "tokens), 0.13 (32 experts top-4), 0.14 (31 experts top-3); window of 10 batches 0.03 / 0.04 / 0.04",
         "per_seed": per_seed, "goals": goals, "not_run": NOT_RUN,
-        # each run's MaxVio history (per layer, every --stats-every steps) stays in its task file: the
-        # summary ships in the wheel (tests/test_wheel.py caps the results at 2 MB)
-        "runs": {k: {kk: v for kk, v in r.items() if kk != "balance_history"}
-                 | {"balance_history_file": f"{name}/tasks/{k}.json"} for k, r in rows.items()},
+        "runs": runs_without_history(rows, name),
         "paper": "Wang et al. 2024 (arXiv 2408.15664), Table 2: MaxVio_global 0.72 -> 0.04 (1B) and "
                  "0.52 -> 0.04 (3B), perplexity 9.56 -> 9.50 and 7.97 -> 7.92, loss-controlled vs loss-free, "
                  "u = 1e-3, sigmoid gate, 64 experts top-6 (+2 shared) -- not verified: the paper could not be "

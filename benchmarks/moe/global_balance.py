@@ -52,6 +52,7 @@ from benchmarks.moe.balance import (
     _mean_sd,
     balance,
     make_spec,
+    runs_without_history,
     train_and_cost,
 )
 from leanscale.core.distributed import init_from_env, rank_and_world, shutdown
@@ -253,9 +254,7 @@ def summarize(state: JobState, args) -> None:
                 "and I(sequence; expert) 0.028 nats (128 tokens). Re-running seed 0 reproduced both runs bit "
                 "for bit.",
         "per_seed": per_seed, "summary_global_minus_batch": summary,
-        # each run's MaxVio history stays in its task file: the summary ships in the wheel (2 MB cap)
-        "runs": {k: {kk: v for kk, v in r.items() if kk != "balance_history"}
-                 | {"balance_history_file": f"global_balance/tasks/{k}.json"} for k, r in rows.items()},
+        "runs": runs_without_history(rows, "global_balance"),
         "paper": "Qiu et al. 2025 (arXiv 2501.11873; ACL 2025 long paper 249), abstract (checked): with a "
                  "micro-batch of few sequences the micro-batch balancing loss is almost sequence-level; "
                  "synchronising f_i over the global batch improves pre-training perplexity and downstream tasks "

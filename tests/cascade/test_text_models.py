@@ -226,10 +226,10 @@ def test_soft_targets_one_hot_equal_hard_labels_and_a_realizable_teacher_is_reco
 
 @pytest.mark.parametrize("bad, match", [
     (np.full((10, 3), 1 / 3)[:9], r"shape \(10, 2\).*Got shape \(9, 3\)"),
-    (np.full((10, 2), 0.4), "rows sum to 1. Row 0 .* sums to 0.8"),
+    (np.full((10, 2), 0.4), "rows that sum to 1. Row 0 .* sums to 0.8"),
     (np.array([[1.5, -0.5]] * 10), "non-negative"),
     (np.array([[np.nan, 1.0]] * 10), "finite"),
-    ("soft", "must be an array of numbers|must have shape"),
+    ("soft", "array-like of numbers"),
 ])
 def test_soft_targets_bad_inputs(bad, match):
     E = np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32)
