@@ -3,6 +3,7 @@ file, or an explicit warning (a ScalingWarning, and a `warnings` entry in the te
 output). Nothing is silently wrong."""
 
 import csv
+import functools
 import json
 import math
 import re
@@ -35,6 +36,12 @@ from leanscale.scaling.laws import BootstrapResult
 N = np.repeat(np.geomspace(1e8, 1e10, 4), 2)
 D = N * np.tile([5.0, 40.0], 4)
 LOSS = EPOCH_2024.predict(N, D)
+
+
+@functools.cache
+def _good_law() -> ParametricScalingLaw:
+    """fit_parametric(N, D, LOSS), fitted once (~0.3 s) for the tests that only read it."""
+    return fit_parametric(N, D, LOSS)
 
 
 def _write_runs(path, n, d, loss, extra=None):
@@ -145,7 +152,7 @@ def test_duplicate_rows_are_warned():
 
 
 def test_point_estimate_outside_its_interval_is_warned(tmp_path, capsys, monkeypatch):
-    law = fit_parametric(N, D, LOSS)
+    law = _good_law()
     samples = np.tile([law.E_, law.A_, law.B_, law.alpha_, law.beta_], (100, 1))
     samples[:, 3] *= np.linspace(1.2, 1.5, 100)  # every resample has a larger alpha than the fit
     boot = BootstrapResult(law=law, samples=samples, level=0.95, converged=np.ones(100, bool))
@@ -165,7 +172,7 @@ def test_point_estimate_outside_its_interval_is_warned(tmp_path, capsys, monkeyp
 
 
 def test_refits_that_did_not_converge_are_warned():
-    law = fit_parametric(N, D, LOSS)
+    law = _good_law()
     samples = np.tile([law.E_, law.A_, law.B_, law.alpha_, law.beta_], (50, 1))
     boot = BootstrapResult(law=law, samples=samples, level=0.95, converged=np.arange(50) < 25)
     assert any("50.0% of the bootstrap refits did not converge" in w for w in boot.check())
@@ -188,7 +195,7 @@ def test_bootstrap_frontier_has_no_zero_or_inf_from_overflow():
 )
 def test_bootstrap_bad_parameters(kwargs, match):
     with pytest.raises(InvalidParameterError, match=match):
-        fit_parametric(N, D, LOSS).bootstrap(**kwargs)
+        _good_law().bootstrap(**kwargs)
 
 
 # --- plan ---------------------------------------------------------------------------------------------
@@ -234,7 +241,7 @@ def test_plan_far_beyond_the_fitted_runs_is_warned(tmp_path, capsys):
 
 # --- law files ------------------------------------------------------------------------------------------
 def _law_blob():
-    return fit_parametric(N, D, LOSS).to_dict() | {}
+    return _good_law().to_dict() | {}
 
 
 @pytest.mark.parametrize(

@@ -87,7 +87,7 @@ def test_streaming_text_completions(gateway):
     assert chunks[-1].usage.model_extra["cost_usd"] == pytest.approx(_cost(BIG, 2, 5), rel=1e-9)
 
 
-@pytest.mark.parametrize("fault", [{"status": 500}, {"status": 429, "retry_after": 5}, {"hang_s": 3.0}],
+@pytest.mark.parametrize("fault", [{"status": 500}, {"status": 429, "retry_after": 8}, {"hang_s": 8.0}],
                          ids=["500", "429", "timeout"])
 def test_fallback_to_big(short_timeout_gateway, fault):
     url, small, big = short_timeout_gateway
@@ -100,7 +100,9 @@ def test_fallback_to_big(short_timeout_gateway, fault):
     # the cost is big's: its usage at big's prices
     assert float(raw.headers["x-leanscale-cost-usd"]) == pytest.approx(_cost(BIG, 7, 5), rel=1e-9)
     assert (small.calls, big.calls) == (1, 1)
-    assert elapsed < (2.5 if "hang_s" in fault else 1.0)  # small's timeout is 0.5 s, not the 3 s hang
+    # neither small's 8-s hang nor its Retry-After of 8 s was waited for (small's timeout is 0.5 s);
+    # the bound leaves room for a loaded machine (a fallback took 1.2 s at load average 12)
+    assert elapsed < 5.0
 
 
 def test_stream_falls_back_before_the_first_chunk(short_timeout_gateway):
@@ -290,7 +292,7 @@ def test_a_client_leaving_a_stream_frees_its_slot(backends):
             assert time.monotonic() < deadline, ("the stream's slot was not freed after the client left",
                                                  httpx.get(base + "/metrics").text)
             time.sleep(0.02)
-        assert time.monotonic() - t0 < 1.5  # at once, not when the backend's stream ends
+        assert time.monotonic() - t0 < 5.0  # at once (room for a loaded machine), not when the 10-s stream ends
         metrics = httpx.get(base + "/metrics").text
         assert 'leanscale_gateway_in_flight 0.0' in metrics
 
