@@ -63,7 +63,7 @@ def test_quick_tour_runs_every_available_chapter(tmp_path, capsys, monkeypatch):
     per_param = next(r["value"] for r in chapters["scaling"]["summary_rows"] if r["metric"].startswith("tokens per"))
     assert isinstance(per_param, float) or per_param.startswith("none: the fitted law has no frontier")
     html = (out / "index.html").read_text()
-    assert html.count("data:image/png;base64,") >= 2  # the sweep's figures are embedded
+    assert html.count("data:image/png;base64,") >= 4  # figures of large batch, pruning, cascade, the ledger
     assert (out / "scaling" / "sweep" / "runs.csv").is_file()
     assert chapters["large_batch"]["status"] == "ok"
     rows = {row["metric"]: row["value"] for row in chapters["large_batch"]["summary_rows"]}
