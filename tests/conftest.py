@@ -38,11 +38,21 @@ def one_thread():
 def static_encoder_dir(tmp_path_factory):
     """One distillation of the static MiniLM embedder for the whole session (~15-20 s on 2 cores):
     every test that needs ``leanscale.models.static_text_encoder`` shares this folder instead of
-    distilling its own."""
+    distilling its own -- also across pytest-xdist workers (`make test`): the first to need it
+    builds it in the session's shared temporary folder, under a file lock, and the other waits
+    for it instead of distilling a second copy (~30-50 s beside the other worker)."""
+    from filelock import FileLock  # a dependency of torch
+
     from leanscale.models import static_text_encoder
 
-    folder = tmp_path_factory.mktemp("static") / "minilm-static"
-    static_text_encoder(folder)
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # no xdist: this process alone
+        folder = tmp_path_factory.mktemp("static") / "minilm-static"
+        static_text_encoder(folder)
+        return folder
+    shared = tmp_path_factory.getbasetemp().parent  # this session's folder, one per run, shared by the workers
+    folder = shared / "static" / "minilm-static"  # alone in its folder, as mktemp's (a test checks no temporary is left)
+    with FileLock(str(shared / "static.lock")):
+        static_text_encoder(folder)  # builds it when missing, else checks the files
     return folder
 
 
