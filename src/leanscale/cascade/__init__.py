@@ -19,6 +19,7 @@ import leanscale.cascade.router as _router
 import leanscale.cascade.rules as _rules
 import leanscale.cascade.search as _search
 import leanscale.cascade.stages as _stages
+import leanscale.cascade.student as _student
 import leanscale.cascade.tfidf as _tfidf
 from leanscale.cascade.cascade import *  # noqa: F403
 from leanscale.cascade.embedding_head import *  # noqa: F403
@@ -27,6 +28,7 @@ from leanscale.cascade.router import *  # noqa: F403
 from leanscale.cascade.rules import *  # noqa: F403
 from leanscale.cascade.search import *  # noqa: F403
 from leanscale.cascade.stages import *  # noqa: F403
+from leanscale.cascade.student import *  # noqa: F403
 from leanscale.cascade.tfidf import *  # noqa: F403
 
 __all__ = ["create_app", "serve"]  # leanscale.cascade.server, imported when first asked for (below)
@@ -38,6 +40,7 @@ __all__ += _router.__all__
 __all__ += _tfidf.__all__
 __all__ += _embedding_head.__all__
 __all__ += _evaluation.__all__
+__all__ += _student.__all__
 
 
 def __getattr__(name: str):
