@@ -26,8 +26,17 @@ MaxVio after warm-up (first 10% of steps excluded). Paired differences (global -
 Resumable per run (``benchmarks/results/moe/global_balance/``); the JSON is rewritten after
 every run, so a cut job still leaves the finished runs.
 
+**Gradient accumulation** (``--accumulate K``, #17): each rank's batch is split into ``K``
+micro-batches of ``batch_size / (world * K)`` sequences, one backward each, every micro-batch's
+loss (cross-entropy + balancing + z-loss) divided by ``K``. ``batch`` is then the Switch loss of
+each micro-batch; ``global`` runs every step inside ``moe_global_batch`` (f_i over the step's
+micro-batches so far, of all ranks: at the last micro-batch the global batch's), so the global
+batch can be ``K`` (x ranks) times the micro-batch in one process. Results go to
+``global_balance_accum<K>.json`` (``--tag`` to change); without ``--accumulate`` as before.
+
 Usage: torchrun --nproc_per_node=2 benchmarks/moe/global_balance.py [--tokens 6e5] [--batch-size 4]
        [--seeds 3] [--threads 1] [--save-weights DIR]
+       python benchmarks/moe/global_balance.py --accumulate 8 --batch-size 16 [--seeds 3] [--seed-list 1 2]
 The committed results: --tokens 6e5 --batch-size 4 --seeds 3 --threads 1 (2 sequences per rank,
 1,171 steps; 333-549 s per run on 2 shared cores). ``--summarize-only`` (one process) rewrites the
 JSON from the saved runs.
@@ -58,7 +67,18 @@ from benchmarks.moe.balance import (
 from leanscale.core.distributed import init_from_env, rank_and_world, shutdown
 from leanscale.core.io import JobState, atomic_write_json
 from leanscale.data.text import TokenStream, encode_corpus
-from leanscale.sparse import apply_moe, moe_aux_loss, moe_layers, moe_stats
+from leanscale.scaling._train import model_config
+from leanscale.sparse import (
+    apply_moe,
+    moe_aux_loss,
+    moe_global_batch,
+    moe_layers,
+    moe_stats,
+)
+from leanscale.train.lm import ADAM_BETAS, ADAM_EPS, curve_steps, validation_loss
+from leanscale.train.loop import MicroBatches, fit, seeded
+from leanscale.train.optim import param_groups
+from leanscale.train.schedules import lr_factor
 
 SWITCH = {"n_experts": 8, "every": 2, "top_k": 1, "load_balancing_coef": 0.01}  # balance.py's "switch"
 VARIANTS = {"batch": SWITCH | {"balance_loss": "batch"}, "global": SWITCH | {"balance_loss": "global"}}
@@ -162,6 +182,46 @@ def specialisation(model, stream: TokenStream, vocab: int, batch_size: int, seq_
     return out
 
 
+def train_accumulated(spec, stream: TokenStream, prepare, on_step, accumulate: int, global_batch: bool) -> dict:
+    """``train_run``'s loop (the same model init, windows, AdamW, schedule, clipping and validation
+    curve) with each rank's batch split into ``accumulate`` micro-batches; ``global_batch``: every
+    step inside :func:`moe_global_batch`. ``on_step(model)`` after every optimizer step."""
+    from leanscale.models import GPT
+
+    rank, world = rank_and_world()
+    with seeded(spec.seed):
+        model = prepare(GPT(model_config(spec)))
+    n_steps, local = spec.n_steps, spec.batch_size // world
+    micro = local // accumulate
+    batches = stream.train_batches(local, spec.seq_len, n_steps * spec.batch_size * spec.seq_len, seed=spec.seed,
+                                   rank=rank, world_size=world)
+    parts = (MicroBatches([(x[j * micro:(j + 1) * micro], y[j * micro:(j + 1) * micro]) for j in range(accumulate)])
+             for x, y in batches)
+    optimizer = torch.optim.AdamW(param_groups(model, spec.weight_decay), lr=spec.lr, betas=ADAM_BETAS, eps=ADAM_EPS)
+    warmup = max(1, round(spec.warmup_fraction * n_steps))
+    eval_after, curve = set(curve_steps(n_steps, spec.n_curve_points)), []
+
+    def loss_fn(net, part):
+        x, y = part
+        return (net(x, y)[1] + moe_aux_loss(model)) / accumulate  # parts of equal size
+
+    def after_step(out) -> None:
+        on_step(model)
+        if out.step in eval_after or out.last:
+            curve.append({"n_tokens": out.step * spec.batch_size * spec.seq_len,
+                          "loss": validation_loss(model, stream, spec.batch_size, spec.seq_len, spec.val_batches)})
+
+    model.train()
+    t0 = time.perf_counter()
+    result = fit(model, optimizer, parts, loss_fn, n_steps=n_steps, lr=spec.lr,
+                 schedule=lambda step: lr_factor(step + 1, n_steps, warmup_steps=warmup, floor=spec.min_lr_ratio),
+                 clip_grad_norm=spec.grad_clip, on_step=after_step,
+                 accumulate_context=moe_global_batch if global_batch else None)
+    return {"loss": curve[-1]["loss"], "curve": curve, "n_steps": result.steps, "seed": spec.seed,
+            "world_size": world, "wall_seconds": time.perf_counter() - t0, "accumulate": accumulate,
+            "micro_batch_sequences": micro}
+
+
 def run_variant(name: str, kw: dict, spec, stream: TokenStream, args) -> dict:
     held: list = []
 
@@ -184,7 +244,29 @@ def run_variant(name: str, kw: dict, spec, stream: TokenStream, args) -> dict:
                   flush=True)
         return moe_aux_loss(model)
 
-    result = train_and_cost(spec, stream, prepare, aux)
+    if args.accumulate > 1:
+        prev: dict[int, torch.Tensor] = {}  # per layer: stats_counts after the previous step
+
+        def on_step(model):
+            step["n"] += 1
+            layers = [m.moe for _, m in moe_layers(model)]
+            step_counts = [moe.stats_counts - prev.get(i, 0) for i, moe in enumerate(layers)]  # this step's
+            prev.update({i: moe.stats_counts.clone() for i, moe in enumerate(layers)})
+            if step["n"] % args.stats_every == 0:
+                rows = global_rows(model)  # max_vio(_local): the last micro-batch; the window restarts
+                glob = _all_reduce(torch.cat(step_counts)).split([m.n_experts for m in layers])
+                for row, c in zip(rows, glob):  # MaxVio of the whole step (all micro-batches and ranks)
+                    row["max_vio_last_micro_batch"] = row["max_vio"]
+                    row["max_vio"] = _max_vio(c)
+                history.append({"step": step["n"], "layers": rows})
+                prev.clear()
+            if step["n"] % 50 == 0 and rank_and_world()[0] == 0:
+                print(f"  {name} seed {spec.seed}: step {step['n']}/{spec.n_steps}, "
+                      f"{time.perf_counter() - t0:.0f} s", flush=True)
+
+        result = train_accumulated(spec, stream, prepare, on_step, args.accumulate, kw["balance_loss"] == "global")
+    else:
+        result = train_and_cost(spec, stream, prepare, aux)
     result["balance_history"] = history
     result["variant"], result["moe_settings"] = name, kw
     result["specialisation"] = specialisation(held[0], stream, spec.vocab_size, args.batch_size, spec.seq_len,
@@ -200,6 +282,11 @@ def local_vio(run: dict) -> float | None:
     late = [h for h in run["balance_history"] if h["step"] > 0.1 * run["n_steps"]]
     v = [r["max_vio_local"] for h in late for r in h["layers"]]
     return statistics.mean(v) if v else None
+
+
+def result_name(args) -> str:
+    return "global_balance" + (f"_accum{args.accumulate}" if args.accumulate > 1 else "") + (
+        f"_{args.tag}" if args.tag else "")
 
 
 def summarize(state: JobState, args) -> None:
@@ -234,27 +321,37 @@ def summarize(state: JobState, args) -> None:
     for key in (paired[0] if paired else {}):
         mean, sd = _mean_sd([p[key] for p in paired if key in p])
         summary[key] = {"mean": mean, "sd": sd, "n": len(paired)}
-    atomic_write_json(RESULTS / "moe" / "global_balance.json", {
-        "benchmark": "global_balance", "machine": machine(), "corpus": "gcide (Webster 1913), byte-level BPE",
-        "settings": {k: v for k, v in vars(args).items() if k not in ("summarize_only", "save_weights")} | {
+    name = result_name(args)
+    accumulated = args.accumulate > 1
+    note = ("torchrun --nproc_per_node=2, gloo, CPU, 1 torch thread per rank" if not accumulated else
+            f"gradient accumulation: {args.accumulate} micro-batches of {args.batch_size // world // args.accumulate} "
+            f"sequences per rank and step ({world} process(es)), each micro-batch's loss / {args.accumulate}; "
+            "global: every step inside moe_global_batch (f_i over the step's micro-batches so far: the whole global "
+            "batch's at the last micro-batch); batch: each micro-batch's own Switch loss")
+    atomic_write_json(RESULTS / "moe" / f"{name}.json", {
+        "benchmark": name, "machine": machine(), "corpus": "gcide (Webster 1913), byte-level BPE",
+        "settings": {k: v for k, v in vars(args).items() if k not in ("summarize_only", "save_weights", "seed_list", "only")} | {
             "world_size": world, "sequences_per_rank": args.batch_size // world,
             "capacity_factor": CAPACITY, "variants": VARIANTS, "val_batches": args.val_batches},
-        "note": "torchrun --nproc_per_node=2, gloo, CPU, 1 torch thread per rank; other jobs shared the 2 "
+        "note": note + "; other jobs shared the 2 "
                 "cores, so wall_seconds are not comparable between runs. max_vio_* (balance.balance, first 10% "
-                "of steps excluded): the GLOBAL load (both ranks' assignments) of the sampled step "
+                "of steps excluded): the GLOBAL load (all ranks' assignments) of the sampled step "
                 "(batch) and of each window of stats_every steps (window); max_vio_local_batch_mean: each "
                 "rank's own micro-batch, averaged over the ranks. Specialisation: our proxy (mutual "
                 "information token id - top-1 expert, purity) on spec_batches validation batches, not Qwen's "
                 "domain measure; its finite-sample bias is the same for both runs. global_minus_batch: paired "
                 "by seed (same initialisation and tokens); summary: mean, sd (n-1; null for one seed), n. "
-                "The global batch is only 2x the micro-batch here (2 ranks, no gradient accumulation: "
-                "leanscale.sparse.moe does not accumulate f_i over micro-batches); Qwen's gains are at "
-                "much larger ratios. Floors of uniformly random top-1 routing (8 experts): MaxVio 0.18 (one "
-                "step's 512 tokens), 0.26 (one rank's 256), 0.06 (10-step window); per-sequence MaxVio 0.37 "
-                "and I(sequence; expert) 0.028 nats (128 tokens). Re-running seed 0 reproduced both runs bit "
-                "for bit.",
+                + ("The global batch is only 2x the micro-batch here (2 ranks, no gradient accumulation); "
+                   "Qwen's gains are at much larger ratios. Floors of uniformly random top-1 routing (8 experts): "
+                   "MaxVio 0.18 (one step's 512 tokens), 0.26 (one rank's 256), 0.06 (10-step window); "
+                   "per-sequence MaxVio 0.37 and I(sequence; expert) 0.028 nats (128 tokens). Re-running seed 0 "
+                   "reproduced both runs bit for bit." if not accumulated else
+                   "max_vio_local_batch_mean: the last micro-batch of the sampled step. Floors of uniformly "
+                   "random top-1 routing (8 experts): MaxVio 0.09 (one step's 2,048 tokens), 0.26 (one "
+                   "micro-batch's 256), 0.03 (10-step window); per-sequence MaxVio 0.37, I(sequence; expert) "
+                   "0.028 nats (128 tokens)."),
         "per_seed": per_seed, "summary_global_minus_batch": summary,
-        "runs": runs_without_history(rows, "global_balance"),
+        "runs": runs_without_history(rows, name),
         "paper": "Qiu et al. 2025 (arXiv 2501.11873; ACL 2025 long paper 249), abstract (checked): with a "
                  "micro-batch of few sequences the micro-batch balancing loss is almost sequence-level; "
                  "synchronising f_i over the global batch improves pre-training perplexity and downstream tasks "
@@ -276,6 +373,11 @@ def main() -> None:
     ap.add_argument("--val-batches", type=int, default=64, help="validation batches (of --batch-size)")
     ap.add_argument("--spec-batches", type=int, default=64, help="validation batches for specialisation")
     ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--seed-list", type=int, nargs="*", default=None, help="run these seeds only")
+    ap.add_argument("--only", nargs="*", default=None, choices=sorted(VARIANTS), help="run only these variants")
+    ap.add_argument("--accumulate", type=int, default=1,
+                    help="micro-batches per rank and optimizer step (gradient accumulation)")
+    ap.add_argument("--tag", default=None, help="suffix of the result names")
     ap.add_argument("--save-weights", default=None, help="folder for each trained model's state dict")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--summarize-only", action="store_true")
@@ -285,18 +387,23 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     init_from_env()
     rank, world = rank_and_world()
-    if world < 2 and not args.summarize_only:
-        ap.error(f"run under torchrun --nproc_per_node=2: in one process 'global' is 'batch' exactly (world size {world})")
-    if args.batch_size % world:
-        ap.error(f"--batch-size must be divisible by the {world} ranks, got {args.batch_size}")
-    state = JobState(RESULTS / "moe" / "global_balance")
+    if args.accumulate < 1:
+        ap.error(f"--accumulate must be >= 1, got {args.accumulate}")
+    if world < 2 and args.accumulate < 2 and not args.summarize_only:
+        ap.error(f"run under torchrun --nproc_per_node=2 or with --accumulate >= 2: in one process without "
+                 f"accumulation 'global' is 'batch' exactly (world size {world})")
+    if args.batch_size % (world * args.accumulate):
+        ap.error(f"--batch-size must be divisible by the {world} ranks x --accumulate {args.accumulate}, "
+                 f"got {args.batch_size}")
+    state = JobState(RESULTS / "moe" / result_name(args))
     tokens = encode_corpus("gcide", args.vocab)
     stream = TokenStream(np.asarray(tokens), 0.05)
-    for seed in range(0 if args.summarize_only else args.seeds):
+    seeds = list(range(args.seeds)) if args.seed_list is None else args.seed_list
+    for seed in ([] if args.summarize_only else seeds):
         spec = dataclasses.replace(make_spec(args, seed, args.vocab), val_batches=args.val_batches)
         for variant, kw in VARIANTS.items():
             key = f"{variant}-seed{seed}"
-            if state.is_done(key):
+            if state.is_done(key) or (args.only and variant not in args.only):
                 continue
             result = run_variant(variant, kw, spec, stream, args)
             if rank == 0:

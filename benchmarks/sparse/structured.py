@@ -32,6 +32,16 @@ those settings in one interleaved run (rows of the same (model, setting) are rep
 kept; each row records its ``run``); ``--first-seed 1 --seeds 1`` adds a seed. Every finished
 accuracy run is written at once (a cut run keeps its finished rows); concurrent runs merge under
 a file lock.
+
+Dense baselines for the CNN (``bncnn32`` only): ``narrow:0.8`` (a dense net of the filters
+structured SWAT's forward runs at 80%: 32-6-13-13, fresh init), ``narrow-sliced:0.8`` (the same
+net cut from the structured run's own initial weights: its top-K filters; under BatchNorm + ReLU
+the dropped filters never learn, so this is structured SWAT's computation up to the head's
+extra bias path), ``dense-w:24`` (a dense ``BNCNN(width=24)``). ``--acc-epochs`` other than 2
+writes ``accuracy_<model>_ep<N>`` (the 2-epoch rows stay); ``--tag T`` names a step-time run's
+rows ``"<setting> [T]"`` (dense included), so they sit next to earlier runs' instead of
+replacing them. Accuracy rows of structured layers record ``kept_filters``: per layer, how often
+the forward's filters changed between steps and how many were ever used.
 """
 
 from __future__ import annotations
@@ -67,9 +77,72 @@ def wide_mlp() -> nn.Module:
                          nn.Linear(1024, 10))
 
 
+def live_channels(sparsity: float, width: int = 32) -> tuple[int, int, int, int]:
+    """Filters the forward of ``BNCNN(width)`` runs under structured SWAT at ``sparsity`` (first
+    conv dense; K = max(1, round((1 - s) * n)) of each converted conv, as ``top_channels``)."""
+    k = [max(1, round((1 - sparsity) * n)) for n in (width, 2 * width, 2 * width)]
+    return (width, *k)
+
+
+class NarrowBNCNN(nn.Module):
+    """``BNCNN``'s layout (conv-BN-ReLU x2, max-pool, x2, max-pool, global average pool, BN,
+    linear) with any four conv widths: the dense baseline of the width structured SWAT's forward
+    actually runs (e.g. 32-6-13-13 for ``BNCNN(32)`` at 80%)."""
+
+    def __init__(self, channels: tuple[int, int, int, int], n_classes: int = 10):
+        super().__init__()
+        from leanscale.models.cnn import _conv_bn_relu
+
+        c1, c2, c3, c4 = channels
+        self.features = nn.Sequential(*_conv_bn_relu(1, c1), *_conv_bn_relu(c1, c2), nn.MaxPool2d(2),
+                                      *_conv_bn_relu(c2, c3), *_conv_bn_relu(c3, c4), nn.MaxPool2d(2))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.bn = nn.BatchNorm1d(c4)
+        self.classifier = nn.Linear(c4, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.bn(self.pool(self.features(x)).flatten(1)))
+
+
+def sliced_narrow(full: nn.Module, sparsity: float) -> NarrowBNCNN:
+    """The sub-network structured SWAT's forward runs at step 1: ``full`` (an initialised
+    ``BNCNN``) cut to the top-K filters (by L2 norm, as ``top_channels``) of each converted conv,
+    the next layer's input columns, BatchNorm and head cut alike. If the kept filters never
+    change during training (the dropped ones are dead under BatchNorm + ReLU), training this
+    dense net is the same computation as training ``full`` with structured SWAT."""
+    from leanscale.sparse import top_channels
+
+    convs = [m for m in full.features if isinstance(m, nn.Conv2d)]
+    bns = [m for m in full.features if isinstance(m, nn.BatchNorm2d)]
+    keep = [torch.arange(convs[0].out_channels)]
+    for conv in convs[1:]:
+        keep.append(top_channels(conv.weight.detach().flatten(1).norm(dim=1), 1 - sparsity))
+    net = NarrowBNCNN(tuple(len(k) for k in keep))
+    new_convs = [m for m in net.features if isinstance(m, nn.Conv2d)]
+    new_bns = [m for m in net.features if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        prev = torch.arange(convs[0].in_channels)
+        for conv, bn, new_conv, new_bn, k in zip(convs, bns, new_convs, new_bns, keep):
+            new_conv.weight.copy_(conv.weight[k][:, prev])
+            new_bn.weight.copy_(bn.weight[k])
+            new_bn.bias.copy_(bn.bias[k])
+            prev = k
+        net.bn.weight.copy_(full.bn.weight[prev])
+        net.bn.bias.copy_(full.bn.bias[prev])
+        net.classifier.weight.copy_(full.classifier.weight[:, prev])
+        net.classifier.bias.copy_(full.classifier.bias)
+    return net
+
+
 def build(model: str, kind: str, sparsity: float, seed: int = 0, activation_sparsity: float | None = None,
           explore: float | None = None) -> nn.Module:
     torch.manual_seed(seed)
+    if kind == "dense-w":  # a dense BNCNN of another width ("sparsity" carries the width)
+        return BNCNN(width=int(sparsity))
+    if kind == "narrow":  # dense, of the live width of structured SWAT at this sparsity, fresh init
+        return NarrowBNCNN(live_channels(sparsity, int(model[len("bncnn"):])))
+    if kind == "narrow-sliced":
+        return sliced_narrow(BNCNN(width=int(model[len("bncnn"):])), sparsity)
     net = {"lenet": lenet_300_100, "wide": wide_mlp, "bncnn8": lambda: BNCNN(width=8),
            "bncnn32": lambda: BNCNN(width=32)}[model]()
     first_dense = model.startswith("bncnn")
@@ -110,6 +183,12 @@ def parse_variant(item: str) -> tuple[str, str, float, float | None]:
     only (default 0.5, apply_structured_swat's)."""
     parts = item.split(":")
     kind, sparsity = parts[0], float(parts[1])
+    if kind in ("narrow", "narrow-sliced", "dense-w"):
+        if kind == "dense-w":
+            return f"dense, width {int(sparsity)}", kind, sparsity, None
+        c = "-".join(map(str, live_channels(sparsity)))
+        init = "fresh init" if kind == "narrow" else "sliced from the structured net's init"
+        return f"dense {c} (structured {round(100 * sparsity)}%'s live filters, {init})", kind, sparsity, None
     if kind not in KINDS and kind not in ("swat", "dense"):
         raise SystemExit(f"unknown kind {kind!r} in {item!r}: one of {', '.join(KINDS)}")
     explore = float(parts[2]) if len(parts) > 2 else (0.5 if kind.startswith(("sampled", "unbiased")) else None)
@@ -178,7 +257,8 @@ def step_time(args) -> list[dict]:
         for label in steps:
             speed_cpu = [d / s for d, s in zip(cpu["dense"], cpu[label])]
             speed_wall = [d / s for d, s in zip(wall["dense"], wall[label])]
-            row = {"model": model, "setting": label, "run": run,
+            row = {"model": model, "setting": f"{label} [{args.tag}]" if args.tag else label, "run": run,
+                   "rounds": args.rounds, "steps_per_round": args.steps,
                    "cpu_ms_min": 1e3 * min(cpu[label]), "cpu_ms_median": 1e3 * statistics.median(cpu[label]),
                    "wall_ms_min": 1e3 * min(wall[label]), "wall_ms_median": 1e3 * statistics.median(wall[label]),
                    "speedup_cpu_median": statistics.median(speed_cpu),
@@ -195,6 +275,31 @@ def step_time(args) -> list[dict]:
     return rows
 
 
+def track_kept(net: nn.Module) -> dict:
+    """Per structured layer, how often its kept output channels (the forward's filters) changed
+    between training steps and how many filters were ever kept; filled in as ``net`` trains."""
+    out = {}
+    for name, module in net.named_modules():
+        if not hasattr(module, "last_channels"):
+            continue
+        out[name] = state = {"changes": 0, "ever_kept": 0, "kept": None}
+        ever: set[int] = set()
+
+        def hook(module, inputs, output, state=state, ever=ever):
+            if not module.training:
+                return
+            idx = module.last_channels[0]
+            key = list(range(module.weight.shape[0])) if idx is None else idx.tolist()
+            if state["kept"] is not None and key != state["kept"]:
+                state["changes"] += 1
+            state["kept"] = key
+            ever.update(key)
+            state["ever_kept"] = len(ever)
+
+        module.register_forward_hook(hook)
+    return out
+
+
 def accuracy(args, save=None) -> list[dict]:
     """Train every variant for every seed; ``save(rows)`` after each run (partial results)."""
     from leanscale.large_batch.train import load_image_data, train_classifier
@@ -209,10 +314,12 @@ def accuracy(args, save=None) -> list[dict]:
             if data is None:
                 data = load_image_data(cfg)
             net = build(args.acc_model, kind, sparsity, seed, explore=explore)
+            kept = track_kept(net)
             t0 = time.perf_counter()
             c0 = time.process_time()
             result = train_classifier(cfg, data=data, model=net)
             row = {"model": args.acc_model, "setting": label, "sparsity": sparsity, "seed": seed,
+                   **({"kept_filters": kept} if kept else {}),
                    "test_accuracy": result.test_accuracy, "epochs": args.acc_epochs, "steps": result.steps,
                    "wall_seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
                    "lr": cfg.lr, "n_train": args.n_train or 60000, "explore": explore}
@@ -302,6 +409,9 @@ def main() -> None:
                          "unbiased or unbiased-a0-first (selection='unbiased')")
     ap.add_argument("--settings", default=None,
                     help="time dense plus these kind:sparsity[:explore] settings instead of the default list")
+    ap.add_argument("--tag", default=None,
+                    help="suffix ' [TAG]' on this step-time run's setting names: its rows (dense included) are "
+                         "kept next to earlier runs' instead of replacing them")
     ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--acc-skip-dense", action="store_true", help="reuse the dense runs already in the JSON")
     ap.add_argument("--acc-epochs", type=float, default=2.0)
@@ -354,6 +464,8 @@ def main() -> None:
 
         merge(put_steps)
     key = "accuracy" if args.acc_model == "wide" else f"accuracy_{args.acc_model}"
+    if args.acc_epochs != 2.0:  # other run lengths: their own rows (the 2-epoch ones stay)
+        key += f"_ep{args.acc_epochs:g}"
 
     def put_accuracy(rows):
         def update(blob):

@@ -7,6 +7,7 @@ its contiguous half of every global batch; rank r saves its state dict to ``OUT/
 Usage: torchrun --nproc_per_node=2 _ddp_moe_balance_worker.py OUT
 """
 
+import contextlib
 import gc
 import sys
 
@@ -20,10 +21,11 @@ from leanscale.sparse import (
     apply_moe,
     gathered_state_dict,
     moe_aux_loss,
+    moe_global_batch,
     moe_update_bias,
 )
 
-GLOBAL_BATCH, SEQ, VOCAB, STEPS = 8, 16, 64, 4
+GLOBAL_BATCH, SEQ, VOCAB, STEPS, MICRO = 8, 16, 64, 4, 2
 SETTINGS = {
     # dropless, no balancing loss: 2 ranks on half batches equal one process on the whole batch
     "lossfree": {"load_balancing_coef": 0.0},
@@ -32,6 +34,10 @@ SETTINGS = {
     "global": {"load_balancing_coef": 0.01, "balance_loss": "global"},
     # expert parallelism (experts sharded over the 2 ranks), aux-loss-free as "lossfree"
     "expert_parallel": {"load_balancing_coef": 0.0},
+    # the global-batch loss with MICRO gradient-accumulation micro-batches per rank inside
+    # moe_global_batch: f_i over both ranks' micro-batches so far; equals one process whose
+    # micro-batch j is both ranks' micro-batches j
+    "global_accum": {"load_balancing_coef": 0.01, "balance_loss": "global"},
 }
 
 
@@ -39,6 +45,12 @@ def data(step):
     g = torch.Generator().manual_seed(300 + step)
     idx = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=g)
     return idx[:, :-1], idx[:, 1:]
+
+
+def micro_batches(step, part):
+    """Global batch ``step`` as MICRO micro-batches; ``part(j)``: the rows of micro-batch j."""
+    x, y = data(step)
+    return [(x[part(j)], y[part(j)]) for j in range(MICRO)]
 
 
 def build(tag):
@@ -60,6 +72,25 @@ def train(model, step_batches, wrap=None):
     gc.collect()
 
 
+def train_accum(model, step_micro_batches, wrap=None):
+    """As train, each step accumulated over its micro-batches inside moe_global_batch (DDP
+    synchronises the last backward only); each micro-batch's loss divided by their number."""
+    net = model if wrap is None else wrap(model)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for micro in step_micro_batches:
+        opt.zero_grad()
+        with moe_global_batch(net):
+            for j, (x, y) in enumerate(micro):
+                sync = net.no_sync() if j < len(micro) - 1 and hasattr(net, "no_sync") else contextlib.nullcontext()
+                with sync:
+                    _, loss = net(x, y)
+                    ((loss + moe_aux_loss(model)) / len(micro)).backward()
+        opt.step()
+        moe_update_bias(model)
+    del net, opt
+    gc.collect()
+
+
 def main(out):
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -69,7 +100,13 @@ def main(out):
         model = build(tag)
         if tag == "expert_parallel":
             model = apply_expert_parallel(model)
-        train(model, batches, lambda m: DDP(m, broadcast_buffers=False))
+        if tag == "global_accum":  # rank r's micro-batch j: rows r * local + j * m ... of the global batch
+            m = local // MICRO
+            steps = [micro_batches(s, lambda j: slice(rank * local + j * m, rank * local + (j + 1) * m))
+                     for s in range(STEPS)]
+            train_accum(model, steps, lambda m: DDP(m, broadcast_buffers=False))
+        else:
+            train(model, batches, lambda m: DDP(m, broadcast_buffers=False))
         state = gathered_state_dict(model) if tag == "expert_parallel" else model.state_dict()
         torch.save({k: v.detach().clone() for k, v in state.items()}, f"{out}/{tag}-rank{rank}.pt")
     dist.barrier()

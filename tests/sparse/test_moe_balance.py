@@ -12,7 +12,14 @@ import torch.nn.functional as F
 from leanscale.core.errors import InvalidParameterError
 from leanscale.core.flops import count_flops
 from leanscale.models import GPT, GPTConfig
-from leanscale.sparse import MoE, MoEMLP, apply_moe, moe_stats, moe_update_bias
+from leanscale.sparse import (
+    MoE,
+    MoEMLP,
+    apply_moe,
+    moe_global_batch,
+    moe_stats,
+    moe_update_bias,
+)
 
 
 def expert_out(moe, e, x):
@@ -213,6 +220,81 @@ def test_sequence_and_global_balance_losses_match_manual():
     assert losses["batch"] == pytest.approx((0.1 * 4 * (f * probs.reshape(-1, 4).mean(0)).sum()).item(), rel=1e-5)
     assert losses["global"] == pytest.approx(losses["batch"], rel=1e-6)  # one process: the batch is global
     assert losses["sequence"] != pytest.approx(losses["batch"], rel=1e-3)
+
+
+def _global_loss_by_hand(moe, xs):
+    """The balancing loss of each micro-batch ``x_j`` (n_j, C) inside moe_global_batch, in closed
+    form: ``coef * E * sum_i F_i P_i`` with ``F`` the assignment counts (before dropping) of
+    micro-batches 1..j normalised, ``P`` micro-batch j's mean softmax; the router weight differentiable."""
+    counts, out = torch.zeros(moe.n_experts), []
+    for x in xs:
+        probs = (x @ moe.router.weight.t()).softmax(-1)  # (n_j, E)
+        counts = counts + torch.bincount(probs.topk(moe.top_k, dim=-1).indices.reshape(-1), minlength=moe.n_experts)
+        out.append(moe.load_balancing_coef * moe.n_experts * (counts / counts.sum() * probs.mean(0)).sum())
+    return out
+
+
+def test_global_batch_accumulates_f_over_micro_batches_in_closed_form():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(MoEMLP(8, 16, 6, top_k=2, capacity_factor=1.0, load_balancing_coef=0.1,
+                                       balance_loss="global"))
+    moe = model[0].moe
+    xs = [torch.randn(n, 5, 8) for n in (2, 1, 3, 2)]  # K = 4 micro-batches of unequal size
+    W = moe.router.weight
+    with moe_global_batch(model) as block:
+        losses = [moe(x).load_balancing_loss for x in xs]
+        counts = block.counts()[0]["counts"]
+    manual = _global_loss_by_hand(moe, [x.reshape(-1, 8) for x in xs])
+    for j, (got, want) in enumerate(zip(losses, manual)):
+        assert got.item() == pytest.approx(want.item(), rel=1e-5), j
+        g_got, = torch.autograd.grad(got, W, retain_graph=True)
+        g_want, = torch.autograd.grad(want, W, retain_graph=True)
+        torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-8)
+    # brute force: the last micro-batch's f is that of the concatenated global batch
+    concat = torch.cat([x.reshape(-1, 8) for x in xs])  # (40, 8)
+    f_global = moe(concat).load  # one forward on the whole batch, outside the block: (E,) before dropping
+    assert counts == pytest.approx((f_global * 2 * 40).tolist())
+    p_last = (xs[-1].reshape(-1, 8) @ W.t()).softmax(-1).mean(0)
+    brute = 0.1 * 6 * (f_global * p_last).sum()
+    assert losses[-1].item() == pytest.approx(brute.item(), rel=1e-5)
+    torch.testing.assert_close(torch.autograd.grad(losses[-1], W)[0], torch.autograd.grad(brute, W)[0],
+                               rtol=1e-4, atol=1e-8)
+    # without the block each micro-batch is on its own: the last loss differs (the test can fail)
+    alone = moe(xs[-1]).load_balancing_loss.item()
+    assert alone != pytest.approx(losses[-1].item(), rel=1e-3)
+    assert moe.global_counts is None and not moe.accumulate_global  # cleared on leaving
+
+
+def test_global_batch_on_a_gpt_eval_not_counted_and_cleared_on_exception():
+    model = gpt(every=1, balance_loss="global")
+    x = torch.randint(0, 64, (3, 2, 16))
+    with moe_global_batch(model) as block:
+        for xb in x:
+            model(xb, xb)
+        model.eval()
+        model(x[0], x[0])  # an evaluation forward inside the block: not counted
+        model.train()
+        rows = block.counts()
+    assert [r["name"] for r in rows] == ["transformer.h.0.mlp", "transformer.h.1.mlp"]
+    assert all(sum(r["counts"]) == 3 * 2 * 16 for r in rows)  # top-1, 3 micro-batches of 32 tokens
+    with pytest.raises(RuntimeError, match="boom"), moe_global_batch(model):
+        model(x[0], x[0])
+        raise RuntimeError("boom")
+    assert all(m.moe.global_counts is None and not m.moe.accumulate_global for m in model.modules()
+               if isinstance(m, MoEMLP))
+
+
+def test_global_batch_bad_uses_are_refused():
+    with pytest.raises(InvalidParameterError, match="'model' parameter of moe_global_batch.*balance_loss='global'"):
+        moe_global_batch(gpt())
+    with pytest.raises(InvalidParameterError, match="'model' parameter of moe_global_batch must be an instance"):
+        moe_global_batch([gpt(balance_loss="global")])
+    model = gpt(balance_loss="global")
+    with moe_global_batch(model):
+        with pytest.raises(InvalidParameterError, match="already inside a moe_global_batch block"):
+            with moe_global_batch(model):
+                pass
+        assert model.transformer.h[1].mlp.moe.accumulate_global  # the outer block is still on
 
 
 def test_shared_experts_add_a_dense_mlp_and_its_flops():

@@ -1,7 +1,8 @@
 """Aux-loss-free balancing under DDP (2 gloo processes, buffers not broadcast): the selection
 biases stay identical across ranks and equal those of one process on the whole batch (the load
 counts are summed over the ranks before each update); the same with the global-batch loss and
-with expert parallelism."""
+with expert parallelism; and the global-batch loss accumulated over gradient-accumulation
+micro-batches (moe_global_batch), equal to one process accumulating both ranks' micro-batches."""
 
 from pathlib import Path
 
@@ -9,7 +10,17 @@ import pytest
 import torch
 
 from tests.distributed import run_torchrun
-from tests.sparse._ddp_moe_balance_worker import SETTINGS, STEPS, build, data, train
+from tests.sparse._ddp_moe_balance_worker import (
+    GLOBAL_BATCH,
+    MICRO,
+    SETTINGS,
+    STEPS,
+    build,
+    data,
+    micro_batches,
+    train,
+    train_accum,
+)
 
 WORKER = Path(__file__).with_name("_ddp_moe_balance_worker.py")
 
@@ -25,7 +36,13 @@ def test_ddp_biases_identical_across_ranks_and_equal_to_one_process(tmp_path):
             assert torch.equal(rank0[name], rank1[name]), (tag, name)
         assert sum(rank0[name].abs().sum() for name in biases) > 0, tag  # the updates happened
         model = build(tag)
-        train(model, [data(s) for s in range(STEPS)])  # one process, whole batches
+        if tag == "global_accum":  # one process: micro-batch j = both ranks' micro-batches j
+            local, m = GLOBAL_BATCH // 2, GLOBAL_BATCH // 2 // MICRO
+            rows = [torch.cat([torch.arange(r * local + j * m, r * local + (j + 1) * m) for r in (0, 1)])
+                    for j in range(MICRO)]
+            train_accum(model, [micro_batches(s, rows.__getitem__) for s in range(STEPS)])
+        else:
+            train(model, [data(s) for s in range(STEPS)])  # one process, whole batches
         single = model.state_dict()
         for name in biases:
             torch.testing.assert_close(rank0[name], single[name], rtol=0, atol=1e-6, msg=f"{tag} {name}")

@@ -434,3 +434,50 @@ def test_unbiased_weight_gradient_is_the_dense_one_in_expectation(conv):
             total += gw.double()
     assert seen == set(itertools.combinations(rest, 2))
     torch.testing.assert_close(total / len(seen), dense_gw, rtol=1e-5, atol=1e-5)
+
+
+def test_topk_on_a_bn_cnn_trains_exactly_its_narrow_subnetwork():
+    """The diagnosis behind the card's narrow baseline: under BatchNorm + ReLU a dropped filter's
+    output is a constant, BatchNorm maps it to beta = 0 and the ReLU's gradient there is 0, so the
+    dropped filters get exactly zero gradient and never return. Structured SWAT (first converted
+    conv's input whole) then trains the same numbers as the dense net cut to the kept filters at
+    step 1, checked over SGD-momentum steps against that net built by hand."""
+    torch.manual_seed(5)
+    full = bn_cnn()
+    convs = [0, 3, 6]  # the three convs of bn_cnn: 1 -> 8 (dense), 8 -> 16, 16 -> 16
+    keep = [torch.arange(8)] + [torch.tensor(brute_top(full[i].weight.detach().flatten(1).norm(dim=1), 0.25))
+                                for i in convs[1:]]
+    narrow = nn.Sequential(*[m for i, o in ((1, 8), (8, 4), (4, 4)) for m in
+                             (nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU())],
+                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 4))
+    with torch.no_grad():
+        prev = torch.arange(1)
+        for i, k in zip(convs, keep):
+            narrow[i].weight.copy_(full[i].weight[k][:, prev])
+            prev = k
+        narrow[-1].weight.copy_(full[-1].weight[:, prev])
+        narrow[-1].bias.copy_(full[-1].bias)
+    start = copy.deepcopy(full)
+    apply_structured_swat(full, 0.75, layers=["3"], activation_sparsity=0.0)
+    apply_structured_swat(full, 0.75)
+    assert isinstance(full[6], StructuredSWATConv2d) and full[6].activation_sparsity == 0.75
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (full, narrow)]
+    for step in range(4):
+        x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 4, (16,))
+        outs = []
+        for model, opt in zip((full, narrow), opts):
+            opt.zero_grad()
+            out = model(x)
+            F.cross_entropy(out, y).backward()
+            opt.step()
+            outs.append(out)
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+    for i, k in zip(convs[1:], keep[1:]):
+        assert full[i].last_channels[0].tolist() == k.tolist()  # the same filters every step
+        dropped = sorted(set(range(16)) - set(k.tolist()))
+        assert torch.equal(full[i].weight[dropped], start[i].weight[dropped])  # never moved
+        assert torch.equal(full[i + 1].bias[dropped], torch.zeros(len(dropped)))  # beta stays 0
+    prev = torch.arange(8)
+    for i, k in zip(convs[1:], keep[1:]):
+        torch.testing.assert_close(full[i].weight[k][:, prev], narrow[i].weight, rtol=1e-4, atol=1e-6)
+        prev = k

@@ -57,7 +57,8 @@ For ``N`` tokens of width ``C``, ``E`` experts of hidden width ``H`` and ``k = t
    probability of expert ``i``; and the z-loss ``z_loss_coef * mean(logsumexp(logits)^2)``.
    ``balance_loss="sequence"`` computes ``f_i`` and ``P_i`` per sequence (the second-to-last
    axis of the input) and averages the losses (DeepSeek-V3 eq. 17-20); ``"global"`` counts
-   ``f_i`` over the tokens of all ranks (one ``all_reduce``; Qwen's global-batch loss). For
+   ``f_i`` over the tokens of all ranks (one ``all_reduce``; Qwen's global-batch loss), and inside
+   :func:`moe_global_batch` also over the step's gradient-accumulation micro-batches so far. For
    sigmoid scores ``P_i`` averages the scores normalised to sum to 1 per token.
    Counting ``f_i`` after dropping (as some implementations do) hides the overload the loss is
    meant to penalise: an expert that received 90% of the tokens but kept only its capacity looks
@@ -109,6 +110,7 @@ __all__ = [
     "MoEOutput",
     "apply_moe",
     "moe_aux_loss",
+    "moe_global_batch",
     "moe_layers",
     "moe_stats",
     "moe_update_bias",
@@ -273,7 +275,8 @@ class MoE(nn.Module):
             every optimizer step. Usually with ``load_balancing_coef=0``.
         gate: ``"softmax"`` (Switch) or ``"sigmoid"`` (DeepSeek-V3) scores.
         balance_loss: ``"batch"`` (Switch, this micro-batch), ``"sequence"`` (per sequence,
-            DeepSeek-V3) or ``"global"`` (``f_i`` over all ranks' tokens, Qwen).
+            DeepSeek-V3) or ``"global"`` (``f_i`` over all ranks' tokens, Qwen; and over the
+            gradient-accumulation micro-batches of a step inside :func:`moe_global_batch`).
         n_shared_experts: Always-active experts, each ``hidden / granularity`` wide (DeepSeekMoE).
         granularity: Each expert ``hidden / granularity`` wide (fine-grained experts); must
             divide ``hidden``.
@@ -378,6 +381,10 @@ class MoE(nn.Module):
         # broadcast rank 0's over the others'), created on the first training forward.
         self.pending_counts: torch.Tensor | None = None
         self.stats_counts: torch.Tensor | None = None
+        # balance_loss="global" inside moe_global_batch(): the assignments per expert (all ranks)
+        # of the step's training forwards so far; None outside the block.
+        self.global_counts: torch.Tensor | None = None
+        self.accumulate_global = False
         self.reset_parameters()
 
     @torch.no_grad()
@@ -640,11 +647,16 @@ class MoE(nn.Module):
             P = scores.view(S, seq_len, E).mean(dim=1)  # (S, E)
             return self.load_balancing_coef * E * (f * P).sum(dim=1).mean()
         f = counts.float()
-        if self.balance_loss == "global" and self.training and _world(None) > 1:  # eval: no collective
-            import torch.distributed as dist
+        if self.balance_loss == "global" and self.training:  # eval: no collective, no accumulation
+            if _world(None) > 1:
+                import torch.distributed as dist
 
-            f = f.clone()
-            dist.all_reduce(f)  # counts of every rank's micro-batch
+                f = f.clone()
+                dist.all_reduce(f)  # counts of every rank's micro-batch
+            if self.accumulate_global:  # inside moe_global_batch: add this micro-batch to the step's counts
+                f = f.detach().to(torch.float64)
+                self.global_counts = f if self.global_counts is None else self.global_counts + f
+                f = self.global_counts.float()
         f = f / f.sum().clamp(min=1)  # (E,)
         return self.load_balancing_coef * E * (f * scores.mean(dim=0)).sum()
 
@@ -1092,3 +1104,87 @@ def moe_update_bias(model: nn.Module, *, group: Any = None) -> list[dict[str, An
         moe.pending_counts = None
         rows.append({"name": name, "max_vio": moe.update_bias(c)})
     return rows
+
+
+class _GlobalBatch:
+    """The context of :func:`moe_global_batch` (not reentrant)."""
+
+    def __init__(self, layers: list[tuple[str, MoE]]):
+        self.layers = layers
+
+    def __enter__(self) -> _GlobalBatch:
+        busy = [name for name, moe in self.layers if moe.accumulate_global]
+        if busy:
+            raise InvalidParameterError(
+                f"The 'model' parameter of moe_global_batch is already inside a moe_global_batch block "
+                f"(layers {busy}): one block per optimizer step, not nested. Got the same model again."
+            )
+        for _, moe in self.layers:
+            moe.accumulate_global, moe.global_counts = True, None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for _, moe in self.layers:  # also on an exception: the next step starts from zero
+            moe.accumulate_global, moe.global_counts = False, None
+
+    def counts(self) -> list[dict[str, Any]]:
+        """Per layer ``name`` and ``counts``: the assignments per expert (all ranks) accumulated
+        so far in this block (a list of ``E`` floats; ``None`` before the first training forward)."""
+        return [{"name": name, "counts": None if moe.global_counts is None else moe.global_counts.tolist()}
+                for name, moe in self.layers]
+
+
+def moe_global_batch(model: nn.Module) -> _GlobalBatch:
+    """A context manager around the micro-batches of one optimizer step (gradient accumulation):
+    inside it, every MoE layer with ``balance_loss="global"`` (Qwen, Qiu et al. 2025) counts the
+    expert fractions ``f_i`` of its balancing loss over **the step's micro-batches so far**, not
+    only the current one (and, as outside it, over all ranks under ``torch.distributed``).
+
+    The loss of micro-batch ``j`` of a step is ``coef * E * sum_i f_i P_i`` with ``f_i`` from
+    the assignments (before dropping) of micro-batches ``1..j`` of every rank and ``P_i`` this
+    micro-batch's own mean scores: at the **last** micro-batch, ``f_i`` is exactly that of the
+    concatenated global batch. (Earlier micro-batches cannot see the counts of later ones
+    without keeping every micro-batch's graph alive: the memory accumulation exists to save.)
+    :func:`~leanscale.train.fit` adds ``extra_loss`` after the last micro-batch only, so there
+    the balancing loss uses the global batch's ``f_i`` exactly (with the last micro-batch's
+    ``P_i``): ``fit(..., extra_loss=moe_aux_loss, accumulate_context=moe_global_batch)``. Leaving the block clears the counts (also on an
+    exception), so each step starts from zero. Evaluation forwards (``model.eval()``) are not
+    counted and use their own batch. With activation checkpointing a re-run forward would be
+    counted twice.
+
+    Example:
+        >>> import torch
+        >>> from leanscale.models import GPT, GPTConfig
+        >>> model = apply_moe(GPT(GPTConfig(64, 16, n_layer=2, n_head=2, n_embd=16)), n_experts=4,
+        ...                   balance_loss="global")
+        >>> micro = torch.randint(0, 64, (4, 2, 16))  # 4 micro-batches of 2 sequences
+        >>> with moe_global_batch(model) as block:
+        ...     for x in micro:
+        ...         _, loss = model(x, x)
+        ...         ((loss + moe_aux_loss(model)) / len(micro)).backward()
+        ...     print(sum(block.counts()[0]["counts"]))  # the step's 4 x 2 x 16 tokens, top-1
+        128.0
+        >>> block.counts()[0]["counts"] is None  # cleared when the block ends
+        True
+
+    Args:
+        model: The model (DDP-wrapped or not) with at least one MoE layer built with
+            ``balance_loss="global"``.
+
+    Returns:
+        The context manager; ``as block`` gives ``block.counts()``, the accumulated counts per layer.
+
+    Raises:
+        InvalidParameterError: ``model`` has no MoE layer with ``balance_loss="global"``, or the
+            block is entered while the model is already inside one.
+    """
+    owner = "moe_global_batch"
+    root = _root(model, owner)
+    layers = [(name, m.moe) for name, m in moe_layers(root) if m.moe.balance_loss == "global"]
+    if not layers:
+        raise InvalidParameterError(
+            f"The 'model' parameter of {owner} must contain MoE layers built with balance_loss='global' "
+            f"(e.g. apply_moe(model, 8, balance_loss='global')). Got a {type(root).__name__} with "
+            f"{len(moe_layers(root))} MoE layer(s) and none of them."
+        )
+    return _GlobalBatch(layers)

@@ -30,6 +30,13 @@ random too was tried and fails on a BatchNorm CNN (18% on Fashion-MNIST): a drop
 constant output has zero variance, BatchNorm's backward multiplies its gradient by
 ``1 / sqrt(eps)`` (316), and the dropped filters' weights grew to norms of ~5e4.
 
+**Conv -> BatchNorm -> ReLU stacks: the forward is a fixed narrow net.** A dropped filter's
+output is a constant, BatchNorm maps it to its shift (0 at initialisation) and the ReLU's
+gradient there is 0: the dropped filters get exactly zero gradient, never return, and training
+is the same computation as training the dense net cut to the filters kept at step 1 (tested).
+Such a net built narrow and dense from the start is as accurate and faster (the method card's
+"narrow baseline"): on these models shrink the net instead.
+
 With ``selection="topk"`` this is exactly the math of ``apply_swat(..., structured=True)`` (a masked dense layer whose
 non-kept rows are zero, and whose weight gradient uses the activation with non-kept channels
 zeroed); only the computation differs: ``index_select`` the kept rows / channels, one smaller
