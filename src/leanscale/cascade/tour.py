@@ -593,4 +593,10 @@ def headline(results_root=None) -> str:
             f"requests/s at {f['accuracy_gap_points']:.2f} points less accuracy")
     if gr.get("fraction_meeting_target") is not None:
         text += f"; guarantee held in {gr['fraction_meeting_target']:.0%} of {gr['splits'] - gr['refused']} splits"
+    student = read_result("cascade", "wordnet_student_idle.json", results_root)  # method card, benchmark 1d
+    if student is not None and student.get("best_within_0.5_points_by_cost"):
+        best = student["configurations"][student["best_within_0.5_points_by_cost"]]
+        if "measured" in best:
+            text += (f"; with a distilled student as middle stage {best['measured']['speedup_min']:.1f}x "
+                     f"at {best['accuracy_gap_points']:.2f} points")
     return text
