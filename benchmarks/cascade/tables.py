@@ -61,19 +61,26 @@ def main() -> None:
 
 
 def distill_table() -> None:
-    """Section 1c: the distilled cheap stages (``wordnet_distill*.json``), where they have been run."""
-    for path in sorted((RESULTS / "cascade").glob("wordnet_distill*.json")):
-        distill_run(path)
+    """Sections 1c and 1d: the distilled cheap stages (``wordnet_distill*.json``) and the student
+    middle stage (``wordnet_student*.json``, the same shape), where they have been run."""
+    for pattern in ("wordnet_distill*.json", "wordnet_student*.json"):
+        for path in sorted((RESULTS / "cascade").glob(pattern)):
+            distill_run(path)
 
 
 def distill_run(path: Path) -> None:
     d = read_json(path)
     a, c = d["alone"], d.get("configurations", {})
     print(f"\n{path.name}: {d['data']['unlabelled_pool']}.\n")
-    print("| middle stage (unlabelled pool m) | test accuracy | agreement with big (test) |")
-    print("|---|---|---|")
+    load = d.get("load_average_during_costs", {}).get("before")
+    print(f"Settings: {d['settings']}; load average before the costs: {load}.\n")
+    print("| stage alone | test accuracy | agreement with big (test) | ms / request |")
+    print("|---|---|---|---|")
     for k, v in a.items():
-        print(f"| {k} | {v['test_accuracy']:.2%} | {v['test_agreement_with_big']:.1%} |")
+        agree = v.get("test_agreement_with_big")
+        ms = v.get("seconds_per_request", d.get("costs_seconds_per_request", {}).get(k))
+        print(f"| {k} | {v['test_accuracy']:.2%} | {'' if agree is None else f'{agree:.1%}'} | "
+              f"{'' if ms is None else f'{ms * 1e3:.2f}'} |")
     print("\n| cascade (deferral) | test accuracy gap | answered (test) | speed-up by cost (min / median costs) | measured |")
     print("|---|---|---|---|---|")
     for k, v in c.items():
