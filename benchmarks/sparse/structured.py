@@ -37,11 +37,15 @@ Dense baselines for the CNN (``bncnn32`` only): ``narrow:0.8`` (a dense net of t
 structured SWAT's forward runs at 80%: 32-6-13-13, fresh init), ``narrow-sliced:0.8`` (the same
 net cut from the structured run's own initial weights: its top-K filters; under BatchNorm + ReLU
 the dropped filters never learn, so this is structured SWAT's computation up to the head's
-extra bias path), ``dense-w:24`` (a dense ``BNCNN(width=24)``). ``--acc-epochs`` other than 2
-writes ``accuracy_<model>_ep<N>`` (the 2-epoch rows stay); ``--tag T`` names a step-time run's
-rows ``"<setting> [T]"`` (dense included), so they sit next to earlier runs' instead of
-replacing them. Accuracy rows of structured layers record ``kept_filters``: per layer, how often
-the forward's filters changed between steps and how many were ever used.
+extra bias path), ``dense-w:24`` (a dense ``BNCNN(width=24)``). Dense baseline for the wide
+MLP: ``dense-w:512`` (the MLP 784-512-512-10: same depth, 512 hidden units per layer).
+``--acc-epochs`` other than 2 writes ``accuracy_<model>_ep<N>`` (``accuracy_ep<N>`` for ``wide``; the
+2-epoch rows stay);
+``--tag T`` names a step-time run's rows ``"<setting> [T]"`` (dense included), so they sit next
+to earlier runs' instead of replacing them; every step-time row records the load averages (1, 5,
+15 min) at the start and end of its run (``loadavg_start``, ``loadavg_end``). Accuracy rows of
+structured layers record ``kept_filters``: per layer, how often the forward's filters changed
+between steps and how many were ever used.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import sys
 import time
@@ -72,9 +77,10 @@ UNSTRUCTURED = (0.8,)
 OUT = RESULTS / "sparse"
 
 
-def wide_mlp() -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
-                         nn.Linear(1024, 10))
+def wide_mlp(hidden: int = 1024) -> nn.Module:
+    """The MLP 784-``hidden``-``hidden``-10 (``wide``: 1024; ``dense-w:N`` on ``wide``: N)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, 10))
 
 
 def live_channels(sparsity: float, width: int = 32) -> tuple[int, int, int, int]:
@@ -137,8 +143,14 @@ def sliced_narrow(full: nn.Module, sparsity: float) -> NarrowBNCNN:
 def build(model: str, kind: str, sparsity: float, seed: int = 0, activation_sparsity: float | None = None,
           explore: float | None = None) -> nn.Module:
     torch.manual_seed(seed)
-    if kind == "dense-w":  # a dense BNCNN of another width ("sparsity" carries the width)
-        return BNCNN(width=int(sparsity))
+    if kind == "dense-w":  # a dense net of another width ("sparsity" carries the width)
+        if model == "wide":  # the same MLP with N hidden units per layer: 784-N-N-10
+            return wide_mlp(int(sparsity))
+        if model.startswith("bncnn"):
+            return BNCNN(width=int(sparsity))
+        raise SystemExit(f"dense-w is for the models wide and bncnn*, not {model!r}")
+    if kind in ("narrow", "narrow-sliced") and not model.startswith("bncnn"):
+        raise SystemExit(f"{kind} is for the models bncnn*, not {model!r} (on the wide MLP use dense-w:<hidden>)")
     if kind == "narrow":  # dense, of the live width of structured SWAT at this sparsity, fresh init
         return NarrowBNCNN(live_channels(sparsity, int(model[len("bncnn"):])))
     if kind == "narrow-sliced":
@@ -185,6 +197,8 @@ def parse_variant(item: str) -> tuple[str, str, float, float | None]:
     kind, sparsity = parts[0], float(parts[1])
     if kind in ("narrow", "narrow-sliced", "dense-w"):
         if kind == "dense-w":
+            if sparsity != int(sparsity) or sparsity < 1:
+                raise SystemExit(f"dense-w needs a whole number of channels / hidden units >= 1, got {parts[1]!r}")
             return f"dense, width {int(sparsity)}", kind, sparsity, None
         c = "-".join(map(str, live_channels(sparsity)))
         init = "fresh init" if kind == "narrow" else "sliced from the structured net's init"
@@ -225,6 +239,7 @@ def step_time(args) -> list[dict]:
     x, y = torch.randn(BATCH, 1, 28, 28, generator=g), torch.randint(0, 10, (BATCH,), generator=g)
     rows = []
     run = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # rows of one interleaved run share it
+    load_start = os.getloadavg()  # 1, 5 and 15 minute load averages: how busy the shared machine was
     for model in args.models.split(","):
         steps, flops = {}, {}
         for label, kind, sparsity, a_sparsity, explore in settings(args.settings):
@@ -254,6 +269,7 @@ def step_time(args) -> list[dict]:
                     w.append(time.perf_counter() - t0)
                 wall[label].append(statistics.median(w))
                 cpu[label].append(statistics.median(c))
+        load_end = os.getloadavg()
         for label in steps:
             speed_cpu = [d / s for d, s in zip(cpu["dense"], cpu[label])]
             speed_wall = [d / s for d, s in zip(wall["dense"], wall[label])]
@@ -267,7 +283,9 @@ def step_time(args) -> list[dict]:
                    "speedup_wall_median": statistics.median(speed_wall),
                    "speedup_wall_of_min": min(wall["dense"]) / min(wall[label]),
                    "training_flops_per_step": flops[label],
-                   "flops_vs_dense": flops[label] / flops["dense"]}
+                   "flops_vs_dense": flops[label] / flops["dense"],
+                   "loadavg_start": [round(v, 2) for v in load_start],
+                   "loadavg_end": [round(v, 2) for v in load_end]}
             rows.append(row)
             print(f"{model:>8} {label:<40} cpu {row['cpu_ms_min']:7.2f} / {row['cpu_ms_median']:7.2f} ms "
                   f"x{row['speedup_cpu_median']:.2f}  wall {row['wall_ms_min']:7.2f} / {row['wall_ms_median']:7.2f} ms "
@@ -406,7 +424,8 @@ def main() -> None:
     ap.add_argument("--acc-variants", default="structured:0.7,structured:0.8,structured-a0-first:0.8",
                     help="kind:sparsity[:explore],... with kind structured, structured-a0, structured-a0-first, "
                          "sampled, sampled-a0, sampled-a0-first (selection='sampled', explore default 0.5), "
-                         "unbiased or unbiased-a0-first (selection='unbiased')")
+                         "unbiased or unbiased-a0-first (selection='unbiased'); dense baselines dense-w:N "
+                         "(wide: the MLP 784-N-N-10; bncnn*: BNCNN(width=N)), narrow:S, narrow-sliced:S (bncnn*)")
     ap.add_argument("--settings", default=None,
                     help="time dense plus these kind:sparsity[:explore] settings instead of the default list")
     ap.add_argument("--tag", default=None,
@@ -439,7 +458,7 @@ def main() -> None:
             fcntl.flock(lock, fcntl.LOCK_EX)
             old = json.loads(path.read_text()) if path.exists() else {}
             blob = {**head, **{k: v for k, v in old.items() if k in ("step_time", "probe_20k")
-                               or k.startswith("accuracy") or k.startswith("goal")}}
+                               or k.startswith(("accuracy", "goal"))}}
             update(blob)
             for k in [k for k in blob if k.startswith("accuracy")]:
                 g = goal(blob, k)
@@ -457,8 +476,15 @@ def main() -> None:
             new = {(r["model"], r["setting"]) for r in rows}
             merged = [r for r in blob.get("step_time", {}).get("rows", []) if (r["model"], r["setting"]) not in new]
             merged += rows
-            blob["step_time"] = {"rounds": args.rounds, "steps_per_round": args.steps, "warmup_steps": args.warmup,
-                                 "threads": args.threads, "rows": merged}
+            old = blob.get("step_time", {})
+            # the block's rounds / steps describe the untagged rows' run (every row records its
+            # own); a tagged run leaves them, and any note written there, as they were
+            head = {"rounds": args.rounds, "steps_per_round": args.steps, "warmup_steps": args.warmup,
+                    "threads": args.threads}
+            if args.tag:
+                head = {k: old.get(k, v) for k, v in head.items()}
+            blob["step_time"] = {**{k: v for k, v in old.items() if k not in head and k != "rows"}, **head,
+                                 "rows": merged}
             cols = list(dict.fromkeys(k for r in merged for k in r if k != "speedup_cpu_range"))
             atomic_write_csv(OUT / "structured_step_time.csv", merged, columns=cols)
 

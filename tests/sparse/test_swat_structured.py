@@ -6,7 +6,8 @@ non-kept input channels zeroed; the kept channels against a sort of the norms; t
 (conversion, training, state_dict round trip, export). ``selection="sampled"``: the layer against
 the same masked dense layer built from the channels it chose, the chosen channels against the
 rule replayed under the same seed, the sampling frequencies against the rule's closed form, every
-channel chosen over a few steps (and top-K's dead filters on a BatchNorm CNN), determinism."""
+channel chosen over a few steps (and top-K's dead filters on a BatchNorm CNN; on an MLP, dropped
+rows whose ReLU is open keep learning and rotate back in), determinism."""
 
 import copy
 
@@ -481,3 +482,50 @@ def test_topk_on_a_bn_cnn_trains_exactly_its_narrow_subnetwork():
     for i, k in zip(convs[1:], keep[1:]):
         torch.testing.assert_close(full[i].weight[k][:, prev], narrow[i].weight, rtol=1e-4, atol=1e-6)
         prev = k
+
+
+def test_topk_on_an_mlp_keeps_training_dropped_rows_whose_relu_is_open():
+    """The MLP counterpart of the test above (the card's narrow-MLP baseline): without BatchNorm a
+    dropped row outputs its bias. Where the bias is negative the ReLU closes and the row gets
+    exactly zero gradient (dead, as every dropped filter of the BatchNorm CNN); where it is
+    positive the ReLU passes the gradient, the row keeps learning (dW is dense over the output rows)
+    and can rise into the top-K: the kept rows change during training and more than K rows get
+    used, so structured SWAT on an MLP is not a fixed narrow net (on the wide MLP at 80%, 332 and
+    344 of the 1024 rows were ever kept, 205 at a time)."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    apply_structured_swat(mlp, 0.75, layers=["0"], activation_sparsity=0.0)  # the card's MLP recipe
+    apply_structured_swat(mlp, 0.75)
+    teacher = torch.randn(12, 4)  # a learnable task: labels from a fixed linear teacher
+
+    def batch():
+        x = torch.randn(32, 12)
+        return x, (x @ teacher).argmax(1)
+
+    x, y = batch()
+    F.cross_entropy(mlp(x), y).backward()
+    for i in (0, 2):
+        kept = mlp[i].last_channels[0].tolist()
+        assert kept == brute_top(mlp[i].weight.detach().norm(dim=1), 0.25)
+        dropped = sorted(set(range(32)) - set(kept))
+        closed = [r for r in dropped if mlp[i].bias[r] < 0]
+        open_ = [r for r in dropped if mlp[i].bias[r] > 0]
+        assert closed and open_
+        assert torch.equal(mlp[i].weight.grad[closed], torch.zeros(len(closed), mlp[i].in_features))
+        assert torch.equal(mlp[i].bias.grad[closed], torch.zeros(len(closed)))
+        assert (mlp[i].weight.grad[open_].abs().sum(1) > 0).all()
+        assert (mlp[i].bias.grad[open_] != 0).all()
+    opt = torch.optim.SGD(mlp.parameters(), lr=0.1, momentum=0.9)
+    ever = {i: set(mlp[i].last_channels[0].tolist()) for i in (0, 2)}
+    changes = dict.fromkeys(ever, 0)
+    for _ in range(40):
+        before = {i: mlp[i].last_channels[0].tolist() for i in ever}
+        opt.step()
+        opt.zero_grad()
+        x, y = batch()
+        F.cross_entropy(mlp(x), y).backward()
+        for i in ever:
+            now = mlp[i].last_channels[0].tolist()
+            changes[i] += now != before[i]
+            ever[i].update(now)
+    assert all(changes[i] > 0 and len(ever[i]) > 8 for i in ever), (changes, ever)  # K = 8 of 32
