@@ -23,6 +23,10 @@ that each run fits in ~10 minutes on 2 shared cores. Runs (same tokens, optimise
   31 outputs instead of 32); the same parameters (32 quarter-width experts per layer).
 * ``lossfree_fine_shared_2x`` / ``_3x``: the same at 2x / 3x the bias update rate (2e-3, 3e-3):
   the paper's 1e-3 is tuned for runs far longer than these 488 steps (#17, fourth session).
+* ``lossfree_fine_shared_decay``: the same model with a scheduled rate (``moe_update_bias(model,
+  rate=...)``): 4e-3 at the first step, cosine down to the paper's 1e-3 at 25% of the steps, then
+  1e-3 (``bias_rate_schedule`` in its settings): fast early, when the bias has far to travel, the
+  paper's rate (less step-to-step jitter) for the rest. DeepSeek-V3 also scheduled it (1e-3, then 0).
 
 Not run here: ``switch_global`` (``balance_loss="global"``, Qwen, Qiu et al. 2025, arXiv
 2501.11873; ``global_balance.py`` runs it under torchrun with 2 ranks). That option counts ``f_i``
@@ -100,7 +104,25 @@ def variants(rate: float) -> dict[str, dict | None]:
                                     "n_shared_experts": 1, "load_balancing_coef": 0.0, "bias_update_rate": 2 * rate},
         "lossfree_fine_shared_3x": {"n_experts": 31, "every": 1, "top_k": 3, "granularity": 4,
                                     "n_shared_experts": 1, "load_balancing_coef": 0.0, "bias_update_rate": 3 * rate},
+        # a scheduled rate: 4x at the first step, cosine to the paper's 1x at 25% of the steps, then 1x
+        # (the layers are built with the final rate; bias_rate_schedule drives moe_update_bias(rate=...))
+        "lossfree_fine_shared_decay": {"n_experts": 31, "every": 1, "top_k": 3, "granularity": 4,
+                                       "n_shared_experts": 1, "load_balancing_coef": 0.0, "bias_update_rate": rate,
+                                       "bias_rate_schedule": {"kind": "cosine_then_constant", "start": 4 * rate,
+                                                              "end": rate, "until_fraction": 0.25}},
     }
+
+
+def scheduled_rate(schedule: dict, step: int, n_steps: int) -> float:
+    """The bias update rate of the update after optimizer step ``step`` (1-based) of ``n_steps``:
+    ``cosine_then_constant`` goes from ``start`` (step 0) to ``end`` at ``until_fraction * n_steps``
+    along a half cosine, then stays at ``end``."""
+    if schedule["kind"] != "cosine_then_constant":
+        raise ValueError(f"unknown bias_rate_schedule kind {schedule['kind']!r}")
+    t = step / (schedule["until_fraction"] * n_steps)
+    if t >= 1:
+        return schedule["end"]
+    return schedule["end"] + (schedule["start"] - schedule["end"]) * 0.5 * (1 + np.cos(np.pi * t))
 
 
 NOT_RUN = {
@@ -113,20 +135,28 @@ NOT_RUN = {
 }
 
 
-def run_variant(name: str, kw: dict | None, spec, stream: TokenStream, stats_every: int) -> dict:
-    prepare = None if kw is None else (lambda m: apply_moe(m, capacity_factor=CAPACITY, **kw))
+def run_variant(name: str, kw: dict | None, spec, stream: TokenStream, stats_every: int,
+                watch: Path | None = None) -> dict:
+    schedule = None if kw is None else kw.get("bias_rate_schedule")
+    layer_kw = None if kw is None else {k: v for k, v in kw.items() if k != "bias_rate_schedule"}
+    prepare = None if kw is None else (lambda m: apply_moe(m, capacity_factor=CAPACITY, **layer_kw))
     lossfree = kw is not None and kw.get("bias_update_rate", 0) > 0
     history: list[dict] = []
-    step = {"n": 0}
+    step = {"n": 0, "rate": None}
 
     def aux(model):
         step["n"] += 1
         if lossfree:  # the bias only changes the next selection: updating here == after the step
-            moe_update_bias(model)
+            if schedule is not None:
+                step["rate"] = float(scheduled_rate(schedule, step["n"], spec.n_steps))
+            moe_update_bias(model, rate=step["rate"])
         if step["n"] % stats_every == 0:
             history.append({"step": step["n"], "layers": [
                 {k: r[k] for k in ("name", "max_vio", "max_vio_accumulated", "dropped_fraction")}
-                for r in moe_stats(model, reset=True)]})
+                for r in moe_stats(model, reset=True)]} | ({} if schedule is None else {"bias_update_rate": step["rate"]}))
+            if watch is not None:  # the history so far, to follow (or salvage) a long run
+                atomic_write_json(watch, {"variant": name, "seed": spec.seed, "step": step["n"],
+                                          "n_steps": spec.n_steps, "moe_settings": kw, "balance_history": history})
         return moe_aux_loss(model)
 
     result = train_and_cost(spec, stream, prepare, None if kw is None else aux)
@@ -174,6 +204,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(),
                     help="torch threads (default: torch's, %(default)s here)")
     ap.add_argument("--summarize-only", action="store_true", help="run nothing: rewrite the summary JSON")
+    ap.add_argument("--watch-dir", type=Path, default=None,
+                    help="write each run's MaxVio history so far to WATCH_DIR/<run>.json every --stats-every steps")
     args = ap.parse_args()
     if args.threads < 1:
         ap.error(f"--threads must be >= 1, got {args.threads}")
@@ -196,7 +228,8 @@ def main() -> None:
             key = f"{variant}-seed{seed}"
             if state.is_done(key) or (args.only and variant not in args.only):
                 continue
-            result = run_variant(variant, kw, spec, stream, args.stats_every)
+            watch = None if args.watch_dir is None else args.watch_dir / f"{key}.json"
+            result = run_variant(variant, kw, spec, stream, args.stats_every, watch)
             state.save(key, result)
             print(f"{key}: val loss {result['loss']:.4f}, {result['wall_seconds']:.0f} s, "
                   f"{result['flops_per_token'] / 1e6:.2f} MFLOP/token, {result['n_params_total']:,} params"
@@ -281,13 +314,15 @@ def summarize(name: str, state: JobState, args, table: dict) -> None:
     walls = (min(r["wall_seconds"] for r in rows.values()), max(r["wall_seconds"] for r in rows.values()))
     atomic_write_json(RESULTS / "moe" / f"{name}.json", {
         "benchmark": name, "machine": machine(), "corpus": "gcide (Webster 1913), byte-level BPE",
-        "settings": {k: v for k, v in vars(args).items() if k not in ("only", "summarize_only", "seed_list")} | {"capacity_factor": CAPACITY,
+        "settings": {k: v for k, v in vars(args).items() if k not in ("only", "summarize_only", "seed_list", "watch_dir")} | {"capacity_factor": CAPACITY,
                                                                             "variants": table},
         "note": f"wall_seconds: other jobs shared the 2 cores (runs took {walls[0]:.0f}-{walls[1]:.0f} s), not "
                 f"comparable between runs. Seeds {seeds}; goals.<variant>: mean, sd (sample, n-1; null for one seed) "
                 "and n over the seeds that ran; final_loss_minus_switch and steps_ratio paired by seed (each seed's "
                 "own Switch and dense runs). Seed 0 ran with torch's default threads (2), later runs with "
-                "--threads 1; lossfree_fine_shared and its _2x / _3x rates (added later) ran every seed with --threads 1. "
+                "--threads 1; lossfree_fine_shared and its _2x / _3x rates and _decay schedule (added later) ran every seed "
+                "with --threads 1 (_decay: the 3 seeds in parallel, 1,758-1,763 s each, load average 4-10 on the 2 "
+                "cores; its history rows carry the bias_update_rate used at that step). "
                 "MaxVio floor of uniformly random routing (Monte Carlo, 2,000-4,000 batches): batch 0.09 (8 experts "
                 "top-1, 2048 tokens), 0.12-0.13 (32 experts top-4), 0.144 (31 experts top-3; closed-form normal "
                 "approximation 2.04 sd / mean = 0.138); window of 10 batches 0.03 / 0.04 / 0.045",

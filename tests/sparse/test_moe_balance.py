@@ -5,6 +5,7 @@ against manual computations; bad parameters."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -110,6 +111,70 @@ def test_moe_update_bias_uses_the_counts_of_the_training_forwards_since_the_last
     assert rows == [{"name": "transformer.h.1.mlp", "max_vio": pytest.approx(float(counts.max() / counts.mean() - 1))}]
     assert moe_update_bias(model)[0]["max_vio"] is None  # cleared: no forward since
     torch.testing.assert_close(moe.expert_bias, expected)
+
+
+def _two_layers_with_counts(rate=0.1):
+    """A GPT with an aux-loss-free MoE in both blocks, set biases and hand-set pending counts."""
+    model = gpt(every=1, capacity_factor=None, bias_update_rate=rate)
+    layers = [block.mlp.moe for block in model.transformer.h]
+    counts = [torch.tensor([7.0, 1.0, 4.0, 0.0], dtype=torch.float64),  # mean 3
+              torch.tensor([2.0, 2.0, 5.0, 3.0], dtype=torch.float64)]  # mean 3: expert 3 exactly at the mean
+    with torch.no_grad():
+        for i, (moe, c) in enumerate(zip(layers, counts, strict=True)):
+            moe.expert_bias.copy_(torch.tensor([0.3, -0.1, 0.0, 0.2]) * (i + 1))
+            moe.pending_counts = c.clone()
+    return model, layers, counts
+
+
+@pytest.mark.parametrize("rate", [0.025, 3, np.float32(0.5)])
+def test_moe_update_bias_rate_replaces_every_layers_rate_for_this_update(rate):
+    model, layers, counts = _two_layers_with_counts()
+    before = [moe.expert_bias.clone() for moe in layers]
+    rows = moe_update_bias(model, rate=rate)
+    r = float(rate)
+    for moe, b, c, row in zip(layers, before, counts, rows, strict=True):
+        expected = b + torch.tensor([r * math.copysign(1, 3 - v) if v != 3 else 0.0 for v in c.tolist()])
+        torch.testing.assert_close(moe.expert_bias, expected.float(), rtol=0, atol=1e-7)
+        assert row["max_vio"] == pytest.approx(float(c.max()) / 3 - 1)
+        assert moe.pending_counts is None  # cleared
+        assert moe.bias_update_rate == 0.1  # the layer's own rate is unchanged ...
+    for moe, c in zip(layers, counts, strict=True):
+        moe.pending_counts = c.clone()
+    after = [moe.expert_bias.clone() for moe in layers]
+    moe_update_bias(model)  # ... and used again by the next update without rate
+    for moe, b, c in zip(layers, after, counts, strict=True):
+        torch.testing.assert_close(moe.expert_bias, b + 0.1 * torch.sign(c.mean() - c).float(), rtol=0, atol=1e-7)
+
+
+def test_moe_update_bias_rate_zero_clears_the_counts_and_keeps_the_bias():
+    model, layers, counts = _two_layers_with_counts()
+    before = [moe.expert_bias.clone() for moe in layers]
+    rows = moe_update_bias(model, rate=0)
+    assert [row["max_vio"] for row in rows] == [pytest.approx(7 / 3 - 1), pytest.approx(5 / 3 - 1)]
+    for moe, b in zip(layers, before, strict=True):
+        assert torch.equal(moe.expert_bias, b)
+        assert moe.pending_counts is None
+    assert [row["max_vio"] for row in moe_update_bias(model)] == [None, None]  # nothing counted since
+    # one layer directly: rate=0 is a no-op on the bias too
+    moe = MoE(4, 8, 4, bias_update_rate=0.01)
+    assert moe.update_bias(torch.tensor([10.0, 0.0, 5.0, 5.0]), rate=0.0) == pytest.approx(1.0)
+    assert torch.equal(moe.expert_bias, torch.zeros(4))
+    moe.update_bias(torch.tensor([10.0, 0.0, 5.0, 5.0]), rate=0.5)
+    torch.testing.assert_close(moe.expert_bias, torch.tensor([-0.5, 0.5, 0.0, 0.0]))
+
+
+@pytest.mark.parametrize("rate", [-1e-3, float("nan"), float("inf"), True, "1e-3", torch.tensor(1e-3)])
+def test_moe_update_bias_bad_rates_are_refused_before_anything_changes(rate):
+    model, layers, counts = _two_layers_with_counts()
+    before = [moe.expert_bias.clone() for moe in layers]
+    with pytest.raises(InvalidParameterError,
+                       match=r"'rate' parameter of moe_update_bias must be a finite real number >= 0.*Got "):
+        moe_update_bias(model, rate=rate)
+    for moe, b, c in zip(layers, before, counts, strict=True):  # refused before any update or clearing
+        assert torch.equal(moe.expert_bias, b) and torch.equal(moe.pending_counts, c)
+    with pytest.raises(InvalidParameterError, match=r"'rate' parameter of MoE.update_bias must be a finite"):
+        layers[0].update_bias(rate=rate)
+    assert torch.equal(layers[0].expert_bias, before[0])
 
 
 def test_balancing_reduces_max_vio_on_a_skewed_router():

@@ -36,7 +36,8 @@ For ``N`` tokens of width ``C``, ``E`` experts of hidden width ``H`` and ``k = t
    :func:`moe_update_bias` sets ``b_i += bias_update_rate * sign(mean_j c_j - c_i)`` with ``c``
    the assignments per expert of the step's training forwards (summed over the ranks under
    torch.distributed), so an overloaded expert is chosen less and an idle one more, without a
-   gradient.
+   gradient. ``moe_update_bias(model, rate=r)`` uses ``r`` instead of ``bias_update_rate`` for
+   that update (a schedule; DeepSeek-V3 sets it to 0 for the last part of training).
 3. **Capacity**: expert ``i`` processes at most ``ceil(capacity_factor * N * k / E)``
    assignments. Priority: **all first choices before any second choice** (then all second
    choices before any third, ...), and within one choice rank **by token position** (the order
@@ -92,6 +93,7 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -228,6 +230,17 @@ def _max_vio(counts: torch.Tensor) -> float | None:
     if total <= 0:
         return None
     return float(counts.max()) * counts.numel() / total - 1.0
+
+
+def _check_rate(rate: Any, owner: str) -> float:
+    """``rate`` of :func:`moe_update_bias` / :meth:`MoE.update_bias` as a float: a finite real >= 0."""
+    ok = isinstance(rate, numbers.Real) and not isinstance(rate, bool) and math.isfinite(rate) and rate >= 0
+    if not ok:
+        raise InvalidParameterError(
+            f"The 'rate' parameter of {owner} must be a finite real number >= 0 (the bias step u of this "
+            f"update; None: each layer's bias_update_rate). Got {rate!r} instead."
+        )
+    return float(rate)
 
 
 def _check_moe_params(params: dict[str, Any], owner: str) -> None:
@@ -690,17 +703,18 @@ class MoE(nn.Module):
         return out._replace(output=out.output + shared)
 
     @torch.no_grad()
-    def update_bias(self, counts: torch.Tensor | None = None) -> float | None:
+    def update_bias(self, counts: torch.Tensor | None = None, *, rate: float | None = None) -> float | None:
         """One aux-loss-free balancing update (Wang et al. 2024, DeepSeek-V3 sec. 2.1.2):
-        ``expert_bias += bias_update_rate * sign(mean(c) - c)`` with ``c`` the assignments per
-        expert, by default the pending counts of the training forwards since the last update
-        (which are then cleared). :func:`moe_update_bias` calls this for every layer, with the
-        counts summed over the ranks. Returns the MaxVio of ``c`` (``None``, and no update, when
-        there is nothing counted).
+        ``expert_bias += u * sign(mean(c) - c)`` with ``c`` the assignments per expert, by default
+        the pending counts of the training forwards since the last update (which are then
+        cleared), and ``u`` the layer's ``bias_update_rate`` or, when given, ``rate`` (for this
+        update only: a schedule; the layer's own rate is left as it is). :func:`moe_update_bias`
+        calls this for every layer, with the counts summed over the ranks. Returns the MaxVio of
+        ``c`` (``None``, and no update, when there is nothing counted).
 
         Raises:
-            InvalidParameterError: the layer has ``bias_update_rate=0``, or ``counts`` is not a
-                tensor of ``n_experts`` values.
+            InvalidParameterError: the layer has ``bias_update_rate=0``, ``counts`` is not a
+                tensor of ``n_experts`` values, or ``rate`` is not a finite number >= 0.
         """
         owner = "MoE.update_bias"
         if self.expert_bias is None:
@@ -708,6 +722,7 @@ class MoE(nn.Module):
                 f"{owner} needs a layer built with bias_update_rate > 0 (aux-loss-free balancing). "
                 f"Got bias_update_rate={self.bias_update_rate}."
             )
+        u = self.bias_update_rate if rate is None else _check_rate(rate, owner)
         if counts is None:
             counts, self.pending_counts = self.pending_counts, None
         elif not isinstance(counts, torch.Tensor) or tuple(counts.shape) != (self.n_experts,):
@@ -719,7 +734,7 @@ class MoE(nn.Module):
         if counts is None or float(counts.sum()) <= 0:
             return None
         c = counts.to(device=self.expert_bias.device, dtype=torch.float64)
-        step = self.bias_update_rate * torch.sign(c.mean() - c)  # (E,) underloaded up, overloaded down
+        step = u * torch.sign(c.mean() - c)  # (E,) underloaded up, overloaded down
         self.expert_bias.add_(step.to(self.expert_bias.dtype))
         return _max_vio(c)
 
@@ -1055,11 +1070,15 @@ def moe_stats(model: nn.Module, *, reset: bool = False) -> list[dict[str, Any]]:
 
 
 @torch.no_grad()
-def moe_update_bias(model: nn.Module, *, group: Any = None) -> list[dict[str, Any]]:
+def moe_update_bias(model: nn.Module, *, group: Any = None, rate: float | None = None) -> list[dict[str, Any]]:
     """The aux-loss-free balancing update of every :class:`MoEMLP` built with
-    ``bias_update_rate > 0``: ``expert_bias += rate * sign(mean load - load_i)``, the load being
+    ``bias_update_rate > 0``: ``expert_bias += u * sign(mean load - load_i)``, the load being
     the assignments per expert counted over the training forwards since the last update (all
-    micro-batches of a gradient-accumulation step), then cleared.
+    micro-batches of a gradient-accumulation step), then cleared. ``u`` is each layer's
+    ``bias_update_rate``, or ``rate`` for every layer when given: a schedule is
+    ``moe_update_bias(model, rate=schedule(step))`` (DeepSeek-V3 keeps u = 1e-3 for most of
+    training and sets it to 0 for the last 500B tokens). ``rate=0`` counts nothing into the bias:
+    the counts are cleared and the bias stays. The layers' own ``bias_update_rate`` is unchanged.
 
     Call it once per optimizer step, after ``optimizer.step()`` (anywhere between the step's last
     forward and the next step's first forward is the same: the bias has no gradient, it only
@@ -1071,15 +1090,20 @@ def moe_update_bias(model: nn.Module, *, group: Any = None) -> list[dict[str, An
     Args:
         model: The model (DDP-wrapped or not).
         group: The process group of the data-parallel ranks (``None``: the default group).
+        rate: The bias step ``u`` of this update for every layer, a finite number >= 0 (the same
+            on every rank); ``None``: each layer's ``bias_update_rate``.
 
     Returns:
         One row per updated layer: ``name`` and ``max_vio``, the MaxVio of the (global) load the
         update used (``None`` when the layer had no training forward since the last update).
 
     Raises:
-        InvalidParameterError: ``model`` has no MoE layer with ``bias_update_rate > 0``.
+        InvalidParameterError: ``model`` has no MoE layer with ``bias_update_rate > 0``, or
+            ``rate`` is not a finite number >= 0 (checked before any collective).
     """
     owner = "moe_update_bias"
+    if rate is not None:
+        rate = _check_rate(rate, owner)
     layers = [(name, m.moe) for name, m in moe_layers(_root(model, owner)) if m.moe.expert_bias is not None]
     if not layers:
         raise InvalidParameterError(
@@ -1102,7 +1126,7 @@ def moe_update_bias(model: nn.Module, *, group: Any = None) -> list[dict[str, An
         c = flat[offset:offset + moe.n_experts]
         offset += moe.n_experts
         moe.pending_counts = None
-        rows.append({"name": name, "max_vio": moe.update_bias(c)})
+        rows.append({"name": name, "max_vio": moe.update_bias(c, rate=rate)})
     return rows
 
 
