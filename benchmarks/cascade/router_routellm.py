@@ -34,7 +34,12 @@ BLAS / OpenMP / torch run one thread each: on shared, loaded cores the extra thr
 Usage: nice -n 5 python benchmarks/cascade/router_routellm.py [--seeds 0 1 2 --folds 5]
 writes benchmarks/results/cascade/router_routellm.json. The committed file was made by three
 runs in parallel (``--datasets gsm8k --only logistic:...`` / ``--only gbt:... mf:...`` /
-``--datasets mt_bench``, each with its ``--tag``), then ``--merge <tags>``.
+``--datasets mt_bench``, each with its ``--tag``), then ``--merge <tags>``; the second GSM8K
+attempt (the ``math`` block and ``distill``) added three runs (tags ``gsm8k_math_distill``,
+``mt_bench_math_distill``, ``gsm8k_distill_tm``) to the same merge. A config is
+``learner:features`` or ``learner:features:distill=W``; with ``distill`` the router's training
+rows (never the held-out fold) also pass the strong model's answers as ``privileged_texts``.
+The ideas that did not help are measured by ``router_routellm_explore.py``.
 """
 
 from __future__ import annotations
@@ -74,7 +79,13 @@ CONFIGS = [  # (learner, features); mf on TF-IDF works (tests) but its 300 full-
     ("mf", "minilm"),
     ("mf", "static+stats"),
     ("mf", "minilm+stats"),
+    # issue #17, second attempt on GSM8K: the maths-question block and privileged-information distillation
+    ("logistic", "minilm+stats+math"),
+    ("logistic", "tfidf+minilm+stats+math"),
+    ("logistic", "tfidf+minilm+stats", 0.6),  # learner, features, distill (default 0)
+    ("logistic", "tfidf+minilm+stats+math", 0.6),
 ]
+DISTILL_TEXT = "the strong model's answer (GSM8K: GPT-4's response; MT-Bench: the conversation GPT-4's answer was judged in)"
 
 
 def load_gsm8k():
@@ -85,7 +96,8 @@ def load_gsm8k():
     weak = d[WEAK].astype(bool).to_numpy()
     strong = d[STRONG].astype(bool).to_numpy()
     return {"texts": texts, "groups": np.arange(len(texts)), "weak_q": weak.astype(float),
-            "strong_q": strong.astype(float), "train": {"weak": weak, "strong": strong}}
+            "strong_q": strong.astype(float), "train": {"weak": weak, "strong": strong},
+            "privileged": d[STRONG + "_response"].fillna("").astype(str).tolist()}
 
 
 def load_mt_bench():
@@ -94,17 +106,19 @@ def load_mt_bench():
         if line.strip():
             q = json.loads(line)
             qs[q["question_id"]] = q["turns"]
-    score = {}
+    score, convo = {}, {}
     for line in (DATA / "mt_bench_judgements.jsonl").read_text().splitlines():
         if line.strip():
             j = json.loads(line)
             score[(j["question_id"], j["turn"], j["model"])] = float(j["score"])
+            if j["model"] == STRONG:  # the judge's input (question and GPT-4's answer), not its verdict
+                convo[(j["question_id"], j["turn"])] = str(j["user_prompt"])
     keys = sorted({(q, t) for q, t, _ in score})
     texts = [qs[q][0] if t == 1 else qs[q][0] + "\n" + qs[q][1] for q, t in keys]
     w = np.array([score[(q, t, WEAK)] for q, t in keys])
     s = np.array([score[(q, t, STRONG)] for q, t in keys])
     return {"texts": texts, "groups": np.array([q for q, _ in keys]), "weak_q": w, "strong_q": s,
-            "train": {"weak": w >= s, "strong": s >= w}}
+            "train": {"weak": w >= s, "strong": s >= w}, "privileged": [convo[k] for k in keys]}
 
 
 def folds_by_group(groups, k, seed):
@@ -136,7 +150,19 @@ def bootstrap_sd(scores, wq, sq, groups, seed, n_boot=BOOTSTRAP):
     return float(np.std(vals, ddof=1))
 
 
-def run_config(data, learner, features, seeds, k, cost_ratio):
+def parse_config(text):
+    """``learner:features`` or ``learner:features:distill=W`` -> (learner, features, distill)."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or (len(parts) == 3 and not parts[2].startswith("distill=")):
+        raise SystemExit(f"--only takes learner:features[:distill=W], got {text!r}")
+    return parts[0], parts[1], float(parts[2].split("=", 1)[1]) if len(parts) == 3 else 0.0
+
+
+def config_key(learner, features, distill):
+    return f"{learner}:{features}" + (f":distill={distill:g}" if distill else "")
+
+
+def run_config(data, learner, features, seeds, k, cost_ratio, distill=0.0):
     texts = data["texts"]
     wq, sq = data["weak_q"], data["strong_q"]
     win = sq > wq
@@ -146,9 +172,10 @@ def run_config(data, learner, features, seeds, k, cost_ratio):
         oof = np.zeros(len(texts))
         for held in folds_by_group(data["groups"], k, seed):
             tr = np.setdiff1d(np.arange(len(texts)), held)
-            r = Router(features=features, learner=learner, seed=seed).fit(
+            priv = [data["privileged"][i] for i in tr] if distill else None  # training rows only
+            r = Router(features=features, learner=learner, seed=seed, distill=distill).fit(
                 [texts[i] for i in tr], {m: v[tr] for m, v in data["train"].items()},
-                costs={"weak": 1.0, "strong": cost_ratio})
+                costs={"weak": 1.0, "strong": cost_ratio}, privileged_texts=priv)
             oof[held] = r.predict_gain([texts[i] for i in held])
         ev = evaluate_router(oof, None, wq, sq, costs=(1.0, cost_ratio))
         cpt = ev["cpt_50"]
@@ -192,7 +219,8 @@ def main() -> None:
     from leanscale.data.embeddings import cached_text_embeddings
 
     datasets = {"gsm8k": load_gsm8k, "mt_bench": load_mt_bench}
-    configs = CONFIGS if not args.only else [tuple(c.split(":", 1)) for c in args.only]
+    configs = ([(c[0], c[1], c[2] if len(c) == 3 else 0.0) for c in CONFIGS] if not args.only
+               else [parse_config(c) for c in args.only])
     results, t_start = {}, time.perf_counter()
     real_embed = enc.embed_texts
     for name in args.datasets:
@@ -214,10 +242,10 @@ def main() -> None:
                "share_strong_strictly_better": float((sq > wq).mean()),
                "share_weak_strictly_better": float((wq > sq).mean()),
                "minilm_embedding_seconds": t_embed, "configs": {}}
-        for learner, features in configs:
-            r = run_config(data, learner, features, args.seeds, args.folds, args.cost_ratio)
-            res["configs"][f"{learner}:{features}"] = r
-            print(f"{name:8s} {learner:8s} {features:20s} APGR {r['apgr']['mean']:.3f} +- {r['apgr']['sd']:.3f}  "
+        for learner, features, distill in configs:
+            r = run_config(data, learner, features, args.seeds, args.folds, args.cost_ratio, distill)
+            res["configs"][config_key(learner, features, distill)] = r
+            print(f"{name:8s} {config_key(learner, features, distill):45s} APGR {r['apgr']['mean']:.3f} +- {r['apgr']['sd']:.3f}  "
                   f"AUC {r['auc']['mean']:.3f}  CPT50 {r['cpt_50']['mean']:.3f}  ({r['seconds']:.0f} s)", flush=True)
             results[name] = res
             write(args, results, t_start, partial=True)  # what is done survives a stopped run
@@ -239,6 +267,7 @@ def write(args, results, t_start, partial=False):
         "data": "lm-sys/RouteLLM gsm8k_responses.csv, mt_bench_question.jsonl, mt_bench_judgements.jsonl "
                 "(weak: Mixtral-8x7B-Instruct, strong: GPT-4-1106-preview)",
         "goal": "APGR >= 0.70 on held-out real LLM outcomes (issue #17); random = 0.5",
+        "distill_privileged_text": DISTILL_TEXT + "; training folds only, never the held-out fold",
         "results": results, "total_seconds": time.perf_counter() - t_start, "partial": partial,
     })
     return out
@@ -260,6 +289,9 @@ def merge(tags) -> None:
         best = max(res["configs"], key=lambda c: res["configs"][c]["apgr"]["mean"])
         res["best"] = {"config": best, "apgr": res["configs"][best]["apgr"]}
     out = dict(parts[0])
+    for part in parts[1:]:  # keys that only later runs write (e.g. distill_privileged_text)
+        for key, val in part.items():
+            out.setdefault(key, val)
     out["results"] = results
     out["parts"] = [{"tag": t, "settings": p["settings"], "total_seconds": p["total_seconds"]} for t, p in zip(tags, parts)]
     out["total_seconds"] = sum(p["total_seconds"] for p in parts)

@@ -217,8 +217,8 @@ def test_bad_inputs(fitted):
         Router().fit(texts, {"weak": weak, "strong": strong}, {"weak": 0.0, "strong": 5.0})
     with pytest.raises(InvalidParameterError, match="0/1"):
         Router().fit(texts, {"weak": weak.astype(int) * 2, "strong": strong}, COSTS)
-    with pytest.raises(InvalidParameterError, match="'features' parameter of Router must be one of 'minilm', "
-                                                    "'minilm\\+stats', .*'tfidf\\+stats' or a callable. Got 'bert'"):
+    with pytest.raises(InvalidParameterError, match="'features' parameter of Router must be one of 'math', 'minilm', "
+                                                    "'minilm\\+math', .*'tfidf\\+stats\\+math' or a callable. Got 'bert'"):
         Router(features="bert").fit(texts, {"weak": weak, "strong": strong}, COSTS)
     with pytest.raises(InvalidParameterError, match="'ngram_range' parameter of Router must be a pair"):
         Router(ngram_range=(2, 1)).fit(texts, {"weak": weak, "strong": strong}, COSTS)
@@ -248,7 +248,7 @@ def test_parameters_follow_the_estimator_contract(fitted):
     r = Router(C=0.5, max_features=100)
     assert repr(r) == "Router(C=0.5, max_features=100)"
     assert r.get_params() == {"features": "tfidf", "C": 0.5, "seed": 0, "max_features": 100, "ngram_range": (1, 2),
-                              "learner": "logistic", "static_path": None}
+                              "learner": "logistic", "static_path": None, "distill": 0.0}
     assert r.set_params(seed=2) is r and r.seed == 2
     with pytest.raises(InvalidParameterError, match="Did you mean 'seed'"):
         r.set_params(sed=1)
